@@ -1,0 +1,176 @@
+"""``promptdelta run``: few-shot prompt-based classification over several seeds, as one function.
+
+For each seed: sample k-shot train/dev from the train pool, copy the backbone, build the template and
+verbalizer, attach the delta, train with dev selection, evaluate on the full test split, and write
+``runs/<name>/`` (resolved config, metrics.json, one delta checkpoint per seed). An existing run folder
+is never overwritten: a new name with a numeric suffix is chosen.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from promptdelta.config import RunConfig
+from promptdelta.utils.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from promptdelta.utils.seed import seed_everything
+
+logger = logging.getLogger(__name__)
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    import promptdelta
+
+    return {"promptdelta": promptdelta.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def default_label_words(classes: list[str]) -> list[list[str]]:
+    """One label word per class from its name: ``"Sci/Tech"`` -> ``["sci"]``, ``"positive"`` -> ``["positive"]``."""
+    return [[re.split(r"[^0-9a-zA-Z]+", c.strip())[0].lower() or c] for c in classes]
+
+
+def build_template(config: RunConfig, tokenizer):
+    from promptdelta.prompts import ManualTemplate
+
+    if Path(config.template).suffix in (".txt", ".tpl") or Path(config.template).is_file():
+        return ManualTemplate.from_file(config.template, choice=config.template_choice, tokenizer=tokenizer)
+    return ManualTemplate(config.template, tokenizer=tokenizer)
+
+
+def build_verbalizer(config: RunConfig, tokenizer, classes: list[str], backbone):
+    from promptdelta.prompts import ManualVerbalizer, SoftVerbalizer
+
+    words = config.label_words
+    if isinstance(words, str):  # a verbalizer file
+        manual = ManualVerbalizer.from_file(words, tokenizer=tokenizer, classes=classes,
+                                            multi_token_handler=config.multi_token_handler)
+        words = manual.label_words
+    if words is None:
+        words = default_label_words(classes)
+    if config.verbalizer == "manual":
+        return ManualVerbalizer(tokenizer, classes=classes, label_words=words,
+                                multi_token_handler=config.multi_token_handler)
+    return SoftVerbalizer(tokenizer, classes=classes, label_words=words, backbone=backbone)
+
+
+def _free_run_dir(output_dir: Path, name: str) -> Path:
+    path, i = output_dir / name, 2
+    while path.exists():
+        path, i = output_dir / f"{name}-{i}", i + 1
+    if path.name != name:
+        logger.info("run folder %s exists; writing to %s instead (nothing is overwritten)",
+                    output_dir / name, path)
+    return path
+
+
+def default_run_name(config: RunConfig) -> str:
+    data = Path(config.data.replace("builtin:", "")).name or "data"
+    method = config.delta["method"] if config.delta else "full"
+    shots = f"{config.shots}shot" if config.shots else "full"
+    return f"{data}-{method}-{config.verbalizer}-{shots}"
+
+
+def count_trainable(module: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in module.parameters())
+    return trainable, total
+
+
+def run_one_seed(config: RunConfig, base_model, tokenizer, seed: int, run_dir: Path | None) -> dict[str, Any]:
+    """Train and evaluate one seed; returns its metrics row."""
+    from promptdelta import data as pdata
+    from promptdelta.deltas import attach
+    from promptdelta.prompts import PromptForClassification
+    from promptdelta.train import Trainer
+
+    train, dev, test = pdata.load(config.data, shots=config.shots, seed=seed)
+    seed_everything(seed)
+    model = copy.deepcopy(base_model)
+    template = build_template(config, tokenizer)
+    verbalizer = build_verbalizer(config, tokenizer, list(train.classes), model)
+    handle = None
+    if config.delta:
+        cfg = {k: v for k, v in config.delta.items() if k != "method"}
+        handle = attach(model, config.delta["method"], **cfg)
+    clf = PromptForClassification(model, template, verbalizer, max_length=config.max_length)
+    trainable, total = count_trainable(clf)
+    t0 = time.perf_counter()
+    trainer = Trainer(clf, config.train, seed=seed).fit(train, dev)
+    train_s = time.perf_counter() - t0
+    metrics = trainer.evaluate(test)
+    row = {"seed": seed, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+           "trainable_params": trainable, "total_params": total, "train_time_s": train_s,
+           "steps": trainer.state.step, "best_step": trainer.state.best_step,
+           "dev_" + config.train.metric: trainer.state.best_score,
+           "n_train": len(train), "n_dev": len(dev), "n_test": len(test)}
+    if run_dir is not None and config.save_delta:
+        seed_dir = run_dir / f"seed{seed}"
+        if handle is not None:
+            handle.save(seed_dir / "delta")
+        prompt_state = {f"template.{k}": v for k, v in template.state_dict().items()}
+        prompt_state.update({f"verbalizer.{k}": v for k, v in verbalizer.state_dict().items()})
+        if prompt_state:
+            atomic_save_safetensors(seed_dir / "prompt.safetensors", prompt_state)
+        atomic_write_json(seed_dir / "history.json", trainer.state.history)
+    return row
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def stat(key: str) -> tuple[float, float]:
+        vals = [r[key] for r in rows]
+        return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+    acc, f1 = stat("accuracy"), stat("macro_f1")
+    return {"accuracy_mean": acc[0], "accuracy_std": acc[1], "macro_f1_mean": f1[0], "macro_f1_std": f1[1],
+            "train_time_s_mean": stat("train_time_s")[0], "seeds": len(rows)}
+
+
+def format_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    head = f"{'seed':>6} {'accuracy':>9} {'macro-F1':>9} {'trainable':>11} {'% model':>8} {'time (s)':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        pct = 100.0 * r["trainable_params"] / max(1, r["total_params"])
+        lines.append(f"{r['seed']:>6} {r['accuracy']:>9.4f} {r['macro_f1']:>9.4f} {r['trainable_params']:>11,d} "
+                     f"{pct:>7.3f}% {r['train_time_s']:>9.1f}")
+    lines.append("-" * len(head))
+    lines.append(f"{'mean':>6} {summary['accuracy_mean']:>9.4f} {summary['macro_f1_mean']:>9.4f}")
+    lines.append(f"{'std':>6} {summary['accuracy_std']:>9.4f} {summary['macro_f1_std']:>9.4f}")
+    return "\n".join(lines)
+
+
+def run(config: RunConfig, *, write: bool = True, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every seed of ``config``; returns ``{"run_dir", "rows", "summary", "table"}``."""
+    from promptdelta.backbones import load_backbone
+
+    base_model, tokenizer = load_backbone(config.backbone)
+    run_dir = None
+    if write:
+        name = config.name or default_run_name(config)
+        run_dir = _free_run_dir(Path(config.output_dir), name)
+        run_dir.mkdir(parents=True)
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    rows: list[dict[str, Any]] = []
+    for seed in config.seeds:
+        row = run_one_seed(config, base_model, tokenizer, seed, run_dir)
+        rows.append(row)
+        if echo:
+            echo(f"seed {seed}: accuracy {row['accuracy']:.4f}  macro-F1 {row['macro_f1']:.4f}  "
+                 f"({row['train_time_s']:.1f} s)")
+        if run_dir is not None:
+            atomic_write_json(run_dir / "metrics.json", {"rows": rows, "summary": summarise(rows),
+                                                          "versions": _versions()})
+    summary = summarise(rows)
+    return {"run_dir": str(run_dir) if run_dir else None, "rows": rows, "summary": summary,
+            "table": format_table(rows, summary)}
