@@ -1,3 +1,26 @@
-"""promptdelta (being assembled: the full public API lands when every layer exists)."""
+"""promptdelta: prompt learning and parameter-efficient (delta) tuning of pretrained Transformers.
+
+>>> import promptdelta as pd
+>>> model, tok = pd.load_backbone("minilm")
+>>> delta = pd.attach(model, "lora", targets=["q_proj", "v_proj"], r=8, alpha=16)
+"""
 
 __version__ = "0.1.0"
+
+from promptdelta import data
+from promptdelta.backbones import load_backbone
+from promptdelta.config import RunConfig
+from promptdelta.deltas import DeltaHandle, attach, deltas_of, load_delta
+from promptdelta.errors import (BackboneError, CheckpointError, ConfigError, DataError, DeltaError,
+                                MissingFileError, PromptDeltaError, TemplateError, VerbalizerError)
+from promptdelta.prompts import (ManualTemplate, ManualVerbalizer, PromptForClassification, SoftVerbalizer,
+                                 Template, Verbalizer)
+from promptdelta.train import Trainer, TrainConfig
+
+__all__ = [
+    "__version__", "data", "load_backbone", "attach", "load_delta", "deltas_of", "DeltaHandle",
+    "ManualTemplate", "Template", "ManualVerbalizer", "SoftVerbalizer", "Verbalizer",
+    "PromptForClassification", "Trainer", "TrainConfig", "RunConfig",
+    "PromptDeltaError", "ConfigError", "TemplateError", "VerbalizerError", "DeltaError", "CheckpointError",
+    "DataError", "BackboneError", "MissingFileError",
+]

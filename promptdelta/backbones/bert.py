@@ -1,0 +1,378 @@
+"""Native BERT (Devlin et al., 2019, "BERT: Pre-training of Deep Bidirectional Transformers").
+
+Post-LN encoder layer:  x = LN(x + Attn(x));  x = LN(x + MLP(x)),  Attn through
+``F.scaled_dot_product_attention``. ``prefix_kv`` prepends per-layer keys/values (Li & Liang, 2021,
+prefix-tuning) that every query may attend to. HF weights load through ``BERT_KEYS`` (see keymap.py);
+``to_hf()`` exports back to ``transformers``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from promptdelta.backbones.base import BackboneOutput
+from promptdelta.backbones.keymap import KeyTable, load_hf_state, load_into_hf
+from promptdelta.errors import BackboneError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+ACTIVATIONS = {
+    "gelu": F.gelu,                                                   # exact erf form (original BERT)
+    "gelu_new": functools.partial(F.gelu, approximate="tanh"),        # tanh approximation (HF name)
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+}
+
+PrefixKV = Sequence[tuple[torch.Tensor, torch.Tensor] | None]
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int | None = 0
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_dropout_prob: float = 0.1
+    has_pooler: bool = True      # BertModel checkpoints carry one; BertForMaskedLM ones do not
+    has_lm_head: bool = False    # BertForMaskedLM / BertForPreTraining checkpoints carry the MLM head
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "max_position_embeddings", "type_vocab_size"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
+                     "a positive int")
+        _require(self.hidden_size % self.num_heads == 0, "num_heads", self.num_heads,
+                 f"a divisor of hidden_size={self.hidden_size}")
+        _require(self.layer_norm_eps > 0, "layer_norm_eps", self.layer_norm_eps, "a positive float")
+        pad = self.pad_token_id
+        _require(pad is None or (isinstance(pad, int) and 0 <= pad < self.vocab_size), "pad_token_id", pad,
+                 f"None or an int in [0, vocab_size={self.vocab_size})")
+        _require(self.hidden_act in ACTIVATIONS, "hidden_act", self.hidden_act, f"one of {sorted(ACTIVATIONS)}")
+        for name in ("hidden_dropout_prob", "attention_dropout_prob"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and 0.0 <= value < 1.0, name, value, "a float in [0, 1)")
+        for name in ("has_pooler", "has_lm_head"):
+            _require(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> BertConfig:
+        """A named preset (see ``BERT_PRESETS``) with some fields replaced."""
+        if name not in BERT_PRESETS:
+            raise ConfigError(f"unknown BERT preset {name!r}. Fix: use one of {sorted(BERT_PRESETS)}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"unknown BertConfig field(s) {unknown}. Fix: use only {sorted(known)}.")
+        return cls(**{**BERT_PRESETS[name], **overrides})
+
+    @classmethod
+    def from_hf(cls, hf_config: Any, **overrides: Any) -> BertConfig:
+        """Convert a ``transformers.BertConfig``; ``overrides`` set fields HF does not carry (heads)."""
+        if getattr(hf_config, "position_embedding_type", "absolute") != "absolute":
+            raise BackboneError(f"position_embedding_type={hf_config.position_embedding_type!r} is not "
+                                "supported by the native BERT. Fix: use a checkpoint with absolute positions.")
+        if getattr(hf_config, "is_decoder", False) or getattr(hf_config, "add_cross_attention", False):
+            raise BackboneError("decoder / cross-attention BERT configs are not supported by the native BERT. "
+                                "Fix: use an encoder-only BERT checkpoint.")
+        names = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                 "attention_dropout_prob": "attention_probs_dropout_prob"}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"has_pooler", "has_lm_head"}
+        values = {f: getattr(hf_config, names.get(f, f)) for f in fields if hasattr(hf_config, names.get(f, f))}
+        return cls(**{**values, **overrides})
+
+    def to_hf(self) -> Any:
+        """The equivalent ``transformers.BertConfig``."""
+        import transformers
+
+        return transformers.BertConfig(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads, intermediate_size=self.intermediate_size,
+            max_position_embeddings=self.max_position_embeddings, type_vocab_size=self.type_vocab_size,
+            layer_norm_eps=self.layer_norm_eps, pad_token_id=self.pad_token_id, hidden_act=self.hidden_act,
+            hidden_dropout_prob=self.hidden_dropout_prob,
+            attention_probs_dropout_prob=self.attention_dropout_prob)
+
+
+def _require(ok: bool, name: str, value: Any, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"BertConfig.{name}={value!r} is invalid. Fix: set {name} to {what}.")
+
+
+BERT_PRESETS: dict[str, dict[str, Any]] = {
+    # all-MiniLM-L6-v2 (the bundled default): a 6-layer distilled BERT, no MLM head.
+    "minilm": dict(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536),
+    "bert-tiny": dict(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512),
+    "bert-mini": dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024),
+    "bert-base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+    "bert-large": dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
+}
+
+BERT_KEYS = KeyTable(
+    family="bert",
+    prefixes=("bert.",),  # BertForMaskedLM / BertForPreTraining nest the encoder under "bert."
+    rules=(
+        ("embeddings.word_embeddings", "embeddings.word_embeddings"),
+        ("embeddings.position_embeddings", "embeddings.position_embeddings"),
+        ("embeddings.token_type_embeddings", "embeddings.token_type_embeddings"),
+        ("embeddings.LayerNorm", "embeddings.norm"),
+        ("encoder.layer.{}.attention.self.query", "layers.{}.attn.q_proj"),
+        ("encoder.layer.{}.attention.self.key", "layers.{}.attn.k_proj"),
+        ("encoder.layer.{}.attention.self.value", "layers.{}.attn.v_proj"),
+        ("encoder.layer.{}.attention.output.dense", "layers.{}.attn.o_proj"),
+        ("encoder.layer.{}.attention.output.LayerNorm", "layers.{}.attn_norm"),
+        ("encoder.layer.{}.intermediate.dense", "layers.{}.mlp.fc1"),
+        ("encoder.layer.{}.output.dense", "layers.{}.mlp.fc2"),
+        ("encoder.layer.{}.output.LayerNorm", "layers.{}.mlp_norm"),
+        ("pooler.dense", "pooler.dense"),
+        ("cls.predictions.transform.dense", "lm_head.dense"),
+        ("cls.predictions.transform.LayerNorm", "lm_head.norm"),
+        ("cls.predictions.decoder", "lm_head.decoder"),
+        ("cls.predictions.bias", "lm_head.decoder.bias"),  # HF keeps the decoder bias under both names
+    ),
+    ignore=(r"(^|\.)position_ids$", r"^cls\.seq_relationship\."),  # a buffer; the NSP head we do not use
+    tied={"lm_head.decoder.weight": "embeddings.word_embeddings.weight"},
+)
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, inputs_embeds: torch.Tensor, token_type_ids: torch.Tensor,
+                position_ids: torch.Tensor) -> torch.Tensor:
+        x = inputs_embeds + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.norm(x))  # (B, T, H)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_dropout_prob
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        B, T, H = x.shape
+        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        if prefix is not None:
+            k = torch.cat([prefix[0].to(k.dtype), k], dim=2)  # (B, nh, P + T, hd)
+            v = torch.cat([prefix[1].to(v.dtype), v], dim=2)  # (B, nh, P + T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                           dropout_p=self.dropout_p if self.training else 0.0)  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H))  # (B, T, H)
+
+
+class BertMLP(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))  # (B, T, I) -> (B, T, H)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.attn = BertAttention(config)
+        self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = BertMLP(config)
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = self.attn_norm(x + self.dropout(self.attn(x, bias, prefix)))  # (B, T, H), post-LN
+        return self.mlp_norm(x + self.dropout(self.mlp(x)))               # (B, T, H)
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(x[:, 0]))  # (B, H), from the first ([CLS]) token
+
+
+class BertLMHead(nn.Module):
+    """MLM head: logits = decoder(LN(act(dense(x)))), decoder weight tied to the word embeddings."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = ACTIVATIONS[config.hidden_act]
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(self.act(self.dense(x))))  # (B, T, V)
+
+
+def _attention_bias(attention_mask: torch.Tensor | None, prefix_len: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive SDPA mask (B, 1, 1, P + T): 0 where attended, dtype-min at padding; prefix always attended."""
+    if attention_mask is None:
+        return None
+    keep = attention_mask.bool()  # (B, T)
+    if prefix_len:
+        keep = torch.cat([keep.new_ones(keep.shape[0], prefix_len), keep], dim=1)  # (B, P + T)
+    bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+    return bias[:, None, None, :]
+
+
+class BertModel(nn.Module):
+    """Native BERT encoder with an optional pooler and an optional tied MLM head."""
+
+    family = "bert"
+    kind = "mlm"
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_layers))
+        self.pooler = BertPooler(config) if config.has_pooler else None
+        self.lm_head = BertLMHead(config) if config.has_lm_head else None
+        self.apply(self._init_weights)
+        if self.lm_head is not None:
+            self.lm_head.decoder.weight = self.embeddings.word_embeddings.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)  # BERT's truncated-normal-like init
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            nn.init.zeros_(module.weight[module.padding_idx])
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    @property
+    def has_lm_head(self) -> bool:
+        return self.lm_head is not None
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, prefix_kv: PrefixKV | None = None,
+                output_hidden_states: bool = False) -> BackboneOutput:
+        x = self._embed(input_ids, inputs_embeds, token_type_ids, position_ids)  # (B, T, H)
+        B, T, _ = x.shape
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
+            raise BackboneError(f"attention_mask has shape {tuple(attention_mask.shape)} but the input is "
+                                f"{(B, T)}. Fix: pass a (batch, seq_len) mask with 1 = keep, 0 = pad.")
+        prefixes = self._check_prefix(prefix_kv, B)
+        hidden, biases = [x], {}
+        for layer, prefix in zip(self.layers, prefixes):
+            P = 0 if prefix is None else prefix[0].shape[2]
+            if P not in biases:
+                biases[P] = _attention_bias(attention_mask, P, x.dtype)
+            x = layer(x, biases[P], prefix)  # (B, T, H)
+            hidden.append(x)
+        return BackboneOutput(
+            last_hidden_state=x,
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+            logits=self.lm_head(x) if self.lm_head is not None else None,
+            pooler_output=self.pooler(x) if self.pooler is not None else None)
+
+    def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+               token_type_ids: torch.Tensor | None, position_ids: torch.Tensor | None) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            got = "both" if input_ids is not None else "neither"
+            raise BackboneError(f"got {got} of input_ids and inputs_embeds. Fix: pass exactly one of them.")
+        if input_ids is not None:
+            if input_ids.numel() and int(input_ids.max()) >= self.config.vocab_size:
+                raise BackboneError(f"input_ids holds id {int(input_ids.max())} but the vocabulary has "
+                                    f"{self.config.vocab_size} tokens. Fix: use the tokenizer of this checkpoint.")
+            inputs_embeds = self.embeddings.word_embeddings(input_ids)  # (B, T, H)
+        B, T, _ = inputs_embeds.shape
+        if T > self.config.max_position_embeddings:
+            raise BackboneError(f"sequence length {T} exceeds max_position_embeddings="
+                                f"{self.config.max_position_embeddings}. Fix: truncate the inputs.")
+        device = inputs_embeds.device
+        if position_ids is None:
+            position_ids = torch.arange(T, device=device).expand(B, T)  # (B, T)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(B, T, dtype=torch.long, device=device)  # (B, T)
+        return self.embeddings(inputs_embeds, token_type_ids, position_ids)
+
+    def _check_prefix(self, prefix_kv: PrefixKV | None, batch: int) -> list:
+        """Validate prefix_kv; a batch dimension of 1 is broadcast to the batch."""
+        if prefix_kv is None:
+            return [None] * len(self.layers)
+        if len(prefix_kv) != len(self.layers):
+            raise BackboneError(f"prefix_kv has {len(prefix_kv)} entries but the model has {len(self.layers)} "
+                                "layers. Fix: pass one (k, v) pair (or None) per layer.")
+        heads, dim = self.config.num_heads, self.config.head_dim
+        out = []
+        for i, pair in enumerate(prefix_kv):
+            if pair is None:
+                out.append(None)
+                continue
+            k, v = pair
+            if k.dim() != 4 or k.shape != v.shape or k.shape[0] not in (1, batch) or \
+                    (k.shape[1], k.shape[3]) != (heads, dim):
+                raise BackboneError(f"prefix_kv[{i}] has k {tuple(k.shape)} and v {tuple(v.shape)}. Fix: pass k "
+                                    f"and v of shape (batch={batch} or 1, n_heads={heads}, prefix_len, "
+                                    f"head_dim={dim}).")
+            out.append((k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)))
+        return out
+
+    def to_hf(self) -> nn.Module:
+        """Export to ``transformers`` (BertForMaskedLM with an MLM head, else BertModel), same weights."""
+        import transformers
+        from transformers.models.bert.modeling_bert import BertPooler as HFBertPooler
+
+        hf_config = self.config.to_hf()
+        if self.has_lm_head:
+            hf = transformers.BertForMaskedLM(hf_config)
+            if self.pooler is not None:  # BertForMaskedLM drops the pooler; keep ours
+                hf.bert.pooler = HFBertPooler(hf_config)
+        else:
+            hf = transformers.BertModel(hf_config, add_pooling_layer=self.pooler is not None)
+        load_into_hf(hf, self.state_dict(), BERT_KEYS)
+        return hf.to(self.embeddings.word_embeddings.weight.dtype).train(self.training)
+
+
+def bert_from_hf(hf_config: Any, hf_state: Mapping[str, torch.Tensor]) -> BertModel:
+    """Build a native BertModel from an HF config and state dict (pooler / MLM head as the weights say)."""
+    keys = [BERT_KEYS.strip_prefix(k) for k in hf_state]
+    config = BertConfig.from_hf(hf_config, has_pooler=any(k.startswith("pooler.") for k in keys),
+                                has_lm_head=any(k.startswith("cls.predictions.") for k in keys))
+    return load_hf_state(BertModel(config), hf_state, BERT_KEYS)

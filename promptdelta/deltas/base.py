@@ -1,0 +1,541 @@
+"""The attach mechanism shared by every delta method.
+
+A delta method (LoRA, BitFit, ...) is a ``DeltaMethod`` subclass registered by name. ``attach`` finds the
+target modules, lets the method patch them (replace a child with ``setattr(parent, child, new)``, or mark
+existing parameters trainable), freezes everything else and returns a ``DeltaHandle``. The handle saves,
+merges, disables and detaches that one delta; ``detach`` restores the exact original modules, values and
+``requires_grad`` flags. The deltas attached to a model live on the model object (``_promptdelta_state``).
+
+Targets: an exact module name, a last-component/suffix match (``"q_proj"`` or ``"attn.q_proj"`` match
+``layers.0.attn.q_proj``), or a regex (``re.fullmatch``) when the target string starts with ``"re:"``.
+Names are *canonical*: a module wrapped by a delta keeps its original name (the wrapper's inner ``base``
+child is reported under the wrapper's name), so targets, checkpoints and fingerprints never see wrappers.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from promptdelta.errors import CheckpointError, ConfigError, DeltaError, MissingFileError
+from promptdelta.utils.io import atomic_save_safetensors, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "delta.safetensors"
+META_FILE = "delta.json"
+FORMAT_VERSION = 1
+_STATE_ATTR = "_promptdelta_state"
+_SAMPLES_PER_PARAM = 16
+
+# --------------------------------------------------------------------------------------------- modules
+class DeltaWrapper(nn.Module):
+    """Base of modules that wrap an original module kept as the child ``base``.
+
+    Everything else a wrapper holds (its own parameters and other children) is delta state; canonical
+    names and fingerprints look only through ``base``.
+    """
+
+    base: nn.Module
+    delta_name: str = ""
+
+
+@dataclass
+class ModuleSite:
+    """Where a module sits: canonical ``name``, the ``module``, and the ``parent``/``attr`` holding it."""
+
+    name: str
+    module: nn.Module
+    parent: nn.Module | None
+    attr: str
+
+
+def iter_sites(model: nn.Module) -> Iterator[ModuleSite]:
+    """Every module of ``model`` under its canonical name (root excluded, pre-order), through wrappers."""
+    yield from _walk("", model)
+
+
+def _walk(prefix: str, parent: nn.Module) -> Iterator[ModuleSite]:
+    wrapper = isinstance(parent, DeltaWrapper)
+    children = [("base", parent.base)] if wrapper else list(parent.named_children())
+    for attr, child in children:
+        name = prefix if wrapper else (f"{prefix}.{attr}" if prefix else attr)  # wrapped keeps its name
+        if not isinstance(child, DeltaWrapper):
+            yield ModuleSite(name, child, parent, attr)
+        yield from _walk(name, child)
+
+
+def base_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Parameters of the base model under canonical names (delta parameters of wrappers excluded)."""
+    out, seen = [], set()
+    for p_name, p in model.named_parameters(recurse=False):
+        out.append((p_name, p))
+        seen.add(id(p))
+    for site in iter_sites(model):
+        for p_name, p in site.module.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append((f"{site.name}.{p_name}", p))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- targets
+def _target_matches(name: str, target: str) -> bool:
+    if target.startswith("re:"):
+        return re.fullmatch(target[3:], name) is not None
+    return name == target or name.endswith("." + target)
+
+
+def _normalise_targets(targets: Any) -> list[str] | None:
+    if targets is None:
+        return None
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise DeltaError(f"targets={targets!r} is not usable; pass a module name, a list of names "
+                         f"(e.g. ['q_proj', 'v_proj']) or a regex string 're:<pattern>'.")
+    for t in targets:
+        if t.startswith("re:"):
+            try:
+                re.compile(t[3:])
+            except re.error as exc:
+                raise DeltaError(f"target {t!r} is not a valid regex ({exc}); fix the pattern after 're:'.")
+    return list(targets)
+
+
+def _module_name_sample(model: nn.Module, k: int = 12) -> str:
+    names = [s.name for s in iter_sites(model) if next(s.module.parameters(recurse=False), None) is not None]
+    lasts = sorted({n.rsplit(".", 1)[-1] for n in names})
+    step = max(1, len(names) // k)
+    return f"sample of names: {names[::step][:k]}; last components: {lasts[:30]}"
+
+
+def match_targets(model: nn.Module, targets: str | Sequence[str] | None) -> list[ModuleSite]:
+    """Modules of ``model`` named by ``targets`` (None = every module). Raises DeltaError if none match."""
+    pats = _normalise_targets(targets)
+    sites = list(iter_sites(model))
+    if pats is None:
+        return sites
+    hits = [s for s in sites if any(_target_matches(s.name, p) for p in pats)]
+    if not hits:
+        raise DeltaError(f"targets {pats} match no module of {type(model).__name__} ({_module_name_sample(model)}). "
+                         f"Pass exact names, last components such as 'query', or 're:<pattern>'.")
+    unused = [p for p in pats if not any(_target_matches(s.name, p) for s in hits)]
+    if unused:
+        logger.warning("targets %s matched no module of %s", unused, type(model).__name__)
+    return hits
+
+
+# --------------------------------------------------------------------------------------------- configs
+def build_config(config_cls: type, cfg: dict[str, Any], method: str) -> Any:
+    """``config_cls(**cfg)``, raising ConfigError for keys the method does not know."""
+    valid = [f.name for f in dataclasses.fields(config_cls)]
+    for key in cfg:
+        if key not in valid:
+            raise ConfigError(f"unknown config key {key!r} for delta method {method!r}; valid keys: {valid}.")
+    return config_cls(**cfg)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    d = dataclasses.asdict(config)
+    if isinstance(d.get("targets"), tuple):
+        d["targets"] = list(d["targets"])
+    return d
+
+
+# --------------------------------------------------------------------------------------------- methods
+class DeltaMethod(abc.ABC):
+    """One attached delta's implementation. Subclasses set ``config_cls`` and implement the hooks."""
+
+    config_cls: ClassVar[type]
+    wraps_modules: ClassVar[bool] = False           # replaces target modules by a DeltaWrapper
+    trains_base_parameters: ClassVar[bool] = False  # makes existing base parameters trainable
+
+    def __init__(self, config: Any, name: str) -> None:
+        self.config = config
+        self.name = name
+        self.merged = False
+
+    @abc.abstractmethod
+    def select(self, model: nn.Module, sites: list[ModuleSite]) -> list[ModuleSite]:
+        """Keep the matched sites this method applies to; raise DeltaError if it cannot apply."""
+
+    @abc.abstractmethod
+    def apply(self, sites: list[ModuleSite]) -> None:
+        """Patch the model at ``sites`` (called once, after ``select``)."""
+
+    @abc.abstractmethod
+    def remove(self) -> None:
+        """Undo ``apply`` exactly: original modules and values back in place."""
+
+    @abc.abstractmethod
+    def named_delta_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Trainable delta parameters under stable canonical keys (``<module>.<param>``)."""
+
+    def merge(self) -> None:
+        self.merged = True
+
+    def unmerge(self) -> None:
+        self.merged = False
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        yield
+
+    def original_values(self) -> dict[int, torch.Tensor]:
+        """Pre-attach values of base parameters this delta changes in place (by ``id(param)``)."""
+        return {}
+
+
+_REGISTRY: dict[str, type[DeltaMethod]] = {}
+
+
+def register_delta(name: str, cls: type[DeltaMethod]) -> type[DeltaMethod]:
+    """Register a delta method class under ``name``; duplicates raise DeltaError."""
+    if name in _REGISTRY:
+        raise DeltaError(f"a delta method named {name!r} is already registered ({_REGISTRY[name].__name__}); "
+                         f"pick another name. Known: {sorted(_REGISTRY)}.")
+    if not (isinstance(cls, type) and issubclass(cls, DeltaMethod)):
+        raise DeltaError(f"{cls!r} is not a DeltaMethod subclass; subclass promptdelta.deltas.base.DeltaMethod.")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def get_delta_method(name: str) -> type[DeltaMethod]:
+    if name not in _REGISTRY:
+        raise DeltaError(f"unknown delta method {name!r}; known methods: {sorted(_REGISTRY)}.")
+    return _REGISTRY[name]
+
+
+# --------------------------------------------------------------------------------------------- model state
+@dataclass
+class _ModelDeltaState:
+    """Kept on the model: its attached deltas and every parameter's requires_grad before the first attach."""
+
+    deltas: dict[str, "DeltaHandle"] = dataclasses.field(default_factory=dict)
+    requires_grad: dict[int, tuple[nn.Parameter, bool]] = dataclasses.field(default_factory=dict)
+
+
+def _state(model: nn.Module, create: bool = False) -> _ModelDeltaState | None:
+    st = model.__dict__.get(_STATE_ATTR)
+    if st is None and create:
+        st = _ModelDeltaState()
+        model.__dict__[_STATE_ATTR] = st
+    return st
+
+
+def deltas_of(model: nn.Module) -> dict[str, "DeltaHandle"]:
+    """The deltas attached to ``model``, by name (a copy; attach order)."""
+    st = _state(model)
+    return dict(st.deltas) if st else {}
+
+
+def _delta_param_ids(st: _ModelDeltaState) -> set[int]:
+    return {id(p) for h in st.deltas.values() for _, p in h._method.named_delta_parameters()}
+
+
+# --------------------------------------------------------------------------------------------- fingerprint
+def _original_overrides(model: nn.Module) -> dict[int, torch.Tensor]:
+    out: dict[int, torch.Tensor] = {}
+    for h in deltas_of(model).values():
+        out.update(h._method.original_values())
+    return out
+
+
+def _sample(t: torch.Tensor) -> torch.Tensor:
+    flat = t.detach().reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLES_PER_PARAM, flat.numel())).round().long()
+    return flat[idx.to(flat.device)].to("cpu", torch.float32)
+
+
+def model_fingerprint(model: nn.Module) -> dict[str, str]:
+    """Identify the base model: class name, a hash of its structure and a hash of sampled frozen weights.
+
+    structure = sha256 of the sorted canonical (name, shape) pairs, delta modules excluded.
+    weights   = sha256 of up to 16 evenly spaced values of each parameter (fp32), using each delta's
+                recorded pre-attach values where a delta changed a parameter in place (BitFit, merged LoRA).
+    """
+    params = sorted(base_named_parameters(model), key=lambda kv: kv[0])
+    overrides = _original_overrides(model)
+    h_struct, h_weights = hashlib.sha256(), hashlib.sha256()
+    for name, p in params:
+        h_struct.update(f"{name}:{tuple(p.shape)};".encode())
+        if p.numel():
+            h_weights.update(_sample(overrides.get(id(p), p)).numpy().tobytes())
+    return {"model_class": type(model).__name__, "structure": h_struct.hexdigest(),
+            "weights": h_weights.hexdigest()}
+
+
+# --------------------------------------------------------------------------------------------- handle
+class DeltaHandle:
+    """One delta attached to a model: inspect, save, merge, disable or detach it."""
+
+    def __init__(self, model: nn.Module, method_name: str, impl: DeltaMethod, targets: list[str]) -> None:
+        self.model = model
+        self.method = method_name
+        self._method = impl
+        self.targets = targets
+        self.attached = True
+
+    @property
+    def name(self) -> str:
+        return self._method.name
+
+    @property
+    def config(self) -> Any:
+        return self._method.config
+
+    @property
+    def merged(self) -> bool:
+        return self._method.merged
+
+    def __repr__(self) -> str:
+        state = "attached" if self.attached else "detached"
+        return f"DeltaHandle(name={self.name!r}, method={self.method!r}, {len(self.targets)} targets, {state})"
+
+    def _check_attached(self) -> None:
+        if not self.attached:
+            raise DeltaError(f"delta {self.name!r} was detached; attach it again with "
+                             f"promptdelta.attach(model, {self.method!r}, ...) or load_delta(model, path).")
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        self._check_attached()
+        return self._method.named_delta_parameters()
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The delta's trainable parameters (pass these to an optimizer)."""
+        return [p for _, p in self.named_parameters()]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Delta tensors only, under canonical keys (``<module name>.<param>``), detached."""
+        return {k: p.detach() for k, p in self.named_parameters()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy ``tensors`` into the delta parameters; keys and shapes must match exactly."""
+        params = dict(self.named_parameters())
+        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        if missing or unexpected:
+            raise CheckpointError(f"delta {self.name!r}: checkpoint keys do not fit (missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}); load a checkpoint saved for this method/targets.")
+        for k, p in params.items():
+            if tuple(tensors[k].shape) != tuple(p.shape):
+                raise CheckpointError(f"delta {self.name!r}: {k} has shape {tuple(tensors[k].shape)} in the "
+                                      f"checkpoint but {tuple(p.shape)} here; load it onto the model it was made for.")
+        was_merged = self.merged
+        self.unmerge()
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(tensors[k])
+        if was_merged:
+            self.merge()
+
+    def summary(self) -> str:
+        """Trainable parameters per module, the total, and its share of the base model."""
+        per_module: dict[str, int] = {}
+        for key, p in self.named_parameters():
+            mod = key.rsplit(".", 1)[0]
+            per_module[mod] = per_module.get(mod, 0) + p.numel()
+        total = sum(per_module.values())
+        base = sum(p.numel() for _, p in base_named_parameters(self.model))
+        width = max((len(m) for m in per_module), default=10)
+        lines = [f"delta {self.name!r} ({self.method}) on {type(self.model).__name__}: "
+                 f"{len(per_module)} modules{', merged' if self.merged else ''}"]
+        lines += [f"  {m:<{width}}  {n:>12,}" for m, n in per_module.items()]
+        pct = 100.0 * total / base if base else 0.0
+        lines.append(f"  trainable: {total:,} of {base:,} base parameters ({pct:.4f}% of model)")
+        return "\n".join(lines)
+
+    def merge(self) -> None:
+        """Fold the delta into the base weights (idempotent); forward then uses the base weights only."""
+        self._check_attached()
+        self._method.merge()
+
+    def unmerge(self) -> None:
+        """Undo ``merge`` exactly (idempotent)."""
+        self._check_attached()
+        self._method.unmerge()
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the model as if this delta were not attached; everything is put back on exit."""
+        self._check_attached()
+        with self._method.disabled():
+            yield
+
+    def detach(self) -> None:
+        """Remove the delta: original modules, parameter values and requires_grad flags come back."""
+        self._check_attached()
+        st = _state(self.model)
+        self._method.unmerge()
+        own = [p for _, p in self._method.named_delta_parameters()]
+        self._method.remove()
+        del st.deltas[self.name]
+        self.attached = False
+        if st.deltas:  # other deltas remain: base parameters this delta trained go back to frozen
+            others = _delta_param_ids(st)
+            for p in own:
+                if id(p) not in others and id(p) in st.requires_grad:
+                    p.requires_grad_(False)
+            return
+        for p, flag in st.requires_grad.values():
+            p.requires_grad_(flag)
+        del self.model.__dict__[_STATE_ATTR]
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write ``delta.safetensors`` + ``delta.json`` (method, name, config, targets, fingerprint, versions)."""
+        self._check_attached()
+        folder = Path(path)
+        if folder.exists() and not folder.is_dir():
+            raise CheckpointError(f"{folder} exists and is not a folder; pass a folder path for the delta.")
+        if folder.exists() and not overwrite:
+            raise CheckpointError(f"{folder} already exists; pass overwrite=True to replace the delta there, "
+                                  f"or choose another path.")
+        tensors = self.state_dict()
+        atomic_save_safetensors(folder / WEIGHTS_FILE, tensors, metadata={"method": self.method, "name": self.name})
+        atomic_write_json(folder / META_FILE, self._meta())
+        logger.info("saved delta %r (%d tensors) to %s", self.name, len(tensors), folder)
+        return folder
+
+    def _meta(self) -> dict[str, Any]:
+        import promptdelta
+
+        return {"format": FORMAT_VERSION, "method": self.method, "name": self.name,
+                "config": config_to_dict(self.config), "targets": list(self.targets),
+                "fingerprint": model_fingerprint(self.model),
+                "versions": {"promptdelta": getattr(promptdelta, "__version__", "unknown"),
+                             "torch": torch.__version__}}
+
+
+# --------------------------------------------------------------------------------------------- attach
+def _freeze_rest(model: nn.Module, st: _ModelDeltaState, before: list[tuple[nn.Parameter, bool]]) -> None:
+    """Record the pre-attach requires_grad of base parameters (first record wins), then freeze non-deltas."""
+    for p, flag in before:
+        st.requires_grad.setdefault(id(p), (p, flag))
+    delta_ids = _delta_param_ids(st)
+    for p in model.parameters():
+        p.requires_grad_(id(p) in delta_ids)
+
+
+def attach(model: nn.Module, method: str, targets: str | Sequence[str] | None = None,
+           name: str | None = None, **cfg: Any) -> DeltaHandle:
+    """Attach delta ``method`` (e.g. "lora", "bitfit") to ``model``'s ``targets``; freeze everything else.
+
+    ``targets`` overrides the method's default (its config's ``targets``); ``cfg`` are the method's config
+    keys (unknown keys raise ConfigError). Several deltas may coexist under different ``name``s.
+    """
+    cls = get_delta_method(method)
+    if targets is not None:
+        cfg["targets"] = targets
+    config = build_config(cls.config_cls, cfg, method)
+    name = name or method
+    st = _state(model)
+    if st is not None and name in st.deltas:
+        raise DeltaError(f"a delta named {name!r} is already attached to this model "
+                         f"(attached: {sorted(st.deltas)}); pass another name=..., or detach it first.")
+    impl = cls(config, name)
+    sites = impl.select(model, match_targets(model, getattr(config, "targets", None)))
+    _check_not_owned(model, impl, sites)
+    known = _delta_param_ids(st) if st is not None else set()
+    before = [(p, p.requires_grad) for p in model.parameters() if id(p) not in known]   # base params only
+    impl.apply(sites)
+    st = _state(model, create=True)
+    handle = DeltaHandle(model, method, impl, [s.name for s in sites])
+    st.deltas[name] = handle
+    _freeze_rest(model, st, before)
+    logger.info("attached delta %r (%s) to %d modules", name, method, len(sites))
+    return handle
+
+
+def _check_not_owned(model: nn.Module, impl: DeltaMethod, sites: list[ModuleSite]) -> None:
+    """Refuse targets whose module is wrapped by, or whose parameters belong to, another delta."""
+    st = _state(model)
+    if st is None:
+        return
+    owned = {id(p): h.name for h in st.deltas.values() for _, p in h._method.named_delta_parameters()}
+    for s in sites:
+        if isinstance(s.parent, DeltaWrapper) and impl.wraps_modules:
+            raise DeltaError(f"module {s.name!r} is already wrapped by delta {s.parent.delta_name!r}; "
+                             f"choose other targets for {impl.name!r} or detach that delta first.")
+        for p in s.module.parameters(recurse=False):
+            if id(p) in owned and impl.trains_base_parameters:
+                raise DeltaError(f"parameters of {s.name!r} already belong to delta {owned[id(p)]!r}; "
+                                 f"choose other targets for {impl.name!r} or detach that delta first.")
+
+
+# --------------------------------------------------------------------------------------------- load
+def _read_meta(folder: Path) -> dict[str, Any]:
+    if not folder.is_dir():
+        raise MissingFileError(f"delta folder {folder} does not exist; pass the folder written by handle.save().")
+    for fname in (META_FILE, WEIGHTS_FILE):
+        if not (folder / fname).is_file():
+            raise MissingFileError(f"{folder / fname} is missing; a delta folder needs {META_FILE} and "
+                                   f"{WEIGHTS_FILE} as written by handle.save().")
+    try:
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{folder / META_FILE} is not valid JSON ({exc}); save the delta again.") from exc
+    for key in ("method", "name", "config", "targets", "fingerprint"):
+        if key not in meta:
+            raise CheckpointError(f"{folder / META_FILE} lacks the key {key!r}; save the delta again.")
+    return meta
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own SafetensorError / OSError on bad files
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); it is corrupt or "
+                              f"truncated: save the delta again.") from exc
+
+
+def _check_fingerprint(model: nn.Module, saved: dict[str, str], folder: Path, strict: bool) -> None:
+    here = model_fingerprint(model)
+    made_for = f"{saved.get('model_class')} (structure {str(saved.get('structure'))[:12]})"
+    if saved.get("structure") != here["structure"]:
+        raise CheckpointError(f"delta {folder} was made for {made_for}, but this model is {here['model_class']} "
+                              f"(structure {here['structure'][:12]}): the architectures differ. Load it onto the "
+                              f"model it was trained with.")
+    if saved.get("weights") != here["weights"]:
+        msg = (f"delta {folder} was made for a {made_for} with other pretrained weights than this "
+               f"{here['model_class']}; load it onto the checkpoint it was trained with")
+        if strict:
+            raise CheckpointError(msg + ", or pass strict=False if you are sure the weights are compatible.")
+        logger.warning("%s (loading anyway: strict=False)", msg)
+
+
+def load_delta(model: nn.Module, path: str | Path, name: str | None = None, strict: bool = True) -> DeltaHandle:
+    """Re-attach the delta saved in ``path`` to ``model`` with its saved config, and load its weights.
+
+    Refuses (CheckpointError) a checkpoint made for another model; ``strict=False`` lets a model with the
+    same structure but other weights through with a warning.
+    """
+    folder = Path(path)
+    meta = _read_meta(folder)
+    tensors = _read_weights(folder / WEIGHTS_FILE)
+    _check_fingerprint(model, meta["fingerprint"], folder, strict)
+    handle = attach(model, meta["method"], name=name or meta["name"], **meta["config"])
+    try:
+        if handle.targets != list(meta["targets"]):
+            raise CheckpointError(f"delta {folder} was attached to {len(meta['targets'])} modules but its "
+                                  f"config matches {len(handle.targets)} here; load it onto the model it was made for.")
+        handle.load_state_dict(tensors)
+    except BaseException:
+        handle.detach()
+        raise
+    return handle

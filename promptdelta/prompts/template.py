@@ -1,0 +1,269 @@
+"""Templates: wrap an example into text pieces with a mask, and tokenise a batch of them.
+
+``ManualTemplate`` is a hand-written prompt (Schick & Schuetze 2021, PET), e.g.
+``{"placeholder":"text_a"} It was {"mask"}.``. Tokenisation is one batched call of the HF tokenizer over
+every piece of every example, then per-example assembly, truncation of the shortenable pieces only,
+the tokenizer's own special tokens, and dynamic padding to the longest row.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from promptdelta.errors import MissingFileError, TemplateError
+from promptdelta.prompts.dsl import Piece, parse_template
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_POST_PROCESSING: dict[str, Callable[[str], str]] = {
+    "strip": str.strip,
+    "lower": str.lower,
+    "strip_period": lambda s: s.strip("."),          # OpenPrompt's common `lambda x: x.strip('.')`
+    "rstrip_punct": lambda s: s.rstrip(".!?,;: "),
+}
+_TOKENISED_KINDS = ("text", "placeholder", "meta")
+_UNSUPPORTED = "soft tokens, duplicate and same are not supported by ManualTemplate yet"
+
+
+@dataclass
+class _Segment:
+    ids: list[int]
+    shortenable: bool
+    is_mask: bool = False
+
+
+class Template(nn.Module):
+    """Base template: subclasses define ``wrap``; the batch tokenisation is shared.
+
+    A template is an ``nn.Module`` so that it can own parameters (soft tokens) later.
+    """
+
+    pieces: list[Piece]
+
+    def __init__(self, tokenizer: Any) -> None:
+        super().__init__()
+        if tokenizer is None:
+            raise TemplateError("a template needs a tokenizer; pass tokenizer=... (the one returned by "
+                                "pd.load_backbone)")
+        if getattr(tokenizer, "mask_token_id", None) is None:
+            raise TemplateError(f"tokenizer {type(tokenizer).__name__} has no mask token; prompt templates "
+                                f"need a masked-LM tokenizer (BERT/RoBERTa family)")
+        self.tokenizer = tokenizer
+        self._prefix, self._suffix = _special_frame(tokenizer)
+
+    @property
+    def num_special_tokens(self) -> int:
+        return len(self._prefix) + len(self._suffix)
+
+    def wrap(self, example: Any) -> list[tuple[str, Piece]]:
+        """The text of every piece for one example (mask as the mask token string)."""
+        raise NotImplementedError
+
+    def process_embeds(self, inputs_embeds: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Hook for soft tokens; identity here. (B, T, H) -> (B, T, H)."""
+        return inputs_embeds
+
+    def tokenize(self, examples: Sequence[Any], max_length: int = 256) -> dict[str, torch.Tensor]:
+        """Tokenise a batch: input_ids, attention_mask, token_type_ids (B, T), mask_pos (B, n_masks),
+        and labels (B,) when every example has a label."""
+        if not isinstance(max_length, int) or max_length <= 0:
+            raise TemplateError(f"max_length must be a positive int, got {max_length!r}; pass e.g. "
+                                f"max_length=256")
+        if len(examples) == 0:
+            raise TemplateError("tokenize() got no examples; pass a non-empty list of InputExample")
+        rows = self._segments([self.wrap(e) for e in examples])
+        budget = max_length - self.num_special_tokens
+        ids, mask_pos = [], []
+        for segments in rows:
+            _truncate(segments, budget, max_length, self.num_special_tokens)
+            row, masks = self._assemble(segments)
+            ids.append(row)
+            mask_pos.append(masks)
+        batch = self._pad(ids)
+        batch["mask_pos"] = torch.tensor(mask_pos, dtype=torch.long)          # (B, n_masks)
+        labels = [getattr(e, "label", None) for e in examples]
+        if all(label is not None for label in labels):
+            batch["labels"] = torch.tensor(labels, dtype=torch.long)          # (B,)
+        return batch
+
+    def _segments(self, wrapped: list[list[tuple[str, Piece]]]) -> list[list[_Segment]]:
+        """One batched tokenizer call over all tokenised pieces of all examples."""
+        texts = [text for row in wrapped for text, piece in row if piece.kind in _TOKENISED_KINDS]
+        encoded = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        rows = []
+        for row in wrapped:
+            segments = []
+            for text, piece in row:
+                if piece.kind in _TOKENISED_KINDS:
+                    segments.append(_Segment(list(next(encoded)), piece.shortenable))
+                elif piece.kind == "mask":
+                    segments.append(_Segment([self.tokenizer.mask_token_id], False, is_mask=True))
+                else:  # special
+                    segments.append(_Segment([self.tokenizer.convert_tokens_to_ids(text)], False))
+            rows.append(segments)
+        return rows
+
+    def _assemble(self, segments: list[_Segment]) -> tuple[list[int], list[int]]:
+        """Concatenate segments inside the special-token frame; return ids and mask positions."""
+        ids, masks = list(self._prefix), []
+        for seg in segments:
+            if seg.is_mask:
+                masks.append(len(ids))
+            ids.extend(seg.ids)
+        ids.extend(self._suffix)
+        return ids, masks
+
+    def _pad(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Right-pad every row to the longest one in the batch."""
+        pad_id = self.tokenizer.pad_token_id
+        pad_id = 0 if pad_id is None else pad_id
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)      # (B, T)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)        # (B, T)
+        for i, row in enumerate(rows):
+            input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, :len(row)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "token_type_ids": torch.zeros_like(input_ids)}
+
+
+class ManualTemplate(Template):
+    """A hand-written template in OpenPrompt's text format.
+
+    Args:
+        text: e.g. ``'{"placeholder":"text_a"} It was {"mask"}.'``
+        tokenizer: the backbone's HF tokenizer.
+        post_processing: extra named functions for ``{"post_processing": "name"}`` pieces (the name may
+            be the exact lambda text of an OpenPrompt file; it is looked up, never evaluated).
+    """
+
+    def __init__(self, text: str, tokenizer: Any,
+                 post_processing: Mapping[str, Callable[[str], str]] | None = None) -> None:
+        super().__init__(tokenizer)
+        self.text = text
+        self.pieces = parse_template(text)
+        self.post_processing = {**BUILTIN_POST_PROCESSING, **(post_processing or {})}
+        self._specials = {i: self._resolve_special(p) for i, p in enumerate(self.pieces)
+                          if p.kind == "special"}
+        for piece in self.pieces:
+            self._check_piece(piece)
+
+    @classmethod
+    def from_file(cls, path: str | Path, choice: int = 0, tokenizer: Any = None,
+                  post_processing: Mapping[str, Callable[[str], str]] | None = None) -> ManualTemplate:
+        """Load template number ``choice`` from an OpenPrompt template file (one per line)."""
+        path = Path(path)
+        if not path.is_file():
+            raise MissingFileError(f"template file {str(path)!r} does not exist; check the path (one "
+                                   f"template per line, OpenPrompt format)")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not 0 <= choice < len(lines):
+            raise TemplateError(f"choice={choice} but {str(path)!r} has {len(lines)} template(s); pass "
+                                f"choice in 0..{len(lines) - 1}")
+        return cls(lines[choice], tokenizer=tokenizer, post_processing=post_processing)
+
+    def wrap(self, example: Any) -> list[tuple[str, Piece]]:
+        """[(text, piece)] for one example; text carries a leading space where the template has one."""
+        out = []
+        for i, piece in enumerate(self.pieces):
+            if piece.kind == "mask":
+                out.append((self.tokenizer.mask_token, piece))
+            elif piece.kind == "special":
+                out.append((self._specials[i], piece))
+            else:
+                text = self._piece_text(piece, example)
+                out.append(((" " + text) if piece.space_before and text else text, piece))
+        return out
+
+    def _piece_text(self, piece: Piece, example: Any) -> str:
+        if piece.kind == "text":
+            text = piece.value
+        elif piece.kind == "placeholder":
+            text = _placeholder_text(example, piece.value)
+        else:
+            text = _meta_text(example, piece.value)
+        if piece.post_processing is not None:
+            text = self.post_processing[piece.post_processing](text)
+        return text
+
+    def _check_piece(self, piece: Piece) -> None:
+        where = f"(column {piece.column} of {self.text!r})"
+        if piece.kind == "soft" or piece.duplicate is not None or piece.same is not None:
+            raise TemplateError(f"{_UNSUPPORTED} {where}; write the words as plain text instead")
+        name = piece.post_processing
+        if name is not None and name not in self.post_processing:
+            raise TemplateError(f"post_processing {name!r} {where} is not a registered function (it is never "
+                                f"evaluated); use one of {', '.join(BUILTIN_POST_PROCESSING)} or pass "
+                                f"ManualTemplate(..., post_processing={{{name!r}: your_function}})")
+
+    def _resolve_special(self, piece: Piece) -> str:
+        """'<sep>'-style aliases or a literal special token -> the tokenizer's token string."""
+        tok = self.tokenizer
+        aliases = {"<cls>": tok.cls_token, "<sep>": tok.sep_token, "<eos>": tok.eos_token or tok.sep_token,
+                   "<bos>": tok.bos_token or tok.cls_token, "<pad>": tok.pad_token, "<unk>": tok.unk_token}
+        token = aliases.get(piece.value, piece.value)
+        if token is None or (token != tok.unk_token and tok.convert_tokens_to_ids(token) == tok.unk_token_id):
+            raise TemplateError(f"special token {piece.value!r} (column {piece.column}) is not in the "
+                                f"tokenizer's vocabulary; use a token it has (e.g. {tok.sep_token!r}) or one "
+                                f"of {', '.join(aliases)}")
+        return token
+
+
+def _placeholder_text(example: Any, name: str) -> str:
+    """text_a -> example.text (or .text_a); text_b -> example.text_b."""
+    value = getattr(example, "text", None) if name == "text_a" else None
+    value = getattr(example, name, None) if value is None else value
+    if value is None:
+        guid = getattr(example, "guid", "")
+        raise TemplateError(f'the template uses {{"placeholder":"{name}"}} but example {guid!r} has no '
+                            f"{'text' if name == 'text_a' else name}; fill it in or use a template "
+                            f"without that placeholder")
+    return str(value).strip()
+
+
+def _meta_text(example: Any, key: str) -> str:
+    meta = getattr(example, "meta", None) or {}
+    if key not in meta:
+        guid = getattr(example, "guid", "")
+        raise TemplateError(f'the template uses {{"meta":"{key}"}} but example {guid!r} has no meta key '
+                            f"{key!r} (it has: {', '.join(map(str, meta)) or 'none'}); add "
+                            f"meta={{{key!r}: ...}} to every example")
+    return str(meta[key]).strip()
+
+
+def _special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special ids the tokenizer puts before and after a single sequence ([CLS] / [SEP])."""
+    mask_id = tokenizer.mask_token_id
+    build = getattr(tokenizer, "build_inputs_with_special_tokens", None)
+    try:
+        framed = list(build([mask_id])) if callable(build) else None
+    except (AttributeError, NotImplementedError):
+        framed = None
+    if framed is None:  # transformers 5 fast tokenizers: let the post-processor frame the mask token
+        framed = list(tokenizer(tokenizer.mask_token, add_special_tokens=True)["input_ids"])
+    at = framed.index(mask_id)
+    return framed[:at], framed[at + 1:]
+
+
+def _truncate(segments: list[_Segment], budget: int, max_length: int, n_special: int) -> None:
+    """Cut tokens from the end of the longest shortenable segment until the row fits the budget."""
+    fixed = sum(len(s.ids) for s in segments if not s.shortenable)
+    if fixed > budget:
+        raise TemplateError(f"max_length={max_length} is too small: the template words, mask and special "
+                            f"tokens alone need {fixed + n_special} tokens; raise max_length to at least "
+                            f"{fixed + n_special} or shorten the template")
+    excess = sum(len(s.ids) for s in segments) - budget
+    while excess > 0:
+        cands = [s for s in segments if s.shortenable and s.ids]
+        longest = max(cands, key=lambda s: len(s.ids))
+        runner_up = max((len(s.ids) for s in cands if s is not longest), default=0)
+        cut = min(excess, max(1, len(longest.ids) - runner_up))
+        del longest.ids[len(longest.ids) - cut:]
+        excess -= cut

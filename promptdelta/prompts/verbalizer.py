@@ -1,0 +1,260 @@
+"""Verbalizers: map the mask position's output to one score per class.
+
+ManualVerbalizer (PET, Schick & Schuetze 2021) scores hand-picked label words. Its pipeline is spelt out
+as named steps, after OpenPrompt's ``ManualVerbalizer.process_logits``:
+
+    project   (B, V) or (B, H) -> (B, C, W, S)  scores of every sub-token of every label word
+    reduce    (B, C, W, S) -> (B, C, W)         one score per word (multi_token_handler: first/mean/max)
+    normalise (B, C, W) -> (B, C, W)            log-softmax over all label words of all classes
+    calibrate (B, C, W) -> (B, C, W)            subtract a prior log p(word) when one is set
+    aggregate (B, C, W) -> (B, C)               mean over the words of each class
+
+SoftVerbalizer (WARP, Hambardzumyan et al. 2021) is a learnable head ``W h + b`` on the mask hidden
+state, with row c of W initialised from the mean input embedding of class c's label-word tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import numbers
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from promptdelta.errors import MissingFileError, VerbalizerError
+
+logger = logging.getLogger(__name__)
+
+LabelWords = Sequence[str | Sequence[str]] | Mapping[str, str | Sequence[str]]
+HANDLERS = ("first", "mean", "max")
+
+
+class Verbalizer(nn.Module):
+    """Base verbalizer: ``classes``, ``num_classes``, ``process`` and a label check."""
+
+    def __init__(self, classes: Sequence[str]) -> None:
+        super().__init__()
+        self.classes = [str(c) for c in classes]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def process(self, hidden: torch.Tensor, logits: torch.Tensor | None, backbone: Any) -> torch.Tensor:
+        """hidden (B, H), logits (B, V) or None -> label logits (B, C)."""
+        raise NotImplementedError
+
+    def check_labels(self, examples: Sequence[Any], classes: Sequence[str] | None = None) -> None:
+        """Raise VerbalizerError when the data's classes or labels do not fit this verbalizer."""
+        classes = classes if classes is not None else getattr(examples, "classes", None)
+        if classes and len(classes) != self.num_classes:
+            raise VerbalizerError(f"the data has {len(classes)} classes ({', '.join(map(str, classes))}) but "
+                                  f"the verbalizer has {self.num_classes} ({', '.join(self.classes)}); give "
+                                  f"label words for exactly the data's classes, in the same order")
+        for ex in examples:
+            label = getattr(ex, "label", None)
+            in_range = isinstance(label, numbers.Integral) and 0 <= label < self.num_classes
+            if label is not None and not in_range:
+                raise VerbalizerError(f"example {getattr(ex, 'guid', '')!r} has label {label!r} but the "
+                                      f"verbalizer has {self.num_classes} classes (labels 0.."
+                                      f"{self.num_classes - 1}); fix the labels or give label words for "
+                                      f"every class")
+
+
+class ManualVerbalizer(Verbalizer):
+    """Score hand-picked label words at the mask (several words per class allowed).
+
+    Args:
+        tokenizer: the backbone's HF tokenizer.
+        classes: class names; taken from ``label_words`` keys when it is a dict and classes is None.
+        label_words: one str or list of str per class, or a dict class -> words.
+        multi_token_handler: how a word split into sub-tokens is scored: "first", "mean" or "max".
+        prefix: put before each word when tokenising (BPE tokenizers mark a word start by a space).
+    """
+
+    def __init__(self, tokenizer: Any, classes: Sequence[str] | None = None, label_words: LabelWords = (),
+                 multi_token_handler: str = "first", prefix: str = " ") -> None:
+        if multi_token_handler not in HANDLERS:
+            raise VerbalizerError(f"multi_token_handler={multi_token_handler!r} is unknown; use one of "
+                                  f"{', '.join(HANDLERS)}")
+        classes, words = normalise_label_words(classes, label_words)
+        super().__init__(classes)
+        self.label_words = words
+        self.multi_token_handler = multi_token_handler
+        ids = [[tokenize_word(tokenizer, w, prefix) for w in ws] for ws in words]
+        token_ids, token_mask = _pack(ids)
+        self.register_buffer("token_ids", token_ids, persistent=False)      # (C, W, S)
+        self.register_buffer("token_mask", token_mask, persistent=False)    # (C, W, S) bool
+        self.register_buffer("word_mask", token_mask[..., 0], persistent=False)  # (C, W) bool
+        self.calibration: torch.Tensor | None = None                        # (C, W) log p(word)
+        self._logged_embedding_path = False
+
+    @classmethod
+    def from_file(cls, path: str | Path, tokenizer: Any = None, classes: Sequence[str] | None = None,
+                  choice: int = 0, **kwargs: Any) -> ManualVerbalizer:
+        """Load label words from an OpenPrompt file: .json {class: [words]} (or a list of such dicts), or
+        text with one class per line, comma-separated words, blank lines between alternatives.
+        Text files carry no class names: without ``classes`` the first word of each line names it."""
+        path = Path(path)
+        if not path.is_file():
+            raise MissingFileError(f"verbalizer file {str(path)!r} does not exist; check the path")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json":
+            label_words = _pick(_load_json_options(text, path), choice, path)
+            classes = list(label_words) if classes is None else classes
+        else:
+            blocks = [b for b in text.replace("\r\n", "\n").split("\n\n") if b.strip()]
+            options = [[[w.strip() for w in line.split(",") if w.strip()] for line in block.splitlines()
+                        if line.strip()] for block in blocks]
+            label_words = _pick(options, choice, path)
+            classes = [ws[0] for ws in label_words] if classes is None else classes
+        return cls(tokenizer, classes=classes, label_words=label_words, **kwargs)
+
+    def set_calibration(self, log_probs: torch.Tensor | None) -> None:
+        """Set a prior log p(word) (C, W), e.g. the verbalizer's output on a content-free input."""
+        self.calibration = None if log_probs is None else log_probs.detach()
+
+    def process(self, hidden: torch.Tensor, logits: torch.Tensor | None, backbone: Any) -> torch.Tensor:
+        """hidden (B, H), logits (B, V) or None -> label logits (B, C) (mean log-prob of the words)."""
+        scores = self.project(hidden, logits, backbone)        # (B, C, W, S)
+        word_scores = self.reduce(scores)                      # (B, C, W)
+        log_probs = self.normalise(word_scores)                # (B, C, W)
+        log_probs = self.calibrate(log_probs)                  # (B, C, W)
+        return self.aggregate(log_probs)                       # (B, C)
+
+    def project(self, hidden: torch.Tensor, logits: torch.Tensor | None, backbone: Any) -> torch.Tensor:
+        """Scores of every label-word token: from the MLM logits, else hidden @ E^T (tied embeddings)."""
+        if logits is not None:
+            return logits[:, self.token_ids]                                  # (B, C, W, S)
+        if not self._logged_embedding_path:
+            logger.info("backbone has no MLM head: label words are scored through the input embeddings "
+                        "(hidden @ E^T)")
+            self._logged_embedding_path = True
+        emb = backbone.input_embeddings().weight[self.token_ids]              # (C, W, S, H)
+        return torch.einsum("bh,cwsh->bcws", hidden, emb.to(hidden.dtype))    # (B, C, W, S)
+
+    def reduce(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B, C, W, S) -> (B, C, W) per multi_token_handler, ignoring padded sub-token slots."""
+        if self.multi_token_handler == "first":
+            return scores[..., 0]
+        mask = self.token_mask.expand_as(scores)
+        if self.multi_token_handler == "max":
+            return scores.masked_fill(~mask, float("-inf")).amax(-1)
+        return (scores * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+    def normalise(self, word_scores: torch.Tensor) -> torch.Tensor:
+        """Log-softmax over every label word of every class; padded word slots get -inf."""
+        b, c, w = word_scores.shape
+        masked = word_scores.masked_fill(~self.word_mask, float("-inf"))
+        return masked.reshape(b, c * w).log_softmax(-1).reshape(b, c, w)
+
+    def calibrate(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """Divide by the prior p(word) when set (Zhao et al. 2021, contextual calibration), renormalise."""
+        if self.calibration is None:
+            return log_probs
+        b, c, w = log_probs.shape
+        shifted = (log_probs - self.calibration.to(log_probs)).masked_fill(~self.word_mask, float("-inf"))
+        return shifted.reshape(b, c * w).log_softmax(-1).reshape(b, c, w)
+
+    def aggregate(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """Mean over the words of each class: (B, C, W) -> (B, C)."""
+        kept = log_probs.masked_fill(~self.word_mask, 0.0)
+        return kept.sum(-1) / self.word_mask.sum(-1)
+
+
+class SoftVerbalizer(Verbalizer):
+    """WARP head: label logits = W h + b, W[c] = mean input embedding of class c's label-word tokens."""
+
+    def __init__(self, tokenizer: Any, classes: Sequence[str] | None, label_words: LabelWords,
+                 backbone: Any, prefix: str = " ") -> None:
+        classes, words = normalise_label_words(classes, label_words)
+        super().__init__(classes)
+        self.label_words = words
+        emb = backbone.input_embeddings().weight.detach()                    # (V, H)
+        self.head = nn.Linear(emb.shape[1], len(classes), device=emb.device, dtype=emb.dtype)
+        with torch.no_grad():
+            for c, ws in enumerate(words):
+                ids = [i for w in ws for i in tokenize_word(tokenizer, w, prefix, warn=False)]
+                self.head.weight[c] = emb[ids].mean(0)
+            self.head.bias.zero_()
+
+    def process(self, hidden: torch.Tensor, logits: torch.Tensor | None, backbone: Any) -> torch.Tensor:
+        return self.head(hidden.to(self.head.weight.dtype))                   # (B, C)
+
+
+def normalise_label_words(classes: Sequence[str] | None,
+                          label_words: LabelWords) -> tuple[list[str], list[list[str]]]:
+    """-> (classes, words per class); raise VerbalizerError on a count mismatch or an empty class."""
+    if isinstance(label_words, Mapping):
+        if classes is None:
+            classes = list(label_words)
+        missing = [c for c in classes if c not in label_words]
+        if missing:
+            raise VerbalizerError(f"no label words for class(es) {', '.join(map(str, missing))}; add them to "
+                                  f"label_words (it has {', '.join(map(str, label_words))})")
+        label_words = [label_words[c] for c in classes]
+    words = [[w] if isinstance(w, str) else list(w) for w in label_words]
+    if classes is None:
+        raise VerbalizerError("classes is required when label_words is a list; pass classes=[...] or a "
+                              "dict {class: words}")
+    if len(words) != len(classes):
+        raise VerbalizerError(f"{len(classes)} classes but label words for {len(words)}; give one word or "
+                              f"list of words per class, in the order of classes")
+    for c, ws in zip(classes, words):
+        if not ws or not all(isinstance(w, str) and w.strip() for w in ws):
+            raise VerbalizerError(f"class {c!r} has no usable label words ({ws!r}); give at least one "
+                                  f"non-empty word per class")
+    return list(map(str, classes)), words
+
+
+def tokenize_word(tokenizer: Any, word: str, prefix: str = " ", warn: bool = True) -> list[int]:
+    """Token ids of one label word (with the prefix, lower-cased for lower-casing tokenizers)."""
+    word = word.strip()
+    if getattr(tokenizer, "do_lower_case", False):
+        word = word.lower()
+    ids = list(tokenizer(prefix + word, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise VerbalizerError(f"label word {word!r} tokenises to nothing; choose another word")
+    if warn and len(ids) > 1:
+        logger.warning("label word %r is split into %d tokens %s; they are reduced by multi_token_handler",
+                       word, len(ids), tokenizer.convert_ids_to_tokens(ids))
+    return ids
+
+
+def _pack(ids: list[list[list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nested ids (class, word, sub-token) -> padded (C, W, S) ids and a bool mask of real slots."""
+    n_words = max(len(ws) for ws in ids)
+    n_sub = max(len(t) for ws in ids for t in ws)
+    token_ids = torch.zeros((len(ids), n_words, n_sub), dtype=torch.long)
+    token_mask = torch.zeros((len(ids), n_words, n_sub), dtype=torch.bool)
+    for c, ws in enumerate(ids):
+        for w, toks in enumerate(ws):
+            token_ids[c, w, :len(toks)] = torch.tensor(toks)
+            token_mask[c, w, :len(toks)] = True
+    return token_ids, token_mask
+
+
+def _load_json_options(text: str, path: Path) -> list[dict[str, Any]]:
+    """A JSON verbalizer file: {class: words} or a list of such dicts (alternatives)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise VerbalizerError(f"{str(path)!r} is not valid JSON ({err.msg} at line {err.lineno}); write "
+                              f'{{"class": ["word", ...], ...}}') from None
+    options = [data] if isinstance(data, dict) else data
+    if not isinstance(options, list) or not all(isinstance(o, dict) for o in options):
+        raise VerbalizerError(f"{str(path)!r} must hold {{class: [words]}} or a list of such objects; "
+                              f"rewrite it in that shape")
+    return options
+
+
+def _pick(options: list[Any], choice: int, path: Path) -> Any:
+    """Option number ``choice`` of the alternatives in a verbalizer file."""
+    if not 0 <= choice < len(options):
+        raise VerbalizerError(f"choice={choice} but {str(path)!r} has {len(options)} verbalizer(s); pass "
+                              f"choice in 0..{max(len(options) - 1, 0)}")
+    return options[choice]

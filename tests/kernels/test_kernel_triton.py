@@ -1,0 +1,110 @@
+"""Triton kernels under TRITON_INTERPRET=1 on CPU at small odd shapes; full-size runs marked ``gpu``."""
+
+import pytest
+import torch
+
+from kernel_cases import ODD_SHAPES, RANKS, check_against_reference, operands
+from promptdelta.kernels import lora_linear, lora_linear_multi, lora_reference
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _triton_fn(mod):
+    return lambda x, w, b, a, bb, s: mod.triton_lora_linear(x, w, b, a, bb, s)
+
+
+@pytest.mark.parametrize("r", RANKS)
+def test_triton_fp32_matches_reference_all_ranks(triton_interp, r):
+    check_against_reference(_triton_fn(triton_interp[0]), *operands(37, 45, 29, r), scale=1.3)
+
+
+@pytest.mark.parametrize("shape", ODD_SHAPES[1:])
+@pytest.mark.parametrize("bias", [True, False])
+def test_triton_fp32_odd_shapes(triton_interp, shape, bias):
+    check_against_reference(_triton_fn(triton_interp[0]), *operands(*shape, 8, bias=bias), scale=0.6)
+
+
+def test_triton_3d_input_through_dispatch(triton_interp):
+    check_against_reference(lambda *o: lora_linear(*o, impl="triton"), *operands(0, 33, 21, 4, lead=(2, 9)),
+                            scale=2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_types_within_rounding(triton_interp, dtype):
+    check_against_reference(_triton_fn(triton_interp[0]), *operands(37, 45, 29, 4, dtype=dtype), scale=1.0,
+                            dtype=dtype)
+
+
+def test_triton_dropout_matches_plain(triton_interp):
+    x, w, b, a, bb = operands(21, 19, 17, 4)
+    outs = []
+    for impl in ("triton", "plain"):
+        torch.manual_seed(3)
+        y = lora_linear(x, w, b, a, bb, 1.5, dropout_p=0.3, training=True, impl=impl)
+        outs.append((y, torch.autograd.grad(y, [x, a, bb], torch.ones_like(y))))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    for t1, t2 in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(t1, t2, rtol=1e-5, atol=1e-5)
+
+
+def _multi_operands(m, k, n, r, n_adapters, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype)
+    a = (torch.randn(n_adapters, r, k, generator=gen) / k ** 0.5).to(dtype)
+    bb = torch.randn(n_adapters, n, r, generator=gen).to(dtype)
+    ids = torch.randint(-1, n_adapters, (m,), generator=gen)
+    return x, w, b, a, bb, torch.linspace(0.5, 2.0, n_adapters), ids
+
+
+def _per_row_reference(x, w, b, a, bb, scales, ids):
+    rows = [lora_reference(x[i:i + 1].double(), w.double(), b.double(), a[j].double(), bb[j].double(),
+                           float(scales[j])) if j >= 0 else torch.nn.functional.linear(x[i:i + 1].double(),
+                                                                                       w.double(), b.double())
+            for i, j in enumerate(ids.tolist())]
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("m,r,n_adapters", [(45, 4, 3), (7, 16, 5), (40, 1, 1)])
+def test_sgmv_equals_per_row_single_adapter(triton_interp, m, r, n_adapters):
+    ops = _multi_operands(m, 37, 29, r, n_adapters)
+    got = triton_interp[1].lora_multi_triton(*ops)
+    ref = _per_row_reference(*ops)
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_sgmv_through_dispatch_with_per_sequence_ids(triton_interp):
+    x, w, b, a, bb, s, _ = _multi_operands(24, 20, 18, 4, 3)
+    ids = torch.tensor([2, -1, 0])
+    got = lora_linear_multi(x.view(3, 8, 20), w, b, a, bb, s, ids, impl="triton")
+    ref = _per_row_reference(x, w, b, a, bb, s, ids.repeat_interleave(8)).view(3, 8, 18)
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mkn,r", [((4096, 4096, 4096), 16), ((2048, 768, 768), 8), ((3, 1000, 999), 64)])
+def test_gpu_triton_matches_reference(dtype, mkn, r):
+    ops = [t.detach().cuda().requires_grad_(t.requires_grad) if t is not None else None
+           for t in operands(*mkn, r, dtype=dtype)]
+    y = lora_linear(*ops, 2.0, impl="triton")
+    ref = lora_reference(*(t.double() if t is not None else None for t in ops), 2.0)
+    tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype] * float(ref.abs().max())
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=tol)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [ops[0], ops[3], ops[4]], g)
+    want = torch.autograd.grad(lora_reference(*ops, 2.0), [ops[0], ops[3], ops[4]], g)
+    for t1, t2 in zip(got, want):
+        rel = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+        torch.testing.assert_close(t1.double(), t2.double(), rtol=0, atol=rel * float(t2.abs().max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_sgmv_equals_torch_fallback():
+    ops = [t.cuda() for t in _multi_operands(4096, 1024, 1024, 16, 8, dtype=torch.bfloat16)]
+    got = lora_linear_multi(*ops, impl="triton")
+    want = lora_linear_multi(*ops, impl="torch")
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=3e-2 * float(want.abs().max()))
