@@ -18,6 +18,7 @@ from torch import nn
 
 from promptdelta.backbones.bert import bert_from_hf
 from promptdelta.backbones.gpt import gpt2_from_hf
+from promptdelta.backbones.roberta import roberta_from_hf
 from promptdelta.backbones.t5 import t5_from_hf
 from promptdelta.errors import BackboneError, ConfigError, MissingFileError
 
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 FamilyBuilder = Callable[[Any, Mapping[str, torch.Tensor]], nn.Module]
 
 _FAMILIES: dict[str, FamilyBuilder] = {"bert": bert_from_hf, "gpt2": gpt2_from_hf, "t5": t5_from_hf}
+_FAMILIES.update({"roberta": roberta_from_hf, "xlm-roberta": roberta_from_hf})  # same network
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")

@@ -22,6 +22,7 @@ from torch import nn
 
 from promptdelta.deltas.base import DeltaMethod, DeltaWrapper, ModuleSite, register_delta
 from promptdelta.errors import ConfigError, DeltaError
+from promptdelta.kernels import lora_linear
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +31,20 @@ logger = logging.getLogger(__name__)
 class LoRAConfig:
     """r: rank; alpha: scale numerator (update scaled by alpha / r); dropout on the LoRA input only;
     targets: modules to wrap (default the native attention query/value projections);
-    fan_in_fan_out: the targets store their weight as (in, out) (GPT-2 Conv1D; detected automatically)."""
+    fan_in_fan_out: the targets store their weight as (in, out) (GPT-2 Conv1D; detected automatically);
+    impl: "fused" (the fused LoRA matmul of promptdelta.kernels) or "plain" (base(x) + B A x, for comparison)."""
 
     r: int = 8
     alpha: float = 16
     dropout: float = 0.0
     targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
     fan_in_fan_out: bool = False
+    impl: str = "fused"
 
     def __post_init__(self) -> None:
+        if self.impl not in ("fused", "plain"):
+            raise ConfigError(f"LoRA impl={self.impl!r} is unknown; use 'fused' (promptdelta.kernels, the "
+                              f"default) or 'plain' (separate modules, for comparison).")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ConfigError(f"LoRA r={self.r!r} must be an integer >= 1; use e.g. r=8.")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
@@ -66,9 +72,10 @@ class LoRALinear(DeltaWrapper):
     """
 
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 fan_in_fan_out: bool = False) -> None:
+                 fan_in_fan_out: bool = False, impl: str = "fused") -> None:
         super().__init__()
         self.base = base
+        self.impl = impl          # "fused": promptdelta.kernels.lora_linear; "plain": base(x) + B A x
         self.fan_in_fan_out = fan_in_fan_out
         w = base.weight
         self.out_features, self.in_features = (w.shape[1], w.shape[0]) if fan_in_fan_out else w.shape
@@ -85,10 +92,20 @@ class LoRALinear(DeltaWrapper):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # x: (..., in)
-        y = self.base(x)                                   # (..., out)
         if self.merged or not self.enabled:
-            return y
+            return self.base(x)                            # (..., out)
+        if self._can_fuse(x):
+            p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+            return lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling,
+                               dropout_p=p, training=self.training, impl="fused")
+        y = self.base(x)                                   # (..., out)
         return y + self._lora_forward(x).to(y.dtype)
+
+    def _can_fuse(self, x: torch.Tensor) -> bool:
+        """The fused kernel needs an nn.Linear base and one dtype/device for x and every weight."""
+        w = self.base.weight
+        return (self.impl == "fused" and not self.fan_in_fan_out and type(self.base) is nn.Linear
+                and x.dtype == w.dtype == self.lora_A.dtype and x.device == w.device)
 
     def _lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         """(alpha/r) B A dropout(x): the seam where a fused kernel is called later."""
@@ -149,7 +166,7 @@ class LoRA(DeltaMethod):
             conv = _is_conv1d(s.module)
             if conv and not c.fan_in_fan_out:
                 logger.debug("%s is a Conv1D: using fan_in_fan_out=True", s.name)
-            wrapper = LoRALinear(s.module, c.r, c.alpha, c.dropout, fan_in_fan_out=conv)
+            wrapper = LoRALinear(s.module, c.r, c.alpha, c.dropout, fan_in_fan_out=conv, impl=c.impl)
             wrapper.delta_name = self.name
             wrapper.train(s.module.training)
             setattr(s.parent, s.attr, wrapper)

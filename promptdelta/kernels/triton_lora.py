@@ -151,9 +151,10 @@ def _r_pad(r: int) -> int:
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
-    """PREC and UPCAST constexprs: IEEE fp32 unless torch allows TF32; fp32 dots for bf16 when interpreting."""
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET
-    return {"PREC": "tf32" if tf32 else "ieee", "UPCAST": INTERPRET and dtype == torch.bfloat16}
+    """PREC and UPCAST constexprs: IEEE fp32 unless torch allows TF32 (half types: triton's default);
+    fp32 dots for bf16 when interpreting."""
+    ieee = INTERPRET or (dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+    return {"PREC": "ieee" if ieee else "tf32", "UPCAST": INTERPRET and dtype == torch.bfloat16}
 
 
 def _split_target(device: torch.device) -> int:

@@ -22,8 +22,10 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, xa_ptr, order_ptr, blk_adapter_ptr, blk_st
     """xa[p] (sorted position p) = x[order[p]] @ A_a^T for the rows of one block."""
     blk = tl.program_id(0)
     adapter = tl.load(blk_adapter_ptr + blk)
-    pos = tl.load(blk_start_ptr + blk) + tl.arange(0, BLOCK_M)
-    live = (pos < tl.load(blk_end_ptr + blk)) & (adapter >= 0)                 # (BM,)
+    start = tl.load(blk_start_ptr + blk)
+    n_live = (tl.load(blk_end_ptr + blk) - start) * (adapter >= 0).to(tl.int32)   # 0 rows: nothing to do
+    pos = start + tl.arange(0, BLOCK_M)
+    live = tl.arange(0, BLOCK_M) < n_live                                      # (BM,)
     rows = tl.load(order_ptr + pos, mask=live, other=0)
     rr = tl.arange(0, R_PAD)
     a_base = a_ptr + tl.maximum(adapter, 0).to(tl.int64) * stride_al
@@ -33,7 +35,7 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, xa_ptr, order_ptr, blk_adapter_ptr, blk_st
         x = tl.load(x_ptr + rows[:, None] * stride_xm + rk[None, :], mask=live[:, None] & (rk[None, :] < K),
                     other=0.0)                                                   # (BM, BK)
         at = tl.load(a_base + rr[None, :] * stride_ar + rk[:, None],
-                     mask=(adapter >= 0) & (rr[None, :] < R) & (rk[:, None] < K), other=0.0)   # (BK, R_PAD)
+                     mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)   # (BK, R_PAD)
         acc = _dot(x, at, acc, PREC, UPCAST)
     tl.store(xa_ptr + pos[:, None] * R + rr[None, :], acc.to(xa_ptr.dtype.element_ty),
              mask=live[:, None] & (rr[None, :] < R))
@@ -52,11 +54,11 @@ def _sgmv_gemm_kernel(x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, scales_ptr, out_ptr
     rows = tl.load(order_ptr + pos, mask=live, other=0)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, R_PAD)
-    has = adapter >= 0
-    xa = tl.load(xa_ptr + pos[:, None] * R + rr[None, :], mask=has & live[:, None] & (rr[None, :] < R),
+    r_live = R * (adapter >= 0).to(tl.int32)                                   # rank 0 for base-only rows
+    xa = tl.load(xa_ptr + pos[:, None] * R + rr[None, :], mask=live[:, None] & (rr[None, :] < r_live),
                  other=0.0)                                                      # (BM, R_PAD)
     bt = tl.load(b_ptr + tl.maximum(adapter, 0).to(tl.int64) * stride_bl + rn[None, :] * stride_bn + rr[:, None],
-                 mask=has & (rr[:, None] < R) & (rn[None, :] < N), other=0.0)   # (R_PAD, BN)
+                 mask=(rr[:, None] < r_live) & (rn[None, :] < N), other=0.0)    # (R_PAD, BN)
     scale = tl.load(scales_ptr + tl.maximum(adapter, 0)).to(tl.float32)
     acc = _dot(xa, bt, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PREC, UPCAST) * scale
     for k0 in range(0, K, BLOCK_K):

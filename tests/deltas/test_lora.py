@@ -12,9 +12,9 @@ from promptdelta.deltas import LoRAConfig, LoRALinear, attach, load_delta
 from promptdelta.errors import ConfigError, DeltaError
 
 
-def _lora(r=4, alpha=8.0, dropout=0.0, seed=0, bias=True) -> LoRALinear:
+def _lora(r=4, alpha=8.0, dropout=0.0, seed=0, bias=True, impl="fused") -> LoRALinear:
     torch.manual_seed(seed)
-    layer = LoRALinear(nn.Linear(6, 5, bias=bias), r=r, alpha=alpha, dropout=dropout)
+    layer = LoRALinear(nn.Linear(6, 5, bias=bias), r=r, alpha=alpha, dropout=dropout, impl=impl)
     perturb([layer.lora_B], scale=0.5)
     return layer
 
@@ -77,11 +77,29 @@ def test_dropout_only_touches_the_lora_branch():
     torch.testing.assert_close(layer(x) - layer.base(x), layer._lora_forward(x))
 
 
-def test_forward_goes_through_the_kernel_seam(monkeypatch):
-    layer = _lora()
+def test_plain_forward_goes_through_the_seam(monkeypatch):
+    layer = _lora(impl="plain")
     x = torch.randn(2, 6)
     monkeypatch.setattr(LoRALinear, "_lora_forward", lambda self, x: torch.zeros(x.shape[0], 5))
     torch.testing.assert_close(layer(x), layer.base(x))
+
+
+def test_fused_forward_calls_the_kernel_and_equals_plain(monkeypatch):
+    import promptdelta.deltas.lora as lora_mod
+
+    fused, plain = _lora(impl="fused"), _lora(impl="plain")
+    x = torch.randn(3, 7, 6, requires_grad=True)
+    y_f, y_p = fused(x), plain(x)
+    torch.testing.assert_close(y_f, y_p, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(y_f)
+    gf = torch.autograd.grad(y_f, [x, fused.lora_A, fused.lora_B], g)
+    gp = torch.autograd.grad(y_p, [x, plain.lora_A, plain.lora_B], g)
+    for a, b in zip(gf, gp):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    calls = []
+    monkeypatch.setattr(lora_mod, "lora_linear", lambda *a, **k: calls.append(k) or torch.zeros(3, 7, 5))
+    fused(x)
+    assert calls and calls[0]["impl"] == "fused"
 
 
 def test_state_dict_names_are_recognisable():

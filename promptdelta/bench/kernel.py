@@ -1,0 +1,181 @@
+"""Micro-benchmark of the fused LoRA kernels: ``promptdelta bench kernel``.
+
+Times, side by side in one run, the frozen linear layer, plain LoRA, fused LoRA (forward+backward and
+forward only), merged inference and the multi-adapter forward, then a MiniLM LoRA training step with the
+fused against the plain path. Variants are interleaved (each round times every variant once with
+``torch.utils.benchmark.Timer``), so load from other processes hits them alike; the table gives the median
+time and the median of the per-round ratios to the frozen layer, with their interquartile spread as noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.benchmark import Timer
+
+from promptdelta.kernels import lora_linear, lora_linear_multi, merged_weight
+
+logger = logging.getLogger(__name__)
+
+CPU_SHAPES = [(2048, 768, 768, 8), (512, 1024, 1024, 16)]           # (M, K, N, r), fp32
+GPU_SHAPES = CPU_SHAPES + [(4096, 4096, 4096, 16)]
+QUICK_SHAPES = [(256, 128, 96, 8)]
+N_ADAPTERS = 4
+
+
+@dataclass
+class Timing:
+    """Per-round seconds of one variant and of the variant its ratio is taken against."""
+
+    name: str
+    base: str
+    times: list[float]
+
+
+def _operands(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: str) -> dict:
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen) * std).to(device=device, dtype=dtype)
+
+    ops = {"x": rand(m, k).requires_grad_(), "w": rand(n, k, std=k ** -0.5), "b": rand(n),
+           "a": rand(r, k, std=k ** -0.5).requires_grad_(), "bb": rand(n, r, std=0.1).requires_grad_(),
+           "g": rand(m, n), "a_stack": rand(N_ADAPTERS, r, k, std=k ** -0.5),
+           "b_stack": rand(N_ADAPTERS, n, r, std=0.1)}
+    ops["merged"] = merged_weight(ops["w"], ops["a"].detach(), ops["bb"].detach(), 2.0)
+    ops["ids"] = torch.randint(-1, N_ADAPTERS, (m,), generator=gen).to(device)
+    return ops
+
+
+def _layer_variants(o: dict) -> dict[str, tuple[Callable[[], object], str]]:
+    """name -> (callable, name of the variant its ratio is taken against)."""
+    x, w, b, a, bb, g = o["x"], o["w"], o["b"], o["a"], o["bb"], o["g"]
+
+    def train_step(impl: str | None) -> Callable[[], object]:
+        if impl is None:
+            return lambda: torch.autograd.grad(F.linear(x, w, b), [x], g)
+        return lambda: torch.autograd.grad(lora_linear(x, w, b, a, bb, 2.0, impl=impl), [x, a, bb], g)
+
+    def infer(fn: Callable[[], object]) -> Callable[[], object]:
+        def run():
+            with torch.no_grad():
+                return fn()
+        return run
+
+    xd = x.detach()
+    return {
+        "frozen linear  fwd+bwd": (train_step(None), "frozen linear  fwd+bwd"),
+        "plain LoRA     fwd+bwd": (train_step("plain"), "frozen linear  fwd+bwd"),
+        "fused LoRA     fwd+bwd": (train_step("fused"), "frozen linear  fwd+bwd"),
+        "frozen linear  fwd": (infer(lambda: F.linear(xd, w, b)), "frozen linear  fwd"),
+        "plain LoRA     fwd": (infer(lambda: lora_linear(xd, w, b, a, bb, 2.0, impl="plain")), "frozen linear  fwd"),
+        "fused LoRA     fwd": (infer(lambda: lora_linear(xd, w, b, a, bb, 2.0, impl="fused")), "frozen linear  fwd"),
+        "merged LoRA    fwd": (infer(lambda: F.linear(xd, o["merged"], b)), "frozen linear  fwd"),
+        f"multi-adapter  fwd (L={N_ADAPTERS})": (
+            infer(lambda: lora_linear_multi(xd, w, b, o["a_stack"], o["b_stack"], 2.0, o["ids"])),
+            "fused LoRA     fwd"),
+    }
+
+
+def _time_interleaved(fns: dict[str, tuple[Callable[[], object], str]], repeats: int,
+                      target_s: float) -> list[Timing]:
+    """Each round times every variant once (Timer.timeit with ~target_s of work); returns per-round times."""
+    numbers = {}
+    for name, (fn, _) in fns.items():
+        fn()                                                                   # warm-up (and autotune)
+        once = Timer("fn()", globals={"fn": fn}).timeit(1).median
+        numbers[name] = max(1, int(target_s / max(once, 1e-6)))
+    out = {name: Timing(name, base, []) for name, (_, base) in fns.items()}
+    for _ in range(repeats):
+        for name, (fn, _) in fns.items():
+            out[name].times.append(Timer("fn()", globals={"fn": fn}).timeit(numbers[name]).median)
+    return list(out.values())
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def _format(title: str, timings: list[Timing]) -> list[str]:
+    by_name = {t.name: t for t in timings}
+    lines = [title, f"  {'variant':34s} {'median ms':>10s} {'ratio':>7s} {'IQR of ratio':>15s}"]
+    for t in timings:
+        ratios = [a / b for a, b in zip(t.times, by_name[t.base].times)]
+        q1, q2, q3 = _quartiles(ratios)
+        ref = "" if t.base == t.name else f"  (vs {t.base.split()[0]} {t.base.split()[1]} {t.base.split()[-1]})"
+        lines.append(f"  {t.name:34s} {statistics.median(t.times) * 1e3:10.3f} {q2:7.3f} "
+                     f"{q1:7.3f}-{q3:<7.3f}{ref}")
+    return lines
+
+
+def _minilm_lines(device: str, repeats: int, quick: bool) -> list[str]:
+    """MiniLM (q, v LoRA r=8) training step, fused vs plain; skipped with a note when unsupported."""
+    title = "MiniLM LoRA training step (B=16, T=128, r=8 on q_proj/v_proj), fused vs plain"
+    if quick:
+        return [title, "  skipped in --quick mode"]
+    try:
+        from promptdelta.backbones.loading import load_backbone
+        from promptdelta.deltas import attach
+        from promptdelta.deltas.lora import LoRALinear
+    except ImportError as exc:
+        return [title, f"  skipped: the LoRA delta is unavailable ({exc})"]
+    if not isinstance(getattr(LoRALinear, "impl", None), str):
+        return [title, "  skipped: LoRALinear has no `impl` switch ('plain' | 'fused') yet"]
+    model, _ = load_backbone("minilm")
+    model.to(device).train()
+    attach(model, "lora", targets=["q_proj", "v_proj"], r=8, alpha=16)
+    wrappers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    ids = torch.randint(1000, 20000, (16, 128), device=device)
+
+    def step(impl: str) -> Callable[[], None]:
+        def run():
+            for m in wrappers:
+                m.impl = impl
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids).last_hidden_state.float().pow(2).mean().backward()
+        return run
+
+    fns = {"plain LoRA step": (step("plain"), "plain LoRA step"), "fused LoRA step": (step("fused"), "plain LoRA step")}
+    return _format(title, _time_interleaved(fns, repeats, 0.3))
+
+
+def run_kernel_bench(device: str = "cpu", repeats: int = 9, quick: bool = False) -> str:
+    """Run the kernel benchmark and return the table as text (also logged)."""
+    torch.manual_seed(0)
+    cuda = device.startswith("cuda")
+    shapes = QUICK_SHAPES if quick else (GPU_SHAPES if cuda else CPU_SHAPES)
+    repeats = min(repeats, 3) if quick else repeats
+    lines = [f"LoRA kernel benchmark on {device} ({torch.get_num_threads()} threads, {repeats} interleaved rounds)"]
+    for m, k, n, r in shapes:
+        dtype = torch.bfloat16 if cuda and k >= 4096 else torch.float32
+        ops = _operands(m, k, n, r, dtype, device)
+        title = f"M={m} K={k} N={n} r={r} {str(dtype).replace('torch.', '')}"
+        lines += _format(title, _time_interleaved(_layer_variants(ops), repeats, 0.02 if quick else 0.2))
+    lines += _minilm_lines(device, repeats, quick)
+    table = "\n".join(lines)
+    logger.info("%s", table)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``promptdelta bench kernel [--device cpu|cuda] [--repeats N] [--quick]``."""
+    parser = argparse.ArgumentParser(prog="promptdelta bench kernel", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved rounds (medians over them)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds (a smoke test)")
+    args = parser.parse_args(argv)
+    print(run_kernel_bench(args.device, args.repeats, args.quick))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""Dispatch choices and the documented errors (each message names the fix)."""
+
+import pytest
+import torch
+
+from promptdelta.errors import ConfigError, DeltaError
+from promptdelta.kernels import cpu, lora_linear
+
+
+def _ops():
+    return torch.randn(5, 4), torch.randn(6, 4), torch.randn(6), torch.randn(2, 4), torch.randn(6, 2)
+
+
+@pytest.mark.parametrize("impl", ["auto", "fused", "cpu"])
+def test_cpu_tensors_use_the_fused_autograd_function(impl, monkeypatch):
+    calls = []
+    real = cpu.FusedLoRAFunction.apply
+    monkeypatch.setattr(cpu.FusedLoRAFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    lora_linear(*_ops(), 1.0, impl=impl)
+    assert calls == [1]
+
+
+def test_plain_does_not_use_the_fused_function(monkeypatch):
+    monkeypatch.setattr(cpu.FusedLoRAFunction, "apply", lambda *a: pytest.fail("fused path used"))
+    lora_linear(*_ops(), 1.0, impl="plain")
+
+
+@pytest.mark.parametrize("index,bad,match", [
+    (1, torch.randn(6, 3), r"pass weight \(N, 4\)"),
+    (2, torch.randn(5), r"pass bias \(6,\) or None"),
+    (3, torch.randn(2, 3), r"pass lora_a \(r, 4\)"),
+    (4, torch.randn(6, 3), r"pass lora_b \(6, 2\)"),
+    (4, torch.randn(6, 2, dtype=torch.float64), r"move it with \.to\(x\.device, x\.dtype\)"),
+])
+def test_operand_mismatch_raises_delta_error(index, bad, match):
+    ops = list(_ops())
+    ops[index] = bad
+    with pytest.raises(DeltaError, match=match):
+        lora_linear(*ops, 1.0)
+
+
+def test_unknown_impl_raises_config_error():
+    with pytest.raises(ConfigError, match="use one of auto, fused, plain, triton, cpu"):
+        lora_linear(*_ops(), 1.0, impl="cuda")
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0])
+def test_bad_dropout_raises_config_error(p):
+    with pytest.raises(ConfigError, match="outside \\[0, 1\\); pass a LoRA dropout"):
+        lora_linear(*_ops(), 1.0, dropout_p=p, training=True)
+
+
+def test_triton_on_cpu_without_interpreter_names_the_fix(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(DeltaError, match="needs CUDA tensors.*use impl='auto'"):
+        lora_linear(*_ops(), 1.0, impl="triton")
