@@ -44,12 +44,19 @@ def _add_run(sub) -> None:
     p.add_argument("--no-progress", action="store_false", dest="train.progress", default=None)
 
 
+BENCHES = {
+    "kernel": "frozen linear vs plain LoRA vs fused LoRA vs merged, side by side",
+    "backbone": "native backbones vs transformers with the same weights, forward and forward+backward",
+    "data": "template wrapping + tokenisation throughput",
+    "deltas": "one training step per delta method: trainable params, step time, peak memory",
+}
+
+
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: kernel (fused LoRA), ...")
-    bsub = p.add_subparsers(dest="bench_cmd", required=True)
-    k = bsub.add_parser("kernel", help="frozen linear vs plain LoRA vs fused LoRA vs merged, side by side")
-    k.add_argument("--device", default="cpu")
-    k.add_argument("--quick", action="store_true", help="fewer repeats and sizes (smoke run)")
+    p = sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHES),
+                       description="\n".join(f"{k}: {v}" for k, v in BENCHES.items()))
+    p.add_argument("bench_cmd", choices=sorted(BENCHES), help="which benchmark")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="its own options (see --help of each)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -76,12 +83,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.bench_cmd == "kernel":
-        from promptdelta.bench.kernel import run_kernel_bench
+    import importlib
 
-        print(run_kernel_bench(device=args.device, quick=args.quick))
-        return 0
-    raise SystemExit(f"unknown bench command {args.bench_cmd!r}")
+    try:
+        module = importlib.import_module(f"promptdelta.bench.{args.bench_cmd}")
+    except ModuleNotFoundError as e:
+        if e.name != f"promptdelta.bench.{args.bench_cmd}":
+            raise
+        print(f"error: the {args.bench_cmd} benchmark is not part of this version of promptdelta",
+              file=sys.stderr)
+        return 2
+    return int(module.main(args.bench_args) or 0)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

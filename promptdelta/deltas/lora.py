@@ -71,6 +71,8 @@ class LoRALinear(DeltaWrapper):
         fan_in_fan_out: ``base.weight`` is stored as (in, out) (true for Conv1D).
     """
 
+    impl: str = "fused"   # class default; each instance sets its own from LoRAConfig.impl
+
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  fan_in_fan_out: bool = False, impl: str = "fused") -> None:
         super().__init__()

@@ -1,0 +1,1 @@
+"""Benchmarks: `promptdelta bench kernel | backbone | data | deltas`."""
