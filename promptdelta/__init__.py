@@ -13,14 +13,17 @@ from promptdelta.config import RunConfig
 from promptdelta.deltas import DeltaHandle, attach, deltas_of, load_delta
 from promptdelta.errors import (BackboneError, CheckpointError, ConfigError, DataError, DeltaError,
                                 MissingFileError, PromptDeltaError, TemplateError, VerbalizerError)
-from promptdelta.prompts import (ManualTemplate, ManualVerbalizer, PromptForClassification, SoftVerbalizer,
-                                 Template, Verbalizer)
+from promptdelta.prompts import (KnowledgeableVerbalizer, ManualTemplate, ManualVerbalizer, MixedTemplate,
+                                 MultiMaskVerbalizer, PromptForClassification, PromptForGeneration,
+                                 ProtoVerbalizer, PtuningTemplate, SoftTemplate, SoftVerbalizer, Template,
+                                 Verbalizer)
 from promptdelta.train import Trainer, TrainConfig
 
 __all__ = [
     "__version__", "data", "load_backbone", "attach", "load_delta", "deltas_of", "DeltaHandle",
-    "ManualTemplate", "Template", "ManualVerbalizer", "SoftVerbalizer", "Verbalizer",
-    "PromptForClassification", "Trainer", "TrainConfig", "RunConfig",
+    "ManualTemplate", "MixedTemplate", "SoftTemplate", "PtuningTemplate", "Template", "ManualVerbalizer",
+    "SoftVerbalizer", "KnowledgeableVerbalizer", "ProtoVerbalizer", "MultiMaskVerbalizer", "Verbalizer",
+    "PromptForClassification", "PromptForGeneration", "Trainer", "TrainConfig", "RunConfig",
     "PromptDeltaError", "ConfigError", "TemplateError", "VerbalizerError", "DeltaError", "CheckpointError",
     "DataError", "BackboneError", "MissingFileError",
 ]

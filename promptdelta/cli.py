@@ -29,7 +29,8 @@ def _add_run(sub) -> None:
     p.add_argument("--data", help="data folder (train/dev/test.jsonl + labels.txt), CSV, or builtin:demo")
     p.add_argument("--template", help="template text or template file")
     p.add_argument("--template-choice", type=int, dest="template_choice")
-    p.add_argument("--verbalizer", choices=["manual", "soft"])
+    p.add_argument("--template-type", dest="template_type", choices=["manual", "mixed", "soft", "ptuning"])
+    p.add_argument("--verbalizer", choices=["manual", "soft", "proto", "kpt"])
     p.add_argument("--label-words", dest="label_words", help="verbalizer file (OpenPrompt format)")
     p.add_argument("--delta", help="delta method (lora, bitfit) or none (full fine-tuning)")
     p.add_argument("--shots", type=int, help="k examples per class for train and for dev")
@@ -64,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from promptdelta.run import run
 
     config = RunConfig.from_yaml(args.config) if args.config else RunConfig()
-    keys = ["name", "backbone", "data", "template", "template_choice", "verbalizer", "label_words", "shots",
+    keys = ["name", "backbone", "data", "template", "template_choice", "template_type", "verbalizer", "label_words", "shots",
             "seeds", "max_length", "output_dir", "train.lr", "train.epochs", "train.max_steps",
             "train.batch_size", "train.device", "train.progress"]
     overrides = {k: getattr(args, k) for k in keys}

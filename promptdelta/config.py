@@ -17,7 +17,8 @@ from promptdelta.train.trainer import TrainConfig
 
 DEFAULT_TEMPLATE = '{"placeholder":"text_a","shortenable":true} It was {"mask"}.'
 DEFAULT_SEEDS = [13, 21, 42, 87, 100]
-VERBALIZERS = ("manual", "soft")
+VERBALIZERS = ("manual", "soft", "proto", "kpt")
+TEMPLATES = ("manual", "mixed", "soft", "ptuning")
 
 
 def _default_delta() -> dict[str, Any]:
@@ -33,7 +34,10 @@ class RunConfig:
     data: str = "builtin:demo"                   # data folder, CSV, datasets folder/name, builtin:demo
     template: str = DEFAULT_TEMPLATE             # template text, or a path to a template file
     template_choice: int = 0                     # line of the template file
-    verbalizer: str = "soft"                     # "manual" or "soft"
+    template_type: str = "manual"                # manual | mixed | soft (prompt tuning) | ptuning
+    template_options: dict = field(default_factory=dict)   # e.g. {num_tokens: 20} or {prompt_encoder: mlp}
+    verbalizer: str = "soft"                     # manual | soft | proto | kpt
+    verbalizer_options: dict = field(default_factory=dict) # e.g. {proto_dim: 128} for proto
     label_words: Any = None                      # {class: [words]}, [[words] per class], a file, or None
     multi_token_handler: str = "first"           # manual verbalizer: first | mean | max
     delta: Any = field(default_factory=_default_delta)   # {method: lora|bitfit, targets, ...} or "none"
@@ -55,6 +59,8 @@ class RunConfig:
                                   f"e.g. {{method: lora, r: 8}}; got {self.delta!r}")
         if self.verbalizer not in VERBALIZERS:
             raise ConfigError(f"verbalizer={self.verbalizer!r} is unknown; choose one of {list(VERBALIZERS)}")
+        if self.template_type not in TEMPLATES:
+            raise ConfigError(f"template_type={self.template_type!r} is unknown; choose one of {list(TEMPLATES)}")
         if self.multi_token_handler not in ("first", "mean", "max"):
             raise ConfigError(f"multi_token_handler={self.multi_token_handler!r}; choose first, mean or max")
         if self.shots is not None and self.shots < 1:

@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from promptdelta.config import RunConfig
+from promptdelta.errors import ConfigError
 from promptdelta.utils.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from promptdelta.utils.seed import seed_everything
 
@@ -41,16 +42,45 @@ def default_label_words(classes: list[str]) -> list[list[str]]:
     return [[re.split(r"[^0-9a-zA-Z]+", c.strip())[0].lower() or c] for c in classes]
 
 
-def build_template(config: RunConfig, tokenizer):
-    from promptdelta.prompts import ManualTemplate
+def _options(kind: str, cls, options: dict[str, Any]) -> dict[str, Any]:
+    """Check template/verbalizer options against the class's signature; unknown keys are named."""
+    import inspect
 
+    valid = set(inspect.signature(cls).parameters) - {"text", "tokenizer", "backbone", "classes", "label_words"}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise ConfigError(f"unknown {kind} option(s) {unknown} for {cls.__name__}; valid: {sorted(valid)}")
+    return dict(options)
+
+
+def build_template(config: RunConfig, tokenizer, backbone=None):
+    """The template of ``config.template_type`` from inline text or a template file."""
+    from promptdelta.prompts import ManualTemplate, MixedTemplate, PtuningTemplate, SoftTemplate
+
+    cls = {"manual": ManualTemplate, "mixed": MixedTemplate, "soft": SoftTemplate,
+           "ptuning": PtuningTemplate}[config.template_type]
+    kw = _options("template", cls, config.template_options)
+    if cls is not ManualTemplate:
+        kw["backbone"] = backbone
     if Path(config.template).suffix in (".txt", ".tpl") or Path(config.template).is_file():
-        return ManualTemplate.from_file(config.template, choice=config.template_choice, tokenizer=tokenizer)
-    return ManualTemplate(config.template, tokenizer=tokenizer)
+        return cls.from_file(config.template, choice=config.template_choice, tokenizer=tokenizer, **kw)
+    return cls(config.template, tokenizer=tokenizer, **kw)
 
 
 def build_verbalizer(config: RunConfig, tokenizer, classes: list[str], backbone):
-    from promptdelta.prompts import ManualVerbalizer, SoftVerbalizer
+    """The verbalizer of ``config.verbalizer``; label words from the config, a file, or the class names."""
+    from promptdelta.prompts import KnowledgeableVerbalizer, ManualVerbalizer, ProtoVerbalizer, SoftVerbalizer
+
+    opts = config.verbalizer_options
+    if config.verbalizer == "kpt":
+        kw = _options("verbalizer", KnowledgeableVerbalizer, opts)
+        if isinstance(config.label_words, str):
+            return KnowledgeableVerbalizer.from_file(config.label_words, tokenizer=tokenizer, classes=classes, **kw)
+        return KnowledgeableVerbalizer(tokenizer, classes=classes,
+                                       label_words=config.label_words or default_label_words(classes), **kw)
+    if config.verbalizer == "proto":
+        kw = _options("verbalizer", ProtoVerbalizer, opts)
+        return ProtoVerbalizer(classes, hidden_size=backbone.config.hidden_size, **kw)
 
     words = config.label_words
     if isinstance(words, str):  # a verbalizer file
@@ -98,7 +128,7 @@ def run_one_seed(config: RunConfig, base_model, tokenizer, seed: int, run_dir: P
     train, dev, test = pdata.load(config.data, shots=config.shots, seed=seed)
     seed_everything(seed)
     model = copy.deepcopy(base_model)
-    template = build_template(config, tokenizer)
+    template = build_template(config, tokenizer, model)
     verbalizer = build_verbalizer(config, tokenizer, list(train.classes), model)
     handle = None
     if config.delta:

@@ -288,7 +288,7 @@ class T5MLP(nn.Module):
         else:
             h = F.gelu(self.gate(x), approximate="tanh") * self.fc1(x)  # (B, T, F)
         h = self.dropout(h)
-        return self.fc2(h.to(self.fc2.weight.dtype))  # (B, T, D)
+        return self.fc2(h)  # (B, T, D); fc2 may be wrapped by a delta, so no .weight is read here
 
 
 class T5Block(nn.Module):

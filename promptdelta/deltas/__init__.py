@@ -14,10 +14,18 @@ from promptdelta.deltas.base import (
     model_fingerprint,
     register_delta,
 )
-from promptdelta.deltas.bitfit import BitFit, BitFitConfig
+from promptdelta.deltas.bitfit import AddedBias, BitFit, BitFitConfig
 from promptdelta.deltas.lora import LoRA, LoRAConfig, LoRALinear
+from promptdelta.deltas.adapter import Adapter, AdapterConfig, AdapterWrapper, Bottleneck
+from promptdelta.deltas.prefix import PrefixConfig, PrefixTuning, prefix_kv
+from promptdelta.deltas.intrinsic import Fastfood, Intrinsic, IntrinsicConfig, IntrinsicWrapper, fwht
+from promptdelta.deltas.ladder import Ladder, LadderConfig, MemoryReport, SideNetwork, measure_training_memory
 
 __all__ = [
     "attach", "load_delta", "deltas_of", "DeltaHandle", "DeltaMethod", "DeltaWrapper", "register_delta",
     "model_fingerprint", "LoRA", "LoRAConfig", "LoRALinear", "BitFit", "BitFitConfig",
 ]
+__all__ += ["Intrinsic", "IntrinsicConfig", "IntrinsicWrapper", "Fastfood", "fwht",
+            "Ladder", "LadderConfig", "SideNetwork", "MemoryReport", "measure_training_memory"]
+__all__ += ["AddedBias", "Adapter", "AdapterConfig", "AdapterWrapper", "Bottleneck", "PrefixConfig", "PrefixTuning",
+            "prefix_kv"]

@@ -18,18 +18,14 @@ import torch
 from torch import nn
 
 from promptdelta.errors import MissingFileError, TemplateError
-from promptdelta.prompts.dsl import Piece, parse_template
+from promptdelta.prompts.dsl import POST_PROCESSING, Piece, parse_template
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_POST_PROCESSING: dict[str, Callable[[str], str]] = {
-    "strip": str.strip,
-    "lower": str.lower,
-    "strip_period": lambda s: s.strip("."),          # OpenPrompt's common `lambda x: x.strip('.')`
-    "rstrip_punct": lambda s: s.rstrip(".!?,;: "),
-}
+# the safe named operations live in dsl.py (with the OpenPrompt lambda texts they stand for)
+BUILTIN_POST_PROCESSING: dict[str, Callable[[str], str]] = POST_PROCESSING
 _TOKENISED_KINDS = ("text", "placeholder", "meta")
-_UNSUPPORTED = "soft tokens, duplicate and same are not supported by ManualTemplate yet"
+_UNSUPPORTED = "soft tokens (soft, duplicate, same) need MixedTemplate, not ManualTemplate"
 
 
 @dataclass
@@ -47,16 +43,16 @@ class Template(nn.Module):
 
     pieces: list[Piece]
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, kind: str | None = None) -> None:
         super().__init__()
         if tokenizer is None:
             raise TemplateError("a template needs a tokenizer; pass tokenizer=... (the one returned by "
                                 "pd.load_backbone)")
-        if getattr(tokenizer, "mask_token_id", None) is None:
-            raise TemplateError(f"tokenizer {type(tokenizer).__name__} has no mask token; prompt templates "
-                                f"need a masked-LM tokenizer (BERT/RoBERTa family)")
         self.tokenizer = tokenizer
-        self._prefix, self._suffix = _special_frame(tokenizer)
+        # family hook: how the mask is written depends on the backbone kind (see "Backbone kinds" below)
+        self.kind = infer_kind(tokenizer) if kind is None else check_kind(kind, tokenizer)
+        self.mask_token, self._mask_ids = _mask_for_kind(tokenizer, self.kind)
+        self._prefix, self._suffix = _special_frame(tokenizer, self.kind, self.mask_token)
 
     @property
     def num_special_tokens(self) -> int:
@@ -65,6 +61,12 @@ class Template(nn.Module):
     def wrap(self, example: Any) -> list[tuple[str, Piece]]:
         """The text of every piece for one example (mask as the mask token string)."""
         raise NotImplementedError
+
+    def soft_markers(self, piece: Piece) -> list[int]:
+        """Marker ids ``-1 - slot`` reserving a soft piece's positions (soft templates override this);
+        tokenize() turns them into ``soft_pos``/``soft_ids`` (B, S) and a pad id."""
+        raise TemplateError(f"{type(self).__name__} has no soft tokens (column {piece.column}); use "
+                            f"MixedTemplate, SoftTemplate or PtuningTemplate for soft pieces")
 
     def process_embeds(self, inputs_embeds: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Hook for soft tokens; identity here. (B, T, H) -> (B, T, H)."""
@@ -87,6 +89,7 @@ class Template(nn.Module):
             ids.append(row)
             mask_pos.append(masks)
         batch = self._pad(ids)
+        batch.update(_take_soft_slots(batch["input_ids"], self.tokenizer.pad_token_id or 0))  # soft hook
         batch["mask_pos"] = torch.tensor(mask_pos, dtype=torch.long)          # (B, n_masks)
         labels = [getattr(e, "label", None) for e in examples]
         if all(label is not None for label in labels):
@@ -103,8 +106,10 @@ class Template(nn.Module):
             for text, piece in row:
                 if piece.kind in _TOKENISED_KINDS:
                     segments.append(_Segment(list(next(encoded)), piece.shortenable))
+                elif piece.kind == "soft":  # soft hook: marker ids, replaced in tokenize()
+                    segments.append(_Segment(self.soft_markers(piece), False))
                 elif piece.kind == "mask":
-                    segments.append(_Segment([self.tokenizer.mask_token_id], False, is_mask=True))
+                    segments.append(_Segment(list(self._mask_ids), False, is_mask=True))
                 else:  # special
                     segments.append(_Segment([self.tokenizer.convert_tokens_to_ids(text)], False))
             rows.append(segments)
@@ -115,7 +120,7 @@ class Template(nn.Module):
         ids, masks = list(self._prefix), []
         for seg in segments:
             if seg.is_mask:
-                masks.append(len(ids))
+                masks.append(_mask_position(len(ids), self.kind))
             ids.extend(seg.ids)
         ids.extend(self._suffix)
         return ids, masks
@@ -142,13 +147,17 @@ class ManualTemplate(Template):
         tokenizer: the backbone's HF tokenizer.
         post_processing: extra named functions for ``{"post_processing": "name"}`` pieces (the name may
             be the exact lambda text of an OpenPrompt file; it is looked up, never evaluated).
+        kind: "mlm", "clm" or "seq2seq" (the backbone's ``model.kind``); None guesses it from the
+            tokenizer (mask token -> mlm, ``<extra_id_0>`` -> seq2seq, else clm).
     """
 
     def __init__(self, text: str, tokenizer: Any,
-                 post_processing: Mapping[str, Callable[[str], str]] | None = None) -> None:
-        super().__init__(tokenizer)
+                 post_processing: Mapping[str, Callable[[str], str]] | None = None,
+                 kind: str | None = None) -> None:
+        super().__init__(tokenizer, kind=kind)
         self.text = text
         self.pieces = parse_template(text)
+        check_mask_placement(self.pieces, self.kind, text)
         self.post_processing = {**BUILTIN_POST_PROCESSING, **(post_processing or {})}
         self._specials = {i: self._resolve_special(p) for i, p in enumerate(self.pieces)
                           if p.kind == "special"}
@@ -157,7 +166,8 @@ class ManualTemplate(Template):
 
     @classmethod
     def from_file(cls, path: str | Path, choice: int = 0, tokenizer: Any = None,
-                  post_processing: Mapping[str, Callable[[str], str]] | None = None) -> ManualTemplate:
+                  post_processing: Mapping[str, Callable[[str], str]] | None = None,
+                  kind: str | None = None) -> ManualTemplate:
         """Load template number ``choice`` from an OpenPrompt template file (one per line)."""
         path = Path(path)
         if not path.is_file():
@@ -167,14 +177,14 @@ class ManualTemplate(Template):
         if not 0 <= choice < len(lines):
             raise TemplateError(f"choice={choice} but {str(path)!r} has {len(lines)} template(s); pass "
                                 f"choice in 0..{len(lines) - 1}")
-        return cls(lines[choice], tokenizer=tokenizer, post_processing=post_processing)
+        return cls(lines[choice], tokenizer=tokenizer, post_processing=post_processing, kind=kind)
 
     def wrap(self, example: Any) -> list[tuple[str, Piece]]:
         """[(text, piece)] for one example; text carries a leading space where the template has one."""
         out = []
         for i, piece in enumerate(self.pieces):
             if piece.kind == "mask":
-                out.append((self.tokenizer.mask_token, piece))
+                out.append((self.mask_token, piece))
             elif piece.kind == "special":
                 out.append((self._specials[i], piece))
             else:
@@ -238,18 +248,16 @@ def _meta_text(example: Any, key: str) -> str:
     return str(meta[key]).strip()
 
 
-def _special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The special ids the tokenizer puts before and after a single sequence ([CLS] / [SEP])."""
-    mask_id = tokenizer.mask_token_id
-    build = getattr(tokenizer, "build_inputs_with_special_tokens", None)
-    try:
-        framed = list(build([mask_id])) if callable(build) else None
-    except (AttributeError, NotImplementedError):
-        framed = None
-    if framed is None:  # transformers 5 fast tokenizers: let the post-processor frame the mask token
-        framed = list(tokenizer(tokenizer.mask_token, add_special_tokens=True)["input_ids"])
-    at = framed.index(mask_id)
-    return framed[:at], framed[at + 1:]
+def _take_soft_slots(input_ids: torch.Tensor, fill_id: int) -> dict[str, torch.Tensor]:
+    """Soft hook: negative marker ids (-1 - slot) -> soft_pos, soft_ids (B, S); markers become fill_id."""
+    is_soft = input_ids < 0                                                     # (B, T)
+    if not bool(is_soft.any()):
+        return {}
+    b = input_ids.shape[0]
+    soft_pos = is_soft.nonzero()[:, 1].reshape(b, -1)                           # (B, S), same S per row
+    soft_ids = (-1 - input_ids[is_soft]).reshape(b, -1)                         # (B, S)
+    input_ids[is_soft] = fill_id
+    return {"soft_pos": soft_pos, "soft_ids": soft_ids}
 
 
 def _truncate(segments: list[_Segment], budget: int, max_length: int, n_special: int) -> None:
@@ -267,3 +275,95 @@ def _truncate(segments: list[_Segment], budget: int, max_length: int, n_special:
         cut = min(excess, max(1, len(longest.ids) - runner_up))
         del longest.ids[len(longest.ids) - cut:]
         excess -= cut
+
+
+# --- Backbone kinds (family hook) ---------------------------------------------------------------------
+# mlm:     the mask is the tokenizer's mask token, anywhere; mask_pos points at it.
+# clm:     the mask takes no token and must end the template; mask_pos points at the last token before it,
+#          whose next-token output predicts the label word (GPT-2 has no mask token).
+# seq2seq: the mask is the T5 sentinel <extra_id_0> in the encoder input; mask_pos points at the sentinel
+#          (label words are scored in the decoder after it, see PromptForClassification).
+KINDS = ("mlm", "clm", "seq2seq")
+SENTINEL = "<extra_id_0>"
+
+
+def _token_id(tokenizer: Any, token: str) -> int | None:
+    """The id of a single token string, or None when the tokenizer does not know it."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return None if tid is None or (tid == unk and token != getattr(tokenizer, "unk_token", None)) else tid
+
+
+def infer_kind(tokenizer: Any) -> str:
+    """Guess the backbone kind from the tokenizer: a mask token -> mlm, a T5 sentinel -> seq2seq, else clm."""
+    if getattr(tokenizer, "mask_token_id", None) is not None:
+        return "mlm"
+    return "seq2seq" if _token_id(tokenizer, SENTINEL) is not None else "clm"
+
+
+def check_kind(kind: str, tokenizer: Any) -> str:
+    """Validate an explicit kind against the tokenizer."""
+    if kind not in KINDS:
+        raise TemplateError(f"kind={kind!r} is unknown; use one of {', '.join(KINDS)} (the backbone's "
+                            f"model.kind)")
+    if kind == "mlm" and getattr(tokenizer, "mask_token_id", None) is None:
+        raise TemplateError(f"tokenizer {type(tokenizer).__name__} has no mask token, so kind='mlm' cannot "
+                            f"work; pass kind='clm' for a causal LM (GPT-2) or kind='seq2seq' for T5")
+    if kind == "seq2seq" and _token_id(tokenizer, SENTINEL) is None:
+        raise TemplateError(f"tokenizer {type(tokenizer).__name__} has no {SENTINEL} sentinel, so "
+                            f"kind='seq2seq' cannot work; use the T5 tokenizer of the checkpoint")
+    return kind
+
+
+def _mask_for_kind(tokenizer: Any, kind: str) -> tuple[str, list[int]]:
+    """(mask text shown by wrap, token ids the mask occupies) for a kind."""
+    if kind == "mlm":
+        return tokenizer.mask_token, [tokenizer.mask_token_id]
+    if kind == "seq2seq":
+        return SENTINEL, [_token_id(tokenizer, SENTINEL)]
+    return "", []
+
+
+def _mask_position(n_before: int, kind: str) -> int:
+    """Index that mask_pos records for a mask placed after ``n_before`` tokens."""
+    if kind != "clm":
+        return n_before
+    if n_before == 0:
+        raise TemplateError("a causal-LM template needs at least one token before the mask (its next-token "
+                            "output predicts the label word); put text or a placeholder before {\"mask\"}")
+    return n_before - 1
+
+
+def check_mask_placement(pieces: Sequence[Piece], kind: str, text: str) -> None:
+    """A causal LM predicts the next token only: its template must end with its one mask."""
+    if kind != "clm":
+        return
+    masks = [i for i, p in enumerate(pieces) if p.kind == "mask"]
+    if len(masks) != 1 or masks[0] != len(pieces) - 1:
+        raise TemplateError(f"template {text!r} is for a causal LM (GPT-2), which predicts only the next "
+                            f"token: it needs exactly one {{\"mask\"}} and it must be the last piece; move the "
+                            f"text after the mask before it, e.g. '{{\"placeholder\":\"text_a\"}} It was "
+                            f"{{\"mask\"}}'")
+
+
+def _special_frame(tokenizer: Any, kind: str = "mlm", mask_token: str | None = None
+                   ) -> tuple[list[int], list[int]]:
+    """The special ids the tokenizer puts before and after a single sequence ([CLS] / [SEP], </s>).
+
+    A causal LM keeps only the prefix (e.g. a BOS): nothing may follow the mask it predicts.
+    """
+    if kind == "clm":
+        plain = list(tokenizer(" x", add_special_tokens=False)["input_ids"])
+        framed = list(tokenizer(" x", add_special_tokens=True)["input_ids"])
+        at = next((i for i in range(len(framed)) if framed[i:i + len(plain)] == plain), 0)
+        return framed[:at], []
+    mask_id = _token_id(tokenizer, mask_token or tokenizer.mask_token)
+    build = getattr(tokenizer, "build_inputs_with_special_tokens", None)
+    try:
+        framed = list(build([mask_id])) if callable(build) else None
+    except (AttributeError, NotImplementedError):
+        framed = None
+    if framed is None:  # transformers 5 fast tokenizers: let the post-processor frame the mask token
+        framed = list(tokenizer(mask_token or tokenizer.mask_token, add_special_tokens=True)["input_ids"])
+    at = framed.index(mask_id)
+    return framed[:at], framed[at + 1:]

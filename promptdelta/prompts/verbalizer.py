@@ -9,16 +9,25 @@ as named steps, after OpenPrompt's ``ManualVerbalizer.process_logits``:
     calibrate (B, C, W) -> (B, C, W)            subtract a prior log p(word) when one is set
     aggregate (B, C, W) -> (B, C)               mean over the words of each class
 
+Templates with several masks: the model hands a verbalizer hidden (B, M, H) and logits (B, M, V). A
+one-mask verbalizer accepts M == 1 (squeezed) and raises VerbalizerError for M > 1. MultiMaskVerbalizer
+holds one verbalizer (one label-word set) per mask and sums their class scores (PTR, Han et al. 2021):
+
+    score(c) = sum_m weight_m * score_m(c)        with ManualVerbalizers: sum_m log p_m(word_m(c) | x)
+
+i.e. the masks are treated as independent given the input and their word probabilities multiply.
+
 SoftVerbalizer (WARP, Hambardzumyan et al. 2021) is a learnable head ``W h + b`` on the mask hidden
 state, with row c of W initialised from the mean input embedding of class c's label-word tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +49,29 @@ class Verbalizer(nn.Module):
         super().__init__()
         self.classes = [str(c) for c in classes]
 
+    num_masks = 1            # masks in the template this verbalizer scores (MultiMaskVerbalizer: several)
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def check_num_masks(self, n_masks: int) -> None:
+        """Raise VerbalizerError when the template's mask count differs from this verbalizer's."""
+        if n_masks != self.num_masks:
+            raise VerbalizerError(
+                f"the template has {n_masks} mask(s) but {type(self).__name__} scores {self.num_masks}; use a "
+                f"template with {self.num_masks} mask(s), or MultiMaskVerbalizer with one label-word set per "
+                f"mask (MultiMaskVerbalizer.from_label_words(tokenizer, classes, [words_mask1, ...]))")
+
+    def single_mask(self, hidden: torch.Tensor | None, logits: torch.Tensor | None
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Accept (B, H)/(B, V), or (B, 1, H)/(B, 1, V) squeezed; (B, M>1, ...) -> VerbalizerError."""
+        ref = logits if logits is not None else hidden
+        if ref is not None and ref.dim() == 3:
+            self.check_num_masks(ref.shape[1])
+            hidden = None if hidden is None else hidden[:, 0]
+            logits = None if logits is None else logits[:, 0]
+        return hidden, logits
 
     def process(self, hidden: torch.Tensor, logits: torch.Tensor | None, backbone: Any) -> torch.Tensor:
         """hidden (B, H), logits (B, V) or None -> label logits (B, C)."""
@@ -77,21 +106,33 @@ class ManualVerbalizer(Verbalizer):
     """
 
     def __init__(self, tokenizer: Any, classes: Sequence[str] | None = None, label_words: LabelWords = (),
-                 multi_token_handler: str = "first", prefix: str = " ") -> None:
+                 multi_token_handler: str = "first", prefix: str = " ",
+                 token_ids: Sequence[Sequence[Sequence[int]]] | None = None) -> None:
+        """``token_ids``: precomputed ids per class, word and sub-token (skips tokenisation and its
+        warnings; subclasses that filter words pass them)."""
         if multi_token_handler not in HANDLERS:
             raise VerbalizerError(f"multi_token_handler={multi_token_handler!r} is unknown; use one of "
                                   f"{', '.join(HANDLERS)}")
         classes, words = normalise_label_words(classes, label_words)
         super().__init__(classes)
-        self.label_words = words
         self.multi_token_handler = multi_token_handler
-        ids = [[tokenize_word(tokenizer, w, prefix) for w in ws] for ws in words]
-        token_ids, token_mask = _pack(ids)
-        self.register_buffer("token_ids", token_ids, persistent=False)      # (C, W, S)
-        self.register_buffer("token_mask", token_mask, persistent=False)    # (C, W, S) bool
-        self.register_buffer("word_mask", token_mask[..., 0], persistent=False)  # (C, W) bool
+        self.prefix = prefix
         self.calibration: torch.Tensor | None = None                        # (C, W) log p(word)
         self._logged_embedding_path = False
+        self._word_mode = False
+        if token_ids is None:
+            token_ids = [[tokenize_word(tokenizer, w, prefix) for w in ws] for ws in words]
+        self._set_words(words, [[list(t) for t in ws] for ws in token_ids])
+
+    def _set_words(self, words: list[list[str]], ids: list[list[list[int]]]) -> None:
+        """(Re)build the padded id buffers from the words of each class and their token ids."""
+        self.label_words = words
+        self.word_token_ids = ids
+        token_ids, token_mask = _pack(ids)
+        device = self.token_ids.device if hasattr(self, "token_ids") else None
+        self.register_buffer("token_ids", token_ids.to(device), persistent=False)       # (C, W, S)
+        self.register_buffer("token_mask", token_mask.to(device), persistent=False)     # (C, W, S) bool
+        self.register_buffer("word_mask", token_mask[..., 0].to(device), persistent=False)  # (C, W) bool
 
     @classmethod
     def from_file(cls, path: str | Path, tokenizer: Any = None, classes: Sequence[str] | None = None,
@@ -103,7 +144,7 @@ class ManualVerbalizer(Verbalizer):
         if not path.is_file():
             raise MissingFileError(f"verbalizer file {str(path)!r} does not exist; check the path")
         text = path.read_text(encoding="utf-8")
-        if path.suffix == ".json":
+        if path.suffix in (".json", ".jsonl"):
             label_words = _pick(_load_json_options(text, path), choice, path)
             classes = list(label_words) if classes is None else classes
         else:
@@ -118,8 +159,21 @@ class ManualVerbalizer(Verbalizer):
         """Set a prior log p(word) (C, W), e.g. the verbalizer's output on a content-free input."""
         self.calibration = None if log_probs is None else log_probs.detach()
 
+    @contextlib.contextmanager
+    def word_log_prob_mode(self) -> Iterator[None]:
+        """While active, calibrate() is the identity and aggregate() returns the uncalibrated word
+        log-probs flattened to (B, C*W): the model's forward then yields them (for priors, refinement)."""
+        self._word_mode = True
+        try:
+            yield
+        finally:
+            self._word_mode = False
+
     def process(self, hidden: torch.Tensor, logits: torch.Tensor | None, backbone: Any) -> torch.Tensor:
-        """hidden (B, H), logits (B, V) or None -> label logits (B, C) (mean log-prob of the words)."""
+        """hidden (B, H), logits (B, V) or None -> label logits (B, C) (mean log-prob of the words).
+
+        (B, 1, H)/(B, 1, V) from a one-mask template are accepted; more masks raise VerbalizerError."""
+        hidden, logits = self.single_mask(hidden, logits)
         scores = self.project(hidden, logits, backbone)        # (B, C, W, S)
         word_scores = self.reduce(scores)                      # (B, C, W)
         log_probs = self.normalise(word_scores)                # (B, C, W)
@@ -154,14 +208,20 @@ class ManualVerbalizer(Verbalizer):
 
     def calibrate(self, log_probs: torch.Tensor) -> torch.Tensor:
         """Divide by the prior p(word) when set (Zhao et al. 2021, contextual calibration), renormalise."""
-        if self.calibration is None:
+        if self.calibration is None or self._word_mode:
             return log_probs
         b, c, w = log_probs.shape
         shifted = (log_probs - self.calibration.to(log_probs)).masked_fill(~self.word_mask, float("-inf"))
         return shifted.reshape(b, c * w).log_softmax(-1).reshape(b, c, w)
 
     def aggregate(self, log_probs: torch.Tensor) -> torch.Tensor:
-        """Mean over the words of each class: (B, C, W) -> (B, C)."""
+        """Mean over the words of each class: (B, C, W) -> (B, C) (in word_log_prob_mode: (B, C*W))."""
+        if self._word_mode:
+            return log_probs.flatten(1)
+        return self.aggregate_words(log_probs)
+
+    def aggregate_words(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """(B, C, W) -> (B, C): the plain mean of each class's word log-probs (subclasses weight them)."""
         kept = log_probs.masked_fill(~self.word_mask, 0.0)
         return kept.sum(-1) / self.word_mask.sum(-1)
 
@@ -183,7 +243,51 @@ class SoftVerbalizer(Verbalizer):
             self.head.bias.zero_()
 
     def process(self, hidden: torch.Tensor, logits: torch.Tensor | None, backbone: Any) -> torch.Tensor:
+        hidden, _ = self.single_mask(hidden, logits)
         return self.head(hidden.to(self.head.weight.dtype))                   # (B, C)
+
+
+class MultiMaskVerbalizer(Verbalizer):
+    """One verbalizer per mask of the template; class scores are summed over masks (PTR, Han et al. 2021).
+
+    ``score(c) = sum_m weights[m] * verbalizers[m].process(hidden[:, m], logits[:, m])[c]``; with
+    ManualVerbalizers of one word per class that is ``log prod_m p(word_m(c) | mask m)``.
+    """
+
+    def __init__(self, verbalizers: Sequence[Verbalizer], weights: Sequence[float] | None = None) -> None:
+        if len(verbalizers) < 2:
+            raise VerbalizerError(f"MultiMaskVerbalizer needs one verbalizer per mask (at least 2), got "
+                                  f"{len(verbalizers)}; for one mask use the verbalizer itself")
+        classes = verbalizers[0].classes
+        for m, v in enumerate(verbalizers):
+            if v.classes != classes:
+                raise VerbalizerError(f"verbalizer for mask {m} has classes {v.classes} but mask 0 has "
+                                      f"{classes}; give every mask the same classes in the same order")
+        weights = [1.0] * len(verbalizers) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(verbalizers):
+            raise VerbalizerError(f"{len(weights)} weights for {len(verbalizers)} masks; give one per mask")
+        super().__init__(classes)
+        self.verbalizers = nn.ModuleList(verbalizers)
+        self.weights = weights
+        self.num_masks = len(verbalizers)
+
+    @classmethod
+    def from_label_words(cls, tokenizer: Any, classes: Sequence[str] | None,
+                         label_words_per_mask: Sequence[LabelWords], weights: Sequence[float] | None = None,
+                         **kwargs: Any) -> MultiMaskVerbalizer:
+        """One ManualVerbalizer per mask from ``label_words_per_mask[m]`` (kwargs go to each)."""
+        return cls([ManualVerbalizer(tokenizer, classes, lw, **kwargs) for lw in label_words_per_mask], weights)
+
+    def process(self, hidden: torch.Tensor | None, logits: torch.Tensor | None, backbone: Any) -> torch.Tensor:
+        """hidden (B, M, H), logits (B, M, V) or None -> summed label logits (B, C)."""
+        ref = logits if logits is not None else hidden
+        self.check_num_masks(ref.shape[1] if ref is not None and ref.dim() == 3 else 1)
+        total = 0.0
+        for m, (v, w) in enumerate(zip(self.verbalizers, self.weights)):
+            h_m = None if hidden is None else hidden[:, m]                   # (B, H)
+            l_m = None if logits is None else logits[:, m]                   # (B, V)
+            total = total + w * v.process(h_m, l_m, backbone)                # (B, C)
+        return total
 
 
 def normalise_label_words(classes: Sequence[str] | None,
@@ -241,7 +345,12 @@ def _pack(ids: list[list[list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
 def _load_json_options(text: str, path: Path) -> list[dict[str, Any]]:
     """A JSON verbalizer file: {class: words} or a list of such dicts (alternatives)."""
     try:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            if path.suffix != ".jsonl":
+                raise
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]   # one object a line
     except json.JSONDecodeError as err:
         raise VerbalizerError(f"{str(path)!r} is not valid JSON ({err.msg} at line {err.lineno}); write "
                               f'{{"class": ["word", ...], ...}}') from None

@@ -1,0 +1,291 @@
+"""Native backbones against transformers with the same weights: ``promptdelta bench backbone``.
+
+For each family (BERT, RoBERTa, GPT-2, T5) a random transformers model of a realistic small size is built,
+converted with ``load_backbone(hf_model)`` (same weights), and both run the same right-padded batch:
+forward (eval, no_grad) and forward+backward (eval mode, so dropout is off, with gradients on). The four
+variants of every family are interleaved round by round (the HF/native order alternates), each measured by
+``torch.utils.benchmark.Timer``; the table gives the median ms over the rounds, and the ratio ours/HF as the
+median of the per-round ratios with its interquartile range (the noise). HF models use
+``attn_implementation="sdpa"`` (what our models use), and the table names the implementation each got.
+A parity column (max |ours - HF| over real tokens) checks that like is compared with like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.benchmark import Timer
+
+from promptdelta.backbones.loading import load_backbone
+from promptdelta.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+FAMILIES = ("bert", "roberta", "gpt2", "t5")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------------- models
+def _hf_config(family: str, quick: bool):
+    """The transformers config: MiniLM-like 6 x 384 encoders, GPT-2 6 x 384, T5-small (6+6 x 512); tiny if quick."""
+    import transformers as tf
+
+    if family in ("bert", "roberta"):
+        cls = tf.BertConfig if family == "bert" else tf.RobertaConfig
+        extra = {} if family == "bert" else {"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2}
+        if quick:
+            return cls(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=37, max_position_embeddings=66, **extra)
+        return cls(vocab_size=30522 if family == "bert" else 50265, hidden_size=384, num_hidden_layers=6,
+                   num_attention_heads=12, intermediate_size=1536, max_position_embeddings=514, **extra)
+    if family == "gpt2":
+        if quick:
+            return tf.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                 bos_token_id=98, eos_token_id=98)
+        return tf.GPT2Config(n_embd=384, n_layer=6, n_head=6, n_positions=1024)
+    if quick:
+        return tf.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                           decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return tf.T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=6,
+                       num_heads=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+
+def _describe(family: str, cfg) -> str:
+    if family == "t5":
+        return f"{cfg.num_layers}+{cfg.num_decoder_layers} x {cfg.d_model}, ff {cfg.d_ff}, V {cfg.vocab_size}"
+    hidden, layers = (cfg.n_embd, cfg.n_layer) if family == "gpt2" else (cfg.hidden_size, cfg.num_hidden_layers)
+    return f"{layers} x {hidden}, V {cfg.vocab_size}"
+
+
+def build_pair(family: str, quick: bool = False, device: str = "cpu",
+               dtype: torch.dtype = torch.float32) -> tuple[nn.Module, nn.Module, str]:
+    """(transformers model, native model with the same weights, size description), both eval, on device.
+
+    Encoders and GPT-2 are bodies without a head (like MiniLM); T5 is the full seq2seq model with its LM head.
+    """
+    import transformers as tf
+
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown family {family!r} for the backbone benchmark; choose from {list(FAMILIES)}.")
+    cfg = _hf_config(family, quick)
+    cls = {"bert": tf.BertModel, "roberta": tf.RobertaModel, "gpt2": tf.GPT2Model,
+           "t5": tf.T5ForConditionalGeneration}[family]
+    torch.manual_seed(0)
+    hf = cls._from_config(cfg, attn_implementation="sdpa").eval()
+    ours = load_backbone(hf)[0]
+    return hf.to(device, dtype), ours.to(device, dtype).eval(), _describe(family, cfg)
+
+
+def make_batch(family: str, hf: nn.Module, batch: int, seq: int, device: str) -> dict[str, torch.Tensor]:
+    """Random ids (B, T), right-padded: row i keeps T - i * T // (2B) tokens (the last rows about half)."""
+    cfg = hf.config
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, cfg.vocab_size, (batch, seq), generator=g)  # (B, T)
+    lengths = torch.tensor([seq - i * seq // (2 * batch) for i in range(batch)])
+    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()  # (B, T)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    out = {"input_ids": ids.masked_fill(mask == 0, pad), "attention_mask": mask}
+    if family == "t5":
+        out["decoder_input_ids"] = torch.randint(5, cfg.vocab_size, (batch, max(1, seq // 4)), generator=g)
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def _output(family: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tensor both models return: logits (B, T_dec, V) for T5, else last_hidden_state (B, T, H)."""
+    out = model(**batch)
+    return out.logits if family == "t5" else out.last_hidden_state
+
+
+def parity(family: str, hf: nn.Module, ours: nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    """max |ours - HF| over real (non-padding) positions; for T5 over all decoder positions."""
+    with torch.no_grad():
+        a, b = _output(family, hf, batch).float(), _output(family, ours, batch).float()
+    diff = (a - b).abs()
+    if family != "t5":
+        diff = diff[batch["attention_mask"].bool()]
+    return float(diff.max())
+
+
+# --------------------------------------------------------------------------------------------- timing
+def _forward(family: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], object]:
+    def run():
+        with torch.no_grad():
+            return _output(family, model, batch)
+    return run
+
+
+def _train_step(family: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], object]:
+    """Forward + backward into every parameter (eval mode: dropout off), with a fixed output gradient."""
+    grads: dict[str, torch.Tensor] = {}
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = _output(family, model, batch)
+        if "g" not in grads:
+            grads["g"] = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+        out.backward(grads["g"])
+    return run
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _calibrate(fn: Callable[[], object], target_s: float) -> int:
+    """How many calls make one measurement of about target_s (after a warm-up call); 1 when target_s <= 0."""
+    fn()
+    if target_s <= 0:
+        return 1
+    once = Timer("fn()", globals={"fn": fn}).timeit(1).median
+    return max(1, int(target_s / max(once, 1e-6)))
+
+
+@dataclass
+class Row:
+    """One family's per-round seconds for the four variants, its size and parity."""
+
+    family: str
+    size: str
+    attn: str
+    diff: float
+    times: dict[str, list[float]]
+
+
+def _time_family_round(fns: dict[str, Callable[[], object]], numbers: dict[str, int], swap: bool,
+                       times: dict[str, list[float]]) -> None:
+    """Time each variant once; HF before ours, or ours first when ``swap``."""
+    for kind in ("fwd", "train"):
+        order = ("ours", "hf") if swap else ("hf", "ours")
+        for who in order:
+            name = f"{kind}_{who}"
+            times[name].append(Timer("fn()", globals={"fn": fns[name]}).timeit(numbers[name]).median)
+
+
+def _setup(family: str, batch: int, seq: int, quick: bool, device: str, dtype: torch.dtype, target_s: float):
+    hf, ours, size = build_pair(family, quick, device, dtype)
+    data = make_batch(family, hf, batch, seq, device)
+    fns = {"fwd_hf": _forward(family, hf, data), "fwd_ours": _forward(family, ours, data),
+           "train_hf": _train_step(family, hf, data), "train_ours": _train_step(family, ours, data)}
+    numbers = {k: _calibrate(fn, target_s) for k, fn in fns.items()}
+    row = Row(family, size, str(hf.config._attn_implementation), parity(family, hf, ours, data),
+              {k: [] for k in fns})
+    return row, fns, numbers
+
+
+# --------------------------------------------------------------------------------------------- report
+def _ratio(ours: list[float], hf: list[float]) -> tuple[float, float, float]:
+    r = [a / b for a, b in zip(ours, hf)]
+    if len(r) < 2:
+        return r[0], r[0], r[0]
+    q1, q2, q3 = statistics.quantiles(r, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def _format(rows: list[Row], header: str) -> str:
+    lines = [header, f"{'family':8s} {'size':34s} {'HF attn':8s} {'fwd HF':>9s} {'fwd ours':>9s} "
+             f"{'ours/HF (IQR)':>19s} {'f+b HF':>9s} {'f+b ours':>9s} {'ours/HF (IQR)':>19s} {'max|diff|':>9s}"]
+    for r in rows:
+        cells = [f"{r.family:8s} {r.size:34s} {r.attn:8s}"]
+        for kind in ("fwd", "train"):
+            hf, ours = r.times[f"{kind}_hf"], r.times[f"{kind}_ours"]
+            q1, q2, q3 = _ratio(ours, hf)
+            cells.append(f"{statistics.median(hf) * 1e3:9.2f} {statistics.median(ours) * 1e3:9.2f} "
+                         f"{q2:6.3f} ({q1:5.3f}-{q3:5.3f})")
+        cells.append(f"{r.diff:9.1e}")
+        lines.append(" ".join(cells))
+    lines.append("times in ms (median over rounds); fwd = eval + no_grad; f+b = forward + backward into every "
+                 "parameter, eval mode (dropout off); ratio < 1 means ours is faster")
+    return "\n".join(lines)
+
+
+def _check(families: Sequence[str], batch: int, seq: int, repeats: int) -> None:
+    bad = [f for f in families if f not in FAMILIES]
+    if bad or not families:
+        raise ConfigError(f"families={list(families)!r} is not usable; choose one or more of {list(FAMILIES)}.")
+    for name, value, low in (("batch", batch, 1), ("seq", seq, 4), ("repeats", repeats, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{name}={value!r} must be an integer >= {low}; e.g. batch=8, seq=128, repeats=5.")
+
+
+def run_backbone_bench(families: Sequence[str] = FAMILIES, batch: int = 8, seq: int = 128, repeats: int = 5,
+                       quick: bool = False, device: str = "cpu", dtype: str = "float32") -> str:
+    """Time native backbones against transformers (same weights, same batch); return the table as text.
+
+    quick: tiny models (2 layers x 32), batch 2, seq 16, one round: a smoke test.
+    """
+    families = [families] if isinstance(families, str) else list(families)
+    if quick:
+        batch, seq, repeats = min(batch, 2), min(seq, 16), 1
+    _check(families, batch, seq, repeats)
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not supported here; use one of {sorted(_DTYPES)}.")
+    target_s = 0.0 if quick else 0.2
+    setups = [_setup(f, batch, seq, quick, device, _DTYPES[dtype], target_s) for f in families]
+    for i in range(repeats):
+        for row, fns, numbers in setups:
+            _time_family_round(fns, numbers, swap=i % 2 == 1, times=row.times)
+            _sync(device)
+    header = (f"backbone benchmark: native vs transformers {_tf_version()} (same weights), device {device}, "
+              f"{dtype}, {torch.get_num_threads()} threads, batch {batch} x seq {seq} (right-padded rows "
+              f"down to {seq - (batch - 1) * seq // (2 * batch)} tokens; T5 decoder {max(1, seq // 4)} tokens), "
+              f"{repeats} interleaved rounds")
+    table = _format([s[0] for s in setups], header)
+    logger.info("%s", table)
+    return table
+
+
+def _tf_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+# --------------------------------------------------------------------------------------------- profile
+def profile_family(family: str, batch: int = 8, seq: int = 128, train: bool = True, quick: bool = False,
+                   device: str = "cpu", top: int = 15) -> str:
+    """torch.profiler tables (self CPU time, top ops) of one HF and one native step, to see what differs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    hf, ours, size = build_pair(family, quick, device)
+    data = make_batch(family, hf, batch, seq, device)
+    out = [f"profile of {family} ({size}), {'forward+backward' if train else 'forward'}, batch {batch} x {seq}"]
+    for who, model in (("transformers", hf), ("ours", ours)):
+        fn = (_train_step if train else _forward)(family, model, data)
+        fn()   # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        out += [f"--- {who}", prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``promptdelta bench backbone [--families bert,t5] [--batch 8] [--seq 128] [--repeats 5] [--quick]
+    [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--profile FAMILY [--profile-forward]]``."""
+    p = argparse.ArgumentParser(prog="promptdelta bench backbone", description=__doc__.splitlines()[0])
+    p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of " + ",".join(FAMILIES))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (medians over them)")
+    p.add_argument("--quick", action="store_true", help="tiny models, one round (a smoke test)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    p.add_argument("--profile", metavar="FAMILY", help="print torch.profiler tables for one family instead")
+    p.add_argument("--profile-forward", action="store_true", help="profile the forward only (default f+b)")
+    args = p.parse_args(argv)
+    if args.profile:
+        print(profile_family(args.profile, args.batch, args.seq, not args.profile_forward, args.quick, args.device))
+        return 0
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    print(run_backbone_bench(families, args.batch, args.seq, args.repeats, args.quick, args.device, args.dtype))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,320 @@
+"""Intrinsic subspace (SAID): the Fastfood transform against dense references, the delta invariants on tiny
+HF/native models, save/load of d only, learning a tiny task, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import transformers
+from delta_helpers import assert_same_state, hf_bert, native_bert, perturb, snapshot
+from safetensors.torch import load_file
+
+from promptdelta.backbones import load_backbone
+from promptdelta.deltas import Fastfood, attach, deltas_of, fwht, load_delta
+from promptdelta.errors import CheckpointError, ConfigError, DeltaError
+
+
+def native_gpt2(seed: int = 0, hidden: int = 32) -> torch.nn.Module:
+    cfg = transformers.GPT2Config(vocab_size=99, n_embd=hidden, n_layer=2, n_head=4, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(seed)
+    return load_backbone(transformers.GPT2LMHeadModel(cfg))[0].eval()
+
+
+def native_t5(seed: int = 0, hidden: int = 32) -> torch.nn.Module:
+    cfg = transformers.T5Config(vocab_size=99, d_model=hidden, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                                decoder_start_token_id=0)
+    torch.manual_seed(seed)
+    return load_backbone(transformers.T5ForConditionalGeneration(cfg))[0].eval()
+
+
+HF_TARGETS = ["query", "value", "intermediate.dense"]
+BUILDERS = {"hf_bert": hf_bert, "native_bert": native_bert, "native_gpt2": native_gpt2}
+
+
+@pytest.fixture(params=list(BUILDERS))
+def name(request):
+    return request.param
+
+
+def build(name: str, seed: int = 0, **kw):
+    return BUILDERS[name](seed, **kw)
+
+
+def attach_i(name: str, model, **cfg):
+    if name == "hf_bert":
+        cfg.setdefault("targets", HF_TARGETS)
+    return attach(model, "intrinsic", dim=cfg.pop("dim", 16), **cfg)
+
+
+def out(model, ids):
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+    return model(input_ids=ids, attention_mask=mask).logits   # (B, T, V)
+
+
+def trained(name, seed=0, **cfg):
+    model = build(name, seed)
+    handle = attach_i(name, model, **cfg)
+    perturb(handle.parameters(), scale=0.5)
+    return model, handle
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops: one thread avoids OpenMP spin contention on the shared cores (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------- Fastfood
+def hadamard(n: int) -> torch.Tensor:
+    H = torch.ones(1, 1)
+    while H.shape[0] < n:
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    return H
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 64])
+def test_fwht_matches_the_dense_hadamard_matrix(n):
+    x = torch.randn(3, n, dtype=torch.float64)
+    torch.testing.assert_close(fwht(x), x @ hadamard(n).double())
+
+
+def reference(f: Fastfood) -> torch.Tensor:
+    """The dense (D, d) matrix from the factors: blocks (1/norm) H G Pi H B, stacked, rows cut to D, scaled."""
+    n, blocks = f.n, []
+    H = hadamard(n)
+    for b in range(f.k):
+        Pi = torch.zeros(n, n)
+        Pi[torch.arange(n), f.perm[b]] = 1.0                 # (Pi v)_i = v_perm[i]
+        V = H @ torch.diag(f.gauss[b]) @ Pi @ H @ torch.diag(f.signs[b])
+        blocks.append(V * f.scale[b])
+    return torch.cat(blocks)[: f.D, : f.d]
+
+
+@pytest.mark.parametrize("d,D,block", [(5, 37, 2 ** 22), (5, 37, 8), (3, 3, 4), (6, 4, 2)])
+def test_fastfood_matches_its_dense_reference(d, D, block):
+    f = Fastfood(d, D, seed=7, block_size=block)
+    dense = torch.stack([f(e) for e in torch.eye(d)], dim=1)  # transform applied to identity columns
+    assert dense.shape == (D, d) and f.k == math.ceil(D / f.n) and f.n >= d
+    torch.testing.assert_close(dense, reference(f), atol=1e-5, rtol=1e-5)
+    v = torch.randn(d)
+    torch.testing.assert_close(f(v), dense @ v, atol=1e-5, rtol=1e-5)
+
+
+def test_fastfood_columns_have_unit_norm_and_memory_is_linear_in_D():
+    d, D = 64, 100_000
+    f = Fastfood(d, D, seed=0, block_size=2 ** 14)
+    assert f.k == math.ceil(D / 2 ** 14)
+    cols = torch.stack([f(e) for e in torch.eye(d)[:8]], dim=1)   # (D, 8)
+    torch.testing.assert_close(cols.norm(dim=0), torch.ones(8), atol=0.05, rtol=0)
+    assert abs(cols[:, 0] @ cols[:, 1]) < 0.05                     # near-orthogonal, as a random projection
+    stored = sum(b.numel() for b in f.buffers())
+    assert stored <= 3 * (D + f.n) + f.k                            # O(D), not O(d * D)
+
+
+def test_fastfood_is_regenerated_from_its_seed():
+    v = torch.randn(10)
+    assert torch.equal(Fastfood(10, 300, seed=3)(v), Fastfood(10, 300, seed=3)(v))
+    assert not torch.allclose(Fastfood(10, 300, seed=3)(v), Fastfood(10, 300, seed=4)(v))
+
+
+# ----------------------------------------------------------------------------------------- invariants
+def test_fresh_delta_leaves_outputs_unchanged(name, ids):
+    model = build(name)
+    before = out(model, ids)
+    handle = attach_i(name, model)
+    assert handle.num_parameters() > 16
+    assert torch.equal(out(model, ids), before)
+
+
+@pytest.mark.parametrize("family", ["roberta", "t5"])
+def test_default_targets_fit_every_native_family(family, ids):
+    if family == "t5":
+        model = native_t5()
+        run = lambda: model(input_ids=ids, decoder_input_ids=ids[:, :3]).logits  # noqa: E731
+    else:
+        cfg = transformers.RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=37, max_position_embeddings=64, pad_token_id=1)
+        model = load_backbone(transformers.RobertaForMaskedLM(cfg))[0].eval()
+        run = lambda: model(input_ids=ids).logits  # noqa: E731
+    with torch.no_grad():   # SDPA picks another CPU kernel when q/k/v need grad (T5: ~1e-7 apart); not ours
+        before = run()
+    handle = attach(model, "intrinsic", dim=8)
+    assert all(t.rsplit(".", 1)[-1] in {"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"} for t in handle.targets)
+    with torch.no_grad():
+        assert torch.equal(run(), before)
+        perturb(handle.parameters())
+        assert not torch.allclose(run(), before)
+
+
+def test_gradients_reach_only_d_and_the_said_scalars(name, ids):
+    model = build(name)
+    handle = attach_i(name, model)
+    keys = [k for k, _ in handle.named_parameters()]
+    assert keys[0] == "intrinsic.d" and all(".said_" in k for k in keys[1:]) and len(keys) > 1
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in handle.parameters()}
+    out(model, ids).square().mean().backward()
+    d = dict(handle.named_parameters())["intrinsic.d"]
+    assert d.grad is not None and d.grad.abs().sum() > 0     # at d = 0 only d has a non-zero gradient
+    own = {id(p) for p in handle.parameters()}
+    assert all(p.grad is None for p in model.parameters() if id(p) not in own)
+    perturb(handle.parameters())
+    handle.model.zero_grad()
+    out(model, ids).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in handle.parameters())
+
+
+def test_said_false_trains_d_only(ids):
+    model = native_bert()
+    handle = attach(model, "intrinsic", dim=8, said=False, include_bias=False)
+    assert [k for k, _ in handle.named_parameters()] == ["intrinsic.d"]
+    assert all(w.names == ["weight"] for _, w in handle._method.sites)
+
+
+def test_merge_equals_unmerged_twice_is_a_no_op_and_unmerge_is_exact(name, ids):
+    model, handle = trained(name)
+    base_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    unmerged = out(model, ids)
+    handle.merge()
+    torch.testing.assert_close(out(model, ids), unmerged, atol=1e-5, rtol=1e-5)
+    merged_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any(not torch.equal(merged_sd[k], base_sd[k]) for k in base_sd)
+    handle.merge()
+    assert all(torch.equal(v, merged_sd[k]) for k, v in model.state_dict().items())
+    handle.unmerge()
+    handle.unmerge()
+    assert all(torch.equal(v, base_sd[k]) for k, v in model.state_dict().items())
+    assert torch.equal(out(model, ids), unmerged)
+
+
+def test_merge_writes_theta0_plus_lambda_P_d(ids):
+    model = native_bert()
+    w0 = model.layers[0].attn.q_proj.weight.detach().clone()
+    handle = attach(model, "intrinsic", dim=8, targets=["layers.0.attn.q_proj"])
+    perturb(handle.parameters())
+    wrapper = handle._method.sites[0][1]
+    d, lam = dict(handle.named_parameters())["intrinsic.d"], wrapper.said["weight"]
+    expected = w0 + lam * (wrapper.proj["weight"](d)).view_as(w0)
+    handle.merge()
+    torch.testing.assert_close(model.layers[0].attn.q_proj.base.weight, expected.detach(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_detach_restores_model_exactly(name, merged, ids):
+    model = build(name)
+    snap, out0 = snapshot(model), out(model, ids)
+    handle = attach_i(name, model)
+    perturb(handle.parameters())
+    out(model, ids).sum().backward()
+    torch.optim.SGD(handle.parameters(), lr=0.5).step()
+    if merged:
+        handle.merge()
+    handle.detach()
+    assert_same_state(model, snap)
+    assert torch.equal(out(model, ids), out0) and deltas_of(model) == {}
+
+
+def test_save_load_holds_only_d_scalars_and_the_seed(name, ids, tmp_path):
+    model, handle = trained(name)
+    expected = out(model, ids)
+    handle.save(tmp_path / "d")
+    tensors = load_file(tmp_path / "d" / "delta.safetensors")
+    assert tensors.keys() == handle.state_dict().keys()
+    assert tensors["intrinsic.d"].shape == (16,) and all(t.dim() == 0 for k, t in tensors.items() if "said" in k)
+    meta = json.loads((tmp_path / "d" / "delta.json").read_text())
+    assert meta["config"]["seed"] == 0 and meta["config"]["dim"] == 16
+    fresh = build(name)
+    load_delta(fresh, tmp_path / "d")
+    assert torch.equal(out(fresh, ids), expected)
+
+
+def test_another_seed_gives_another_subspace(ids):
+    a, b = native_bert(), native_bert()
+    ha = attach(a, "intrinsic", dim=8, seed=1)
+    hb = attach(b, "intrinsic", dim=8, seed=2)
+    perturb(ha.parameters())
+    perturb(hb.parameters())
+    assert not torch.allclose(out(a, ids), out(b, ids))
+
+
+def test_checkpoint_for_another_model_is_refused(name, tmp_path):
+    _, handle = trained(name)
+    handle.save(tmp_path / "d")
+    other = build(name, 0, hidden=48)
+    with pytest.raises(CheckpointError, match="Load it onto the model"):
+        load_delta(other, tmp_path / "d")
+    assert deltas_of(other) == {}
+
+
+def test_disabled_gives_base_outputs(name, ids):
+    base = out(build(name), ids)
+    model, handle = trained(name)
+    tuned = out(model, ids)
+    assert not torch.allclose(tuned, base)
+    for merge in (False, True):
+        if merge:
+            handle.merge()
+        with handle.disabled():
+            torch.testing.assert_close(out(model, ids), base, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(out(model, ids), tuned, atol=1e-5, rtol=1e-5)
+        assert handle.merged == merge
+
+
+def test_a_small_subspace_learns_a_tiny_task():
+    model = native_bert()
+    handle = attach(model, "intrinsic", dim=32)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 99, (8, 6), generator=g)
+    labels = torch.tensor([0, 1] * 4)
+    readout = torch.randn(32, 2, generator=g)                     # fixed random classifier on h[:, 0]
+    opt = torch.optim.Adam(handle.parameters(), lr=0.1)
+    losses = []
+    for _ in range(30):
+        logits = model(input_ids=ids).last_hidden_state[:, 0] @ readout   # (B, 2)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
+
+
+# ----------------------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize("bad", [dict(dim=0), dict(dim=2.0), dict(seed=-1), dict(said="yes"), dict(include_bias=1),
+                                 dict(block_size=1000), dict(block_size=1)])
+def test_bad_config_values_name_the_fix(bad):
+    with pytest.raises(ConfigError) as err:
+        attach(native_bert(), "intrinsic", **bad)
+    key = next(iter(bad))
+    assert key in str(err.value) and ("use e.g." in str(err.value) or "True or False" in str(err.value))
+
+
+def test_targets_without_own_parameters_are_refused():
+    with pytest.raises(DeltaError, match="target layers such as"):
+        attach(native_bert(), "intrinsic", targets=["attn"])
+
+
+def test_tied_parameters_are_refused():
+    model = native_bert()    # the MLM decoder weight is the word embedding matrix
+    with pytest.raises(DeltaError, match="tied") as err:
+        attach(model, "intrinsic", targets=["word_embeddings", "lm_head.decoder"])
+    assert "leave one of the tied modules out" in str(err.value)
+
+
+def test_fwht_refuses_other_lengths():
+    with pytest.raises(DeltaError, match="zero-pad"):
+        fwht(torch.ones(6))
+
+
+def test_same_module_cannot_take_lora_and_intrinsic():
+    model = native_bert()
+    attach(model, "lora", targets=["q_proj"])
+    with pytest.raises(DeltaError, match="already wrapped"):
+        attach(model, "intrinsic", targets=["q_proj"])

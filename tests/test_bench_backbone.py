@@ -1,0 +1,55 @@
+"""Smoke test of ``promptdelta bench backbone`` at tiny sizes: every family has a row with sane numbers."""
+
+import re
+
+import pytest
+
+from promptdelta.bench.backbone import FAMILIES, main, run_backbone_bench
+from promptdelta.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def table() -> str:
+    return run_backbone_bench(quick=True)
+
+
+_NUM = r"(\d+\.\d+)"
+_ROW = re.compile(rf"^(\w+) +(.+?)  +(\w+) +{_NUM} +{_NUM} +{_NUM} \({_NUM}-{_NUM}\) +{_NUM} +{_NUM} +{_NUM} "
+                  rf"\({_NUM}-{_NUM}\) +(\S+)$")
+
+
+def _rows(table: str) -> dict[str, tuple[str, ...]]:
+    """family -> (size, attn, fwd HF, fwd ours, ratio, q1, q3, f+b HF, f+b ours, ratio, q1, q3, diff)."""
+    found = [_ROW.match(line) for line in table.splitlines()]
+    return {m.group(1): m.groups()[1:] for m in found if m}
+
+
+def test_every_family_has_a_row(table: str) -> None:
+    rows = _rows(table)
+    assert set(rows) == set(FAMILIES)
+    assert "sdpa" in table and "batch 2 x seq 16" in table
+
+
+def test_rows_hold_positive_times_and_parity(table: str) -> None:
+    for family, cells in _rows(table).items():
+        fwd_hf, fwd_ours, fwd_ratio, _, _, fb_hf, fb_ours, fb_ratio = map(float, cells[2:10])
+        assert min(fwd_hf, fwd_ours, fb_hf, fb_ours) > 0, (family, cells)
+        assert fwd_ratio > 0 and fb_ratio > 0
+        assert float(cells[-1]) < 1e-4, f"{family}: native and transformers outputs differ ({cells[-1]})"
+
+
+@pytest.mark.parametrize("kwargs, fix", [
+    ({"families": ["bert", "llama"]}, "choose one or more of"),
+    ({"families": []}, "choose one or more of"),
+    ({"batch": 0}, "must be an integer >= 1"),
+    ({"dtype": "int8"}, "use one of"),
+])
+def test_bad_options_raise_config_error(kwargs: dict, fix: str) -> None:
+    with pytest.raises(ConfigError, match=fix):
+        run_backbone_bench(**kwargs)
+
+
+def test_cli_quick_one_family(capsys) -> None:
+    assert main(["--quick", "--families", "gpt2"]) == 0
+    out = capsys.readouterr().out
+    assert set(_rows(out)) == {"gpt2"}
