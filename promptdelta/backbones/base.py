@@ -23,3 +23,30 @@ class BackboneOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None  # (n_layers + 1) x (B, T, H), embeddings first
     logits: torch.Tensor | None = None                    # (B, T, V) when the model has an LM head
     pooler_output: torch.Tensor | None = None             # (B, H) when the model has a pooler
+
+
+def check_prefix_kv(prefix_kv, n_layers: int, heads: int, head_dim: int, batch: int) -> list:
+    """Validate a per-layer ``prefix_kv`` list; a batch dimension of 1 is broadcast to the batch.
+
+    Returns one ``(k, v)`` (each (B, n_heads, P, head_dim)) or None per layer.
+    """
+    from promptdelta.errors import BackboneError
+
+    if prefix_kv is None:
+        return [None] * n_layers
+    if len(prefix_kv) != n_layers:
+        raise BackboneError(f"prefix_kv has {len(prefix_kv)} entries but the model has {n_layers} "
+                            "layers. Fix: pass one (k, v) pair (or None) per layer.")
+    out = []
+    for i, pair in enumerate(prefix_kv):
+        if pair is None:
+            out.append(None)
+            continue
+        k, v = pair
+        if k.dim() != 4 or k.shape != v.shape or k.shape[0] not in (1, batch) or \
+                (k.shape[1], k.shape[3]) != (heads, head_dim):
+            raise BackboneError(f"prefix_kv[{i}] has k {tuple(k.shape)} and v {tuple(v.shape)}. Fix: pass k "
+                                f"and v of shape (batch={batch} or 1, n_heads={heads}, prefix_len, "
+                                f"head_dim={head_dim}).")
+        out.append((k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)))
+    return out

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptdelta.backbones.base import BackboneOutput
+from promptdelta.backbones.base import BackboneOutput, check_prefix_kv
 from promptdelta.backbones.generation import GenerationConfig, decode_loop
 from promptdelta.backbones.keymap import KeyTable, load_hf_state
 from promptdelta.errors import BackboneError, ConfigError
@@ -429,25 +429,7 @@ class GPT2Model(nn.Module):
 
     def _check_prefix(self, prefix_kv: PrefixKV | None, batch: int) -> list:
         """Validate prefix_kv; a batch dimension of 1 is broadcast to the batch."""
-        if prefix_kv is None:
-            return [None] * len(self.layers)
-        if len(prefix_kv) != len(self.layers):
-            raise BackboneError(f"prefix_kv has {len(prefix_kv)} entries but the model has {len(self.layers)} "
-                                "layers. Fix: pass one (k, v) pair (or None) per layer.")
-        heads, dim = self.config.num_heads, self.config.head_dim
-        out = []
-        for i, pair in enumerate(prefix_kv):
-            if pair is None:
-                out.append(None)
-                continue
-            k, v = pair
-            if k.dim() != 4 or k.shape != v.shape or k.shape[0] not in (1, batch) or \
-                    (k.shape[1], k.shape[3]) != (heads, dim):
-                raise BackboneError(f"prefix_kv[{i}] has k {tuple(k.shape)} and v {tuple(v.shape)}. Fix: pass k "
-                                    f"and v of shape (batch={batch} or 1, n_heads={heads}, prefix_len, "
-                                    f"head_dim={dim}).")
-            out.append((k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)))
-        return out
+        return check_prefix_kv(prefix_kv, len(self.layers), self.config.num_heads, self.config.head_dim, batch)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
