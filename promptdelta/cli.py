@@ -50,6 +50,8 @@ BENCHES = {
     "backbone": "native backbones vs transformers with the same weights, forward and forward+backward",
     "data": "template wrapping + tokenisation throughput",
     "deltas": "one training step per delta method: trainable params, step time, peak memory",
+    "run": "run a suite of (task, method, shots, seed) few-shot runs, resumable; prints the summary table",
+    "report": "summary table (markdown, CSV) and plots from a suite's results file",
 }
 
 

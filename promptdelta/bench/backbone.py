@@ -58,23 +58,24 @@ def _hf_config(family: str, quick: bool):
 
 def _describe(family: str, cfg) -> str:
     if family == "t5":
-        return f"{cfg.num_layers}+{cfg.num_decoder_layers} x {cfg.d_model}, ff {cfg.d_ff}, V {cfg.vocab_size}"
+        return f"{cfg.num_layers}+{cfg.num_decoder_layers} x {cfg.d_model}, ff {cfg.d_ff}, V {cfg.vocab_size}, head"
     hidden, layers = (cfg.n_embd, cfg.n_layer) if family == "gpt2" else (cfg.hidden_size, cfg.num_hidden_layers)
-    return f"{layers} x {hidden}, V {cfg.vocab_size}"
+    return f"{layers} x {hidden}, V {cfg.vocab_size}" + (", head" if family == "gpt2" else ", no head")
 
 
 def build_pair(family: str, quick: bool = False, device: str = "cpu",
                dtype: torch.dtype = torch.float32) -> tuple[nn.Module, nn.Module, str]:
     """(transformers model, native model with the same weights, size description), both eval, on device.
 
-    Encoders and GPT-2 are bodies without a head (like MiniLM); T5 is the full seq2seq model with its LM head.
+    BERT/RoBERTa are encoders without a head (like MiniLM). GPT-2 and T5 carry their tied LM head on both sides:
+    a native GPT-2 with tied embeddings always computes logits, so a headless HF GPT2Model would be unfair.
     """
     import transformers as tf
 
     if family not in FAMILIES:
         raise ConfigError(f"unknown family {family!r} for the backbone benchmark; choose from {list(FAMILIES)}.")
     cfg = _hf_config(family, quick)
-    cls = {"bert": tf.BertModel, "roberta": tf.RobertaModel, "gpt2": tf.GPT2Model,
+    cls = {"bert": tf.BertModel, "roberta": tf.RobertaModel, "gpt2": tf.GPT2LMHeadModel,
            "t5": tf.T5ForConditionalGeneration}[family]
     torch.manual_seed(0)
     hf = cls._from_config(cfg, attn_implementation="sdpa").eval()
@@ -97,9 +98,9 @@ def make_batch(family: str, hf: nn.Module, batch: int, seq: int, device: str) ->
 
 
 def _output(family: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The tensor both models return: logits (B, T_dec, V) for T5, else last_hidden_state (B, T, H)."""
+    """The tensor both models return: logits (B, T or T_dec, V) for GPT-2 and T5, else last_hidden_state (B, T, H)."""
     out = model(**batch)
-    return out.logits if family == "t5" else out.last_hidden_state
+    return out.logits if family in ("gpt2", "t5") else out.last_hidden_state
 
 
 def parity(family: str, hf: nn.Module, ours: nn.Module, batch: dict[str, torch.Tensor]) -> float:
@@ -168,7 +169,9 @@ def _time_family_round(fns: dict[str, Callable[[], object]], numbers: dict[str, 
             times[name].append(Timer("fn()", globals={"fn": fns[name]}).timeit(numbers[name]).median)
 
 
-def _setup(family: str, batch: int, seq: int, quick: bool, device: str, dtype: torch.dtype, target_s: float):
+def _setup(family: str, batch: int, seq: int, quick: bool, device: str, dtype: torch.dtype,
+           target_s: float) -> tuple[Row, dict[str, Callable[[], object]], dict[str, int]]:
+    """Build one family's pair and batch, its four timed callables, and calls per measurement."""
     hf, ours, size = build_pair(family, quick, device, dtype)
     data = make_batch(family, hf, batch, seq, device)
     fns = {"fwd_hf": _forward(family, hf, data), "fwd_ours": _forward(family, ours, data),

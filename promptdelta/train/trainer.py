@@ -1,26 +1,51 @@
-"""The training loop: AdamW, warm-up + linear decay, clipping, dev selection, early stopping.
+"""The training loop: AdamW, warm-up + linear decay, clipping, dev selection, early stopping; plus the knobs
+that make it scale and survive faults: gradient accumulation, bf16/fp16 autocast, data parallelism on
+torch.distributed (see :mod:`promptdelta.train.distributed`), atomic checkpoints with exact resume (see
+:mod:`promptdelta.train.checkpoint`), skipping of non-finite losses and readable out-of-memory errors.
 
 Works with any model that offers ``collate(examples) -> batch``, ``loss(batch) -> (loss, logits)`` and
 ``forward(batch) -> logits`` (e.g. :class:`promptdelta.PromptForClassification`). Only parameters with
 ``requires_grad=True`` are optimised: attach a delta first to train only the delta.
+
+Batch semantics: ``batch_size`` is the *global* micro-batch (split over ranks under torchrun); one optimizer
+step consumes ``grad_accum`` micro-batches, and the step's gradient is that of the mean loss over all of its
+examples, so ``batch_size=4, grad_accum=2`` equals ``batch_size=8`` and N ranks equal one process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 from tqdm.auto import tqdm
 
-from promptdelta.errors import ConfigError
+from promptdelta.errors import CheckpointError, ConfigError, PromptDeltaError
+from promptdelta.train import checkpoint as ckpt
+from promptdelta.train import distributed as ddp
 from promptdelta.utils.seed import seed_everything
 
 logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class TrainingError(PromptDeltaError, RuntimeError):
+    """Training cannot go on (too many non-finite losses, out of memory); the message names the fix."""
+
+
+class NonFiniteLossError(TrainingError, FloatingPointError):
+    """More non-finite losses than ``max_nonfinite_steps`` allows."""
+
+
+class TrainingOutOfMemoryError(TrainingError, MemoryError):
+    """A batch did not fit in memory; the message gives the batch size and the knobs that help."""
 
 
 @dataclass
@@ -30,7 +55,7 @@ class TrainConfig:
     lr: float = 1e-3
     epochs: int = 20
     max_steps: int | None = None          # stop after this many optimizer steps (overrides epochs)
-    batch_size: int = 8
+    batch_size: int = 8                   # global micro-batch (all ranks together)
     eval_batch_size: int = 64
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
@@ -41,8 +66,29 @@ class TrainConfig:
     metric: str = "accuracy"              # "accuracy" or "macro_f1": the dev metric to select on
     device: str = "cpu"
     progress: bool = True                 # tqdm bars
+    grad_accum: int = 1                   # micro-batches per optimizer step
+    precision: str = "fp32"               # fp32 | bf16 (autocast, CPU and GPU) | fp16 (GPU, loss scaling)
+    max_nonfinite_steps: int = 5          # skip up to this many steps with a non-finite loss, then abort
+    checkpoint_dir: str | None = None     # where training checkpoints go (None = no checkpoints)
+    checkpoint_every: int | None = None   # also checkpoint every N steps (always at the end)
+    keep_checkpoints: int = 2             # keep the newest K checkpoints
+    resume: bool = False                  # continue from the newest complete checkpoint in checkpoint_dir
+
+    def _check_types(self) -> None:
+        for f in fields(self):
+            value, kinds = getattr(self, f.name), _FIELD_TYPES[f.name]
+            optional = None in kinds
+            if value is None and optional:
+                continue
+            numeric_ok = float in kinds and isinstance(value, int)
+            if isinstance(value, bool) != (bool in kinds) or not (isinstance(value, tuple(k for k in kinds if k))
+                                                                   or numeric_ok):
+                names = " or ".join("null" if k is None else k.__name__ for k in kinds)
+                raise ConfigError(f"train.{f.name}={value!r} has the wrong type; it must be {names} "
+                                  f"(see TrainConfig in promptdelta/train/trainer.py)")
 
     def __post_init__(self) -> None:
+        self._check_types()
         checks = {
             "lr": self.lr > 0, "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1,
             "eval_batch_size": self.eval_batch_size >= 1, "warmup_ratio": 0 <= self.warmup_ratio < 1,
@@ -51,11 +97,21 @@ class TrainConfig:
             "patience": self.patience is None or self.patience >= 1,
             "eval_every": self.eval_every is None or self.eval_every >= 1,
             "metric": self.metric in ("accuracy", "macro_f1"),
+            "grad_accum": self.grad_accum >= 1, "precision": self.precision in PRECISIONS,
+            "max_nonfinite_steps": self.max_nonfinite_steps >= 0,
+            "checkpoint_every": self.checkpoint_every is None or self.checkpoint_every >= 1,
+            "keep_checkpoints": self.keep_checkpoints >= 1,
         }
         for name, ok in checks.items():
             if not ok:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r} is out of range; "
                                   f"see TrainConfig in promptdelta/train/trainer.py for valid values")
+        if self.resume and not self.checkpoint_dir:
+            raise ConfigError("train.resume=true needs train.checkpoint_dir: set it to the folder the "
+                              "interrupted run wrote its checkpoints to")
+        if self.precision == "fp16" and not str(self.device).startswith("cuda"):
+            raise ConfigError(f"precision='fp16' needs a CUDA device (device={self.device!r}); use "
+                              "precision='bf16' on CPU, or device='cuda'")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "TrainConfig":
@@ -65,6 +121,15 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown train config key(s) {unknown}; valid keys: {sorted(known)}")
         return cls(**d)
+
+
+_FIELD_TYPES: dict[str, tuple] = {
+    "lr": (float,), "epochs": (int,), "max_steps": (int, None), "batch_size": (int,), "eval_batch_size": (int,),
+    "warmup_ratio": (float,), "weight_decay": (float,), "max_grad_norm": (float,), "seed": (int,),
+    "patience": (int, None), "eval_every": (int, None), "metric": (str,), "device": (str,), "progress": (bool,),
+    "grad_accum": (int,), "precision": (str,), "max_nonfinite_steps": (int,), "checkpoint_dir": (str, None),
+    "checkpoint_every": (int, None), "keep_checkpoints": (int,), "resume": (bool,),
+}
 
 
 def compute_metrics(labels: Sequence[int], preds: Sequence[int], num_classes: int | None = None) -> dict:
@@ -94,6 +159,14 @@ def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup: int, total: in
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for CUDA OOM and for CPU allocation failures surfaced as RuntimeError."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
 @dataclass
 class FitState:
     step: int = 0
@@ -101,6 +174,22 @@ class FitState:
     best_step: int = 0
     evals_without_gain: int = 0
     history: list[dict] = field(default_factory=list)
+    skipped_steps: int = 0                # steps skipped for a non-finite loss
+
+
+@dataclass
+class _Run:
+    """What one ``fit`` call carries between steps (everything a checkpoint must restore)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    generator: torch.Generator
+    best: dict[str, torch.Tensor]
+    total: int
+    epoch: int = 0
+    order: list[int] = field(default_factory=list)
+    pos: int = 0                          # index into ``order`` of the next example
 
 
 class Trainer:
@@ -113,9 +202,19 @@ class Trainer:
         base = asdict(config) if config is not None else {}
         base.update(overrides)
         self.config = TrainConfig.from_dict(base)
-        self.model = model.to(self.config.device)
+        self.device = ddp.resolve_device(self.config.device)
+        self.model = model.to(self.device)
         self.state = FitState()
         self.train_time_s = 0.0
+        self.dist = ddp.DistContext()
+
+    def _info(self, msg: str, *args: Any) -> None:
+        if self.dist.is_main:
+            logger.info(msg, *args)
+
+    def _warn(self, msg: str, *args: Any) -> None:
+        if self.dist.is_main:
+            logger.warning(msg, *args)
 
     # ---- training ---------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -126,9 +225,7 @@ class Trainer:
         if check is not None:
             check(examples)
 
-    def fit(self, train: Sequence, dev: Sequence | None = None) -> "Trainer":
-        """Train on ``train``; evaluate on ``dev`` each epoch (or every ``eval_every`` steps) and keep the best."""
-        cfg = self.config
+    def _validate(self, train: Sequence, dev: Sequence | None) -> None:
         if not self.trainable_parameters():
             raise ConfigError("the model has no trainable parameters; attach a delta "
                               "(pd.attach(model, 'lora')) or unfreeze parameters before training")
@@ -137,54 +234,144 @@ class Trainer:
         self._check_labels(train)
         if dev:
             self._check_labels(dev)
-        seed_everything(cfg.seed)
-        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-        total = cfg.max_steps or steps_per_epoch * cfg.epochs
+
+    def _new_run(self, n_train: int) -> _Run:
+        cfg = self.config
+        micro_per_epoch = math.ceil(n_train / cfg.batch_size)
+        total = cfg.max_steps or math.ceil(micro_per_epoch / cfg.grad_accum) * cfg.epochs
         optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr)
         scheduler = linear_warmup_decay(optimizer, int(cfg.warmup_ratio * total), total)
+        scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         gen = torch.Generator().manual_seed(cfg.seed)
-        best = self._snapshot()
+        return _Run(optimizer, scheduler, scaler, gen, self._snapshot(), total)
+
+    def fit(self, train: Sequence, dev: Sequence | None = None) -> "Trainer":
+        """Train on ``train``; evaluate on ``dev`` each epoch (or every ``eval_every`` steps) and keep the best."""
+        cfg = self.config
+        self._validate(train, dev)
+        self.dist = ddp.init_distributed(self.device)
+        seed_everything(cfg.seed)
+        run = self._new_run(len(train))
+        if cfg.resume:
+            self._resume(run)
         t0 = time.perf_counter()
-        bar = tqdm(total=total, desc="train", disable=not cfg.progress, leave=False)
-        while self.state.step < total:
-            order = torch.randperm(len(train), generator=gen).tolist()
-            for i in range(0, len(order), cfg.batch_size):
-                loss = self._train_step([train[j] for j in order[i:i + cfg.batch_size]], optimizer, scheduler)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}")
-                end_of_epoch = i + cfg.batch_size >= len(order)
-                due = (self.state.step % cfg.eval_every == 0) if cfg.eval_every else end_of_epoch
-                if dev and (due or self.state.step >= total):
-                    if self._evaluate_dev(dev, loss):
-                        best = self._snapshot()
-                    if cfg.patience and self.state.evals_without_gain >= cfg.patience:
-                        logger.info("early stopping at step %d (no dev gain for %d evaluations)",
-                                    self.state.step, cfg.patience)
-                        total = self.state.step
-                if self.state.step >= total:
-                    break
+        bar = tqdm(total=run.total, initial=self.state.step, desc="train", leave=False,
+                   disable=not (cfg.progress and self.dist.is_main))
+        while self.state.step < run.total:
+            if run.pos >= len(run.order):
+                run.order = torch.randperm(len(train), generator=run.generator).tolist()
+                run.pos, run.epoch = 0, run.epoch + 1
+            indices = run.order[run.pos:run.pos + cfg.batch_size * cfg.grad_accum]
+            run.pos += len(indices)
+            loss = self._train_step(train, indices, run)
+            if loss is None:
+                continue
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            self._after_step(run, dev, loss, end_of_epoch=run.pos >= len(run.order))
         bar.close()
         self.train_time_s = time.perf_counter() - t0
+        if cfg.checkpoint_dir:
+            self.save_checkpoint(run)
         if dev:
-            self._restore(best)
-            logger.info("restored best dev checkpoint from step %d (%s=%.4f)",
-                        self.state.best_step, cfg.metric, self.state.best_score)
+            self._restore(run.best)
+            self._info("restored best dev checkpoint from step %d (%s=%.4f)",
+                       self.state.best_step, cfg.metric, self.state.best_score)
         return self
 
-    def _train_step(self, examples: list, optimizer, scheduler) -> float:
+    def _after_step(self, run: _Run, dev: Sequence | None, loss: float, end_of_epoch: bool) -> None:
+        """Dev evaluation, early stopping and periodic checkpoints after one optimizer step."""
+        cfg, step = self.config, self.state.step
+        due = (step % cfg.eval_every == 0) if cfg.eval_every else end_of_epoch
+        if dev and (due or step >= run.total):
+            if self._evaluate_dev(dev, loss):
+                run.best = self._snapshot()
+            if cfg.patience and self.state.evals_without_gain >= cfg.patience:
+                self._info("early stopping at step %d (no dev gain for %d evaluations)", step, cfg.patience)
+                run.total = step
+        if cfg.checkpoint_dir and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < run.total:
+            self.save_checkpoint(run)
+
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
+        if self.config.precision == "fp32":
+            yield
+            return
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+        with torch.autocast(device_type=torch.device(self.device).type, dtype=dtype):
+            yield
+
+    def _micro_batches(self, indices: list[int]) -> Iterator[list[int]]:
+        """This rank's shard of each micro-batch of one optimizer step."""
+        bs, ctx = self.config.batch_size, self.dist
+        for i in range(0, len(indices), bs):
+            yield ddp.shard(indices[i:i + bs], ctx.rank, ctx.world_size)
+
+    def _train_step(self, train: Sequence, indices: list[int], run: _Run) -> float | None:
+        """One optimizer step over ``indices`` (all ranks); returns the step's mean loss, or None if skipped."""
         self.model.train()
-        batch = self.model.collate(examples)
-        loss, _ = self.model.loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.state.step}; "
-                                     "lower the learning rate or check the inputs")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        params = self.trainable_parameters()
+        run.optimizer.zero_grad(set_to_none=True)
+        loss_sum, bad = 0.0, 0.0
+        try:
+            for part in self._micro_batches(indices):
+                if not part:
+                    continue
+                with self._autocast():
+                    loss, _ = self.model.loss(self.model.collate([train[j] for j in part]))
+                if not torch.isfinite(loss.detach()):
+                    bad = 1.0
+                    break
+                weighted = loss if len(part) == len(indices) else loss * (len(part) / len(indices))
+                (run.scaler.scale(weighted) if run.scaler else weighted).backward()
+                loss_sum += float(weighted.detach())
+        except Exception as err:  # noqa: BLE001 - only OOM is translated, everything else re-raised
+            if is_out_of_memory(err):
+                raise self._oom_error("training", len(indices)) from err
+            raise
+        if self.dist.enabled:
+            loss_sum, bad = ddp.all_reduce_grads(params, [loss_sum, bad])
+        if bad:
+            self._skip_nonfinite(run)
+            return None
+        self._optimizer_step(run, params)
         self.state.step += 1
-        return float(loss.item())
+        return loss_sum
+
+    def _optimizer_step(self, run: _Run, params: list[torch.nn.Parameter]) -> None:
+        if run.scaler is not None:
+            run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        if run.scaler is not None:
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            run.optimizer.step()
+        run.scheduler.step()
+
+    def _skip_nonfinite(self, run: _Run) -> None:
+        run.optimizer.zero_grad(set_to_none=True)
+        self.state.skipped_steps += 1
+        limit = self.config.max_nonfinite_steps
+        if self.state.skipped_steps > limit:
+            raise NonFiniteLossError(
+                f"the loss was non-finite (NaN/inf) in {self.state.skipped_steps} steps (limit "
+                f"train.max_nonfinite_steps={limit}), the last at step {self.state.step}; lower train.lr, "
+                "use precision='fp32' or 'bf16' instead of fp16, lower max_grad_norm, or check the inputs")
+        self._warn("non-finite loss at step %d: skipped the batch (%d/%d allowed)", self.state.step,
+                   self.state.skipped_steps, limit)
+
+    def _oom_error(self, phase: str, n: int) -> TrainingOutOfMemoryError:
+        cfg = self.config
+        if phase == "evaluation":
+            return TrainingOutOfMemoryError(
+                f"out of memory during evaluation with eval_batch_size={n}; lower train.eval_batch_size "
+                "or the template's max_length")
+        return TrainingOutOfMemoryError(
+            f"out of memory during training at step {self.state.step} with batch_size={cfg.batch_size} "
+            f"(x grad_accum={cfg.grad_accum}, {self.dist.world_size} rank(s)); lower train.batch_size and "
+            "raise train.grad_accum to keep the same effective batch, use precision='bf16', lower "
+            "max_length, or train a smaller delta (fewer targets / lower rank)")
 
     def _evaluate_dev(self, dev: Sequence, train_loss: float) -> bool:
         metrics = self.evaluate(dev)
@@ -207,17 +394,79 @@ class Trainer:
             for n, v in snap.items():
                 params[n].copy_(v)
 
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self, run: _Run) -> Path | None:
+        """Write the full training state to ``checkpoint_dir`` (rank 0 only); all ranks wait for it."""
+        path = None
+        if self.dist.is_main:
+            tensors = {f"param.{n}": v for n, v in self._snapshot().items()}
+            tensors.update({f"best.{n}": v for n, v in run.best.items()})
+            opt_tensors, opt_meta = ckpt.optimizer_to_flat(run.optimizer.state_dict())
+            rng_tensors, rng_meta = ckpt.capture_rng(run.generator)
+            tensors.update(opt_tensors)
+            tensors.update(rng_tensors)
+            state = {"fit_state": asdict(self.state), "epoch": run.epoch, "order": run.order, "pos": run.pos,
+                     "total": run.total, "optimizer": opt_meta, "scheduler": run.scheduler.state_dict(),
+                     "scaler": run.scaler.state_dict() if run.scaler else None, "rng": rng_meta,
+                     "config": asdict(self.config)}
+            path = ckpt.save_checkpoint(self.config.checkpoint_dir, self.state.step, tensors, state,
+                                        keep_last=self.config.keep_checkpoints)
+            logger.debug("wrote checkpoint %s", path)
+        ddp.barrier(self.dist)
+        return path
+
+    def _resume(self, run: _Run) -> None:
+        path = ckpt.latest_checkpoint(self.config.checkpoint_dir)
+        if path is None:
+            self._info("no complete checkpoint in %s; starting from scratch", self.config.checkpoint_dir)
+            return
+        tensors, state = ckpt.load_checkpoint(path)
+        self._load_params({k[6:]: v for k, v in tensors.items() if k.startswith("param.")}, path)
+        run.best = {k[5:]: v.to(self.device) for k, v in tensors.items() if k.startswith("best.")}
+        run.optimizer.load_state_dict(ckpt.optimizer_from_flat(tensors, state["optimizer"]))
+        run.scheduler.load_state_dict(state["scheduler"])
+        if run.scaler is not None and state["scaler"]:
+            run.scaler.load_state_dict(state["scaler"])
+        ckpt.restore_rng(run.generator, tensors, state["rng"])
+        run.epoch, run.order, run.pos, run.total = state["epoch"], state["order"], state["pos"], state["total"]
+        self.state = FitState(**state["fit_state"])
+        self._info("resumed from %s (step %d, epoch %d)", path, self.state.step, run.epoch)
+
+    def _load_params(self, saved: dict[str, torch.Tensor], path: Path) -> None:
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if set(saved) != set(params) or any(saved[n].shape != params[n].shape for n in params):
+            missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+            raise CheckpointError(f"checkpoint {str(path)!r} was written for other trainable parameters "
+                                  f"(missing {missing[:5]}, unexpected {extra[:5]}, or shapes differ); "
+                                  "resume with the same model, delta and template, or use a new checkpoint_dir")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+
     # ---- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, examples: Sequence) -> torch.Tensor:
-        """Predicted class index for each example, (N,)."""
+        """Predicted class index for each example, (N,). Under torchrun each rank predicts a share."""
         self.model.eval()
-        preds = []
-        bs = self.config.eval_batch_size
-        for i in range(0, len(examples), bs):
-            logits = self.model(self.model.collate(list(examples[i:i + bs])))  # (B, C)
-            preds.append(logits.argmax(-1).cpu())
-        return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+        ctx, bs = self.dist, self.config.eval_batch_size
+        mine = list(range(ctx.rank, len(examples), ctx.world_size))
+        preds: list[torch.Tensor] = []
+        try:
+            for i in range(0, len(mine), bs):
+                with self._autocast():
+                    logits = self.model(self.model.collate([examples[j] for j in mine[i:i + bs]]))  # (B, C)
+                preds.append(logits.argmax(-1).cpu())
+        except Exception as err:  # noqa: BLE001
+            if is_out_of_memory(err):
+                raise self._oom_error("evaluation", bs) from err
+            raise
+        local = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+        if not ctx.enabled:
+            return local
+        out = torch.empty(len(examples), dtype=torch.long)
+        for rank, part in enumerate(ddp.gather_objects(local.tolist(), ctx)):
+            out[rank::ctx.world_size] = torch.tensor(part, dtype=torch.long)
+        return out
 
     def evaluate(self, examples: Sequence) -> dict[str, float]:
         """Accuracy, macro-F1 and evaluation throughput on labelled ``examples``."""

@@ -1,0 +1,318 @@
+"""Run a benchmark suite: every (task, method, shots, seed) once, one JSON line per finished run.
+
+Protocol (LM-BFF, Gao et al. 2021): per seed, k examples per class for train and k per class for dev are
+drawn from the train pool; model selection (best dev checkpoint, and the lr / C grid when given) uses dev
+only; the reported figure is on the full test set.
+
+Results are appended with one ``os.write`` on an ``O_APPEND`` descriptor followed by ``fsync``, so a killed
+suite leaves whole lines (a torn last line is dropped on the next start). Re-running a suite skips every
+run whose key and config hash are already in the file: an interrupted suite resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import logging
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from promptdelta.bench.suite import RunSpec, Suite, load_suite
+from promptdelta.errors import ConfigError, DataError, PromptDeltaError
+from promptdelta.utils.io import atomic_write_bytes
+from promptdelta.utils.seed import seed_everything
+
+logger = logging.getLogger(__name__)
+
+Data = tuple[Any, Any, Any]   # (train, dev, test) ExampleSets
+
+
+# ---------------------------------------------------------------------------------------- results file
+
+
+def append_result(path: str | Path, row: dict[str, Any]) -> None:
+    """Append one JSON line atomically: a single ``os.write`` on an O_APPEND fd, then fsync."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = (json.dumps(row, sort_keys=True, default=str) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(f"short write to {path} ({written} of {len(data)} bytes); check the disk space")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_results(path: str | Path, repair: bool = False) -> list[dict[str, Any]]:
+    """Every row of a results file, in order. A torn last line (a killed write) is skipped with a warning,
+    and removed from the file when ``repair``; a malformed line elsewhere raises DataError."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    torn = lines[-1] != b""                    # a whole file ends with "\n": the last piece is empty
+    rows = []
+    for i, line in enumerate(lines[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i} is not a JSON line ({e}); delete that line (the run is then redone)") from e
+    if torn:
+        logger.warning("%s ends with an incomplete line (an interrupted write); ignoring it", path)
+        if repair:
+            atomic_write_bytes(path, data[:len(data) - len(lines[-1])])
+    return rows
+
+
+def latest_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per run key: the last one written (a re-run after a config change supersedes the old row)."""
+    by_key: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        by_key.pop(row["key"], None)
+        by_key[row["key"]] = row
+    return list(by_key.values())
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+class PeakMemory:
+    """Peak memory over a block, in MiB above its start.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the process's resident set size sampled every
+    ``interval`` s from /proc/self/statm (an estimate: allocations between samples can be missed).
+    """
+
+    def __init__(self, device: str = "cpu", interval: float = 0.01) -> None:
+        self.cuda = str(device).startswith("cuda") and torch.cuda.is_available()
+        self.kind = "cuda_max_allocated" if self.cuda else "cpu_rss_sampled"
+        self.interval, self.peak_mb = interval, 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._max = max(self._max, self._rss())
+
+    def __enter__(self) -> "PeakMemory":
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+        else:
+            self._start = self._max = self._rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._max, self._rss())
+        self.peak_mb = max(0, peak - self._start) / 2 ** 20
+
+
+def versions() -> dict[str, str]:
+    import sklearn
+    import transformers
+
+    import promptdelta
+
+    return {"promptdelta": promptdelta.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "sklearn": sklearn.__version__,
+            "python": platform.python_version()}
+
+
+def _test_metrics(preds: Sequence[int], test: Any, eval_s: float) -> dict[str, float]:
+    from promptdelta.train.trainer import compute_metrics
+
+    m = compute_metrics([ex.label for ex in test], list(preds), num_classes=len(test.classes))
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+            "eval_examples_per_s": len(test) / max(eval_s, 1e-9)}
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def load_task(suite: Suite, task: str, shots: int, seed: int) -> Data:
+    """(train, dev, test) of ``task``: k-shot train and dev from the train pool, the full test split."""
+    from promptdelta import data as pdata
+
+    t = suite.tasks[task]
+    return pdata.load(t["data"], shots=shots, seed=seed, columns=t.get("columns"),
+                      split_names=t.get("split_names"), classes=t.get("classes"))
+
+
+def build_prompt_model(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any, classes: list[str],
+                       lr: float | None = None) -> torch.nn.Module:
+    """PromptForClassification = template x verbalizer x delta on a fresh copy of ``base``."""
+    from promptdelta.deltas import attach
+    from promptdelta.prompts import PromptForClassification
+    from promptdelta.run import build_template, build_verbalizer
+
+    config = suite.run_config(spec.task, spec.method, spec.shots, spec.seed, lr)
+    seed_everything(spec.seed)
+    model = copy.deepcopy(base)
+    template = build_template(config, tokenizer, model)
+    verbalizer = build_verbalizer(config, tokenizer, classes, model)
+    if config.delta:
+        attach(model, config.delta["method"], **{k: v for k, v in config.delta.items() if k != "method"})
+    return PromptForClassification(model, template, verbalizer, max_length=config.max_length)
+
+
+def _make_model(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any,
+                classes: list[str]) -> Callable[[], torch.nn.Module]:
+    kind = suite.methods[spec.method]["kind"]
+    if kind == "prompt":
+        return lambda: build_prompt_model(suite, spec, base, tokenizer, classes)
+    from promptdelta.bench.baselines import build_head_model
+
+    def make() -> torch.nn.Module:
+        seed_everything(spec.seed)
+        return build_head_model(kind, base, tokenizer, len(classes), suite.max_length, suite.methods[spec.method])
+    return make
+
+
+def run_trained(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any, data: Data) -> dict[str, Any]:
+    """Train each lr of the method's grid (default: its train.lr), keep the best on dev, test it."""
+    from promptdelta.run import count_trainable
+    from promptdelta.train.trainer import TrainConfig, Trainer
+
+    train, dev, test = data
+    make = _make_model(suite, spec, base, tokenizer, list(train.classes))
+    base_cfg = TrainConfig.from_dict(suite.method_train(spec.method))
+    best, grid_s = None, 0.0
+    for lr in suite.methods[spec.method].get("lr_grid") or [base_cfg.lr]:
+        model = make()
+        with PeakMemory(base_cfg.device) as mem:
+            trainer = Trainer(model, base_cfg, lr=float(lr), seed=spec.seed).fit(train, dev)
+        grid_s += trainer.train_time_s
+        if best is None or trainer.state.best_score > best[0].state.best_score:
+            best = (trainer, float(lr), mem.peak_mb, mem.kind)
+        logger.info("%s lr=%g: dev %s %.4f", spec.key, lr, base_cfg.metric, trainer.state.best_score)
+    trainer, lr, peak_mb, mem_kind = best
+    t0 = time.perf_counter()
+    preds = trainer.predict(test).tolist()
+    trainable, total = count_trainable(trainer.model)
+    return {**_test_metrics(preds, test, time.perf_counter() - t0), "dev_score": trainer.state.best_score,
+            "dev_metric": base_cfg.metric, "chosen": {"lr": lr}, "trainable_params": trainable,
+            "total_params": total, "peak_mem_mb": peak_mb, "peak_mem_kind": mem_kind,
+            "train_time_s": trainer.train_time_s, "grid_train_time_s": grid_s, "steps": trainer.state.step,
+            "step_time_s": trainer.train_time_s / max(1, trainer.state.step)}
+
+
+def run_logreg_spec(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any, data: Data) -> dict[str, Any]:
+    from promptdelta.bench.baselines import run_logreg
+
+    train, dev, test = data
+    with PeakMemory(suite.device) as mem:
+        out = run_logreg(base, tokenizer, train, dev, test, suite.max_length, suite.methods[spec.method],
+                         spec.seed, suite.device)
+    return {**_test_metrics(out["preds"], test, out["eval_time_s"]), "dev_score": out["dev_score"],
+            "dev_metric": "accuracy", "chosen": out["chosen"], "trainable_params": out["trainable_params"],
+            "total_params": out["total_params"], "peak_mem_mb": mem.peak_mb, "peak_mem_kind": mem.kind,
+            "train_time_s": out["train_time_s"], "grid_train_time_s": out["train_time_s"], "steps": 0,
+            "step_time_s": None}
+
+
+def run_spec(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any, data: Data) -> dict[str, Any]:
+    """Run one cell of the grid and return its results row."""
+    kind = suite.methods[spec.method]["kind"]
+    runner = run_logreg_spec if kind == "logreg" else run_trained
+    metrics = runner(suite, spec, base, tokenizer, data)
+    train, dev, test = data
+    return {"suite": suite.name, "key": spec.key, "config_hash": spec.config_hash, "task": spec.task,
+            "method": spec.method, "kind": kind, "shots": spec.shots, "seed": spec.seed, **metrics,
+            "trainable_pct": 100.0 * metrics["trainable_params"] / max(1, metrics["total_params"]),
+            "n_train": len(train), "n_dev": len(dev), "n_test": len(test), "backbone": suite.backbone,
+            "device": suite.device, "versions": versions(),
+            "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def preflight(suite: Suite, specs: Sequence[RunSpec], base: torch.nn.Module, tokenizer: Any) -> None:
+    """Before any training: load each task, build every prompt model once and run it on two examples, so
+    a bad template, verbalizer, delta option or data source fails now, naming the task and method."""
+    for task in dict.fromkeys(s.task for s in specs):
+        first = next(s for s in specs if s.task == task)
+        try:
+            train, _, _ = load_task(suite, task, first.shots, first.seed)
+        except Exception as e:
+            cls = type(e) if isinstance(e, PromptDeltaError) else DataError
+            raise cls(f"task {task!r} of suite {suite.name!r}: {e}") from e
+        for method in dict.fromkeys(s.method for s in specs if s.task == task):
+            if suite.methods[method]["kind"] != "prompt":
+                continue
+            try:
+                model = build_prompt_model(suite, RunSpec(task, method, first.shots, first.seed, ""), base,
+                                           tokenizer, list(train.classes))
+                with torch.no_grad():
+                    model.eval()(model.collate(list(train)[:2]))
+            except Exception as e:
+                raise ConfigError(f"method {method!r} on task {task!r} of suite {suite.name!r} cannot be built: "
+                                  f"{type(e).__name__}: {e}") from e
+
+
+def pending(suite: Suite, results: str | Path, only: Sequence[str] | None = None) -> tuple[list[RunSpec], int]:
+    """(runs still to do, runs already finished) for ``suite`` and its results file."""
+    specs = suite.expand(only)
+    done = {(r.get("key"), r.get("config_hash")) for r in read_results(results)}
+    done_keys = {k for k, _ in done}
+    todo = [s for s in specs if (s.key, s.config_hash) not in done]
+    for s in todo:
+        if s.key in done_keys:
+            logger.warning("%s: its config changed since it was recorded; running it again", s.key)
+    return todo, len(specs) - len(todo)
+
+
+def run_suite(suite: Suite | str | Path, results: str | Path, *, only: Sequence[str] | None = None,
+              after_run: Callable[[dict[str, Any]], None] | None = None,
+              echo: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Run every unfinished run of ``suite``, appending a line to ``results`` after each; returns the new rows.
+
+    ``after_run(row)`` is called after each line is written (progress, or a test's simulated crash).
+    """
+    from promptdelta.backbones import load_backbone
+
+    suite = suite if isinstance(suite, Suite) else load_suite(suite)
+    read_results(results, repair=True)
+    todo, finished = pending(suite, results, only)
+    say = echo or (lambda s: logger.info("%s", s))
+    say(f"suite {suite.name}: {finished + len(todo)} runs, {finished} already in {results}, {len(todo)} to run")
+    if not todo:
+        return []
+    base, tokenizer = load_backbone(suite.backbone)
+    preflight(suite, todo, base, tokenizer)
+    rows, cached = [], (None, None)
+    for i, spec in enumerate(todo, 1):
+        split = (spec.task, spec.shots, spec.seed)
+        if cached[0] != split:
+            cached = (split, load_task(suite, *split))
+        row = run_spec(suite, spec, base, tokenizer, cached[1])
+        append_result(results, row)
+        rows.append(row)
+        say(f"[{i}/{len(todo)}] {spec.key}: accuracy {row['accuracy']:.4f} macro-F1 {row['macro_f1']:.4f} "
+            f"({row['grid_train_time_s']:.1f} s)")
+        if after_run is not None:
+            after_run(row)
+    return rows
