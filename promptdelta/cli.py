@@ -1,6 +1,7 @@
 """Command line: ``promptdelta run | bench | info``.
 
 ``promptdelta run --config examples/configs/demo.yaml --shots 16 --seeds 13,21``: flags override the YAML.
+``promptdelta run --nproc 2 ...`` runs the same command on 2 local data-parallel processes (torchrun).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import logging
 import sys
 from typing import Sequence
 
-from promptdelta.errors import PromptDeltaError
+from promptdelta.errors import ConfigError, PromptDeltaError
+from promptdelta.train.distributed import env_is_main, env_world_size, launch
 
 
 def _seeds(text: str) -> list[int]:
@@ -43,6 +45,21 @@ def _add_run(sub) -> None:
     p.add_argument("--batch-size", type=int, dest="train.batch_size")
     p.add_argument("--device", dest="train.device")
     p.add_argument("--no-progress", action="store_false", dest="train.progress", default=None)
+    g = p.add_argument_group("scale and faults")
+    g.add_argument("--nproc", type=int, default=1,
+                   help="local data-parallel processes (torchrun; gloo on CPU, NCCL on GPU); default 1")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], dest="train.precision",
+                   help="fp32, bf16 autocast (CPU and GPU) or fp16 with loss scaling (GPU)")
+    g.add_argument("--grad-accum", type=int, dest="train.grad_accum", help="micro-batches per optimizer step")
+    g.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   dest="train.gradient_checkpointing", help="recompute layer activations in backward (less memory)")
+    g.add_argument("--checkpoint-dir", dest="train.checkpoint_dir",
+                   help="training checkpoints go to <dir>/seed<N>/ (atomic, the newest K kept)")
+    g.add_argument("--checkpoint-every", type=int, dest="train.checkpoint_every",
+                   help="also checkpoint every N optimizer steps (always at the end)")
+    g.add_argument("--resume", action="store_true", default=None, dest="train.resume",
+                   help="continue each seed from its newest complete checkpoint in --checkpoint-dir, in the "
+                        "run's existing folder")
 
 
 BENCHES = {
@@ -52,6 +69,7 @@ BENCHES = {
     "deltas": "one training step per delta method: trainable params, step time, peak memory",
     "run": "run a suite of (task, method, shots, seed) few-shot runs, resumable; prints the summary table",
     "report": "summary table (markdown, CSV) and plots from a suite's results file",
+    "train": "full fine-tuning with/without activation checkpointing; LoRA throughput on 1 vs N gloo processes",
 }
 
 
@@ -62,24 +80,71 @@ def _add_bench(sub) -> None:
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="its own options (see --help of each)")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+_RUN_KEYS = ["name", "backbone", "data", "template", "template_choice", "template_type", "verbalizer",
+             "label_words", "shots", "seeds", "max_length", "output_dir", "train.lr", "train.epochs",
+             "train.max_steps", "train.batch_size", "train.device", "train.progress", "train.precision",
+             "train.grad_accum", "train.gradient_checkpointing", "train.checkpoint_dir", "train.checkpoint_every",
+             "train.resume"]
+
+
+def run_config_from_args(args: argparse.Namespace):
+    """The RunConfig of ``promptdelta run``: the YAML (or the defaults), then every flag that was given."""
     from promptdelta.config import RunConfig
-    from promptdelta.run import run
 
     config = RunConfig.from_yaml(args.config) if args.config else RunConfig()
-    keys = ["name", "backbone", "data", "template", "template_choice", "template_type", "verbalizer", "label_words", "shots",
-            "seeds", "max_length", "output_dir", "train.lr", "train.epochs", "train.max_steps",
-            "train.batch_size", "train.device", "train.progress"]
-    overrides = {k: getattr(args, k) for k in keys}
+    overrides = {k: getattr(args, k) for k in _RUN_KEYS}
     if args.delta is not None:
         same = isinstance(config.delta, dict) and config.delta.get("method") == args.delta
         overrides["delta"] = config.delta if same else args.delta
-    config = config.with_overrides(**overrides)
-    print(f"promptdelta run: backbone={config.backbone} data={config.data} verbalizer={config.verbalizer} "
-          f"delta={config.delta} shots={config.shots} seeds={config.seeds}", flush=True)
+    return config.with_overrides(**overrides)
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` less ``--nproc N`` / ``--nproc=N`` (or an abbreviation argparse accepted): the ranks do not need
+    it, and torchrun's own parser would reject it as an ambiguous prefix of its ``--nproc-per-node``."""
+    out, items = [], iter(argv)
+    for arg in items:
+        flag = arg.split("=", 1)[0]
+        if len(flag) > 3 and "--nproc".startswith(flag):
+            if "=" not in arg:
+                next(items, None)
+            continue
+        out.append(arg)
+    return out
+
+
+def _launch_ranks(args: argparse.Namespace, config) -> int:
+    """Re-run this command line on ``--nproc`` local ranks (inside them WORLD_SIZE > 1, so no relaunch)."""
+    if config.train.device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.device_count() < args.nproc:
+            raise ConfigError(f"--nproc {args.nproc} with device=cuda needs {args.nproc} GPUs, found "
+                              f"{torch.cuda.device_count()}; lower --nproc or use --device cpu (gloo)")
+    print(f"promptdelta run: launching {args.nproc} data-parallel processes", flush=True)
+    rc = launch(args.nproc, _without_nproc(args.argv))
+    if rc != 0:
+        print(f"error: a rank of the {args.nproc}-process run failed (exit code {rc}); see its output above",
+              file=sys.stderr)
+    return rc
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from promptdelta.run import run
+
+    config = run_config_from_args(args)
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc} must be >= 1 (the number of local processes)")
+    if args.nproc > 1 and env_world_size() == 1:
+        return _launch_ranks(args, config)
+    is_main = env_is_main()
+    if is_main:
+        print(f"promptdelta run: backbone={config.backbone} data={config.data} verbalizer={config.verbalizer} "
+              f"delta={config.delta} shots={config.shots} seeds={config.seeds}", flush=True)
     result = run(config, echo=lambda s: print(s, flush=True))
-    print()
-    print(result["table"])
+    if is_main:
+        print()
+        print(result["table"])
     if result["run_dir"]:
         print(f"\nwrote {result['run_dir']}/ (config.yaml, metrics.json, per-seed delta checkpoints)")
     return 0
@@ -113,15 +178,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptdelta", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_run(sub)
     _add_bench(sub)
     sub.add_parser("info", help="versions and registered methods")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level if env_is_main() else max(level, logging.WARNING),  # ranks > 0: warnings only
                         format="%(levelname)s %(name)s: %(message)s")
     handlers = {"run": cmd_run, "bench": cmd_bench, "info": cmd_info}
     try:

@@ -14,6 +14,7 @@ import yaml
 
 from promptdelta.errors import ConfigError, MissingFileError
 from promptdelta.train.trainer import TrainConfig
+from promptdelta.utils.checks import check_types
 
 DEFAULT_TEMPLATE = '{"placeholder":"text_a","shortenable":true} It was {"mask"}.'
 DEFAULT_SEEDS = [13, 21, 42, 87, 100]
@@ -40,7 +41,7 @@ class RunConfig:
     verbalizer_options: dict = field(default_factory=dict) # e.g. {proto_dim: 128} for proto
     label_words: Any = None                      # {class: [words]}, [[words] per class], a file, or None
     multi_token_handler: str = "first"           # manual verbalizer: first | mean | max
-    delta: Any = field(default_factory=_default_delta)   # {method: lora|bitfit, targets, ...} or "none"
+    delta: Any = field(default_factory=_default_delta)   # {method: lora|bitfit, ...}, "none" (full) or "frozen"
     shots: int | None = 16                       # k per class for train and for dev; None = full data
     seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
     max_length: int = 128
@@ -49,14 +50,15 @@ class RunConfig:
     save_delta: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.train, dict):
+        check_types(self, _FIELD_TYPES, "", "RunConfig in promptdelta/config.py and examples/configs/*.yaml")
+        if not isinstance(self.train, TrainConfig):   # a mapping, or null (YAML 'train:' with nothing under it)
             self.train = TrainConfig.from_dict(self.train)
         if isinstance(self.delta, str):
-            self.delta = None if self.delta.lower() in ("none", "") else {"method": self.delta}
-        if self.delta is not None:
-            if not isinstance(self.delta, dict) or "method" not in self.delta:
-                raise ConfigError("delta must be 'none', a method name, or a mapping with a 'method' key, "
-                                  f"e.g. {{method: lora, r: 8}}; got {self.delta!r}")
+            # "none"/"full": every weight trains; "frozen": only template/verbalizer parameters train
+            self.delta = None if self.delta.lower() in ("none", "full", "") else {"method": self.delta.lower()}
+        if self.delta is not None and not isinstance(self.delta.get("method"), str):
+            raise ConfigError("delta must be 'none', a method name, or a mapping with a 'method' key naming the "
+                              f"method, e.g. {{method: lora, r: 8}}; got {self.delta!r}")
         if self.verbalizer not in VERBALIZERS:
             raise ConfigError(f"verbalizer={self.verbalizer!r} is unknown; choose one of {list(VERBALIZERS)}")
         if self.template_type not in TEMPLATES:
@@ -69,6 +71,10 @@ class RunConfig:
             self.seeds = [self.seeds]
         if not self.seeds:
             raise ConfigError("seeds must name at least one seed, e.g. [13, 21, 42, 87, 100]")
+        bad = [s for s in self.seeds if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 32]
+        if bad:
+            raise ConfigError(f"seeds={self.seeds!r} holds {bad[0]!r}; every seed must be an int in [0, 2**32), "
+                              "e.g. [13, 21, 42]")
         if self.max_length < 8:
             raise ConfigError(f"max_length={self.max_length} is too small; use at least 8 (typically 128-512)")
 
@@ -77,7 +83,7 @@ class RunConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"a run config must be a mapping of keys to values, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known, key=str)
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {sorted(known)}")
         return cls(**copy.deepcopy(d))
@@ -89,8 +95,11 @@ class RunConfig:
             raise MissingFileError(f"config file {path} does not exist; pass an existing YAML file "
                                    "(see examples/configs/)")
         try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
+            d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text ({e}); save it as UTF-8") from e
+        except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as e:
+            # PyYAML raises ValueError for impossible dates (2001-13-45), not YAMLError
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
         return cls.from_dict(d)
 
@@ -108,3 +117,12 @@ class RunConfig:
             else:
                 d[key] = value
         return RunConfig.from_dict(d)
+
+
+_FIELD_TYPES: dict[str, tuple] = {
+    "name": (str, None), "backbone": (str,), "data": (str,), "template": (str,), "template_choice": (int,),
+    "template_type": (str,), "template_options": (dict,), "verbalizer": (str,), "verbalizer_options": (dict,),
+    "label_words": (dict, list, str, None), "multi_token_handler": (str,), "delta": (dict, str, None),
+    "shots": (int, None), "seeds": (list, int), "max_length": (int,), "train": (TrainConfig, dict, None),
+    "output_dir": (str,), "save_delta": (bool,),
+}

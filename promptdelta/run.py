@@ -3,12 +3,19 @@
 For each seed: sample k-shot train/dev from the train pool, copy the backbone, build the template and
 verbalizer, attach the delta, train with dev selection, evaluate on the full test split, and write
 ``runs/<name>/`` (resolved config, metrics.json, one delta checkpoint per seed). An existing run folder
-is never overwritten: a new name with a numeric suffix is chosen.
+is never overwritten: a new name with a numeric suffix is chosen -- except with ``train.resume``, which
+continues the named run in its folder.
+
+Training checkpoints (``train.checkpoint_dir``) go to one subfolder per seed, ``<checkpoint_dir>/seed<N>``,
+so a resumed multi-seed run picks each seed up where it stopped (a finished seed resumes from its final
+checkpoint and is only evaluated again). Under torchrun (``promptdelta run --nproc N``) every rank runs
+every seed, data-parallel, and only rank 0 writes the run folder.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import platform
 import re
@@ -22,6 +29,7 @@ import yaml
 
 from promptdelta.config import RunConfig
 from promptdelta.errors import ConfigError
+from promptdelta.train.distributed import env_is_main
 from promptdelta.utils.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from promptdelta.utils.seed import seed_everything
 
@@ -95,7 +103,11 @@ def build_verbalizer(config: RunConfig, tokenizer, classes: list[str], backbone)
     return SoftVerbalizer(tokenizer, classes=classes, label_words=words, backbone=backbone)
 
 
-def _free_run_dir(output_dir: Path, name: str) -> Path:
+def _free_run_dir(output_dir: Path, name: str, resume: bool = False) -> Path:
+    """``output_dir/name``, or the first free ``name-2``, ``name-3``...; with ``resume`` the named folder itself."""
+    if resume and (output_dir / name).is_dir():
+        logger.info("resuming run %s in its folder", output_dir / name)
+        return output_dir / name
     path, i = output_dir / name, 2
     while path.exists():
         path, i = output_dir / f"{name}-{i}", i + 1
@@ -118,26 +130,58 @@ def count_trainable(module: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def apply_delta(model: torch.nn.Module, delta: dict[str, Any] | None):
+    """Attach ``delta`` ({"method": ..., **options}) to ``model``; returns its handle, or None.
+
+    ``None`` leaves every weight trainable (full fine-tuning); ``{"method": "frozen"}`` freezes the whole
+    backbone, so only the template's and verbalizer's own parameters train (prompt tuning, soft/proto
+    verbalizers; a manual verbalizer and template then have nothing to train and are evaluated zero-shot).
+    """
+    from promptdelta.deltas import attach
+
+    if not delta:
+        return None
+    if delta["method"] == "frozen":
+        model.requires_grad_(False)
+        return None
+    return attach(model, delta["method"], **{k: v for k, v in delta.items() if k != "method"})
+
+
+def fit_or_zero_shot(model: torch.nn.Module, train_config, train, dev, seed: int, lr: float | None = None):
+    """A fitted Trainer; when ``model`` has nothing to train, a Trainer that only scored ``dev`` (zero-shot)."""
+    from promptdelta.train import Trainer
+
+    trainer = Trainer(model, train_config, seed=seed, **({} if lr is None else {"lr": lr}))
+    if any(p.requires_grad for p in model.parameters()):
+        return trainer.fit(train, dev)
+    logger.info("nothing to train (frozen backbone, manual template and verbalizer): zero-shot evaluation")
+    if dev:
+        trainer.state.best_score = trainer.evaluate(dev)[train_config.metric]
+    return trainer
+
+
+def seed_train_config(config: RunConfig, seed: int):
+    """``config.train`` with this seed's own checkpoint folder, ``<checkpoint_dir>/seed<seed>``."""
+    if not config.train.checkpoint_dir:
+        return config.train
+    return dataclasses.replace(config.train, checkpoint_dir=str(Path(config.train.checkpoint_dir) / f"seed{seed}"))
+
+
 def run_one_seed(config: RunConfig, base_model, tokenizer, seed: int, run_dir: Path | None) -> dict[str, Any]:
     """Train and evaluate one seed; returns its metrics row."""
     from promptdelta import data as pdata
-    from promptdelta.deltas import attach
     from promptdelta.prompts import PromptForClassification
-    from promptdelta.train import Trainer
 
     train, dev, test = pdata.load(config.data, shots=config.shots, seed=seed)
     seed_everything(seed)
     model = copy.deepcopy(base_model)
     template = build_template(config, tokenizer, model)
     verbalizer = build_verbalizer(config, tokenizer, list(train.classes), model)
-    handle = None
-    if config.delta:
-        cfg = {k: v for k, v in config.delta.items() if k != "method"}
-        handle = attach(model, config.delta["method"], **cfg)
+    handle = apply_delta(model, config.delta)
     clf = PromptForClassification(model, template, verbalizer, max_length=config.max_length)
     trainable, total = count_trainable(clf)
     t0 = time.perf_counter()
-    trainer = Trainer(clf, config.train, seed=seed).fit(train, dev)
+    trainer = fit_or_zero_shot(clf, seed_train_config(config, seed), train, dev, seed)
     train_s = time.perf_counter() - t0
     metrics = trainer.evaluate(test)
     row = {"seed": seed, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
@@ -148,7 +192,7 @@ def run_one_seed(config: RunConfig, base_model, tokenizer, seed: int, run_dir: P
     if run_dir is not None and config.save_delta:
         seed_dir = run_dir / f"seed{seed}"
         if handle is not None:
-            handle.save(seed_dir / "delta")
+            handle.save(seed_dir / "delta", overwrite=config.train.resume)
         prompt_state = {f"template.{k}": v for k, v in template.state_dict().items()}
         prompt_state.update({f"verbalizer.{k}": v for k, v in verbalizer.state_dict().items()})
         if prompt_state:
@@ -181,21 +225,23 @@ def format_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
 
 
 def run(config: RunConfig, *, write: bool = True, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run every seed of ``config``; returns ``{"run_dir", "rows", "summary", "table"}``."""
+    """Run every seed of ``config``; returns ``{"run_dir", "rows", "summary", "table"}``.
+
+    Only the main process writes (rank 0 under torchrun); the others return ``run_dir=None``."""
     from promptdelta.backbones import load_backbone
 
     base_model, tokenizer = load_backbone(config.backbone)
     run_dir = None
-    if write:
+    if write and env_is_main():
         name = config.name or default_run_name(config)
-        run_dir = _free_run_dir(Path(config.output_dir), name)
-        run_dir.mkdir(parents=True)
+        run_dir = _free_run_dir(Path(config.output_dir), name, resume=config.train.resume)
+        run_dir.mkdir(parents=True, exist_ok=config.train.resume)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     rows: list[dict[str, Any]] = []
     for seed in config.seeds:
         row = run_one_seed(config, base_model, tokenizer, seed, run_dir)
         rows.append(row)
-        if echo:
+        if echo and env_is_main():
             echo(f"seed {seed}: accuracy {row['accuracy']:.4f}  macro-F1 {row['macro_f1']:.4f}  "
                  f"({row['train_time_s']:.1f} s)")
         if run_dir is not None:

@@ -32,7 +32,7 @@ def rates(table):
 def test_table_on_synthetic_texts(tok, tmp_path):
     table = run_data_bench(n=40, data=tmp_path / "absent.jsonl", tokenizer=tok, batch_size=16, repeats=2)
     assert "wrap + tokenise 40 texts from synthetic texts" in table
-    assert "2 interleaved rounds" in table
+    assert "2 interleaved rounds" in table and "TOKENIZERS_PARALLELISM=" in table
     assert "batched rows identical to per-example rows: yes" in table
     got = rates(table)
     assert set(got) == set(PATHS) and all(r > 0 for r in got.values())

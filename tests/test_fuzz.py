@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from promptdelta.config import RunConfig
-from promptdelta.errors import PromptDeltaError
+from promptdelta.errors import ConfigError, PromptDeltaError, VerbalizerError
 from promptdelta.prompts import ManualVerbalizer, parse_template
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -38,12 +38,6 @@ def test_parse_template_rejects_non_strings(value):
     with pytest.raises(PromptDeltaError):
         parse_template(value)
 
-
-_CONFIG_BUG = ("RunConfig.__post_init__ (promptdelta/config.py) compares values without checking their type: "
-               "{'max_length': None} (YAML 'max_length:') and {'shots': 'a'} raise TypeError, not ConfigError")
-_VERB_BUG = ("ManualVerbalizer.from_file (promptdelta/prompts/verbalizer.py): text '0\\n\\n,' with choice=1 raises "
-             "IndexError (a line with no words, ws[0] in from_file); '{}' as .json raises ValueError from _pack "
-             "(max() of an empty sequence); both should be VerbalizerError")
 
 
 _TOKENIZER = []
@@ -80,26 +74,24 @@ def _load_verbalizer(content: bytes, suffix: str, choice: int):
             pass
 
 
-@pytest.mark.xfail(reason=_VERB_BUG, strict=False)
 @FUZZ
 @given(verbalizer_text, st.sampled_from([".txt", ".json", ".jsonl"]), st.integers(-1, 2))
 def test_verbalizer_file_raises_only_documented_errors(text, suffix, choice):
     _load_verbalizer(text.encode("utf-8"), suffix, choice)
 
 
-@pytest.mark.xfail(reason="ManualVerbalizer.from_file reads with path.read_text(encoding='utf-8') and lets "
-                          "UnicodeDecodeError escape on a non-UTF-8 file (promptdelta/prompts/verbalizer.py, "
-                          "from_file); it should raise VerbalizerError naming the encoding", strict=True,
-                   raises=UnicodeDecodeError)
 def test_verbalizer_file_that_is_not_utf8():
-    _load_verbalizer(b"good\xff\xfe, fine\nbad\n", ".txt", 0)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "words.txt"
+        path.write_bytes(b"good\xff\xfe, fine\nbad\n")
+        with pytest.raises(VerbalizerError, match=r"words\.txt' is not UTF-8 text \(byte 0xff at offset 4\)"):
+            ManualVerbalizer.from_file(path, tokenizer=tokenizer())
 
 
 _KEYS = [f.name for f in fields(RunConfig)]
 config_dicts = st.dictionaries(st.sampled_from(_KEYS) | st.text(max_size=6), json_values, max_size=4)
 
 
-@pytest.mark.xfail(reason=_CONFIG_BUG, strict=False)
 @FUZZ
 @given(config_dicts)
 def test_run_config_from_dict_raises_only_documented_errors(d):
@@ -128,7 +120,6 @@ yaml_text = st.one_of(
              max_size=10).map("".join))
 
 
-@pytest.mark.xfail(reason=_CONFIG_BUG, strict=False)
 @FUZZ
 @given(yaml_text)
 def test_run_config_from_yaml_raises_only_documented_errors(text):
@@ -141,23 +132,49 @@ def test_run_config_from_yaml_raises_only_documented_errors(text):
             pass
 
 
-@pytest.mark.xfail(reason=_VERB_BUG, strict=True, raises=(IndexError, ValueError))
-@pytest.mark.parametrize("text,suffix,choice", [("0\n\n,", ".txt", 1), ("{}", ".json", 0)])
-def test_verbalizer_file_found_cases(text, suffix, choice):
-    _load_verbalizer(text.encode("utf-8"), suffix, choice)
+@pytest.mark.parametrize("text,suffix,choice,problem", [
+    ("0\n\n,", ".txt", 1, r"line 3 of '.*words\.txt' has no label words"),
+    ("{}", ".json", 0, r"verbalizer 0 of '.*words\.json' has no classes"),
+    ('{"a": 1}', ".json", 0, r"class 'a' of verbalizer 0 in '.*words\.json' has label words 1"),
+    ("", ".txt", 0, r"'.*words\.txt' holds no label words"),
+])
+def test_verbalizer_file_found_cases(text, suffix, choice, problem):
+    """The inputs fuzzing found (and their kin) raise VerbalizerError naming the file and the problem."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"words{suffix}"
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(VerbalizerError, match=problem):
+            ManualVerbalizer.from_file(path, tokenizer=tokenizer(), choice=choice)
 
 
-@pytest.mark.xfail(reason=_CONFIG_BUG, strict=True, raises=TypeError)
-@pytest.mark.parametrize("d", [{"max_length": None}, {"shots": "a"}])
-def test_run_config_found_cases(d):
-    try:
+@pytest.mark.parametrize("d, match", [
+    ({"max_length": None}, "max_length=None has the wrong type; it must be int"),
+    ({"shots": "a"}, "shots='a' has the wrong type; it must be int or null"),
+    ({"train": [1, 2]}, "train=\\[1, 2\\] has the wrong type; it must be TrainConfig or mapping or null"),
+    ({"train": "fast"}, "train='fast' has the wrong type"),
+    ({"seeds": [1, "b"]}, "every seed must be an int"),
+    ({"seeds": True}, "seeds=True has the wrong type; it must be list or int"),
+    ({"delta": {"method": 3}}, "'method' key naming the method"),
+    ({"save_delta": "yes"}, "save_delta='yes' has the wrong type; it must be bool"),
+    ({1: 2, "x": 3}, "unknown config key"),
+])
+def test_run_config_found_cases(d, match):
+    """The inputs fuzzing found (and their kin) raise ConfigError naming the key and the expected type."""
+    with pytest.raises(ConfigError, match=match):
         RunConfig.from_dict(d)
-    except PromptDeltaError:
-        pass
+
+
+@pytest.mark.parametrize("text", ["name: 2001-13-45\n", "train: [lr, 1]\n", "max_length:\n", "? [1]\n: 2\n"])
+def test_run_config_yaml_found_cases(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError):
+        RunConfig.from_yaml(path)
+    path.write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="UTF-8"):
+        RunConfig.from_yaml(path)
 
 
 def test_train_config_wrong_types_name_the_field():
-    from promptdelta.errors import ConfigError
-
     with pytest.raises(ConfigError, match="train.lr=None has the wrong type; it must be float"):
         RunConfig.from_dict({"train": {"lr": None}})

@@ -8,6 +8,7 @@ Contract (all families):
     model.has_lm_head: bool        # True when the checkpoint carried an LM/MLM head
     model.forward(input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                   inputs_embeds=None, prefix_kv=None, output_hidden_states=False) -> BackboneOutput
+    model.gradient_checkpointing_enable() / _disable()   # activation checkpointing (GradientCheckpointing)
 """
 
 from __future__ import annotations
@@ -50,3 +51,41 @@ def check_prefix_kv(prefix_kv, n_layers: int, heads: int, head_dim: int, batch: 
                                 f"head_dim={head_dim}).")
         out.append((k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)))
     return out
+
+
+class GradientCheckpointing:
+    """Activation (gradient) checkpointing for a native backbone's layer stacks (Chen et al., 2016,
+    "Training Deep Nets with Sublinear Memory Cost").
+
+    When on, each layer's forward runs inside ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``:
+    only the layer's inputs are kept for backward and its activations are recomputed there, trading about
+    one extra forward for memory that no longer grows with depth. Dropout draws the same masks in the
+    recomputation (the RNG state is saved), so loss and gradients equal those without checkpointing. It
+    applies only in training mode, with gradients on and no KV cache (``use_cache`` / ``past_key_values``):
+    evaluation, ``torch.no_grad`` and generation run as before. Same method names as ``transformers``.
+    """
+
+    gradient_checkpointing: bool = False
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.gradient_checkpointing
+
+    def _checkpoint_layers(self, cached: bool = False) -> bool:
+        """Whether this forward checkpoints its layers: switched on, training, grad enabled, no KV cache."""
+        return self.gradient_checkpointing and self.training and torch.is_grad_enabled() and not cached
+
+
+def call_layer(layer: torch.nn.Module, *args, checkpoint: bool = False, **kwargs):
+    """``layer(*args, **kwargs)``, under non-reentrant activation checkpointing when ``checkpoint``."""
+    if checkpoint:
+        from torch.utils.checkpoint import checkpoint as run_checkpointed
+
+        return run_checkpointed(layer, *args, use_reentrant=False, **kwargs)
+    return layer(*args, **kwargs)

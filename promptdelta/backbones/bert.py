@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptdelta.backbones.base import BackboneOutput, check_prefix_kv
+from promptdelta.backbones.base import BackboneOutput, GradientCheckpointing, call_layer, check_prefix_kv
 from promptdelta.backbones.keymap import KeyTable, load_hf_state, load_into_hf
 from promptdelta.errors import BackboneError, ConfigError
 
@@ -255,7 +255,7 @@ def _attention_bias(attention_mask: torch.Tensor | None, prefix_len: int, dtype:
     return bias[:, None, None, :]
 
 
-class BertModel(nn.Module):
+class BertModel(GradientCheckpointing, nn.Module):
     """Native BERT encoder with an optional pooler and an optional tied MLM head."""
 
     family = "bert"
@@ -298,12 +298,12 @@ class BertModel(nn.Module):
             raise BackboneError(f"attention_mask has shape {tuple(attention_mask.shape)} but the input is "
                                 f"{(B, T)}. Fix: pass a (batch, seq_len) mask with 1 = keep, 0 = pad.")
         prefixes = self._check_prefix(prefix_kv, B)
-        hidden, biases = [x], {}
+        hidden, biases, ckpt = [x], {}, self._checkpoint_layers()
         for layer, prefix in zip(self.layers, prefixes):
             P = 0 if prefix is None else prefix[0].shape[2]
             if P not in biases:
                 biases[P] = _attention_bias(attention_mask, P, x.dtype)
-            x = layer(x, biases[P], prefix)  # (B, T, H)
+            x = call_layer(layer, x, biases[P], prefix, checkpoint=ckpt)  # (B, T, H)
             hidden.append(x)
         return BackboneOutput(
             last_hidden_state=x,

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptdelta.backbones.base import BackboneOutput, check_prefix_kv
+from promptdelta.backbones.base import BackboneOutput, GradientCheckpointing, call_layer, check_prefix_kv
 from promptdelta.backbones.generation import GenerationConfig, decode_loop
 from promptdelta.backbones.keymap import KeyTable, load_hf_state
 from promptdelta.errors import BackboneError, ConfigError
@@ -314,7 +314,7 @@ def _causal_bias(key_mask: torch.Tensor | None, T: int, S: int, P: int, batch: i
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-class GPT2Model(nn.Module):
+class GPT2Model(GradientCheckpointing, nn.Module):
     """Native GPT-2 decoder with a tied LM head, KV cache, prefix_kv and ``generate``."""
 
     family = "gpt2"
@@ -360,7 +360,7 @@ class GPT2Model(nn.Module):
         (as in transformers), so ``hidden_states[-1] is last_hidden_state``.
         """
         x, hidden, present = self._decode(input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv,
-                                          past_key_values)
+                                          past_key_values, use_cache)
         return CausalLMOutput(
             last_hidden_state=x,
             hidden_states=tuple(hidden) if output_hidden_states else None,
@@ -369,7 +369,9 @@ class GPT2Model(nn.Module):
 
     def _decode(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                 position_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
-                prefix_kv: PrefixKV | None, past: KVCache | None) -> tuple[torch.Tensor, list, list]:
+                prefix_kv: PrefixKV | None, past: KVCache | None,
+                use_cache: bool = False) -> tuple[torch.Tensor, list, list]:
+        """Embeddings, then the blocks; returns (x, hidden states, per-layer (k, v) when ``use_cache``)."""
         inputs_embeds = self._token_embeddings(input_ids, inputs_embeds)  # (B, T, H)
         B, T, _ = inputs_embeds.shape
         pasts = self._check_past(past, B)
@@ -381,13 +383,14 @@ class GPT2Model(nn.Module):
         x = self.embeddings(inputs_embeds, position_ids)  # (B, T, H)
         prefixes = self._check_prefix(prefix_kv, B)
         hidden, present, biases = [x], [], {}
+        ckpt = self._checkpoint_layers(cached=use_cache or past is not None)
         for layer, prefix, layer_past in zip(self.layers, prefixes, pasts):
             P = 0 if prefix is None else prefix[0].shape[2]
             if P not in biases:
                 biases[P] = _causal_bias(attention_mask, T, S, P, B, x.dtype, x.device)
-            x, kv = layer(x, biases[P], prefix, layer_past)  # (B, T, H)
+            x, kv = call_layer(layer, x, biases[P], prefix, layer_past, checkpoint=ckpt)  # (B, T, H)
             hidden.append(x)
-            present.append(kv)
+            present.append(kv if use_cache else None)  # an unused cache would hold every layer's k, v
         x = self.final_norm(x)
         hidden[-1] = x
         return x, hidden, present
@@ -462,7 +465,7 @@ class GPT2Model(nn.Module):
             if new is not None:
                 state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(B, 1)], dim=1)  # (B, S + 1)
             x, _, state["past"] = self._decode(input_ids if new is None else new, state["mask"], None, None,
-                                               prefix_kv, state["past"])
+                                               prefix_kv, state["past"], use_cache=True)
             return self.lm_head(x[:, -1])  # (B, V)
 
         new_tokens = decode_loop(step, B, cfg, generator=generator, device=input_ids.device)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptdelta.backbones.base import BackboneOutput
+from promptdelta.backbones.base import BackboneOutput, GradientCheckpointing, call_layer
 from promptdelta.backbones.generation import GenerationConfig, decode_loop
 from promptdelta.backbones.keymap import KeyTable, load_hf_state, load_into_hf
 from promptdelta.errors import BackboneError, ConfigError
@@ -344,9 +344,11 @@ class T5Stack(nn.Module):
     def forward(self, x: torch.Tensor, keep: torch.Tensor, prefixes: Sequence[KV | None], offset: int = 0,
                 past: Sequence[LayerCache] | None = None, enc: torch.Tensor | None = None,
                 enc_keep: torch.Tensor | None = None, cross_prefixes: Sequence[KV | None] | None = None,
-                ) -> tuple[torch.Tensor, list[torch.Tensor], list[LayerCache]]:
+                checkpoint: bool = False) -> tuple[torch.Tensor, list[torch.Tensor], list[LayerCache]]:
         """x (B, T, D) embeddings; keep (B, 1, T, S) self-attention keys allowed per query (S = offset + T).
-        Returns (final normed output, hidden states, per-layer (self k, self v, cross k, cross v))."""
+        Returns (final normed output, hidden states, per-layer (self k, self v, cross k, cross v)).
+        checkpoint: run each block under activation checkpointing (the caller asks only without a KV cache;
+        the per-layer caches are then not kept)."""
         T, S = keep.shape[-2:]
         heads = self.layers[0].attn.num_heads
         pos = self.layers[0].attn.position_bias(T, S, offset)  # (1, nh, T, S), shared by all layers
@@ -364,11 +366,11 @@ class T5Stack(nn.Module):
         hidden, present = [x], []
         for i, layer in enumerate(self.layers):
             cache = past[i] if past is not None else None
-            x, self_kv, cross_kv = layer(
-                x, bias_for("self", prefixes[i]), prefix=prefixes[i], past=cache[:2] if cache else None, enc=enc,
-                cross_bias=bias_for("cross", cross_prefixes[i]) if self.is_decoder else None,
-                cross_prefix=cross_prefixes[i], cross_kv=cache[2:] if cache else None)
-            present.append((*self_kv, *cross_kv) if cross_kv is not None else self_kv)
+            x, self_kv, cross_kv = call_layer(
+                layer, x, bias_for("self", prefixes[i]), prefix=prefixes[i], past=cache[:2] if cache else None,
+                enc=enc, cross_bias=bias_for("cross", cross_prefixes[i]) if self.is_decoder else None,
+                cross_prefix=cross_prefixes[i], cross_kv=cache[2:] if cache else None, checkpoint=checkpoint)
+            present.append(None if checkpoint else (*self_kv, *cross_kv) if cross_kv is not None else self_kv)
             hidden.append(x)
         x = self.dropout(self.final_norm(x))  # (B, T, D)
         hidden[-1] = x  # as transformers: the last hidden state is the normed output
@@ -385,7 +387,7 @@ class T5Output(BackboneOutput):
     loss: torch.Tensor | None = None                                  # mean CE over labels != -100
 
 
-class T5Model(nn.Module):
+class T5Model(GradientCheckpointing, nn.Module):
     """Native T5 encoder-decoder with its LM head (tied to the shared embeddings, or a separate ``lm_head``)."""
 
     family = "t5"
@@ -475,7 +477,7 @@ class T5Model(nn.Module):
         mask = self._check_mask(attention_mask, (B, S), "attention_mask")
         keep = x.new_ones(B, 1, S, S, dtype=torch.bool) if mask is None else mask[:, None, None, :].expand(B, 1, S, S)
         prefixes = self._check_prefix(prefix_kv, "encoder", len(self.encoder.layers), B)
-        out, hidden, _ = self.encoder(x, keep, prefixes)
+        out, hidden, _ = self.encoder(x, keep, prefixes, checkpoint=self._checkpoint_layers())
         return BackboneOutput(last_hidden_state=out, hidden_states=tuple(hidden) if output_hidden_states else None)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -501,7 +503,7 @@ class T5Model(nn.Module):
                                             dtype=torch.long, device=enc_x.device))
         y = self._embed(decoder_input_ids, decoder_inputs_embeds, "decoder_input")  # (B, T, D)
         y, hidden, present = self._decode(y, enc_x, attention_mask, decoder_attention_mask, prefix_kv,
-                                          past_key_values)
+                                          past_key_values, use_cache)
         scale = self.config.d_model ** -0.5 if self.config.tie_word_embeddings else 1.0
         logits = self.lm_head(y * scale)  # (B, T, V)
         loss = None
@@ -527,7 +529,8 @@ class T5Model(nn.Module):
 
     def _decode(self, y: torch.Tensor, enc: torch.Tensor, enc_mask: torch.Tensor | None,
                 dec_mask: torch.Tensor | None, prefix_kv: PrefixKV | None,
-                past: Sequence[LayerCache] | None) -> tuple[torch.Tensor, list[torch.Tensor], list[LayerCache]]:
+                past: Sequence[LayerCache] | None,
+                use_cache: bool = False) -> tuple[torch.Tensor, list[torch.Tensor], list[LayerCache]]:
         """Decoder stack over y (B, T, D): causal self-attention over past + new, cross-attention to enc."""
         B, T, _ = y.shape
         n = len(self.decoder.layers)
@@ -544,7 +547,8 @@ class T5Model(nn.Module):
         enc_mask = self._check_mask(enc_mask, tuple(enc.shape[:2]), "attention_mask")
         enc_keep = None if enc_mask is None else enc_mask[:, None, None, :].expand(B, 1, T, enc.shape[1])
         return self.decoder(y, keep, self._check_prefix(prefix_kv, "decoder", n, B), offset, past, enc, enc_keep,
-                            self._check_prefix(prefix_kv, "cross", n, B))
+                            self._check_prefix(prefix_kv, "cross", n, B),
+                            checkpoint=self._checkpoint_layers(cached=use_cache or past is not None))
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         """Decoder inputs for teacher forcing: [start, y_0, ..., y_{T-2}], with -100 replaced by the pad id."""

@@ -3,10 +3,13 @@
 Times wrapping + tokenising N AG News texts (default 10,000) with a ManualTemplate and the MiniLM fast
 tokenizer, three ways side by side: ``template.tokenize`` on batches (one tokenizer call per batch), the
 same call once per example (the loop a naive data pipeline runs), and the bare fast tokenizer on the raw
-texts (no template: a lower bound). The paths are interleaved over ``repeats`` rounds (each round runs
-each path once), so load from other processes hits them alike: examples/s comes from a path's best round,
-the speed-up over the loop is the median of the per-round ratios. Texts come from ``/work/shared/data/agnews/
-train.jsonl`` when present, else are synthesised; either way they are repeated to N.
+texts (no template, but with the per-string BatchEncoding bookkeeping of ``tokenizer(...)``, which the
+template skips, so the batched template can match it). The paths are interleaved over ``repeats`` rounds
+(each round runs each path once), so load from other processes hits them alike: examples/s comes from a
+path's best round, the speed-up over the loop is the median of the per-round ratios. The Rust backend runs
+a batch on several threads unless TOKENIZERS_PARALLELISM=false, which matters on a busy machine, so the
+header says how it was set. Texts come from ``/work/shared/data/agnews/train.jsonl`` when present, else are
+synthesised; either way they are repeated to N.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import random
 import statistics
 import time
@@ -163,7 +167,8 @@ def _format(rows: list[tuple[str, int, list[float]]], n: int, source: str, templ
     loop = rows[1][2]
     lines = [f"Data pipeline: wrap + tokenise {n:,} texts from {source}",
              f"template {template}  max_length {max_length}  {repeats} interleaved rounds  "
-             f"({torch.get_num_threads()} torch threads)",
+             f"({torch.get_num_threads()} torch threads, TOKENIZERS_PARALLELISM="
+             f"{os.environ.get('TOKENIZERS_PARALLELISM', 'unset')})",
              f"{'path':<38}{'batch':>7}{'best s':>9}{'examples/s':>13}{'vs loop':>9}"]
     for name, batch, secs in rows:
         speedup = statistics.median(lo / t for lo, t in zip(loop, secs))

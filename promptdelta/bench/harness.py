@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import platform
+import random
 import threading
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from promptdelta.bench.suite import RunSpec, Suite, load_suite
+from promptdelta.data.examples import ExampleSet
 from promptdelta.errors import ConfigError, DataError, PromptDeltaError
 from promptdelta.utils.io import atomic_write_bytes
 from promptdelta.utils.seed import seed_everything
@@ -160,24 +162,29 @@ def load_task(suite: Suite, task: str, shots: int, seed: int) -> Data:
     from promptdelta import data as pdata
 
     t = suite.tasks[task]
-    return pdata.load(t["data"], shots=shots, seed=seed, columns=t.get("columns"),
-                      split_names=t.get("split_names"), classes=t.get("classes"))
+    train, dev, test = pdata.load(t["data"], shots=shots, seed=seed, columns=t.get("columns"),
+                                  split_names=t.get("split_names"), classes=t.get("classes"))
+    n = t.get("test_subset")
+    if n and int(n) < len(test):
+        # one fixed random subset (seed 0, original order) for every method and seed: a time budget
+        # departure from "the full test set" that the suite file must state; rows record n_test
+        keep = sorted(random.Random(0).sample(range(len(test)), int(n)))
+        test = ExampleSet([test[i] for i in keep], classes=test.classes, name=test.name)
+    return train, dev, test
 
 
 def build_prompt_model(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any, classes: list[str],
                        lr: float | None = None) -> torch.nn.Module:
     """PromptForClassification = template x verbalizer x delta on a fresh copy of ``base``."""
-    from promptdelta.deltas import attach
     from promptdelta.prompts import PromptForClassification
-    from promptdelta.run import build_template, build_verbalizer
+    from promptdelta.run import apply_delta, build_template, build_verbalizer
 
     config = suite.run_config(spec.task, spec.method, spec.shots, spec.seed, lr)
     seed_everything(spec.seed)
     model = copy.deepcopy(base)
     template = build_template(config, tokenizer, model)
     verbalizer = build_verbalizer(config, tokenizer, classes, model)
-    if config.delta:
-        attach(model, config.delta["method"], **{k: v for k, v in config.delta.items() if k != "method"})
+    apply_delta(model, config.delta)
     return PromptForClassification(model, template, verbalizer, max_length=config.max_length)
 
 
@@ -196,8 +203,8 @@ def _make_model(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: A
 
 def run_trained(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any, data: Data) -> dict[str, Any]:
     """Train each lr of the method's grid (default: its train.lr), keep the best on dev, test it."""
-    from promptdelta.run import count_trainable
-    from promptdelta.train.trainer import TrainConfig, Trainer
+    from promptdelta.run import count_trainable, fit_or_zero_shot
+    from promptdelta.train.trainer import TrainConfig
 
     train, dev, test = data
     make = _make_model(suite, spec, base, tokenizer, list(train.classes))
@@ -206,7 +213,7 @@ def run_trained(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: A
     for lr in suite.methods[spec.method].get("lr_grid") or [base_cfg.lr]:
         model = make()
         with PeakMemory(base_cfg.device) as mem:
-            trainer = Trainer(model, base_cfg, lr=float(lr), seed=spec.seed).fit(train, dev)
+            trainer = fit_or_zero_shot(model, base_cfg, train, dev, spec.seed, lr=float(lr))
         grid_s += trainer.train_time_s
         if best is None or trainer.state.best_score > best[0].state.best_score:
             best = (trainer, float(lr), mem.peak_mb, mem.kind)

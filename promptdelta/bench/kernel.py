@@ -161,9 +161,7 @@ def run_kernel_bench(device: str = "cpu", repeats: int = 9, quick: bool = False)
         title = f"M={m} K={k} N={n} r={r} {str(dtype).replace('torch.', '')}"
         lines += _format(title, _time_interleaved(_layer_variants(ops), repeats, 0.02 if quick else 0.2))
     lines += _minilm_lines(device, repeats, quick)
-    table = "\n".join(lines)
-    logger.info("%s", table)
-    return table
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,7 +44,7 @@ from promptdelta.errors import ConfigError, MissingFileError
 from promptdelta.train.trainer import TrainConfig
 
 SUITE_KEYS = {"name", "backbone", "shots", "seeds", "max_length", "device", "train", "tasks", "methods", "note"}
-TASK_KEYS = {"data", "template", "label_words", "columns", "split_names", "classes", "note"}
+TASK_KEYS = {"data", "template", "label_words", "columns", "split_names", "classes", "test_subset", "note"}
 KINDS = ("prompt", "finetune", "head", "logreg")
 _COMMON = {"kind", "note"}
 METHOD_KEYS = {
@@ -104,7 +104,14 @@ class Suite:
         for key in ("template_type", "template_options", "verbalizer", "verbalizer_options", "multi_token_handler"):
             if key in m:
                 d[key] = m[key]
+        if isinstance(d["label_words"], str):  # a verbalizer file; "{task}" stands for the task's name
+            d["label_words"] = self._resolve(d["label_words"].replace("{task}", task))
         return RunConfig.from_dict(d)
+
+    def _resolve(self, path: str) -> str:
+        """A relative path next to the suite file when it exists there, else as given (from the cwd)."""
+        here = Path(str(self.source)).parent / path if self.source else None
+        return str(here) if here is not None and not Path(path).is_absolute() and here.exists() else path
 
     def config_hash(self, task: str, method: str) -> str:
         """Hash of everything that decides a run's result besides shots and seed (not the device)."""
@@ -249,7 +256,7 @@ def _check_combinations(suite: Suite) -> None:
                 config = suite.run_config(t, m, suite.shots[0], suite.seeds[0])
             except ConfigError as e:
                 raise ConfigError(f"method {m!r} on task {t!r} of suite {suite.source}: {e}") from e
-        if config.delta:
+        if config.delta and config.delta["method"] != "frozen":
             try:
                 get_delta_method(config.delta["method"])
             except Exception as e:

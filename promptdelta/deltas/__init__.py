@@ -8,7 +8,9 @@ from promptdelta.deltas.base import (
     DeltaHandle,
     DeltaMethod,
     DeltaWrapper,
+    WrappingMethod,
     attach,
+    canonical_aliases,
     deltas_of,
     load_delta,
     model_fingerprint,
@@ -19,13 +21,15 @@ from promptdelta.deltas.lora import LoRA, LoRAConfig, LoRALinear
 from promptdelta.deltas.adapter import Adapter, AdapterConfig, AdapterWrapper, Bottleneck
 from promptdelta.deltas.prefix import PrefixConfig, PrefixTuning, prefix_kv
 from promptdelta.deltas.intrinsic import Fastfood, Intrinsic, IntrinsicConfig, IntrinsicWrapper, fwht
-from promptdelta.deltas.ladder import Ladder, LadderConfig, MemoryReport, SideNetwork, measure_training_memory
+from promptdelta.deltas.ladder import (Ladder, LadderConfig, MemoryReport, SideNetwork, SideSeq2Seq,
+                                       measure_training_memory)
 
 __all__ = [
-    "attach", "load_delta", "deltas_of", "DeltaHandle", "DeltaMethod", "DeltaWrapper", "register_delta",
-    "model_fingerprint", "LoRA", "LoRAConfig", "LoRALinear", "BitFit", "BitFitConfig",
+    "attach", "load_delta", "deltas_of", "DeltaHandle", "DeltaMethod", "WrappingMethod", "DeltaWrapper",
+    "register_delta", "model_fingerprint", "canonical_aliases", "LoRA", "LoRAConfig", "LoRALinear", "BitFit",
+    "BitFitConfig",
 ]
 __all__ += ["Intrinsic", "IntrinsicConfig", "IntrinsicWrapper", "Fastfood", "fwht",
-            "Ladder", "LadderConfig", "SideNetwork", "MemoryReport", "measure_training_memory"]
+            "Ladder", "LadderConfig", "SideNetwork", "SideSeq2Seq", "MemoryReport", "measure_training_memory"]
 __all__ += ["AddedBias", "Adapter", "AdapterConfig", "AdapterWrapper", "Bottleneck", "PrefixConfig", "PrefixTuning",
             "prefix_kv"]

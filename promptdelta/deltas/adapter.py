@@ -12,24 +12,26 @@ W_up: (out, b), f an activation, s a scale. Placements:
 M is the wrapped module (kept as the child ``base``); when it returns a tuple (attention modules that also
 return their cache), the adapter acts on the first element. Initialisation is near-identity: W_down is
 kaiming-uniform, W_up ~ N(0, init_scale) and both biases zero, so with ``init_scale=0`` (the default) a fresh
-adapter is exactly the identity. Default targets use the native backbone names; for ``transformers`` models
-name their modules (e.g. ``["attention.output.dense", "output.dense"]`` for BERT). Adapters cannot be merged:
-the activation makes A non-linear, so no weight matrix equals M + A.
+adapter is exactly the identity. Default targets are native names, which also fit the ``transformers``
+BERT/RoBERTa/GPT-2/T5 models (see ``sites.py``); the parallel default ``mlp`` needs a module that is the
+whole FFN (GPT-2's ``mlp``, T5's ``DenseReluDense``): transformers BERT/RoBERTa split theirs across
+``intermediate`` and ``output`` (with the residual and LayerNorm inside), so name a target there (e.g.
+``attention.output.dense``). Adapters cannot be merged: the activation makes A non-linear, so no weight
+matrix equals M + A.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptdelta.deltas.base import DeltaMethod, DeltaWrapper, ModuleSite, register_delta
+from promptdelta.deltas.base import DeltaWrapper, ModuleSite, WrappingMethod, register_delta
 from promptdelta.errors import ConfigError, DeltaError
 
 logger = logging.getLogger(__name__)
@@ -132,15 +134,9 @@ class AdapterWrapper(DeltaWrapper):
         self.base = base
         self.adapter = adapter
         self.parallel = parallel
-        self.enabled = True
 
     def extra_repr(self) -> str:
         return f"parallel={self.parallel}, enabled={self.enabled}"
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The wrapped module's weight, for callers that read ``<layer>.weight`` (e.g. the T5 FFN's dtype)."""
-        return self.base.weight
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.base(*args, **kwargs)
@@ -184,15 +180,13 @@ def _hidden_size(model: nn.Module) -> int | None:
     return None
 
 
-class Adapter(DeltaMethod):
+class Adapter(WrappingMethod):
     """Registered as "adapter": wraps each target module in an ``AdapterWrapper``."""
 
     config_cls = AdapterConfig
-    wraps_modules = True
 
     def __init__(self, config: AdapterConfig, name: str) -> None:
         super().__init__(config, name)
-        self.sites: list[tuple[ModuleSite, AdapterWrapper]] = []
         self._dims: dict[str, tuple[int, int]] = {}
 
     def select(self, model: nn.Module, sites: list[ModuleSite]) -> list[ModuleSite]:
@@ -221,16 +215,7 @@ class Adapter(DeltaMethod):
             ref = next(s.module.parameters())
             adapter = Bottleneck(fan_in if c.placement == "parallel" else fan_out, fan_out, c.bottleneck_for(fan_out),
                                  c.activation, c.scaling, c.init_scale, c.dropout, device=ref.device, dtype=ref.dtype)
-            wrapper = AdapterWrapper(s.module, adapter, parallel=c.placement == "parallel")
-            wrapper.delta_name = self.name
-            wrapper.train(s.module.training)
-            setattr(s.parent, s.attr, wrapper)
-            self.sites.append((s, wrapper))
-
-    def remove(self) -> None:
-        for s, _ in reversed(self.sites):
-            setattr(s.parent, s.attr, s.module)
-        self.sites = []
+            self._wrap(s, AdapterWrapper(s.module, adapter, parallel=c.placement == "parallel"))
 
     def named_delta_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(f"{s.name}.adapter.{k}", p) for s, w in self.sites for k, p in w.adapter.named_parameters()]
@@ -239,19 +224,6 @@ class Adapter(DeltaMethod):
         raise DeltaError(f"adapter {self.name!r} cannot be merged: its bottleneck has a non-linear activation "
                          f"({self.config.activation}), so no change of the base weights reproduces it. Keep the "
                          f"adapter attached for inference, or use 'lora' if you need a mergeable delta.")
-
-    def unmerge(self) -> None:
-        self.merged = False   # never merged: nothing to undo
-
-    @contextmanager
-    def disabled(self) -> Iterator[None]:
-        for _, w in self.sites:
-            w.enabled = False
-        try:
-            yield
-        finally:
-            for _, w in self.sites:
-                w.enabled = True
 
 
 register_delta("adapter", Adapter)

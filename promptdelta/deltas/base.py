@@ -1,15 +1,11 @@
 """The attach mechanism shared by every delta method.
 
 A delta method (LoRA, BitFit, ...) is a ``DeltaMethod`` subclass registered by name. ``attach`` finds the
-target modules, lets the method patch them (replace a child with ``setattr(parent, child, new)``, or mark
-existing parameters trainable), freezes everything else and returns a ``DeltaHandle``. The handle saves,
-merges, disables and detaches that one delta; ``detach`` restores the exact original modules, values and
-``requires_grad`` flags. The deltas attached to a model live on the model object (``_promptdelta_state``).
-
-Targets: an exact module name, a last-component/suffix match (``"q_proj"`` or ``"attn.q_proj"`` match
-``layers.0.attn.q_proj``), or a regex (``re.fullmatch``) when the target string starts with ``"re:"``.
-Names are *canonical*: a module wrapped by a delta keeps its original name (the wrapper's inner ``base``
-child is reported under the wrapper's name), so targets, checkpoints and fingerprints never see wrappers.
+target modules (``sites.py``: canonical names, target matching), lets the method patch them (replace a child
+with ``setattr(parent, child, new)``, or mark existing parameters trainable), freezes everything else and
+returns a ``DeltaHandle``. The handle saves, merges, disables and detaches that one delta; ``detach`` restores
+the exact original modules, values and ``requires_grad`` flags. The deltas attached to a model live on the
+model object (``_promptdelta_state``).
 """
 
 from __future__ import annotations
@@ -19,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +23,9 @@ from typing import Any, ClassVar, Iterator, Sequence
 import torch
 from torch import nn
 
+from promptdelta.deltas.sites import (DeltaWrapper, ModuleSite, base_named_parameters, canonical_aliases,
+                                      hf_key_table, iter_sites, match_targets, native_family, unwrap_sites,
+                                      wrap_site)
 from promptdelta.errors import CheckpointError, ConfigError, DeltaError, MissingFileError
 from promptdelta.utils.io import atomic_save_safetensors, atomic_write_json
 
@@ -38,103 +36,9 @@ META_FILE = "delta.json"
 FORMAT_VERSION = 1
 _STATE_ATTR = "_promptdelta_state"
 _SAMPLES_PER_PARAM = 16
-
-# --------------------------------------------------------------------------------------------- modules
-class DeltaWrapper(nn.Module):
-    """Base of modules that wrap an original module kept as the child ``base``.
-
-    Everything else a wrapper holds (its own parameters and other children) is delta state; canonical
-    names and fingerprints look only through ``base``.
-    """
-
-    base: nn.Module
-    delta_name: str = ""
-
-
-@dataclass
-class ModuleSite:
-    """Where a module sits: canonical ``name``, the ``module``, and the ``parent``/``attr`` holding it."""
-
-    name: str
-    module: nn.Module
-    parent: nn.Module | None
-    attr: str
-
-
-def iter_sites(model: nn.Module) -> Iterator[ModuleSite]:
-    """Every module of ``model`` under its canonical name (root excluded, pre-order), through wrappers."""
-    yield from _walk("", model)
-
-
-def _walk(prefix: str, parent: nn.Module) -> Iterator[ModuleSite]:
-    wrapper = isinstance(parent, DeltaWrapper)
-    children = [("base", parent.base)] if wrapper else list(parent.named_children())
-    for attr, child in children:
-        name = prefix if wrapper else (f"{prefix}.{attr}" if prefix else attr)  # wrapped keeps its name
-        if not isinstance(child, DeltaWrapper):
-            yield ModuleSite(name, child, parent, attr)
-        yield from _walk(name, child)
-
-
-def base_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Parameters of the base model under canonical names (delta parameters of wrappers excluded)."""
-    out, seen = [], set()
-    for p_name, p in model.named_parameters(recurse=False):
-        out.append((p_name, p))
-        seen.add(id(p))
-    for site in iter_sites(model):
-        for p_name, p in site.module.named_parameters(recurse=False):
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append((f"{site.name}.{p_name}", p))
-    return out
-
-
-# --------------------------------------------------------------------------------------------- targets
-def _target_matches(name: str, target: str) -> bool:
-    if target.startswith("re:"):
-        return re.fullmatch(target[3:], name) is not None
-    return name == target or name.endswith("." + target)
-
-
-def _normalise_targets(targets: Any) -> list[str] | None:
-    if targets is None:
-        return None
-    if isinstance(targets, str):
-        targets = [targets]
-    if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) and t for t in targets):
-        raise DeltaError(f"targets={targets!r} is not usable; pass a module name, a list of names "
-                         f"(e.g. ['q_proj', 'v_proj']) or a regex string 're:<pattern>'.")
-    for t in targets:
-        if t.startswith("re:"):
-            try:
-                re.compile(t[3:])
-            except re.error as exc:
-                raise DeltaError(f"target {t!r} is not a valid regex ({exc}); fix the pattern after 're:'.")
-    return list(targets)
-
-
-def _module_name_sample(model: nn.Module, k: int = 12) -> str:
-    names = [s.name for s in iter_sites(model) if next(s.module.parameters(recurse=False), None) is not None]
-    lasts = sorted({n.rsplit(".", 1)[-1] for n in names})
-    step = max(1, len(names) // k)
-    return f"sample of names: {names[::step][:k]}; last components: {lasts[:30]}"
-
-
-def match_targets(model: nn.Module, targets: str | Sequence[str] | None) -> list[ModuleSite]:
-    """Modules of ``model`` named by ``targets`` (None = every module). Raises DeltaError if none match."""
-    pats = _normalise_targets(targets)
-    sites = list(iter_sites(model))
-    if pats is None:
-        return sites
-    hits = [s for s in sites if any(_target_matches(s.name, p) for p in pats)]
-    if not hits:
-        raise DeltaError(f"targets {pats} match no module of {type(model).__name__} ({_module_name_sample(model)}). "
-                         f"Pass exact names, last components such as 'query', or 're:<pattern>'.")
-    unused = [p for p in pats if not any(_target_matches(s.name, p) for s in hits)]
-    if unused:
-        logger.warning("targets %s matched no module of %s", unused, type(model).__name__)
-    return hits
+__all__ = ["DeltaWrapper", "ModuleSite", "base_named_parameters", "canonical_aliases", "hf_key_table", "iter_sites",
+           "match_targets", "native_family", "DeltaMethod", "WrappingMethod", "DeltaHandle", "attach", "load_delta",
+           "deltas_of", "model_fingerprint", "register_delta", "get_delta_method", "wrap_site", "unwrap_sites"]
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -196,6 +100,57 @@ class DeltaMethod(abc.ABC):
     def original_values(self) -> dict[int, torch.Tensor]:
         """Pre-attach values of base parameters this delta changes in place (by ``id(param)``)."""
         return {}
+
+    def export_state(self) -> tuple[Any, dict[str, torch.Tensor]]:
+        """(config, tensors) that ``save`` writes: by default the config and the delta parameters. A method
+        whose training-time form differs from its inference form (prefix tuning's MLP) returns the latter,
+        with a config that re-attaches in that form."""
+        return self.config, {k: p.detach() for k, p in self.named_delta_parameters()}
+
+
+class WrappingMethod(DeltaMethod):
+    """A method that replaces each target module by a ``DeltaWrapper`` (LoRA, adapter, intrinsic).
+
+    It keeps ``(site, wrapper)`` pairs in ``self.sites``; ``remove`` puts the originals back, ``merge`` /
+    ``unmerge`` / ``disabled`` act on every wrapper (a disabled delta is unmerged for the duration).
+    """
+
+    wraps_modules = True
+
+    def __init__(self, config: Any, name: str) -> None:
+        super().__init__(config, name)
+        self.sites: list[tuple[ModuleSite, Any]] = []
+
+    def _wrap(self, site: ModuleSite, wrapper: DeltaWrapper) -> None:
+        self.sites.append((site, wrap_site(site, wrapper, self.name)))
+
+    def remove(self) -> None:
+        unwrap_sites(self.sites)
+        self.sites = []
+
+    def merge(self) -> None:
+        for _, w in self.sites:
+            w.merge()
+        self.merged = True
+
+    def unmerge(self) -> None:
+        for _, w in self.sites:
+            w.unmerge()
+        self.merged = False
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        was_merged = self.merged
+        self.unmerge()
+        for _, w in self.sites:
+            w.enabled = False
+        try:
+            yield
+        finally:
+            for _, w in self.sites:
+                w.enabled = True
+            if was_merged:
+                self.merge()
 
 
 _REGISTRY: dict[str, type[DeltaMethod]] = {}
@@ -396,7 +351,8 @@ class DeltaHandle:
         del self.model.__dict__[_STATE_ATTR]
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write ``delta.safetensors`` + ``delta.json`` (method, name, config, targets, fingerprint, versions)."""
+        """Write ``delta.safetensors`` + ``delta.json`` (method, name, config, targets, fingerprint, versions),
+        the delta in its inference form (``DeltaMethod.export_state``)."""
         self._check_attached()
         folder = Path(path)
         if folder.exists() and not folder.is_dir():
@@ -404,17 +360,18 @@ class DeltaHandle:
         if folder.exists() and not overwrite:
             raise CheckpointError(f"{folder} already exists; pass overwrite=True to replace the delta there, "
                                   f"or choose another path.")
-        tensors = self.state_dict()
+        config, tensors = self._method.export_state()
+        tensors = {k: t.detach().contiguous() for k, t in tensors.items()}
         atomic_save_safetensors(folder / WEIGHTS_FILE, tensors, metadata={"method": self.method, "name": self.name})
-        atomic_write_json(folder / META_FILE, self._meta())
+        atomic_write_json(folder / META_FILE, self._meta(config))
         logger.info("saved delta %r (%d tensors) to %s", self.name, len(tensors), folder)
         return folder
 
-    def _meta(self) -> dict[str, Any]:
+    def _meta(self, config: Any) -> dict[str, Any]:
         import promptdelta
 
         return {"format": FORMAT_VERSION, "method": self.method, "name": self.name,
-                "config": config_to_dict(self.config), "targets": list(self.targets),
+                "config": config_to_dict(config), "targets": list(self.targets),
                 "fingerprint": model_fingerprint(self.model),
                 "versions": {"promptdelta": getattr(promptdelta, "__version__", "unknown"),
                              "torch": torch.__version__}}
@@ -447,7 +404,8 @@ def attach(model: nn.Module, method: str, targets: str | Sequence[str] | None = 
         raise DeltaError(f"a delta named {name!r} is already attached to this model "
                          f"(attached: {sorted(st.deltas)}); pass another name=..., or detach it first.")
     impl = cls(config, name)
-    sites = impl.select(model, match_targets(model, getattr(config, "targets", None)))
+    sites = impl.select(model, match_targets(model, getattr(config, "targets", None),
+                                             warn_unused=not _default_targets(cls, cfg, config)))
     _check_not_owned(model, impl, sites)
     known = _delta_param_ids(st) if st is not None else set()
     before = [(p, p.requires_grad) for p in model.parameters() if id(p) not in known]   # base params only
@@ -458,6 +416,15 @@ def attach(model: nn.Module, method: str, targets: str | Sequence[str] | None = 
     _freeze_rest(model, st, before)
     logger.info("attached delta %r (%s) to %d modules", name, method, len(sites))
     return handle
+
+
+def _default_targets(cls: type[DeltaMethod], cfg: dict[str, Any], config: Any) -> bool:
+    """The config's targets are the method's defaults, written for every family (so one a family lacks, such
+    as T5 v1.1's FFN gate elsewhere, is not worth a warning)."""
+    if "targets" not in cfg:
+        return True
+    default = cls.config_cls(**{k: v for k, v in cfg.items() if k != "targets"})
+    return getattr(default, "targets", None) == getattr(config, "targets", None)
 
 
 def _check_not_owned(model: nn.Module, impl: DeltaMethod, sites: list[ModuleSite]) -> None:

@@ -11,8 +11,9 @@ and ``detach()`` writes the pretrained values b0 (copied at attach) back. Choose
 Models without biases (T5): ``add_biases`` gives bias-free ``nn.Linear`` targets a zero-initialised bias
 (so outputs start unchanged), held by a small wrapper ``AddedBias`` (y = W0 x + b, b trainable) so the base
 module and the model fingerprint stay as they were; ``detach()`` removes the wrappers and with them the added
-biases. ``add_biases=None`` (auto) adds them only when a native backbone has no bias at all (T5) and logs so;
-True adds them to every bias-free linear target; False never does.
+biases. ``add_biases=None`` (auto) adds them only when a backbone of a known family (native, or a
+``transformers`` model the backbones have a key table for) has no bias at all (T5) and logs so; True adds
+them to every bias-free linear target; False never does.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from promptdelta.deltas.base import DeltaMethod, DeltaWrapper, ModuleSite, register_delta
+from promptdelta.deltas.base import (DeltaMethod, DeltaWrapper, ModuleSite, hf_key_table, native_family,
+                                     register_delta, unwrap_sites, wrap_site)
 from promptdelta.errors import ConfigError, DeltaError
 
 logger = logging.getLogger(__name__)
@@ -34,7 +36,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class BitFitConfig:
     """targets: modules whose ``bias`` is trained (None = every module with a bias);
-    add_biases: give bias-free linear targets a zero bias (None = only for bias-free native backbones, T5)."""
+    add_biases: give bias-free linear targets a zero bias (None = only for bias-free backbones of a known
+    family: T5, native or transformers)."""
 
     targets: list[str] | str | None = None
     add_biases: bool | None = None
@@ -54,14 +57,9 @@ class AddedBias(DeltaWrapper):
 
     def __init__(self, base: nn.Linear) -> None:
         super().__init__()
-        self.base = base
-        w = base.weight
+        w = base.weight   # the bias first: once ``base`` is set, ``self.bias`` would read base's (None)
         self.bias = nn.Parameter(torch.zeros(base.out_features, device=w.device, dtype=w.dtype))   # (out,)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The wrapped module's weight, for callers that read ``<layer>.weight`` (e.g. the T5 FFN's dtype)."""
-        return self.base.weight
+        self.base = base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # x: (..., in)
         return self.base(x) + self.bias                    # (..., out)
@@ -123,18 +121,15 @@ class BitFit(DeltaMethod):
     def _adds_biases(self, model: nn.Module) -> bool:
         if self.config.add_biases is not None:
             return self.config.add_biases
-        native = getattr(model, "family", None) is not None
-        return native and not any(_bias(m) is not None for m in model.modules())
+        known = native_family(model) is not None or hf_key_table(model) is not None
+        return known and not any(_bias(m) is not None for m in model.modules())
 
     def apply(self, sites: list[ModuleSite]) -> None:
         self.biases, self.added = [], []
         for s in sites:
             b = _bias(s.module)
             if b is None:   # a bias-free linear layer: wrap it with a zero bias
-                wrapper = AddedBias(s.module)
-                wrapper.delta_name = self.name
-                wrapper.train(s.module.training)
-                setattr(s.parent, s.attr, wrapper)
+                wrapper = wrap_site(s, AddedBias(s.module), self.name)
                 self.added.append((s, wrapper))
                 b = wrapper.bias
             self.biases.append((f"{s.name}.bias", b, b.detach().clone()))
@@ -143,8 +138,7 @@ class BitFit(DeltaMethod):
         with torch.no_grad():
             for _, b, b0 in self.biases:
                 b.copy_(b0)
-        for s, _ in reversed(self.added):
-            setattr(s.parent, s.attr, s.module)
+        unwrap_sites(self.added)
         self.biases, self.added = [], []
 
     def named_delta_parameters(self) -> list[tuple[str, nn.Parameter]]:

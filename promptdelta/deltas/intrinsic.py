@@ -26,15 +26,14 @@ from __future__ import annotations
 import logging
 import math
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from promptdelta.deltas.base import DeltaMethod, DeltaWrapper, ModuleSite, register_delta
+from promptdelta.deltas.base import DeltaWrapper, ModuleSite, WrappingMethod, register_delta
 from promptdelta.errors import ConfigError, DeltaError
 
 logger = logging.getLogger(__name__)
@@ -46,13 +45,15 @@ D_KEY = "intrinsic.d"   # checkpoint key of the shared vector d
 class IntrinsicConfig:
     """dim: size of the trainable vector d; said: add one trainable scalar per reparameterised tensor;
     seed: regenerates every projection; targets: modules whose own parameters are reparameterised (default
-    the attention and FFN projections of the native backbones); include_bias: biases too, not only weights;
+    every attention and FFN projection, T5 v1.1's FFN gate included, in native names, which also fit the
+    transformers families); include_bias: biases too, not only weights;
     block_size: largest Fastfood block (a power of two); larger tensors are split into blocks."""
 
     dim: int = 1000
     said: bool = True
     seed: int = 0
-    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"])
+    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2",
+                                                              "mlp.gate"])
     include_bias: bool = True
     block_size: int = 2 ** 22
 
@@ -152,18 +153,7 @@ class IntrinsicWrapper(DeltaWrapper):
             if said:
                 self.said[name] = nn.Parameter(torch.ones((), device=p.device, dtype=torch.float32))
         self.merged = False
-        self.enabled = True
         self._originals: dict[str, torch.Tensor] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        """Attributes the wrapper lacks (``weight``, ``in_features``...) are read from the original module, so
-        code that inspects a layer (e.g. T5 casting to ``fc2.weight.dtype``) still works; ``weight`` is theta0."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base":
-                raise
-            return getattr(self.base, name)
 
     def delta(self, name: str) -> torch.Tensor:
         """lambda * P d for parameter ``name``, in its shape and dtype."""
@@ -201,15 +191,13 @@ class IntrinsicWrapper(DeltaWrapper):
 
 
 # ------------------------------------------------------------------------------------------- method
-class Intrinsic(DeltaMethod):
+class Intrinsic(WrappingMethod):
     """Registered as "intrinsic": wraps each target module in an ``IntrinsicWrapper`` sharing one d."""
 
     config_cls = IntrinsicConfig
-    wraps_modules = True
 
     def __init__(self, config: IntrinsicConfig, name: str) -> None:
         super().__init__(config, name)
-        self.sites: list[tuple[ModuleSite, IntrinsicWrapper]] = []
         self.d: nn.Parameter | None = None
 
     def _names(self, module: nn.Module) -> list[str]:
@@ -238,20 +226,13 @@ class Intrinsic(DeltaMethod):
         self.d = nn.Parameter(torch.zeros(c.dim, device=device, dtype=torch.float32))   # (dim,), zero: no change
         for s in sites:
             names = self._names(s.module)
-            wrapper = IntrinsicWrapper(s.module, names, [f"{s.name}.{n}" for n in names], self.d, c.said,
-                                       c.seed, c.block_size)
-            wrapper.delta_name = self.name
-            wrapper.train(s.module.training)
-            setattr(s.parent, s.attr, wrapper)
-            self.sites.append((s, wrapper))
+            self._wrap(s, IntrinsicWrapper(s.module, names, [f"{s.name}.{n}" for n in names], self.d, c.said,
+                                           c.seed, c.block_size))
         total = sum(w.proj[n].D for _, w in self.sites for n in w.names)
         logger.info("intrinsic: %d tensors (%d numbers) in a %d-dim subspace", len(self.sites), total, c.dim)
 
     def remove(self) -> None:
-        for s, wrapper in reversed(self.sites):
-            wrapper.unmerge()
-            setattr(s.parent, s.attr, s.module)
-        self.sites = []
+        super().remove()
         self.d = None
 
     def named_delta_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -262,30 +243,6 @@ class Intrinsic(DeltaMethod):
             if w.said is not None:
                 out += [(f"{s.name}.said_{n}", w.said[n]) for n in w.names]
         return out
-
-    def merge(self) -> None:
-        for _, w in self.sites:
-            w.merge()
-        self.merged = True
-
-    def unmerge(self) -> None:
-        for _, w in self.sites:
-            w.unmerge()
-        self.merged = False
-
-    @contextmanager
-    def disabled(self) -> Iterator[None]:
-        was_merged = self.merged
-        self.unmerge()
-        for _, w in self.sites:
-            w.enabled = False
-        try:
-            yield
-        finally:
-            for _, w in self.sites:
-                w.enabled = True
-            if was_merged:
-                self.merge()
 
     def original_values(self) -> dict[int, torch.Tensor]:
         return {id(getattr(w.base, n)): t for _, w in self.sites if w.merged for n, t in w._originals.items()}

@@ -1,9 +1,9 @@
 """Ladder side tuning (Sung et al. 2022, "LST: Ladder Side-Tuning for Parameter and Memory Efficient
 Transfer Learning").
 
-The backbone runs without autograd; a narrow side network (width H / reduction) learns from its hidden
-states through gated "ladder" connections, and its output is projected back to H and added to the backbone's
-last hidden state, which the heads (pooler, LM head, the prompt model's verbalizer) then read:
+The backbone runs without autograd; a narrow side network (width H / reduction, ``side.py``) learns from its
+hidden states through gated "ladder" connections, and its output is projected back to H and added to the
+backbone's last hidden state, which the heads (pooler, LM head, the prompt model's verbalizer) then read:
 
     s_0 = down_0(h_0)                                   h_0: input of the first block, (B, T, H) -> (B, T, h)
     s_i = mu_i * down_i(h_i) + (1 - mu_i) * side_i(s_{i-1})     mu_i = sigmoid(alpha_i / T_gate), i = 1..L
@@ -14,21 +14,29 @@ output to the head *instead* of h_L, which cannot leave outputs unchanged; addin
 projection keeps the delta contract). Since no gradient flows through the backbone, autograd stores
 activations only for the side network and the head: that is where LST's memory saving comes from.
 
+T5 (encoder-decoder, as in the paper's main experiments) gets a ladder on each stack: a side encoder over
+the encoder states (ending in a copy of the encoder's final norm, no ``up``) and a side decoder over the
+decoder states whose blocks also cross-attend to the side encoder's output; ``up`` of the side decoder is
+added to the last decoder block's output. Side attention of T5 is unscaled and adds the backbone's relative
+position bias of the heads each side block kept.
+
 Initialisation by structural pruning (``init="pruned"``), with the largest squared weight norms kept:
 * residual dims (h = H // r): score_j = sum over ladder blocks of the squared norms of the weight columns
-  that read dim j (q, k, v, fc1) and the rows that write it (o, fc2); the same dims for every side block;
+  that read dim j (q, k, v, fc1, gate) and the rows that write it (o, fc2); the same dims for every side block;
 * heads (min(n_heads, h // head_dim_s)), and per kept head head_dim_s = head_dim // r dims: q/k dims by
   ||Wq row||^2 + ||Wk row||^2, v/o dims by ||Wv row||^2 + ||Wo column||^2, heads by the sum over their dims;
-* FFN units (I // r): ||W1 row||^2 + ||W2 column||^2.
-Side weights are the backbone weights sliced to the kept indices (LayerNorms too); ``down_i`` starts as the
+* FFN units (I // r): ||W1 row||^2 + ||W2 column||^2 (+ ||W_gate row||^2).
+Side weights are the backbone weights sliced to the kept indices (norms too); ``down_i`` starts as the
 selection of the kept residual dims, so the side network begins as a pruned copy of the backbone.
 
-Works on the native BERT/RoBERTa/GPT-2 (T5 is refused) and on ``transformers`` BERT/RoBERTa models, whose
-blocks are recognised through the family's key table. The side network keeps no KV cache, so cached
-decoding (``past_key_values``) is refused. Deltas inside the backbone blocks (LoRA, prefix) get no gradient
-while a ladder is attached. ``merge()`` is impossible (the side network is not a weight update).
+Works on the native BERT/RoBERTa/GPT-2/T5 and on ``transformers`` BERT/RoBERTa models, whose blocks are
+recognised through their canonical names (``sites.canonical_aliases``); transformers GPT-2 (fused q/k/v)
+and T5 are converted with ``load_backbone`` first. The side network keeps no KV cache, so cached decoding
+(``past_key_values``) is refused, and T5 needs its encoder to run in the same call (no ``encoder_outputs``).
+Deltas inside the backbone blocks (LoRA, prefix) get no gradient while a ladder is attached. ``merge()`` is
+impossible (the side network is not a weight update).
 
-``measure_training_memory`` (bottom) estimates one training step's memory; the delta benchmark reuses it.
+``measure_training_memory`` (bottom) measures one training step's memory; the delta benchmark reuses it.
 """
 
 from __future__ import annotations
@@ -36,29 +44,42 @@ from __future__ import annotations
 import logging
 import re
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptdelta.deltas.base import DeltaMethod, DeltaWrapper, ModuleSite, iter_sites, register_delta
+from promptdelta.deltas.base import (DeltaMethod, DeltaWrapper, ModuleSite, canonical_aliases, hf_key_table,
+                                     iter_sites, native_family, register_delta, unwrap_sites, wrap_site)
+from promptdelta.deltas.side import (SideBlock, SideNetwork, SideSeq2Seq, SideSpec, hidden_dims, prune_into,
+                                     random_init, select_dims, side_attention_bias)
 from promptdelta.errors import ConfigError, DeltaError
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "attn_norm", "mlp.fc1", "mlp.fc2", "mlp_norm")
-_CANONICAL = re.compile(r"^layers\.(\d+)\.(" + "|".join(re.escape(r) for r in ROLES) + r")$")
-_NATIVE = ("bert", "roberta", "gpt2")
+CROSS_ROLES = ("cross_attn.q_proj", "cross_attn.k_proj", "cross_attn.v_proj", "cross_attn.o_proj", "cross_attn_norm")
+_STACK = r"^(?:(encoder|decoder)\.)?layers\.(\d+)"
+_ROLE = re.compile(_STACK + r"\.(" + "|".join(re.escape(r) for r in ROLES + CROSS_ROLES + ("mlp.gate",)) + r")$")
+_BLOCK = re.compile(_STACK + "$")
+_NATIVE = ("bert", "roberta", "gpt2", "t5")
+_HF = ("bert", "roberta", "xlm-roberta")   # transformers GPT-2 fuses q/k/v into one Conv1D, T5: load_backbone
+_ACTS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+         "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+__all__ = ["Ladder", "LadderConfig", "LadderWrapper", "SideNetwork", "SideSeq2Seq", "SideBlock",
+           "side_attention_bias", "MemoryReport", "measure_training_memory"]
 
 
 @dataclass
 class LadderConfig:
     """reduction: side width = H // reduction (also heads' dims and FFN units); targets: the transformer
-    blocks that feed the ladder (None = all; the last block must be among them); gate_init: alpha_i at start
-    (mu = sigmoid(alpha / gate_temperature), 0 -> 0.5); dropout: inside the side network; init: "pruned"
-    (sliced backbone weights) or "random"; causal: side attention is causal (None = as the backbone)."""
+    blocks that feed the ladder (None = all; the last block, T5: the last decoder block and some encoder block,
+    must be among them); gate_init: alpha_i at start (mu = sigmoid(alpha / gate_temperature), 0 -> 0.5);
+    dropout: inside the side network; init: "pruned" (sliced backbone weights) or "random"; causal: side
+    attention is causal (None = as the backbone; T5's stacks are fixed: bidirectional encoder, causal decoder)."""
 
     reduction: int = 8
     targets: list[str] | str | None = None
@@ -97,245 +118,133 @@ class _Block:
 
 @dataclass
 class _Arch:
-    blocks: list[_Block]
+    """The chosen blocks per stack ("" for encoder-only / decoder-only, "encoder" / "decoder" for T5), how a
+    side block copies them, whether each stack is causal, and T5's position bias per stack (T -> (1, n, T, T))."""
+
+    stacks: dict[str, list[_Block]]
     num_heads: int
-    pre_norm: bool          # GPT-2: x + f(LN(x)); BERT/RoBERTa: LN(x + f(x))
-    causal: bool
-    act: Callable[[torch.Tensor], torch.Tensor]
+    spec: SideSpec
+    causal: dict[str, bool]
+    position_bias: dict[str, Callable[[int], torch.Tensor]] = field(default_factory=dict)
+    final_norm: nn.Module | None = None     # T5: the encoder's final norm, copied after the side encoder
+
+    @property
+    def blocks(self) -> list[_Block]:
+        return [b for blocks in self.stacks.values() for b in blocks]
 
 
-def _hf_table(model_type: str) -> Any:
-    from promptdelta.backbones.bert import BERT_KEYS
-    from promptdelta.backbones.roberta import ROBERTA_KEYS
-
-    return {"bert": BERT_KEYS, "roberta": ROBERTA_KEYS, "xlm-roberta": ROBERTA_KEYS}.get(model_type)
-
-
-def _family(model: nn.Module) -> tuple[str, Any]:
-    """(family, HF key table or None for a native backbone); refuses what the ladder cannot run on."""
-    family = getattr(model, "family", None)
-    if getattr(model, "kind", None) == "seq2seq" or getattr(getattr(model, "config", None), "model_type", "") == "t5":
-        raise DeltaError("the ladder side network supports encoder-only and decoder-only backbones, not "
-                         "encoder-decoder (T5); use another delta (lora, adapter, prefix) for T5.")
-    if isinstance(family, str) and hasattr(model, "input_embeddings"):
+def _family(model: nn.Module) -> str:
+    """The family name; refuses what the ladder cannot run on."""
+    family = native_family(model)
+    if family is not None:
         if family not in _NATIVE:
             raise DeltaError(f"the ladder does not know the native family {family!r}; it supports {_NATIVE}.")
-        return family, None
+        return family
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    table = _hf_table(model_type) if isinstance(model_type, str) else None
-    if table is None:
+    if model_type not in _HF or hf_key_table(model) is None:
         raise DeltaError(f"the ladder cannot find the transformer blocks of {type(model).__name__} "
-                         f"(model_type {model_type!r}); convert it with promptdelta.load_backbone(model) first, "
-                         f"or use a transformers BERT/RoBERTa.")
-    return model_type, table
+                         f"(model_type {model_type!r}); convert it with promptdelta.load_backbone(model) first "
+                         f"(native BERT, RoBERTa, GPT-2, T5), or use a transformers BERT/RoBERTa.")
+    return model_type
 
 
-def _role_sites(model: nn.Module, table: Any) -> dict[int, dict[str, ModuleSite]]:
-    """layer index -> role -> site, from canonical names (native) or the family's key table (HF)."""
-    out: dict[int, dict[str, ModuleSite]] = {}
+def _find_blocks(model: nn.Module) -> dict[str, list[_Block]]:
+    """Every complete transformer block per stack (a module standing for ``[stack.]layers.{i}`` that holds all
+    ROLES, and CROSS_ROLES in a T5 decoder), in layer order, read through the canonical names."""
+    aliases = canonical_aliases(model)
+    roles: dict[tuple[str, int], dict[str, nn.Module]] = {}
+    sites: dict[tuple[str, int], ModuleSite] = {}
     for s in iter_sites(model):
-        canonical = s.name if table is None else table.to_native(s.name)
-        m = _CANONICAL.match(canonical or "")
-        if m:
-            out.setdefault(int(m.group(1)), {})[m.group(2)] = s
-    return out
+        for canonical in aliases.get(s.name, ()):
+            m, b = _ROLE.match(canonical), _BLOCK.match(canonical)
+            if m:
+                roles.setdefault((m.group(1) or "", int(m.group(2))), {})[m.group(3)] = s.module
+            elif b:
+                sites[(b.group(1) or "", int(b.group(2)))] = s
+    stacks: dict[str, list[_Block]] = {}
+    for (stack, i), r in sorted(roles.items(), key=lambda kv: (kv[0][0] != "encoder", kv[0])):
+        need = ROLES + (CROSS_ROLES if stack == "decoder" else ())
+        if all(k in r for k in need) and (stack, i) in sites:
+            stacks.setdefault(stack, []).append(_Block(sites[stack, i], r))
+    return stacks
 
 
-def _common_prefix(names: list[str]) -> str:
-    parts = [n.split(".") for n in names]
-    prefix = []
-    for comps in zip(*parts):
-        if len(set(comps)) > 1:
-            break
-        prefix.append(comps[0])
-    return ".".join(prefix)
+def _t5_extras(model: nn.Module) -> tuple[dict[str, Callable[[int], torch.Tensor]], nn.Module]:
+    """T5's relative position bias per stack (owned by layer 0's attention) and the encoder's final norm."""
+    by_name = {s.name: s.module for s in iter_sites(model)}
+
+    def bias_of(attn: nn.Module) -> Callable[[int], torch.Tensor]:
+        return lambda T: attn.position_bias(T, T)                                      # (1, nh, T, T)
+    return ({stack: bias_of(by_name[f"{stack}.layers.0.attn"]) for stack in ("encoder", "decoder")},
+            by_name["encoder.final_norm"])
 
 
-def _find_blocks(model: nn.Module, table: Any) -> list[_Block]:
-    """Every complete transformer block (all ROLES), in layer order; a block is the deepest module holding
-    all of its layer's roles."""
-    by_name = {s.name: s for s in iter_sites(model)}
-    blocks = []
-    for i, roles in sorted(_role_sites(model, table).items()):
-        if len(roles) != len(ROLES):
-            continue
-        name = _common_prefix([s.name for s in roles.values()])
-        if name in by_name:
-            blocks.append(_Block(by_name[name], {r: s.module for r, s in roles.items()}))
-    return blocks
-
-
-_ACTS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-         "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
-
-
-def _arch(model: nn.Module, blocks: list[_Block], causal: bool | None) -> _Arch:
-    family, table = _family(model)
+def _arch(model: nn.Module, stacks: dict[str, list[_Block]], causal: bool | None) -> _Arch:
+    family = _family(model)
     cfg = model.config
-    heads = getattr(cfg, "num_heads", None) or getattr(cfg, "num_attention_heads", None)
+    heads = int(getattr(cfg, "num_heads", None) or getattr(cfg, "num_attention_heads"))
+    eps = getattr(next(iter(stacks.values()))[0].roles["attn_norm"], "eps", 1e-5)
+    if family == "t5":
+        if causal is not None:
+            raise DeltaError(f"ladder causal={causal!r} does not apply to T5: its side encoder is bidirectional "
+                             f"and its side decoder causal, as the backbone's stacks; leave causal=None.")
+        act = (lambda x: F.gelu(x, approximate="tanh")) if cfg.is_gated else F.relu
+        spec = SideSpec(pre_norm=True, act=act, rms=True, gated=cfg.is_gated, attn_scale=1.0, eps=eps)
+        bias, final_norm = _t5_extras(model)
+        return _Arch(stacks, heads, spec, {"encoder": False, "decoder": True}, bias, final_norm)
     act_name = getattr(cfg, "hidden_act", None) or getattr(cfg, "activation", None)
     if act_name not in _ACTS:
         logger.warning("ladder: activation %r unknown, the side network uses gelu", act_name)
     if causal is None:
         causal = getattr(model, "kind", None) == "clm" or bool(getattr(cfg, "is_decoder", False))
-    return _Arch(blocks, int(heads), pre_norm=family == "gpt2", causal=causal, act=_ACTS.get(act_name, F.gelu))
+    spec = SideSpec(pre_norm=family == "gpt2", act=_ACTS.get(act_name, F.gelu), eps=eps)
+    return _Arch(stacks, heads, spec, {"": causal})
 
 
-# ------------------------------------------------------------------------------------------- side network
-def side_attention_bias(attention_mask: torch.Tensor | None, T: int, causal: bool,
-                        dtype: torch.dtype) -> torch.Tensor | None:
-    """Additive SDPA mask: (B, 1, 1, T) for padding, (B, 1, T, T) with causality; None = no padding."""
-    if attention_mask is None:
-        return None
-    keep = attention_mask.bool()[:, None, None, :]                                  # (B, 1, 1, T)
-    if causal:
-        keep = keep & torch.ones(T, T, dtype=torch.bool, device=keep.device).tril()  # (B, 1, T, T)
-    zeros = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
-    return zeros.masked_fill(~keep, torch.finfo(dtype).min)
+def _choose(stacks: dict[str, list[_Block]], sites: list[ModuleSite]) -> dict[str, list[_Block]]:
+    """Keep the blocks named by the targets; the last block (T5: of the decoder) and, for T5, some encoder
+    block must be among them."""
+    every = [b.site.name for blocks in stacks.values() for b in blocks]
+    chosen = {s.name for s in sites}
+    unknown = sorted(chosen - set(every))
+    if unknown:
+        raise DeltaError(f"ladder targets must name transformer blocks, but {unknown[:5]} are not blocks; "
+                         f"choose among {every} (or leave targets=None for all).")
+    if every[-1] not in chosen:
+        raise DeltaError(f"ladder targets must include the last block {every[-1]!r}, whose output the side "
+                         f"network corrects; add it to targets.")
+    kept = {k: [b for b in blocks if b.site.name in chosen] for k, blocks in stacks.items()}
+    if "encoder" in kept and not kept["encoder"]:
+        raise DeltaError(f"ladder targets on T5 must include encoder blocks too (the side decoder attends to the "
+                         f"side encoder); add some of {[b.site.name for b in stacks['encoder']]}.")
+    return kept
 
 
-class SideBlock(nn.Module):
-    """A narrow transformer block: width h, n heads of qk_dim / v_dim, f FFN units; pre- or post-LN."""
-
-    def __init__(self, h: int, heads: int, head_dim: int, f: int, pre_norm: bool, act: Callable,
-                 eps: float, dropout: float) -> None:
-        super().__init__()
-        self.heads, self.head_dim, self.pre_norm, self.act = heads, head_dim, pre_norm, act
-        inner = heads * head_dim
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(h, inner) for _ in range(3))
-        self.o_proj = nn.Linear(inner, h)
-        self.fc1, self.fc2 = nn.Linear(h, f), nn.Linear(f, h)
-        self.attn_norm, self.mlp_norm = nn.LayerNorm(h, eps=eps), nn.LayerNorm(h, eps=eps)
-        self.dropout = nn.Dropout(dropout)
-
-    def _attn(self, x: torch.Tensor, bias: torch.Tensor | None, causal: bool) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v = (p(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))                  # (B, n, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal and bias is None and T > 1)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))                        # (B, T, h)
-
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, causal: bool) -> torch.Tensor:
-        mlp = lambda z: self.fc2(self.act(self.fc1(z)))  # noqa: E731
-        if self.pre_norm:
-            x = x + self.dropout(self._attn(self.attn_norm(x), bias, causal))
-            return x + self.dropout(mlp(self.mlp_norm(x)))                             # (B, T, h)
-        x = self.attn_norm(x + self.dropout(self._attn(x, bias, causal)))
-        return self.mlp_norm(x + self.dropout(mlp(x)))                                 # (B, T, h)
-
-
-class SideNetwork(nn.Module):
-    """The ladder: down-projections of L + 1 backbone states, L side blocks, L gates, one up-projection."""
-
-    def __init__(self, H: int, h: int, blocks: list[SideBlock], causal: bool, gate_init: float,
-                 gate_temperature: float) -> None:
-        super().__init__()
-        self.causal, self.temperature = causal, gate_temperature
-        self.down = nn.ModuleList(nn.Linear(H, h) for _ in range(len(blocks) + 1))
-        self.blocks = nn.ModuleList(blocks)
-        self.gates = nn.Parameter(torch.full((len(blocks),), float(gate_init)))  # alpha_i
-        self.up = nn.Linear(h, H)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def states(self, hidden: Sequence[torch.Tensor], attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Side output s_L (B, T, h) from the backbone states h_0..h_L, each (B, T, H)."""
-        dtype = self.up.weight.dtype
-        bias = side_attention_bias(attention_mask, hidden[0].shape[1], self.causal, dtype)
-        s = self.down[0](hidden[0].to(dtype))                                          # (B, T, h)
-        for i, block in enumerate(self.blocks):
-            mu = torch.sigmoid(self.gates[i] / self.temperature)
-            s = mu * self.down[i + 1](hidden[i + 1].to(dtype)) + (1 - mu) * block(s, bias, self.causal)
-        return s
-
-    def forward(self, hidden: Sequence[torch.Tensor], attention_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.up(self.states(hidden, attention_mask))                             # (B, T, H)
-
-
-# ------------------------------------------------------------------------------------------- pruning
-def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest scores, in increasing index order."""
-    return torch.topk(scores, k).indices.sort().values
-
-
-def _w(module: nn.Module) -> torch.Tensor:
-    return module.weight.detach().float()
-
-
-def _bias(module: nn.Module, n: int) -> torch.Tensor:
-    b = getattr(module, "bias", None)
-    return torch.zeros(n) if b is None else b.detach().float()
-
-
-def _hidden_dims(arch: _Arch, h: int) -> torch.Tensor:
-    score = 0
-    for b in arch.blocks:
-        r = b.roles
-        reads = sum(_w(r[k]).square().sum(0) for k in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc1"))
-        writes = sum(_w(r[k]).square().sum(1) for k in ("attn.o_proj", "mlp.fc2"))
-        score = score + reads + writes                                                 # (H,)
-    return _top(score, h)
-
-
-def _head_rows(roles: dict[str, nn.Module], heads: int, keep_heads: int, hd_s: int) -> tuple[torch.Tensor, ...]:
-    """Rows of q/k and of v (= columns of o) to keep: hd_s dims in each of the keep_heads best heads."""
-    hd = _w(roles["attn.q_proj"]).shape[0] // heads
-    qk = (_w(roles["attn.q_proj"]).square().sum(1) + _w(roles["attn.k_proj"]).square().sum(1)).view(heads, hd)
-    vo = (_w(roles["attn.v_proj"]).square().sum(1) + _w(roles["attn.o_proj"]).square().sum(0)).view(heads, hd)
-    kept = _top(qk.sum(1) + vo.sum(1), keep_heads)                                     # (keep_heads,)
-    pick = lambda s: torch.cat([hh * hd + _top(s[hh], hd_s) for hh in kept.tolist()])  # noqa: E731
-    return pick(qk), pick(vo)
-
-
-def _copy_linear(dst: nn.Linear, w: torch.Tensor, b: torch.Tensor) -> None:
-    with torch.no_grad():
-        dst.weight.copy_(w)
-        dst.bias.copy_(b)
-
-
-def _prune_into(side: SideBlock, roles: dict[str, nn.Module], hid: torch.Tensor, heads: int,
-                ffn: int) -> None:
-    """Fill ``side`` with ``roles``' weights sliced to the kept dims/heads/units (see module doc)."""
-    qk, vo = _head_rows(roles, heads, side.heads, side.head_dim)
-    fc1, fc2 = _w(roles["mlp.fc1"]), _w(roles["mlp.fc2"])
-    units = _top(fc1.square().sum(1) + fc2.square().sum(0), ffn)
-    for name, rows in (("q_proj", qk), ("k_proj", qk), ("v_proj", vo)):
-        src = roles[f"attn.{name}"]
-        _copy_linear(getattr(side, name), _w(src)[rows][:, hid], _bias(src, _w(src).shape[0])[rows])
-    o = roles["attn.o_proj"]
-    _copy_linear(side.o_proj, _w(o)[hid][:, vo], _bias(o, _w(o).shape[0])[hid])
-    _copy_linear(side.fc1, fc1[units][:, hid], _bias(roles["mlp.fc1"], fc1.shape[0])[units])
-    _copy_linear(side.fc2, fc2[hid][:, units], _bias(roles["mlp.fc2"], fc2.shape[0])[hid])
-    for name in ("attn_norm", "mlp_norm"):
-        norm = roles[name]
-        _copy_linear(getattr(side, name), _w(norm)[hid], _bias(norm, _w(norm).shape[0])[hid])
-
-
-def build_side_network(arch: _Arch, config: LadderConfig) -> SideNetwork:
-    """A side network for ``arch`` (pruned from its blocks, or random), on the backbone's device/dtype."""
+def build_side_network(arch: _Arch, config: LadderConfig) -> nn.Module:
+    """The side network for ``arch`` (pruned from its blocks, or random), on the backbone's device/dtype:
+    a ``SideNetwork``, or for T5 a ``SideSeq2Seq`` of a side encoder and a side decoder."""
     r0 = arch.blocks[0].roles
-    H, I = _w(r0["attn.q_proj"]).shape[1], _w(r0["mlp.fc1"]).shape[0]
+    H, I = r0["attn.q_proj"].weight.shape[1], r0["mlp.fc1"].weight.shape[0]
     red = config.reduction
     h, f = max(1, H // red), max(1, I // red)
-    hd_s = max(1, _w(r0["attn.q_proj"]).shape[0] // arch.num_heads // red)
+    hd_s = max(1, r0["attn.q_proj"].weight.shape[0] // arch.num_heads // red)
     n_s = min(arch.num_heads, max(1, h // hd_s))
-    eps = getattr(r0["attn_norm"], "eps", 1e-5)
-    blocks = [SideBlock(h, n_s, hd_s, f, arch.pre_norm, arch.act, eps, config.dropout) for _ in arch.blocks]
-    if config.init == "random":
-        for blk in blocks:
-            for lin in (blk.q_proj, blk.k_proj, blk.v_proj, blk.o_proj, blk.fc1, blk.fc2):
-                nn.init.normal_(lin.weight, std=0.02)
-                nn.init.zeros_(lin.bias)
-    side = SideNetwork(H, h, blocks, arch.causal, config.gate_init, config.gate_temperature)
-    hid = _hidden_dims(arch, h)
-    with torch.no_grad():
-        for down in side.down:                       # selection of the kept residual dims
-            down.weight.zero_()
-            down.weight[torch.arange(h), hid] = 1.0
-            down.bias.zero_()
-    if config.init == "pruned":
-        for blk, b in zip(blocks, arch.blocks):
-            _prune_into(blk, b.roles, hid, arch.num_heads, f)
+    hid = hidden_dims([b.roles for b in arch.blocks], h)
+    sides = {}
+    for stack, blocks in arch.stacks.items():
+        side_blocks = [SideBlock(h, n_s, hd_s, f, arch.spec, config.dropout, cross=stack == "decoder")
+                       for _ in blocks]
+        for blk, b in zip(side_blocks, blocks):
+            prune_into(blk, b.roles, hid, arch.num_heads) if config.init == "pruned" else random_init(blk)
+        final_norm = None
+        if stack == "encoder":   # a pruned copy of the encoder's final norm (RMSNorm: weight only)
+            final_norm = type(arch.final_norm)(h, arch.spec.eps)
+            with torch.no_grad():
+                final_norm.weight.copy_(arch.final_norm.weight.detach().float()[hid])
+        sides[stack] = SideNetwork(H, h, side_blocks, arch.causal[stack], config.gate_init, config.gate_temperature,
+                                   final_norm)
+        select_dims(sides[stack], hid)
+    side = sides[""] if "" in sides else SideSeq2Seq(sides["encoder"], sides["decoder"])
     w = r0["attn.q_proj"].weight
     return side.to(device=w.device, dtype=w.dtype)
 
@@ -350,14 +259,16 @@ def _replace_first(out: Any, x: torch.Tensor) -> Any:
 
 
 class _Run:
-    """Per-forward state shared by the hooks and the wrapper: grad mode to restore, mask, recorded states."""
+    """Per-forward state shared by the hooks and the wrapper: grad mode to restore, masks and recorded states
+    per stack."""
 
     def __init__(self) -> None:
-        self.active, self.prev_grad, self.mask = False, None, None
-        self.hidden: list[torch.Tensor] = []
+        self.active, self.prev_grad = False, None
+        self.masks: dict[str, torch.Tensor | None] = {}
+        self.hidden: dict[str, list[torch.Tensor]] = {}
 
-    def begin(self, mask: torch.Tensor | None) -> None:
-        self.active, self.mask, self.hidden = True, mask, []
+    def begin(self, masks: dict[str, torch.Tensor | None]) -> None:
+        self.active, self.masks, self.hidden = True, masks, {}
         self.prev_grad = torch.is_grad_enabled()
         torch.set_grad_enabled(False)               # the backbone builds no autograd graph
 
@@ -368,40 +279,37 @@ class _Run:
 
     def end(self) -> None:
         self.restore_grad()
-        self.active, self.mask, self.hidden = False, None, []
+        self.active, self.masks, self.hidden = False, {}, {}
 
 
 class LadderWrapper(DeltaWrapper):
     """Wraps the last ladder block: its output gets ``+ up(s_L)`` from the side network (``side``)."""
 
-    def __init__(self, base: nn.Module, side: SideNetwork, run: _Run, n_blocks: int) -> None:
+    def __init__(self, base: nn.Module, side: nn.Module, run: _Run, n_blocks: dict[str, int],
+                 position_bias: dict[str, Callable[[int], torch.Tensor]]) -> None:
         super().__init__()
         self.base, self.side = base, side
-        self.run, self.n_blocks = run, n_blocks
-        self.enabled = True
-
-    def __getattr__(self, name: str) -> Any:
-        """Attributes the wrapper lacks (``attn``, ``mlp``...) are read from the wrapped block."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base":
-                raise
-            return getattr(self.base, name)
+        self.run, self.n_blocks, self.position_bias = run, n_blocks, position_bias
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.base(*args, **kwargs)
         if not self.enabled:
             return out
         run = self.run
-        if not run.active or len(run.hidden) != self.n_blocks + 1:
+        got = {k: len(run.hidden.get(k, ())) for k in self.n_blocks}
+        if not run.active or any(got[k] != n + 1 for k, n in self.n_blocks.items()):
             run.end()
             raise DeltaError("the ladder's last block ran outside a forward of the model it was attached to "
-                             f"(got {len(run.hidden)} of {self.n_blocks + 1} states); call the model passed to "
-                             "attach() (e.g. model(input_ids=...)), not one of its inner modules.")
+                             f"(states recorded {got}, expected {self.n_blocks} + 1 per stack); call the model "
+                             "passed to attach() (e.g. model(input_ids=...)), not one of its inner modules.")
+        pos = {k: fn(run.hidden[k][0].shape[1]) for k, fn in self.position_bias.items()}   # still without grad
         run.restore_grad()                          # side network and heads train; the backbone did not
         x = _first(out)                             # (B, T, H)
-        return _replace_first(out, x + self.side(run.hidden, run.mask).to(x.dtype))
+        if isinstance(self.side, SideSeq2Seq):
+            y = self.side(run.hidden, run.masks, pos)
+        else:
+            y = self.side(run.hidden[""], run.masks[""])
+        return _replace_first(out, x + y.to(x.dtype))
 
 
 class Ladder(DeltaMethod):
@@ -420,38 +328,30 @@ class Ladder(DeltaMethod):
         self.model: nn.Module | None = None
 
     def select(self, model: nn.Module, sites: list[ModuleSite]) -> list[ModuleSite]:
-        _, table = _family(model)
-        blocks = _find_blocks(model, table)
-        if not blocks:
+        _family(model)
+        stacks = _find_blocks(model)
+        if not stacks:
             raise DeltaError(f"the ladder found no transformer block in {type(model).__name__}; it needs blocks "
                              f"with {ROLES} (native names or a transformers BERT/RoBERTa).")
         if self.config.targets is not None:
-            chosen = {s.name for s in sites}
-            unknown = sorted(chosen - {b.site.name for b in blocks})
-            if unknown:
-                raise DeltaError(f"ladder targets must name transformer blocks, but {unknown[:5]} are not blocks; "
-                                 f"choose among {[b.site.name for b in blocks]} (or leave targets=None for all).")
-            if blocks[-1].site.name not in chosen:
-                raise DeltaError(f"ladder targets must include the last block {blocks[-1].site.name!r}, whose "
-                                 f"output the side network corrects; add it to targets.")
-            blocks = [b for b in blocks if b.site.name in chosen]
-        self.arch = _arch(model, blocks, self.config.causal)
+            stacks = _choose(stacks, sites)
+        self.arch = _arch(model, stacks, self.config.causal)
         self.model = model
-        return [b.site for b in blocks]
+        return [b.site for b in self.arch.blocks]
 
     def apply(self, sites: list[ModuleSite]) -> None:
         arch, run = self.arch, self.run
         side = build_side_network(arch, self.config)
         last = sites[-1]
-        self.wrapper = LadderWrapper(last.module, side, run, len(sites))
-        self.wrapper.delta_name = self.name
-        self.wrapper.train(last.module.training)
-        setattr(last.parent, last.attr, self.wrapper)
+        n_blocks = {k: len(v) for k, v in arch.stacks.items()}
+        self.wrapper = wrap_site(last, LadderWrapper(last.module, side, run, n_blocks, arch.position_bias), self.name)
         self.site = last
         self.hooks = [self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
-                      self.model.register_forward_hook(lambda *a: run.end(), always_call=True),
-                      sites[0].module.register_forward_pre_hook(self._first_pre, with_kwargs=True)]
-        self.hooks += [s.module.register_forward_hook(self._record) for s in sites]
+                      self.model.register_forward_hook(lambda *a: run.end(), always_call=True)]
+        for stack, blocks in arch.stacks.items():
+            first = blocks[0].site.module
+            self.hooks.append(first.register_forward_pre_hook(self._first_pre(stack), with_kwargs=True))
+            self.hooks += [b.site.module.register_forward_hook(self._record(stack)) for b in blocks]
 
     def _root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.wrapper is None or not self.wrapper.enabled:
@@ -459,21 +359,29 @@ class Ladder(DeltaMethod):
         if kwargs.get("past_key_values") is not None:
             raise DeltaError("the ladder side network keeps no KV cache, so cached decoding cannot run; call the "
                              "model without past_key_values (e.g. generate with use_cache=False).")
-        self.run.begin(kwargs.get("attention_mask", args[1] if len(args) > 1 else None))
+        if kwargs.get("encoder_outputs") is not None:
+            raise DeltaError("the ladder's side encoder reads the encoder's states, so the encoder must run in "
+                             "the same call; call the model with input_ids / inputs_embeds, not encoder_outputs.")
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        self.run.begin({"": mask, "encoder": mask, "decoder": kwargs.get("decoder_attention_mask")})
 
-    def _first_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.run.active:
-            self.run.hidden = [args[0] if args else kwargs["hidden_states"]]           # h_0 (B, T, H)
+    def _first_pre(self, stack: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self.run.active:
+                self.run.hidden[stack] = [args[0] if args else kwargs["hidden_states"]]   # h_0 (B, T, H)
+        return hook
 
-    def _record(self, module: nn.Module, args: tuple, out: Any) -> None:
-        if self.run.active:
-            self.run.hidden.append(_first(out))                                         # h_i (B, T, H)
+    def _record(self, stack: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, out: Any) -> None:
+            if self.run.active:
+                self.run.hidden.setdefault(stack, []).append(_first(out))             # h_i (B, T, H)
+        return hook
 
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
         if self.site is not None:
-            setattr(self.site.parent, self.site.attr, self.site.module)
+            unwrap_sites([(self.site, self.wrapper)])
         self.hooks, self.wrapper, self.site, self.model = [], None, None, None
 
     def named_delta_parameters(self) -> list[tuple[str, nn.Parameter]]:

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import nn
 
-from promptdelta.deltas.base import DeltaMethod, DeltaWrapper, ModuleSite, register_delta
+from promptdelta.deltas.base import DeltaWrapper, ModuleSite, WrappingMethod, register_delta
 from promptdelta.errors import ConfigError, DeltaError
 from promptdelta.kernels import lora_linear
 
@@ -30,7 +28,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class LoRAConfig:
     """r: rank; alpha: scale numerator (update scaled by alpha / r); dropout on the LoRA input only;
-    targets: modules to wrap (default the native attention query/value projections);
+    targets: modules to wrap (default the attention query/value projections, in native names: they also
+    fit transformers BERT/RoBERTa/T5, and GPT-2's fused c_attn, which LoRA then adapts as a whole);
     fan_in_fan_out: the targets store their weight as (in, out) (GPT-2 Conv1D; detected automatically);
     impl: "fused" (the fused LoRA matmul of promptdelta.kernels) or "plain" (base(x) + B A x, for comparison)."""
 
@@ -87,7 +86,6 @@ class LoRALinear(DeltaWrapper):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-        self.enabled = True
         self._unmerged_weight: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
@@ -139,15 +137,10 @@ class LoRALinear(DeltaWrapper):
         self.merged = False
 
 
-class LoRA(DeltaMethod):
+class LoRA(WrappingMethod):
     """Registered as "lora": wraps each target linear layer in a ``LoRALinear``."""
 
     config_cls = LoRAConfig
-    wraps_modules = True
-
-    def __init__(self, config: LoRAConfig, name: str) -> None:
-        super().__init__(config, name)
-        self.sites: list[tuple[ModuleSite, LoRALinear]] = []
 
     def select(self, model: nn.Module, sites: list[ModuleSite]) -> list[ModuleSite]:
         bad = [f"{s.name} ({type(s.module).__name__})" for s in sites
@@ -168,44 +161,10 @@ class LoRA(DeltaMethod):
             conv = _is_conv1d(s.module)
             if conv and not c.fan_in_fan_out:
                 logger.debug("%s is a Conv1D: using fan_in_fan_out=True", s.name)
-            wrapper = LoRALinear(s.module, c.r, c.alpha, c.dropout, fan_in_fan_out=conv, impl=c.impl)
-            wrapper.delta_name = self.name
-            wrapper.train(s.module.training)
-            setattr(s.parent, s.attr, wrapper)
-            self.sites.append((s, wrapper))
-
-    def remove(self) -> None:
-        for s, wrapper in reversed(self.sites):
-            wrapper.unmerge()
-            setattr(s.parent, s.attr, s.module)
-        self.sites = []
+            self._wrap(s, LoRALinear(s.module, c.r, c.alpha, c.dropout, fan_in_fan_out=conv, impl=c.impl))
 
     def named_delta_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(f"{s.name}.{k}", p) for s, w in self.sites for k, p in (("lora_A", w.lora_A), ("lora_B", w.lora_B))]
-
-    def merge(self) -> None:
-        for _, w in self.sites:
-            w.merge()
-        self.merged = True
-
-    def unmerge(self) -> None:
-        for _, w in self.sites:
-            w.unmerge()
-        self.merged = False
-
-    @contextmanager
-    def disabled(self) -> Iterator[None]:
-        was_merged = self.merged
-        self.unmerge()
-        for _, w in self.sites:
-            w.enabled = False
-        try:
-            yield
-        finally:
-            for _, w in self.sites:
-                w.enabled = True
-            if was_merged:
-                self.merge()
 
     def original_values(self) -> dict[int, torch.Tensor]:
         return {id(w.base.weight): w._unmerged_weight for _, w in self.sites if w.merged}

@@ -13,10 +13,11 @@ decoder ``cross`` attention.
 
 Reparameterisation (Li & Liang, Sec. 4.3): during training each set is produced by an MLP from a small
 embedding, [K_p; V_p] = W_2 tanh(W_1 E + b_1) + b_2 with E: (P, hidden), which trains more stably than the
-raw prefixes. ``merge()`` folds the MLP: it evaluates it once and keeps the result as plain prefix
-parameters (the MLP is dropped, ``config.reparam`` becomes False), so merged outputs are identical, a merged
-checkpoint holds plain prefixes only, and ``unmerge()`` has nothing to undo. Call ``merge()`` before
-``save()`` to store plain prefixes (an unmerged save stores the MLP and reloads as such).
+raw prefixes. It is folded into plain prefixes for saving and inference: ``save()`` evaluates the MLP once and
+writes only the resulting keys/values (with ``reparam=False`` in the config, so ``load_delta`` gives plain
+prefixes and the same outputs; the attached delta keeps its MLP for more training); without autograd the
+MLP's output is computed once and reused until its parameters change; ``merge()`` folds it for good (the
+MLP is dropped, ``config.reparam`` becomes False, outputs are identical and ``unmerge()`` has nothing to undo).
 
 A fresh prefix cannot leave the outputs unchanged (attending to extra keys always moves the softmax);
 ``handle.disabled()`` gives the base model's outputs. ``generate()`` of the backbones does not go through
@@ -83,6 +84,8 @@ class _Part:
 class PrefixSet(nn.Module):
     """The prefixes of one part: plain ``keys``/``values`` (L, nh, P, hd), or the MLP that produces them."""
 
+    _folded: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None   # (parameter stamp, (keys, values))
+
     def __init__(self, part: _Part, hidden: int, config: PrefixConfig, device: torch.device,
                  dtype: torch.dtype) -> None:
         super().__init__()
@@ -103,22 +106,38 @@ class PrefixSet(nn.Module):
         return hasattr(self, "mlp")
 
     def key_values(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(keys, values), each (L, nh, P, hd)."""
+        """(keys, values), each (L, nh, P, hd). Without autograd (inference) the MLP's output is kept and
+        reused until one of its parameters changes (in place, ``.to()``, ``load_state_dict``)."""
         if not self.reparam:
             return self.keys, self.values
+        if torch.is_grad_enabled():
+            return self._from_mlp()
+        stamp = tuple((p.data_ptr(), p.dtype, p._version) for p in self.parameters())
+        if self._folded is None or self._folded[0] != stamp:
+            self._folded = (stamp, self._from_mlp())
+        return self._folded[1]
+
+    def _from_mlp(self) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.part
         kv = self.mlp(self.embedding)                                         # (P, 2 * L * nh * hd)
         kv = kv.view(self.P, 2, p.layers, p.heads, p.head_dim).permute(1, 2, 3, 0, 4)   # (2, L, nh, P, hd)
         return kv[0], kv[1]
 
     @torch.no_grad()
+    def plain(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plain prefixes (keys, values) this set gives now, contiguous copies (L, nh, P, hd)."""
+        k, v = self.key_values()
+        return k.contiguous().clone(), v.contiguous().clone()
+
+    @torch.no_grad()
     def fold(self) -> None:
         """Replace the MLP by the plain prefixes it produces now (identical values)."""
         if not self.reparam:
             return
-        k, v = self.key_values()
+        k, v = self.plain()
         del self.mlp, self.embedding
-        self.keys, self.values = nn.Parameter(k.contiguous().clone()), nn.Parameter(v.contiguous().clone())
+        self._folded = None
+        self.keys, self.values = nn.Parameter(k), nn.Parameter(v)
 
     def layer_pairs(self) -> list[KV]:
         k, v = self.key_values()
@@ -270,6 +289,14 @@ class PrefixTuning(DeltaMethod):
 
     def unmerge(self) -> None:
         self.merged = False   # folding changes no output, so there is nothing to undo
+
+    def export_state(self) -> tuple[PrefixConfig, dict[str, torch.Tensor]]:
+        """Plain prefixes only (the MLP folded, without changing this delta): ``prefix.<part>.keys|values``,
+        and the config with ``reparam=False``, so ``load_delta`` re-attaches plain prefixes."""
+        tensors = {}
+        for part, s in self.sets.items():
+            tensors[f"prefix.{part}.keys"], tensors[f"prefix.{part}.values"] = s.plain()
+        return dataclasses.replace(self.config, reparam=False), tensors
 
     @contextmanager
     def disabled(self) -> Iterator[None]:

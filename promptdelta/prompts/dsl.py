@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from promptdelta.errors import MissingFileError, TemplateError
+from promptdelta.errors import MissingFileError, PromptDeltaError, TemplateError
 
 # Keys that pick what a piece is; exactly one per piece (``soft_id`` alone also means a soft piece).
 KIND_KEYS = ("placeholder", "mask", "meta", "text", "soft", "special")
@@ -159,15 +159,24 @@ def canonical_post_processing(name: str) -> str:
 
 def read_template_line(path: str | Path, choice: int = 0) -> str:
     """Template number ``choice`` of an OpenPrompt template file (one template per non-empty line)."""
+    text = read_prompt_file(path, "template", TemplateError, "one template per line, OpenPrompt format")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if isinstance(choice, bool) or not isinstance(choice, int) or not 0 <= choice < len(lines):
+        raise TemplateError(f"choice={choice!r} but {str(path)!r} has {len(lines)} template(s); pass "
+                            f"choice in 0..{max(len(lines) - 1, 0)}")
+    return lines[choice]
+
+
+def read_prompt_file(path: str | Path, what: str, error: type[PromptDeltaError], fmt: str) -> str:
+    """The text of a template/verbalizer file; MissingFileError when absent, ``error`` when not UTF-8."""
     path = Path(path)
     if not path.is_file():
-        raise MissingFileError(f"template file {str(path)!r} does not exist; check the path (one "
-                               f"template per line, OpenPrompt format)")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not isinstance(choice, int) or not 0 <= choice < len(lines):
-        raise TemplateError(f"choice={choice} but {str(path)!r} has {len(lines)} template(s); pass "
-                            f"choice in 0..{len(lines) - 1}")
-    return lines[choice]
+        raise MissingFileError(f"{what} file {str(path)!r} does not exist; check the path ({fmt})")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise error(f"{what} file {str(path)!r} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                    f"{err.start}); save it as UTF-8") from None
 
 
 def _outside_strings(text: str) -> Iterator[tuple[int, str]]:

@@ -34,12 +34,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from promptdelta.errors import MissingFileError, VerbalizerError
+from promptdelta.errors import VerbalizerError
+from promptdelta.prompts.dsl import read_prompt_file
 
 logger = logging.getLogger(__name__)
 
 LabelWords = Sequence[str | Sequence[str]] | Mapping[str, str | Sequence[str]]
 HANDLERS = ("first", "mean", "max")
+FILE_FORMATS = ('write one class per line with comma-separated words (.txt), or {"class": ["word", ...]} '
+                '(.json)')
 
 
 class Verbalizer(nn.Module):
@@ -139,21 +142,20 @@ class ManualVerbalizer(Verbalizer):
                   choice: int = 0, **kwargs: Any) -> ManualVerbalizer:
         """Load label words from an OpenPrompt file: .json {class: [words]} (or a list of such dicts), or
         text with one class per line, comma-separated words, blank lines between alternatives.
-        Text files carry no class names: without ``classes`` the first word of each line names it."""
+        Text files carry no class names: without ``classes`` the first word of each line names it.
+        Every VerbalizerError raised while loading names the file."""
         path = Path(path)
-        if not path.is_file():
-            raise MissingFileError(f"verbalizer file {str(path)!r} does not exist; check the path")
-        text = path.read_text(encoding="utf-8")
+        text = read_prompt_file(path, "verbalizer", VerbalizerError, FILE_FORMATS)
         if path.suffix in (".json", ".jsonl"):
             label_words = _pick(_load_json_options(text, path), choice, path)
             classes = list(label_words) if classes is None else classes
         else:
-            blocks = [b for b in text.replace("\r\n", "\n").split("\n\n") if b.strip()]
-            options = [[[w.strip() for w in line.split(",") if w.strip()] for line in block.splitlines()
-                        if line.strip()] for block in blocks]
-            label_words = _pick(options, choice, path)
+            label_words = _pick(_load_text_options(text, path), choice, path)
             classes = [ws[0] for ws in label_words] if classes is None else classes
-        return cls(tokenizer, classes=classes, label_words=label_words, **kwargs)
+        try:
+            return cls(tokenizer, classes=classes, label_words=label_words, **kwargs)
+        except VerbalizerError as err:
+            raise VerbalizerError(f"{str(path)!r} (choice={choice}): {err}") from None
 
     def set_calibration(self, log_probs: torch.Tensor | None) -> None:
         """Set a prior log p(word) (C, W), e.g. the verbalizer's output on a content-free input."""
@@ -305,6 +307,9 @@ def normalise_label_words(classes: Sequence[str] | None,
     if classes is None:
         raise VerbalizerError("classes is required when label_words is a list; pass classes=[...] or a "
                               "dict {class: words}")
+    if len(classes) == 0:
+        raise VerbalizerError("no classes: give label words for at least one class (a verbalizer scores one "
+                              "or more classes), e.g. {\"negative\": [\"bad\"], \"positive\": [\"good\"]}")
     if len(words) != len(classes):
         raise VerbalizerError(f"{len(classes)} classes but label words for {len(words)}; give one word or "
                               f"list of words per class, in the order of classes")
@@ -343,7 +348,7 @@ def _pack(ids: list[list[list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _load_json_options(text: str, path: Path) -> list[dict[str, Any]]:
-    """A JSON verbalizer file: {class: words} or a list of such dicts (alternatives)."""
+    """A JSON verbalizer file: {class: words} or a list of such dicts (alternatives); .jsonl: one a line."""
     try:
         try:
             data = json.loads(text)
@@ -355,15 +360,46 @@ def _load_json_options(text: str, path: Path) -> list[dict[str, Any]]:
         raise VerbalizerError(f"{str(path)!r} is not valid JSON ({err.msg} at line {err.lineno}); write "
                               f'{{"class": ["word", ...], ...}}') from None
     options = [data] if isinstance(data, dict) else data
-    if not isinstance(options, list) or not all(isinstance(o, dict) for o in options):
-        raise VerbalizerError(f"{str(path)!r} must hold {{class: [words]}} or a list of such objects; "
+    if not isinstance(options, list) or not options or not all(isinstance(o, dict) for o in options):
+        raise VerbalizerError(f"{str(path)!r} must hold {{class: [words]}} or a non-empty list of such objects; "
                               f"rewrite it in that shape")
+    for i, option in enumerate(options):
+        if not option:
+            raise VerbalizerError(f"verbalizer {i} of {str(path)!r} has no classes ({{}}); write "
+                                  f'{{"class": ["word", ...], ...}} with one entry per class')
+        for c, words in option.items():
+            ok = isinstance(words, str) or (isinstance(words, list) and all(isinstance(w, str) for w in words))
+            if not ok:
+                raise VerbalizerError(f"class {c!r} of verbalizer {i} in {str(path)!r} has label words "
+                                      f"{words!r}; give a word or a list of words (strings)")
+    return options
+
+
+def _load_text_options(text: str, path: Path) -> list[list[list[str]]]:
+    """A text verbalizer file: one class per line, comma-separated words; a blank line ends an alternative."""
+    options: list[list[list[str]]] = []
+    block: list[list[str]] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            if block:
+                options.append(block)
+            block = []
+            continue
+        words = [w.strip() for w in line.split(",") if w.strip()]
+        if not words:
+            raise VerbalizerError(f"line {n} of {str(path)!r} has no label words ({line.strip()!r}); write the "
+                                  f"words of one class per line, comma-separated, or delete the line")
+        block.append(words)
+    if block:
+        options.append(block)
     return options
 
 
 def _pick(options: list[Any], choice: int, path: Path) -> Any:
     """Option number ``choice`` of the alternatives in a verbalizer file."""
-    if not 0 <= choice < len(options):
-        raise VerbalizerError(f"choice={choice} but {str(path)!r} has {len(options)} verbalizer(s); pass "
-                              f"choice in 0..{max(len(options) - 1, 0)}")
+    if not options:
+        raise VerbalizerError(f"{str(path)!r} holds no label words; {FILE_FORMATS}")
+    if isinstance(choice, bool) or not isinstance(choice, int) or not 0 <= choice < len(options):
+        raise VerbalizerError(f"choice={choice!r} but {str(path)!r} has {len(options)} verbalizer(s); pass "
+                              f"choice in 0..{len(options) - 1}")
     return options[choice]

@@ -7,7 +7,8 @@ Design (the simplest correct thing for delta tuning):
 * Each rank weights its shard's mean loss by ``len(shard) / len(global batch)`` and, after backward, the
   gradients of the *trainable* parameters only are summed over ranks with one all-reduce of a flat buffer
   (:func:`all_reduce_grads`). The sum is exactly the gradient of the global-batch mean loss, so a run on N
-  ranks matches a 1-process run with the same global batch (within float tolerance).
+  ranks matches a 1-process run with the same global batch (within float tolerance) -- for a model without
+  dropout: each rank draws its own dropout masks, so with dropout the runs agree only in distribution.
   We do not wrap the model in ``DistributedDataParallel``: the Trainer calls ``model.loss(batch)``, not
   ``forward``, frozen backbone weights must not be synchronised, and gradient accumulation needs one
   reduction per optimizer step; an explicit all-reduce does all three with no wrapper. FSDP is left out.
@@ -49,6 +50,12 @@ class DistContext:
 
 def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_is_main() -> bool:
+    """Whether this process is rank 0 (or the only process), from torchrun's ``RANK``; usable before the
+    process group is joined."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def resolve_device(device: str) -> str:

@@ -20,15 +20,18 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
+# imported with the module, not lazily: scikit-learn's first import draws from Python's global `random`, so a
+# lazy import inside a run would change that run's random stream (and break exact resume)
 from sklearn.metrics import accuracy_score, f1_score
 from tqdm.auto import tqdm
 
 from promptdelta.errors import CheckpointError, ConfigError, PromptDeltaError
 from promptdelta.train import checkpoint as ckpt
 from promptdelta.train import distributed as ddp
+from promptdelta.utils.checks import check_types
 from promptdelta.utils.seed import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -73,22 +76,10 @@ class TrainConfig:
     checkpoint_every: int | None = None   # also checkpoint every N steps (always at the end)
     keep_checkpoints: int = 2             # keep the newest K checkpoints
     resume: bool = False                  # continue from the newest complete checkpoint in checkpoint_dir
-
-    def _check_types(self) -> None:
-        for f in fields(self):
-            value, kinds = getattr(self, f.name), _FIELD_TYPES[f.name]
-            optional = None in kinds
-            if value is None and optional:
-                continue
-            numeric_ok = float in kinds and isinstance(value, int)
-            if isinstance(value, bool) != (bool in kinds) or not (isinstance(value, tuple(k for k in kinds if k))
-                                                                   or numeric_ok):
-                names = " or ".join("null" if k is None else k.__name__ for k in kinds)
-                raise ConfigError(f"train.{f.name}={value!r} has the wrong type; it must be {names} "
-                                  f"(see TrainConfig in promptdelta/train/trainer.py)")
+    gradient_checkpointing: bool = False  # recompute each layer's activations in backward (less memory)
 
     def __post_init__(self) -> None:
-        self._check_types()
+        check_types(self, _FIELD_TYPES, "train.", "TrainConfig in promptdelta/train/trainer.py")
         checks = {
             "lr": self.lr > 0, "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1,
             "eval_batch_size": self.eval_batch_size >= 1, "warmup_ratio": 0 <= self.warmup_ratio < 1,
@@ -106,6 +97,9 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r} is out of range; "
                                   f"see TrainConfig in promptdelta/train/trainer.py for valid values")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ConfigError(f"train.checkpoint_every={self.checkpoint_every} needs train.checkpoint_dir: set it to "
+                              "the folder the checkpoints should go to (--checkpoint-dir)")
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("train.resume=true needs train.checkpoint_dir: set it to the folder the "
                               "interrupted run wrote its checkpoints to")
@@ -114,10 +108,13 @@ class TrainConfig:
                               "precision='bf16' on CPU, or device='cuda'")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "TrainConfig":
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "TrainConfig":
+        if d is not None and not isinstance(d, Mapping):
+            raise ConfigError(f"train must be a mapping of keys to values, e.g. {{lr: 0.001, epochs: 20}}; got a "
+                              f"{type(d).__name__}")
         d = dict(d or {})
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known, key=str)
         if unknown:
             raise ConfigError(f"unknown train config key(s) {unknown}; valid keys: {sorted(known)}")
         return cls(**d)
@@ -129,11 +126,13 @@ _FIELD_TYPES: dict[str, tuple] = {
     "patience": (int, None), "eval_every": (int, None), "metric": (str,), "device": (str,), "progress": (bool,),
     "grad_accum": (int,), "precision": (str,), "max_nonfinite_steps": (int,), "checkpoint_dir": (str, None),
     "checkpoint_every": (int, None), "keep_checkpoints": (int,), "resume": (bool,),
+    "gradient_checkpointing": (bool,),
 }
 
 
 def compute_metrics(labels: Sequence[int], preds: Sequence[int], num_classes: int | None = None) -> dict:
     """Accuracy and macro-F1 (scikit-learn); macro-F1 averages over all classes of the task."""
+
     label_set = list(range(num_classes)) if num_classes else None
     return {
         "accuracy": float(accuracy_score(labels, preds)),
@@ -167,6 +166,34 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> int:
+    """Switch on activation checkpointing in each backbone inside ``model``: a native one's
+    ``gradient_checkpointing_enable()`` or a ``transformers`` model's own (non-reentrant). Returns how many
+    were switched on; raises :class:`ConfigError` when there is none."""
+    def visit(module: torch.nn.Module) -> int:
+        enable = getattr(module, "gradient_checkpointing_enable", None)
+        if not callable(enable):
+            return sum(visit(child) for child in module.children())
+        if hasattr(module, "supports_gradient_checkpointing"):           # a transformers PreTrainedModel
+            if not module.supports_gradient_checkpointing:
+                raise ConfigError(f"{type(module).__name__} (transformers) does not support gradient "
+                                  "checkpointing; set train.gradient_checkpointing=false")
+            if hasattr(module, "activation_checkpointing_enable"):         # the name from transformers 5.x on
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            enable()
+        return 1
+
+    count = visit(model)
+    if not count:
+        raise ConfigError(f"train.gradient_checkpointing=true, but {type(model).__name__} holds no backbone with "
+                          "gradient_checkpointing_enable() (native BERT/RoBERTa/GPT-2/T5 or a transformers "
+                          "model); set it to false for this model")
+    return count
+
+
 @dataclass
 class FitState:
     step: int = 0
@@ -190,6 +217,12 @@ class _Run:
     epoch: int = 0
     order: list[int] = field(default_factory=list)
     pos: int = 0                          # index into ``order`` of the next example
+
+
+def _text_length(example: Any) -> int:
+    """Characters of an example's texts: a cheap proxy for its token count, used to batch by length."""
+    return sum(len(v) for v in (getattr(example, "text_a", None), getattr(example, "text_b", None))
+               if isinstance(v, str))
 
 
 class Trainer:
@@ -249,6 +282,8 @@ class Trainer:
         """Train on ``train``; evaluate on ``dev`` each epoch (or every ``eval_every`` steps) and keep the best."""
         cfg = self.config
         self._validate(train, dev)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         self.dist = ddp.init_distributed(self.device)
         seed_everything(cfg.seed)
         run = self._new_run(len(train))
@@ -450,6 +485,10 @@ class Trainer:
         self.model.eval()
         ctx, bs = self.dist, self.config.eval_batch_size
         mine = list(range(ctx.rank, len(examples), ctx.world_size))
+        # longest first, so each batch pads to similar lengths (2-3x faster on mixed-length test sets);
+        # the predictions are put back in input order below
+        order = sorted(range(len(mine)), key=lambda i: -_text_length(examples[mine[i]]))
+        mine = [mine[i] for i in order]
         preds: list[torch.Tensor] = []
         try:
             for i in range(0, len(mine), bs):
@@ -460,7 +499,9 @@ class Trainer:
             if is_out_of_memory(err):
                 raise self._oom_error("evaluation", bs) from err
             raise
-        local = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+        local = torch.empty(len(mine), dtype=torch.long)
+        if preds:
+            local[torch.tensor(order)] = torch.cat(preds)
         if not ctx.enabled:
             return local
         out = torch.empty(len(examples), dtype=torch.long)

@@ -278,3 +278,15 @@ def test_bfloat16_left_padded_forward_is_finite_and_close(pair):
     out = low.to(torch.bfloat16)(ids, attention_mask=mask).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     torch.testing.assert_close(out.float()[mask.bool()], ref[mask.bool()], atol=0.05, rtol=0.05)  # bf16: 8 bits
+
+
+@torch.no_grad()
+def test_greedy_generate_20_new_tokens_equals_hf(pair):
+    """The issue's bar: 20 new tokens, token for token, on a left-padded batch (no EOS: every step runs)."""
+    hf, model = pair
+    ids, mask = _left_padded([9, 4, 6], total=9, seed=7)
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                      pad_token_id=0)
+    mine = model.generate(ids, attention_mask=mask, max_new_tokens=20, pad_token_id=0)
+    assert mine.shape == (3, 9 + 20)
+    assert torch.equal(mine, ref)

@@ -367,3 +367,14 @@ def test_bad_inputs_raise_with_a_fix():
         assert "Fix:" in str(e.value), kwargs
     with pytest.raises(ConfigError, match="temperature"):
         model.generate(ids, temperature=0.0, do_sample=True)
+
+
+def test_greedy_generate_20_new_tokens_equals_hf(pair):
+    """The issue's bar: 20 new tokens, token for token, on a padded batch (no EOS: every step runs)."""
+    hf, model = pair
+    ids, mask, _, _ = batch()
+    ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                      num_beams=1)
+    ours = model.generate(ids, mask, max_new_tokens=20)
+    assert ours.shape == (ids.shape[0], 21)
+    assert torch.equal(ours, ref)

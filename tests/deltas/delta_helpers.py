@@ -1,4 +1,5 @@
-"""Helpers for the delta tests: tiny transformers BERT (HF names) and native BERT (canonical names) cases."""
+"""Helpers for the delta tests: the tiny model families (native BERT, RoBERTa, GPT-2, T5, T5 v1.1 and their
+transformers counterparts), and state snapshots."""
 
 from __future__ import annotations
 
@@ -10,26 +11,113 @@ import torch
 import transformers
 from torch import nn
 
+from promptdelta.backbones import (BertConfig, BertModel, GPT2Config, GPT2Model, RobertaConfig, RobertaModel,
+                                   T5Config, T5Model)
+
+V = 99   # vocabulary of every tiny model
+
+
+# --------------------------------------------------------------------------------------------- builders
+def _hf_bert(hidden: int, layers: int = 2) -> nn.Module:
+    return transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=V, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=64))
+
 
 def hf_bert(seed: int = 0, hidden: int = 32, layers: int = 2) -> nn.Module:
-    cfg = transformers.BertConfig(vocab_size=99, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                                  intermediate_size=37, max_position_embeddings=64)
     torch.manual_seed(seed)
-    return transformers.BertForMaskedLM(cfg).eval()
+    return _hf_bert(hidden, layers).eval()
 
 
 def native_bert(seed: int = 0, hidden: int = 32, layers: int = 2) -> nn.Module:
+    """A native BERT loaded from ``hf_bert`` (the same weights) through ``load_backbone``."""
     backbones = pytest.importorskip("promptdelta.backbones")
     return backbones.load_backbone(hf_bert(seed, hidden, layers))[0].eval()
 
 
+def _hf_roberta(hidden: int) -> nn.Module:
+    return transformers.RobertaForMaskedLM(transformers.RobertaConfig(
+        vocab_size=V, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=2))
+
+
+def _hf_gpt2(hidden: int) -> nn.Module:
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=V, n_embd=hidden, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0))
+
+
+def _hf_t5(hidden: int) -> nn.Module:   # v1.1 / Flan-T5 layout: gated-GELU FFN (wi_0, wi_1, wo)
+    return transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=V, d_model=hidden, d_kv=8, d_ff=37, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+
+
+def _bert(hidden: int) -> nn.Module:
+    return BertModel(BertConfig(vocab_size=V, hidden_size=hidden, num_layers=2, num_heads=4, intermediate_size=37,
+                                max_position_embeddings=64, has_lm_head=True))
+
+
+def _roberta(hidden: int) -> nn.Module:
+    return RobertaModel(RobertaConfig(vocab_size=V, hidden_size=hidden, num_layers=2, num_heads=4,
+                                      intermediate_size=37, max_position_embeddings=66, has_lm_head=True))
+
+
+def _gpt2(hidden: int) -> nn.Module:
+    return GPT2Model(GPT2Config(vocab_size=V, n_positions=64, hidden_size=hidden, num_layers=2, num_heads=4,
+                                eos_token_id=2))
+
+
+def _t5(hidden: int) -> nn.Module:   # the original T5: ReLU FFN, head tied to the embeddings
+    return T5Model(T5Config(vocab_size=V, d_model=hidden, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                            relative_attention_num_buckets=8, relative_attention_max_distance=20))
+
+
+def _t5v11(hidden: int) -> nn.Module:   # 2 encoder, 3 decoder layers; gated FFN; n_heads * d_kv != d_model
+    return T5Model(T5Config(vocab_size=V, d_model=hidden, d_kv=6, d_ff=37, num_layers=2, num_decoder_layers=3,
+                            num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                            feed_forward_proj="gated-gelu", tie_word_embeddings=False))
+
+
+# --------------------------------------------------------------------------------------------- families
+@dataclass(frozen=True)
+class Family:
+    """One model family: how to build a tiny seeded model of it, and its logits on a padded batch."""
+
+    id: str
+    make: Callable[[int], nn.Module]      # hidden size -> a fresh model
+    seq2seq: bool = False
+    native: bool = True
+
+    def build(self, seed: int = 0, hidden: int = 32) -> nn.Module:
+        torch.manual_seed(seed)
+        return self.make(hidden).eval()
+
+    def out(self, model: nn.Module, ids: torch.Tensor, grad: bool = False, **kw) -> torch.Tensor:
+        """Logits (B, T, V) (T5: over 4 decoder positions) of a batch whose first row ends in two pads.
+        Without grad by default: CPU SDPA picks another kernel when no input needs a gradient (~1e-6 apart
+        on T5), so outputs compared bit for bit are taken in the same grad mode."""
+        mask = torch.ones_like(ids)
+        mask[0, -2:] = 0
+        if self.seq2seq:
+            kw["decoder_input_ids"] = ids[:, :4]
+        with torch.set_grad_enabled(grad):
+            return model(input_ids=ids, attention_mask=mask, **kw).logits
+
+
+NATIVE = [Family("bert", _bert), Family("roberta", _roberta), Family("gpt2", _gpt2),
+          Family("t5", _t5, seq2seq=True), Family("t5v11", _t5v11, seq2seq=True)]
+HF = [Family("hf_bert", _hf_bert, native=False), Family("hf_roberta", _hf_roberta, native=False),
+      Family("hf_gpt2", _hf_gpt2, native=False), Family("hf_t5", _hf_t5, seq2seq=True, native=False)]
+FAMILIES = {f.id: f for f in NATIVE + HF}
+
+
+# --------------------------------------------------------------------------------------------- cases
 @dataclass
 class Case:
-    """One base model family: how to build it, what LoRA targets fit it, and its output tensor."""
+    """A base model for the mechanism tests: how to build it and what BitFit groups fit its names."""
 
     id: str
     build: Callable[..., nn.Module]
-    lora_targets: list[str] | None       # None = the LoRA default (native canonical names)
     attn_targets: list[str]              # attention projections (for BitFit groups)
     norm_target: str                     # LayerNorm modules
 
@@ -40,11 +128,12 @@ class Case:
 
 
 CASES = [
-    Case("hf_bert", hf_bert, ["query", "value"], ["query", "key", "value", "attention.output.dense"], "LayerNorm"),
-    Case("native_bert", native_bert, None, ["q_proj", "k_proj", "v_proj", "o_proj"], "re:.*norm"),
+    Case("hf_bert", hf_bert, ["query", "key", "value", "attention.output.dense"], "LayerNorm"),
+    Case("native_bert", native_bert, ["q_proj", "k_proj", "v_proj", "o_proj"], "re:.*norm"),
 ]
 
 
+# --------------------------------------------------------------------------------------------- state
 def perturb(params, scale: float = 0.2, seed: int = 5) -> None:
     """Give delta parameters non-trivial values (a fresh LoRA has B = 0)."""
     g = torch.Generator().manual_seed(seed)

@@ -1,123 +1,33 @@
-"""The attach mechanism: one matrix of methods x invariants on tiny HF and native BERT, then bad inputs."""
+"""The attach mechanism on tiny HF and native BERT: checkpoints, summary, fingerprint, several deltas, target
+matching (own and native names), registry and bad inputs. The invariants of every method on every family are
+in test_families.py."""
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
 import torch
-from delta_helpers import assert_same_state, hf_bert, perturb, snapshot
+from delta_helpers import FAMILIES, assert_same_state, hf_bert, perturb, snapshot
+from torch import nn
 
-from promptdelta.deltas import DeltaHandle, attach, deltas_of, load_delta, model_fingerprint, register_delta
-from promptdelta.deltas.base import DeltaMethod, match_targets
+from promptdelta.deltas import attach, deltas_of, load_delta, model_fingerprint, register_delta
+from promptdelta.backbones import load_backbone
+from promptdelta.deltas.base import DeltaMethod, canonical_aliases, match_targets
 from promptdelta.errors import CheckpointError, ConfigError, DeltaError, MissingFileError
 
 METHODS = ["lora", "bitfit"]
 
 
-def _attach(case, model, method: str, **kw) -> DeltaHandle:
-    if method == "lora" and case.lora_targets is not None:
-        kw.setdefault("targets", case.lora_targets)
-    return attach(model, method, **kw)
-
-
 def _trained(case, method: str, seed: int = 0):
     """A base model with a delta whose parameters are non-trivial."""
     model = case.build(seed)
-    handle = _attach(case, model, method)
+    handle = attach(model, method)
     perturb(handle.parameters())
     return model, handle
 
 
-# ----------------------------------------------------------------------------------------- invariants
-@pytest.mark.parametrize("method", METHODS)
-def test_fresh_delta_leaves_outputs_unchanged(case, method, ids):
-    model = case.build()
-    before = case.out(model, ids)
-    handle = _attach(case, model, method)
-    assert handle.num_parameters() > 0
-    assert torch.equal(case.out(model, ids), before)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_only_delta_parameters_are_trainable_and_change(case, method, ids):
-    model, handle = _trained(case, method)
-    delta_ids = {id(p) for p in handle.parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert {id(p) for p in trainable} == delta_ids
-    before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    opt = torch.optim.SGD(trainable, lr=0.5)
-    case.out(model, ids).square().mean().backward()
-    opt.step()
-    changed = {k for k, p in model.named_parameters() if not torch.equal(p, before[k])}
-    delta_names = {k for k, p in model.named_parameters() if id(p) in delta_ids}
-    assert changed and changed <= delta_names
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_merge_matches_unmerged_and_is_idempotent(case, method, ids):
-    model, handle = _trained(case, method)
-    base_sd = {k: v.clone() for k, v in model.state_dict().items()}
-    unmerged = case.out(model, ids)
-    handle.merge()
-    merged = case.out(model, ids)
-    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)   # fp32 rounding of W0 + BA
-    merged_sd = {k: v.clone() for k, v in model.state_dict().items()}
-    handle.merge()
-    assert all(torch.equal(v, merged_sd[k]) for k, v in model.state_dict().items())
-    handle.unmerge()
-    handle.unmerge()
-    assert all(torch.equal(v, base_sd[k]) for k, v in model.state_dict().items())
-    assert torch.equal(case.out(model, ids), unmerged)
-
-
-@pytest.mark.parametrize("merged", [False, True])
-@pytest.mark.parametrize("method", METHODS)
-def test_detach_restores_model_exactly(case, method, merged, ids):
-    model = case.build()
-    emb = next(model.parameters())
-    emb.requires_grad_(False)          # a flag that is not the default must come back too
-    snap, out0 = snapshot(model), case.out(model, ids)
-    handle = _attach(case, model, method)
-    perturb(handle.parameters())
-    opt = torch.optim.SGD(handle.parameters(), lr=0.5)
-    case.out(model, ids).sum().backward()
-    opt.step()
-    if merged:
-        handle.merge()
-    handle.detach()
-    assert_same_state(model, snap)
-    assert torch.equal(case.out(model, ids), out0)
-    assert deltas_of(model) == {} and not hasattr(model, "_promptdelta_state")
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_save_load_onto_fresh_copy_reproduces_outputs(case, method, ids, tmp_path):
-    model, handle = _trained(case, method)
-    expected = case.out(model, ids)
-    handle.save(tmp_path / "d")
-    meta = json.loads((tmp_path / "d" / "delta.json").read_text())
-    assert meta["method"] == method and meta["targets"] == handle.targets
-    fresh = case.build()
-    loaded = load_delta(fresh, tmp_path / "d")
-    assert torch.equal(case.out(fresh, ids), expected)
-    assert loaded.name == handle.name and loaded.config == handle.config and loaded.targets == handle.targets
-    assert {k: v for k, v in loaded.state_dict().items()}.keys() == handle.state_dict().keys()
-    assert {id(p) for p in fresh.parameters() if p.requires_grad} == {id(p) for p in loaded.parameters()}
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_checkpoint_for_other_shapes_is_refused(case, method, tmp_path):
-    _, handle = _trained(case, method)
-    handle.save(tmp_path / "d")
-    other = case.build(0, hidden=48)
-    with pytest.raises(CheckpointError, match="made for") as err:
-        load_delta(other, tmp_path / "d")
-    assert "architectures differ" in str(err.value) and "Load it onto the model" in str(err.value)
-    assert deltas_of(other) == {}
-
-
+# ----------------------------------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("method", METHODS)
 def test_checkpoint_for_other_weights_is_refused_unless_not_strict(case, method, tmp_path, caplog, ids):
     _, handle = _trained(case, method)
@@ -130,22 +40,6 @@ def test_checkpoint_for_other_weights_is_refused_unless_not_strict(case, method,
         loaded = load_delta(other, tmp_path / "d", strict=False)
     assert "other pretrained weights" in caplog.text
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), handle.state_dict().values()))
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_disabled_gives_base_outputs_then_restores(case, method, ids):
-    model = case.build()
-    base = case.out(model, ids)
-    model, handle = _trained(case, method)
-    tuned = case.out(model, ids)
-    assert not torch.allclose(tuned, base)
-    for merge in (False, True):
-        if merge:
-            handle.merge()
-        with handle.disabled():
-            torch.testing.assert_close(case.out(model, ids), base, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(case.out(model, ids), tuned, atol=1e-5, rtol=1e-5)
-        assert handle.merged == merge
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -172,7 +66,7 @@ def test_summary_counts_match_parameters(case, method):
 def test_fingerprint_ignores_attached_deltas(case, ids):
     model = case.build()
     fp = model_fingerprint(model)
-    lora = _attach(case, model, "lora")
+    lora = attach(model, "lora")
     bitfit = attach(model, "bitfit")
     perturb(lora.parameters())
     perturb(bitfit.parameters())
@@ -187,7 +81,7 @@ def test_fingerprint_ignores_attached_deltas(case, ids):
 def test_two_deltas_coexist_and_detach_in_any_order(case, order, ids):
     model = case.build()
     snap, out0 = snapshot(model), case.out(model, ids)
-    lora = _attach(case, model, "lora", name="L")
+    lora = attach(model, "lora", name="L")
     bitfit = attach(model, "bitfit", name="B")
     perturb(lora.parameters())
     perturb(bitfit.parameters())
@@ -220,17 +114,17 @@ def test_two_loras_on_different_targets_and_save_load_both(case, ids, tmp_path):
 
 def test_duplicate_delta_name_is_refused(case):
     model = case.build()
-    _attach(case, model, "lora")
+    attach(model, "lora")
     with pytest.raises(DeltaError, match="already attached") as err:
-        _attach(case, model, "lora")
+        attach(model, "lora")
     assert "name=" in str(err.value)
 
 
 def test_same_module_cannot_be_wrapped_twice(case):
     model = case.build()
-    _attach(case, model, "lora", name="one")
+    attach(model, "lora", name="one")
     with pytest.raises(DeltaError, match="already wrapped by delta 'one'"):
-        _attach(case, model, "lora", name="two")
+        attach(model, "lora", name="two")
     assert list(deltas_of(model)) == ["one"]
 
 
@@ -258,12 +152,68 @@ def test_target_matching_sees_through_wrappers():
 
 
 def test_targets_matching_nothing_list_module_names():
-    model = hf_bert()
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 2)))   # no key table: own names
     with pytest.raises(DeltaError) as err:
-        attach(model, "lora")  # the native default ["q_proj", "v_proj"] does not exist in HF BERT
+        attach(model, "lora")  # the native default ["q_proj", "v_proj"]
     msg = str(err.value)
-    assert "match no module" in msg and "bert.encoder.layer.0.attention.self.query" in msg and "re:" in msg
+    assert "match no module" in msg and "'2.0'" in msg and "re:" in msg
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("fam, own, native", [
+    ("hf_bert", "bert.encoder.layer.1.attention.self.query", ["layers.1.attn.q_proj"]),
+    ("hf_bert", "bert.encoder.layer.0.output.dense", ["layers.0.mlp.fc2"]),
+    ("hf_bert", "bert.encoder.layer.0", ["layers.0"]),
+    ("hf_bert", "cls.predictions", ["lm_head"]),
+    ("hf_roberta", "roberta.encoder.layer.0.attention.output.LayerNorm", ["layers.0.attn_norm"]),
+    ("hf_gpt2", "transformer.h.0.attn.c_attn", ["layers.0.attn.q_proj", "layers.0.attn.k_proj",
+                                                "layers.0.attn.v_proj"]),   # fused: stands for all three
+    ("hf_gpt2", "transformer.h.1.mlp", ["layers.1.mlp"]),
+    ("hf_gpt2", "transformer.h.1.attn", ["layers.1.attn"]),
+    ("hf_t5", "decoder.block.1.layer.1.EncDecAttention.v", ["decoder.layers.1.cross_attn.v_proj"]),
+    ("hf_t5", "encoder.block.0.layer.1.DenseReluDense.wi_0", ["encoder.layers.0.mlp.gate"]),
+    ("hf_t5", "encoder.block.0.layer.1.DenseReluDense", ["encoder.layers.0.mlp"]),
+])
+def test_transformers_modules_get_their_native_names(fam, own, native):
+    assert canonical_aliases(FAMILIES[fam].build())[own] == native
+
+
+def test_containers_that_hold_more_than_one_native_sublayer_get_no_name():
+    aliases = canonical_aliases(FAMILIES["hf_bert"].build())
+    assert "bert.encoder.layer.0.attention" not in aliases      # holds attn_norm too (post-LN residual)
+    assert "layers.0.mlp" not in {a for names in aliases.values() for a in names}   # intermediate + output split
+    assert canonical_aliases(nn.Sequential(nn.Linear(2, 2))) == {}
+
+
+@pytest.mark.parametrize("fam", ["hf_bert", "hf_roberta", "hf_gpt2", "hf_t5"])
+@pytest.mark.parametrize("method", ["lora", "adapter", "intrinsic", "bitfit"])
+def test_default_targets_are_the_same_modules_on_transformers_and_native_models(fam, method):
+    hf = FAMILIES[fam].build()
+    native = load_backbone(hf)[0]
+    aliases = canonical_aliases(hf)
+    h_hf, h_native = attach(hf, method), attach(native, method)
+    if method == "bitfit":   # every bias (HF T5: none, so one added per linear layer, as in the native T5)
+        assert h_hf.num_parameters() == h_native.num_parameters()
+        return
+    covered = {a for t in h_hf.targets for a in aliases[t]}
+    assert set(h_native.targets) <= covered     # GPT-2's fused c_attn also covers k_proj
+    fused = {"lora": 2, "intrinsic": 4}.get(method, 0) if fam == "hf_gpt2" else 0   # q, (k,) v -> one c_attn
+    assert len(h_hf.targets) == len(h_native.targets) - fused
+
+
+def test_unmatched_user_targets_warn_but_method_defaults_do_not(caplog):
+    with caplog.at_level(logging.WARNING, logger="promptdelta.deltas.sites"):
+        attach(FAMILIES["bert"].build(), "intrinsic", dim=4)      # default "mlp.gate": only T5 v1.1 has it
+        assert not caplog.records
+        attach(FAMILIES["bert"].build(), "lora", targets=["q_proj", "v_prj"])
+    assert "['v_prj'] matched no module" in caplog.text
+
+
+def test_user_targets_may_use_own_or_native_names():
+    model = hf_bert()
+    own = [s.name for s in match_targets(model, "query")]
+    assert [s.name for s in match_targets(model, "q_proj")] == own
+    assert [s.name for s in match_targets(model, "re:layers\\.\\d+\\.attn\\.q_proj")] == own
 
 
 @pytest.mark.parametrize("bad", [[], "", 3, ["q", 4]])

@@ -68,18 +68,6 @@ def test_checkpoint_holds_only_biases(case, tmp_path):
     assert all(k.endswith(".bias") for k in tensors)
 
 
-def test_merge_is_a_no_op(case, ids):
-    model = case.build()
-    h = attach(model, "bitfit")
-    perturb(h.parameters())
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
-    h.merge()
-    assert h.merged
-    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
-    h.unmerge()
-    assert not h.merged
-
-
 def test_bias_free_targets_are_refused():
     model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.ReLU(), nn.Linear(4, 2, bias=False))
     with pytest.raises(DeltaError, match="without a bias") as err:

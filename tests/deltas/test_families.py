@@ -1,250 +1,202 @@
-"""LoRA and BitFit on every native family (BERT, RoBERTa, GPT-2, T5), each loaded from a tiny random
-transformers model through ``load_backbone``: the invariants every delta must keep on every backbone."""
+"""The invariant matrix: every delta method x every family it applies to (native BERT, RoBERTa, GPT-2, T5,
+T5 v1.1 and the transformers BERT/RoBERTa/GPT-2/T5), each attached with its *default* targets and config.
+
+Where a method does not apply, the refusal is tested here too (prefix on transformers models, the ladder on
+transformers GPT-2 and T5, which load_backbone converts). Method-specific exceptions to an invariant are named in the
+test and explained in the method's module doc (a fresh prefix changes outputs; adapters and the ladder cannot
+be merged); each method's own maths lives in its own test file.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
-import transformers
-from delta_helpers import assert_same_state, perturb, snapshot
+from delta_helpers import FAMILIES, Family, assert_same_state, perturb, snapshot
 from torch import nn
 
-from promptdelta.backbones import load_backbone
-from promptdelta.deltas import BitFitConfig, attach, deltas_of, load_delta
-from promptdelta.errors import DeltaError
+from promptdelta.deltas import attach, deltas_of, load_delta
+from promptdelta.errors import CheckpointError, DeltaError
 
-V, H, L = 99, 32, 2   # vocab, hidden, layers of every tiny model
-
-
-def _bert() -> nn.Module:
-    return transformers.BertForMaskedLM(transformers.BertConfig(
-        vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=37,
-        max_position_embeddings=64))
-
-
-def _roberta() -> nn.Module:
-    return transformers.RobertaForMaskedLM(transformers.RobertaConfig(
-        vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=37,
-        max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=2))
+METHODS = ["lora", "adapter", "bitfit", "prefix", "intrinsic", "ladder"]
+MERGEABLE = {"lora", "bitfit", "prefix", "intrinsic"}   # prefix: merge folds the MLP; bitfit: a no-op
+NOT_APPLICABLE = {   # (method, family) -> the words the refusal must contain
+    **{("prefix", f): "prefix_kv" for f in ("hf_bert", "hf_roberta", "hf_gpt2", "hf_t5")},
+    ("ladder", "hf_gpt2"): "load_backbone", ("ladder", "hf_t5"): "load_backbone",
+}
+CELLS = [(m, f) for m in METHODS for f in FAMILIES if (m, f) not in NOT_APPLICABLE]
 
 
-def _gpt2() -> nn.Module:
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=V, n_embd=H, n_layer=L, n_head=4, n_positions=64, bos_token_id=98, eos_token_id=98))
+def _ids(cells):
+    return [f"{m}-{f}" for m, f in cells]
 
 
-def _t5() -> nn.Module:
-    return transformers.T5ForConditionalGeneration(transformers.T5Config(
-        vocab_size=V, d_model=H, d_kv=8, d_ff=37, num_layers=L, num_heads=4, decoder_start_token_id=0,
-        pad_token_id=0, eos_token_id=1))
+@pytest.fixture(params=CELLS, ids=_ids(CELLS))
+def cell(request) -> tuple[str, Family]:
+    method, fam = request.param
+    return method, FAMILIES[fam]
 
 
-@dataclass(frozen=True)
-class Family:
-    """A family: its tiny HF model, how many modules the default LoRA targets wrap, whether it has biases."""
-
-    name: str
-    hf: Callable[[], nn.Module]
-    default_lora_sites: int
-    has_bias: bool = True
-
-    def build(self) -> nn.Module:
-        """A fresh native model, always with the same weights (copied from one cached HF model)."""
-        return load_backbone(_hf_model(self))[0].eval()
-
-    def out(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, V) over a batch whose first row ends in two padding tokens."""
-        mask = torch.ones_like(ids)
-        mask[0, -2:] = 0
-        if self.name == "t5":
-            return model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :4]).logits  # (B, 4, V)
-        return model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-
-
-@functools.cache
-def _hf_model(fam: Family) -> nn.Module:
-    """The family's tiny HF model, built once (seed 0); load_backbone copies its weights, never shares them."""
-    torch.manual_seed(0)
-    return fam.hf().eval()
-
-
-FAMILIES = [
-    Family("bert", _bert, 2 * L),
-    Family("roberta", _roberta, 2 * L),
-    Family("gpt2", _gpt2, 2 * L),
-    Family("t5", _t5, 2 * L + 4 * L, has_bias=False),   # encoder self + decoder self and cross: q, v
-]
-METHODS = ["lora", "bitfit"]
-
-
-@pytest.fixture(params=FAMILIES, ids=[f.name for f in FAMILIES])
-def fam(request) -> Family:
-    return request.param
-
-
-# BitFit on a bias-free model: the delta library adds zero biases (BitFitConfig.add_biases) when it has that
-# option; before it had, BitFit refused such models. Both behaviours are tested, whichever is present.
-ADDS_BIASES = "add_biases" in {f.name for f in dataclasses.fields(BitFitConfig)}
-
-
-def _skip_bias_free(fam: Family) -> None:
-    if not fam.has_bias and not ADDS_BIASES:
-        pytest.skip(f"{fam.name} has no biases and BitFitConfig has no add_biases: BitFit refuses it "
-                    "(see test_bitfit_on_bias_free_t5)")
-
-
-@pytest.fixture(params=METHODS)
-def method(request, fam: Family) -> str:
-    if request.param == "bitfit":
-        _skip_bias_free(fam)
-    return request.param
+@pytest.fixture(params=[c for c in CELLS if c[0] in MERGEABLE], ids=_ids([c for c in CELLS if c[0] in MERGEABLE]))
+def mergeable(request) -> tuple[str, Family]:
+    method, fam = request.param
+    return method, FAMILIES[fam]
 
 
 @pytest.fixture
 def ids() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
-    return torch.randint(3, V, (3, 7), generator=g)   # (B, T); ids 0-2 are special/pad in some families
+    return torch.randint(3, 99, (3, 7), generator=g)   # (B, T); ids 0-2 are special/pad in some families
 
 
-def _base_params(model: nn.Module, handle) -> dict[str, torch.Tensor]:
-    """Every model parameter that is not one of the handle's delta parameters (cloned)."""
+def _trained(method: str, fam: Family, seed: int = 0):
+    """A model with the method attached by default and non-trivial delta parameters."""
+    model = fam.build(seed)
+    handle = attach(model, method)
+    perturb(handle.parameters())
+    return model, handle
+
+
+def _hooks(model: nn.Module) -> int:
+    return len(model._forward_hooks) + len(model._forward_pre_hooks)
+
+
+# --------------------------------------------------------------------------------------------- invariants
+def test_default_attach_leaves_outputs_unchanged(cell, ids):
+    method, fam = cell
+    model = fam.build()
+    before = fam.out(model, ids)
+    handle = attach(model, method)          # no targets, no config: the method's defaults
+    assert handle.targets and handle.num_parameters() > 0
+    after = fam.out(model, ids)
+    if method == "prefix":                  # attending to extra keys always moves the softmax (prefix.py doc)
+        assert not torch.allclose(after, before)
+        with handle.disabled():
+            assert torch.equal(fam.out(model, ids), before)
+    elif method == "lora":                  # B = 0; only the fused matmul's rounding may differ
+        torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(after, before)
+
+
+def test_only_delta_parameters_train_and_change(cell, ids):
+    method, fam = cell
+    model, handle = _trained(method, fam)
     delta = {id(p) for p in handle.parameters()}
-    return {k: p.detach().clone() for k, p in model.named_parameters() if id(p) not in delta}
+    assert {id(p) for p in model.parameters() if p.requires_grad} == delta
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    fam.out(model, ids, grad=True).square().mean().backward()
+    assert all(p.grad is None for p in model.parameters() if id(p) not in delta)
+    torch.optim.SGD(handle.parameters(), lr=0.5).step()
+    changed = {k for k, p in model.named_parameters() if not torch.equal(p, before[k])}
+    assert changed and changed <= {k for k, p in model.named_parameters() if id(p) in delta}
 
 
-def test_families_are_native(fam: Family) -> None:
+DETACH = [(m, f, merged) for m, f in CELLS for merged in ((False, True) if m in MERGEABLE else (False,))]
+
+
+@pytest.mark.parametrize("method, fam, merged", DETACH,
+                         ids=[f"{m}-{f}{'-merged' if merged else ''}" for m, f, merged in DETACH])
+def test_detach_restores_outputs_and_state_exactly(method, fam, merged, ids):
+    fam = FAMILIES[fam]
     model = fam.build()
-    assert model.family == fam.name
-    assert not isinstance(model, transformers.PreTrainedModel)
-
-
-def test_default_lora_targets_fit_every_family(fam: Family) -> None:
-    model = fam.build()
-    h = attach(model, "lora")   # no targets: the LoRA default
-    assert len(h.targets) == fam.default_lora_sites
-    assert all(t.endswith(("attn.q_proj", "attn.v_proj")) for t in h.targets)
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    assert trainable == {id(p) for p in h.parameters()}
-
-
-def test_fresh_delta_leaves_outputs_unchanged(fam: Family, method: str, ids: torch.Tensor) -> None:
-    model = fam.build()
-    with torch.no_grad():
-        before = fam.out(model, ids)
-        h = attach(model, method)
-        after = fam.out(model, ids)
-    assert h.num_parameters() > 0
-    if method == "bitfit":   # nothing changed at all: the same biases
-        assert torch.equal(before, after)
-    else:                    # B = 0: only the fused matmul's rounding may differ
-        torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
-
-
-def test_step_changes_only_delta_params(fam: Family, method: str, ids: torch.Tensor) -> None:
-    model = fam.build()
-    h = attach(model, method)
-    base = _base_params(model, h)
-    delta = {k: p.detach().clone() for k, p in h.named_parameters()}
-    opt = torch.optim.SGD(h.parameters(), lr=0.5)
-    fam.out(model, ids).float().pow(2).mean().backward()
-    assert all(p.grad is None for k, p in model.named_parameters() if k in base)
-    opt.step()
-    for k, p in model.named_parameters():
-        if k in base:
-            assert torch.equal(p, base[k]), f"frozen parameter {k} changed"
-    changed = [k for k, p in h.named_parameters() if not torch.equal(p, delta[k])]
-    assert changed, "no delta parameter moved after an optimizer step"
-    if method == "lora":   # B starts at 0, so the first step moves every B (A's gradient is B^T ... = 0)
-        assert {k for k in changed if k.endswith("lora_B")} == {k for k in delta if k.endswith("lora_B")}
-
-
-def test_merge_equals_unmerged(fam: Family, ids: torch.Tensor) -> None:
-    model = fam.build()
-    h = attach(model, "lora", r=4, alpha=8)
-    perturb(h.parameters())
-    with torch.no_grad():
-        unmerged = fam.out(model, ids)
-        h.merge()
-        merged = fam.out(model, ids)
-        h.unmerge()
-        again = fam.out(model, ids)
-    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-5)
-    assert torch.equal(again, unmerged)
-    assert not torch.allclose(merged, _fresh_out(fam, ids), atol=1e-3), "the perturbed delta had no effect"
-
-
-def test_bitfit_merge_is_a_noop(fam: Family, ids: torch.Tensor) -> None:
-    _skip_bias_free(fam)
-    model = fam.build()
-    h = attach(model, "bitfit")
-    perturb(h.parameters())
-    with torch.no_grad():
-        out = fam.out(model, ids)
-        h.merge()
-        assert torch.equal(fam.out(model, ids), out)
-
-
-def _fresh_out(fam: Family, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return fam.out(fam.build(), ids)
-
-
-@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
-def test_detach_restores_state_and_outputs(fam: Family, method: str, ids: torch.Tensor, merged: bool) -> None:
-    model = fam.build()
-    snap = snapshot(model)
-    with torch.no_grad():
-        before = fam.out(model, ids)
-    h = attach(model, method)
-    perturb(h.parameters())
+    next(model.parameters()).requires_grad_(False)     # a flag that is not the default must come back too
+    snap, out0, hooks = snapshot(model), fam.out(model, ids), _hooks(model)
+    handle = attach(model, method)
+    perturb(handle.parameters())
+    fam.out(model, ids, grad=True).square().mean().backward()
+    torch.optim.SGD(handle.parameters(), lr=0.5).step()
     if merged:
-        h.merge()
-    with torch.no_grad():
-        assert not torch.equal(fam.out(model, ids), before)
-    h.detach()
-    assert deltas_of(model) == {}
+        handle.merge()
+    assert not torch.equal(fam.out(model, ids), out0)
+    handle.detach()
     assert_same_state(model, snap)
-    with torch.no_grad():
-        assert torch.equal(fam.out(model, ids), before)
+    assert torch.equal(fam.out(model, ids), out0)
+    assert deltas_of(model) == {} and _hooks(model) == hooks and not hasattr(model, "_promptdelta_state")
 
 
-def test_save_load_round_trip(fam: Family, method: str, ids: torch.Tensor, tmp_path: Path) -> None:
-    model = fam.build()
-    h = attach(model, method)
-    perturb(h.parameters())
-    with torch.no_grad():
-        out = fam.out(model, ids)
-    h.save(tmp_path / "delta")
-    other = fam.build()   # same pretrained weights, fresh object
-    h2 = load_delta(other, tmp_path / "delta")
-    assert h2.method == method and h2.targets == h.targets
-    for (k, p), (k2, p2) in zip(h.named_parameters(), h2.named_parameters()):
-        assert k == k2 and torch.equal(p, p2)
-    with torch.no_grad():
-        assert torch.equal(fam.out(other, ids), out)
+def test_save_then_load_into_a_fresh_backbone_reproduces_outputs(cell, ids, tmp_path: Path):
+    method, fam = cell
+    model, handle = _trained(method, fam)
+    expected = fam.out(model, ids)
+    handle.save(tmp_path / "d")
+    fresh = fam.build()
+    loaded = load_delta(fresh, tmp_path / "d")
+    assert loaded.method == method and loaded.targets == handle.targets
+    assert torch.equal(fam.out(fresh, ids), expected)
+    assert {id(p) for p in fresh.parameters() if p.requires_grad} == {id(p) for p in loaded.parameters()}
 
 
-def test_bitfit_on_bias_free_t5() -> None:
-    """T5 has no bias: BitFit refuses it with a DeltaError naming the fix, unless it may add zero biases."""
-    model = next(f for f in FAMILIES if f.name == "t5").build()
-    assert not any(k.endswith("bias") for k in model.state_dict() if "relative_attention_bias" not in k)
-    snap = snapshot(model)
-    refuse = {"add_biases": False} if ADDS_BIASES else {}
-    for targets in (None, ["q_proj", "v_proj"]):
-        with pytest.raises(DeltaError, match="another delta method") as err:
-            attach(model, "bitfit", targets=targets, **refuse)
-        assert "bias" in str(err.value)
-        if ADDS_BIASES:
-            assert "add_biases=True" in str(err.value)
-    assert deltas_of(model) == {}
-    assert_same_state(model, snap)   # the refused attach froze nothing
-    if ADDS_BIASES:   # the default adds one zero bias per linear layer of the bias-free backbone
-        n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
-        h = attach(model, "bitfit")
-        assert len(h.targets) == n_linear and all(k.endswith(".bias") for k, _ in h.named_parameters())
+def test_merged_equals_unmerged_and_merging_twice_is_a_no_op(mergeable, ids):
+    method, fam = mergeable
+    model, handle = _trained(method, fam)
+    unmerged = fam.out(model, ids)
+    handle.merge()
+    assert handle.merged
+    merged_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = fam.out(model, ids)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-5)   # fp32 rounding of W0 + dW
+    handle.merge()
+    now = model.state_dict()
+    assert now.keys() == merged_sd.keys() and all(torch.equal(v, merged_sd[k]) for k, v in now.items())
+    assert torch.equal(fam.out(model, ids), merged)
+    handle.unmerge()
+    handle.unmerge()
+    assert not handle.merged
+    if method != "prefix":   # prefix: folding is for good, and changes no output (exact unmerge not needed)
+        assert torch.equal(fam.out(model, ids), unmerged)
+
+
+@pytest.mark.parametrize("method", ["adapter", "ladder"])
+def test_merge_is_refused_where_the_maths_does_not_allow(method, ids):
+    fam = FAMILIES["bert"]
+    model, handle = _trained(method, fam)
+    out, sd = fam.out(model, ids), snapshot(model)
+    for _ in range(2):
+        with pytest.raises(DeltaError, match="cannot be merged") as err:
+            handle.merge()
+        assert "attached for inference" in str(err.value)
+    handle.unmerge()                         # nothing to undo, no error
+    assert not handle.merged and torch.equal(fam.out(model, ids), out)
+    assert_same_state(model, sd)
+
+
+def test_a_checkpoint_for_another_model_is_refused(cell, tmp_path: Path):
+    method, fam = cell
+    _, handle = _trained(method, fam)
+    handle.save(tmp_path / "d")
+    for other, words in ((fam.build(0, hidden=48), "architectures differ"), (fam.build(seed=1), "strict=False")):
+        hooks = _hooks(other)
+        with pytest.raises(CheckpointError, match=words) as err:
+            load_delta(other, tmp_path / "d")
+        assert "Load it onto the model" in str(err.value) or "load it onto the checkpoint" in str(err.value)
+        assert deltas_of(other) == {} and _hooks(other) == hooks
+        assert all(p.requires_grad for p in other.parameters())
+
+
+def test_disabled_gives_the_base_outputs_then_the_delta_again(cell, ids):
+    method, fam = cell
+    base = fam.out(fam.build(), ids)
+    model, handle = _trained(method, fam)
+    tuned = fam.out(model, ids)
+    assert not torch.allclose(tuned, base)
+    for merge in (False, True) if method in MERGEABLE else (False,):
+        if merge:
+            handle.merge()
+        with handle.disabled():
+            torch.testing.assert_close(fam.out(model, ids), base, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fam.out(model, ids), tuned, rtol=1e-5, atol=1e-5)
+        assert handle.merged == merge
+
+
+# --------------------------------------------------------------------------------------------- where it does not apply
+@pytest.mark.parametrize("method, fam", sorted(NOT_APPLICABLE), ids=_ids(sorted(NOT_APPLICABLE)))
+def test_methods_refuse_families_they_do_not_apply_to_and_say_why(method, fam):
+    model = FAMILIES[fam].build()
+    snap, hooks = snapshot(model), _hooks(model)
+    with pytest.raises(DeltaError, match=NOT_APPLICABLE[method, fam]) as err:
+        attach(model, method)
+    assert "use" in str(err.value) or "load_backbone" in str(err.value)
+    assert deltas_of(model) == {} and _hooks(model) == hooks
+    assert_same_state(model, snap)

@@ -1,5 +1,6 @@
-"""Ladder side tuning: the delta invariants, no autograd through the backbone, parity of the side network
-with the backbone at reduction 1, the pruning rule, training memory, and bad inputs."""
+"""Ladder side tuning: no autograd through the backbone, parity of the side network with the backbone at
+reduction 1, the pruning rule, training memory, save/load, and bad inputs. The invariants (fresh ladder,
+what trains, detach, merge refused, checkpoints, disabled) on every family are in test_families.py."""
 
 from __future__ import annotations
 
@@ -8,28 +9,14 @@ import json
 import pytest
 import torch
 import transformers
-from delta_helpers import assert_same_state, hf_bert, native_bert, perturb, snapshot
+from delta_helpers import FAMILIES, hf_bert, native_bert, perturb
 
 from promptdelta.backbones import load_backbone
-from promptdelta.deltas import attach, deltas_of, load_delta, measure_training_memory
-from promptdelta.errors import BackboneError, CheckpointError, ConfigError, DeltaError
+from promptdelta.deltas import attach, load_delta, measure_training_memory
+from promptdelta.errors import BackboneError, ConfigError, DeltaError
 
-
-def native_gpt2(seed: int = 0, hidden: int = 32) -> torch.nn.Module:
-    cfg = transformers.GPT2Config(vocab_size=99, n_embd=hidden, n_layer=2, n_head=4, n_positions=64,
-                                  bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(seed)
-    return load_backbone(transformers.GPT2LMHeadModel(cfg))[0].eval()
-
-
-def native_roberta(seed: int = 0, hidden: int = 32) -> torch.nn.Module:
-    cfg = transformers.RobertaConfig(vocab_size=99, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=37, max_position_embeddings=64, pad_token_id=1)
-    torch.manual_seed(seed)
-    return load_backbone(transformers.RobertaForMaskedLM(cfg))[0].eval()
-
-
-BUILDERS = {"hf_bert": hf_bert, "native_bert": native_bert, "native_roberta": native_roberta,
+native_gpt2 = FAMILIES["gpt2"].build
+BUILDERS = {"hf_bert": hf_bert, "native_bert": native_bert, "native_roberta": FAMILIES["roberta"].build,
             "native_gpt2": native_gpt2}
 
 
@@ -55,49 +42,7 @@ def side_of(handle):
     return handle._method.wrapper.side
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: one thread avoids OpenMP spin contention on the shared cores (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-# ----------------------------------------------------------------------------------------- invariants
-def test_fresh_ladder_leaves_outputs_unchanged(build, ids):
-    model = build()
-    before = out(model, ids)
-    handle = attach(model, "ladder")
-    assert handle.num_parameters() > 0
-    assert torch.equal(out(model, ids), before)
-
-
-def test_only_ladder_parameters_are_trainable_and_change(build, ids):
-    model, handle = trained(build)
-    delta_ids = {id(p) for p in handle.parameters()}
-    assert {id(p) for p in model.parameters() if p.requires_grad} == delta_ids
-    before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    out(model, ids).square().mean().backward()
-    opt.step()
-    changed = {k for k, p in model.named_parameters() if not torch.equal(p, before[k])}
-    assert changed and changed <= {k for k, p in model.named_parameters() if id(p) in delta_ids}
-
-
-def test_detach_restores_model_exactly(build, ids):
-    model = build()
-    snap, out0 = snapshot(model), out(model, ids)
-    handle = attach(model, "ladder")
-    perturb(handle.parameters())
-    out(model, ids).sum().backward()
-    torch.optim.SGD(handle.parameters(), lr=0.5).step()
-    handle.detach()
-    assert_same_state(model, snap)
-    assert torch.equal(out(model, ids), out0)
-    assert deltas_of(model) == {} and not model._forward_hooks and not model._forward_pre_hooks
-
-
+# ----------------------------------------------------------------------------------------- checkpoint
 def test_save_load_round_trip(build, ids, tmp_path):
     model, handle = trained(build, reduction=4)
     expected = out(model, ids)
@@ -109,35 +54,6 @@ def test_save_load_round_trip(build, ids, tmp_path):
     assert torch.equal(out(fresh, ids), expected)
     assert loaded.state_dict().keys() == handle.state_dict().keys()
     assert all(k.startswith("ladder.") for k in loaded.state_dict())
-
-
-def test_checkpoint_for_another_model_is_refused(build, tmp_path):
-    _, handle = trained(build)
-    handle.save(tmp_path / "d")
-    other = build(0, hidden=48)
-    with pytest.raises(CheckpointError, match="Load it onto the model"):
-        load_delta(other, tmp_path / "d")
-    assert deltas_of(other) == {}
-
-
-def test_merge_is_refused_with_a_clear_error(build, ids):
-    model, handle = trained(build)
-    expected = out(model, ids)
-    with pytest.raises(DeltaError, match="cannot be merged") as err:
-        handle.merge()
-    assert "Keep it attached" in str(err.value)
-    handle.unmerge()   # a no-op, as for detach()
-    assert not handle.merged and torch.equal(out(model, ids), expected)
-
-
-def test_disabled_gives_base_outputs(build, ids):
-    base = out(build(), ids)
-    model, handle = trained(build)
-    tuned = out(model, ids)
-    assert not torch.allclose(tuned, base)
-    with handle.disabled():
-        assert torch.equal(out(model, ids), base)
-    assert torch.equal(out(model, ids), tuned)
 
 
 # ----------------------------------------------------------------------------------------- no autograd in the backbone
@@ -219,6 +135,52 @@ def test_unpruned_side_network_reproduces_the_backbone(name, ids):
     torch.testing.assert_close(side.states(states, mask), states[-1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fam", ["t5", "t5v11"])
+def test_unpruned_t5_side_encoder_and_decoder_reproduce_the_backbone(fam, ids):
+    """T5 at reduction 1 with closed gates: the side encoder is the encoder (final norm included), and the side
+    decoder, cross-attending to it, is the decoder: unscaled attention, relative position bias, RMSNorm, gate."""
+    model = FAMILIES[fam].build()
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+    handle = attach(model, "ladder", reduction=1, gate_init=-1e4)
+    side, stacks = side_of(handle), handle._method.arch.stacks
+    states = {k: [] for k in stacks}
+    hooks = []
+    for k, blocks in stacks.items():
+        hooks.append(blocks[0].site.module.register_forward_pre_hook(lambda mod, a, k=k: states[k].append(a[0])))
+        hooks += [b.site.module.register_forward_hook(lambda mod, a, o, k=k: states[k].append(o[0])) for b in blocks]
+    dec = ids[:, :4]
+    out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        pos = {k: getattr(model, k).layers[0].attn.position_bias(len(v[0][0]), len(v[0][0])) for k, v in states.items()}
+        memory = side.encoder.states(states["encoder"], mask, pos["encoder"])
+        torch.testing.assert_close(memory, out.encoder_last_hidden_state, atol=1e-5, rtol=1e-5)
+        s = side.decoder.states(states["decoder"], None, pos["decoder"], memory, mask)
+    torch.testing.assert_close(s, states["decoder"][-1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fam", ["t5", "t5v11"])
+def test_t5_backbone_receives_no_gradient(fam, ids):
+    model = FAMILIES[fam].build()
+    handle = attach(model, "ladder")
+    perturb(handle.parameters())
+    seen = []
+    hooks = [b.site.module.register_forward_hook(lambda m, a, o: seen.append((torch.is_grad_enabled(),
+                                                                              o[0].requires_grad)))
+             for b in handle._method.arch.blocks]
+    model(input_ids=ids, decoder_input_ids=ids[:, :3]).logits.square().mean().backward()
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 2 + len(model.decoder.layers) and all(s == (False, False) for s in seen)
+    own = {id(p) for p in handle.parameters()}
+    body = [n for n, p in model.named_parameters() if id(p) not in own and "layers" in n]
+    assert body and all(dict(model.named_parameters())[n].grad is None for n in body)
+    assert all(p.grad is not None for p in handle.parameters())
+    assert any(k.startswith("ladder.encoder.blocks.0.attn") for k in handle.state_dict())
+
+
 def test_pruning_keeps_the_largest_norms_and_slices_backbone_weights():
     model = native_bert()
     handle = attach(model, "ladder", reduction=2)
@@ -234,12 +196,12 @@ def test_pruning_keeps_the_largest_norms_and_slices_backbone_weights():
     blk, l0 = side.blocks[0], layers[0]
     fc1, fc2 = l0.mlp.fc1.weight, l0.mlp.fc2.weight
     units = torch.topk(fc1.square().sum(1) + fc2.square().sum(0), 37 // 2).indices.sort().values
-    torch.testing.assert_close(blk.fc1.weight, fc1[units][:, hid], rtol=0, atol=0)
+    torch.testing.assert_close(blk.mlp.fc1.weight, fc1[units][:, hid], rtol=0, atol=0)
     torch.testing.assert_close(blk.attn_norm.weight, l0.attn_norm.weight[hid], rtol=0, atol=0)
-    assert (blk.heads, blk.head_dim) == (4, 4) and blk.q_proj.weight.shape == (16, 16)
+    assert (blk.attn.heads, blk.attn.head_dim) == (4, 4) and blk.attn.q_proj.weight.shape == (16, 16)
     wq = l0.attn.q_proj.weight
-    q_rows = torch.tensor([(wq[:, hid] - r).abs().sum(1).argmin().item() for r in blk.q_proj.weight])
-    torch.testing.assert_close(blk.q_proj.weight, wq[q_rows][:, hid], rtol=0, atol=0)
+    q_rows = torch.tensor([(wq[:, hid] - r).abs().sum(1).argmin().item() for r in blk.attn.q_proj.weight])
+    torch.testing.assert_close(blk.attn.q_proj.weight, wq[q_rows][:, hid], rtol=0, atol=0)
     assert torch.equal(q_rows // 8, torch.arange(16) // 4)     # 4 dims from each of the 4 heads, in order
     qk = (wq.square().sum(1) + l0.attn.k_proj.weight.square().sum(1)).view(4, 8)
     for head in range(4):
@@ -257,20 +219,28 @@ def test_ladder_on_a_subset_of_blocks(ids):
     assert not torch.allclose(out(model, ids), before)
 
 
-def test_training_memory_is_under_35_percent_of_full_fine_tuning():
-    cfg = transformers.BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                  intermediate_size=512, max_position_embeddings=64)
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_training_memory_is_under_35_percent_of_full_fine_tuning(family):
+    from promptdelta.backbones import T5Config, T5Model
+
     x = torch.randint(1, 1000, (8, 32), generator=torch.Generator().manual_seed(0))
+    if family == "bert":
+        cfg = transformers.BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                      intermediate_size=512, max_position_embeddings=64)
+        make, run = lambda: load_backbone(transformers.BertForMaskedLM(cfg))[0], lambda m: m(input_ids=x)
+    else:
+        cfg = T5Config(vocab_size=1000, d_model=128, d_kv=32, d_ff=512, num_layers=4, num_heads=4)
+        make, run = lambda: T5Model(cfg), lambda m: m(input_ids=x, decoder_input_ids=x[:, :8])
 
     def measure(method):
         torch.manual_seed(0)
-        model = load_backbone(transformers.BertForMaskedLM(cfg))[0].train()
+        model = make().train()
         if method:
             attach(model, method)
         else:
             for p in model.parameters():
                 p.requires_grad_(True)
-        return measure_training_memory(model, lambda: model(input_ids=x).logits.logsumexp(-1).mean())
+        return measure_training_memory(model, lambda: run(model).logits.logsumexp(-1).mean())
 
     full, ladder = measure(None), measure("ladder")
     assert full.gradients == full.parameters and full.optimizer_state >= 2 * full.parameters
@@ -279,14 +249,18 @@ def test_training_memory_is_under_35_percent_of_full_fine_tuning():
 
 
 # ----------------------------------------------------------------------------------------- bad inputs
-def test_t5_is_refused():
-    from promptdelta.backbones import T5Config, T5Model
-
-    model = T5Model(T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4))
-    with pytest.raises(DeltaError, match="encoder-decoder") as err:
-        attach(model, "ladder")
-    assert "use another delta" in str(err.value)
-    assert all(p.requires_grad for p in model.parameters())
+def test_t5_options_that_do_not_apply_are_refused():
+    with pytest.raises(DeltaError, match="leave causal=None"):
+        attach(FAMILIES["t5"].build(), "ladder", causal=True)
+    with pytest.raises(DeltaError, match="include encoder blocks too"):
+        attach(FAMILIES["t5"].build(), "ladder", targets=["decoder.layers.1"])
+    model = FAMILIES["t5"].build()
+    attach(model, "ladder")
+    ids = torch.randint(3, 99, (2, 5))
+    enc = model.encode(input_ids=ids).last_hidden_state
+    with pytest.raises(DeltaError, match="not encoder_outputs"):
+        model(encoder_outputs=enc, decoder_input_ids=ids[:, :2])
+    assert torch.is_grad_enabled()
 
 
 def test_unsupported_transformers_model_names_the_fix():

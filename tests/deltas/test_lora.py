@@ -175,3 +175,15 @@ def test_non_linear_targets_are_refused():
         attach(model, "lora", targets=["query", "LayerNorm"])
     assert "LayerNorm" in str(err.value) and "narrower" in str(err.value)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_wrapped_layers_still_expose_the_base_attributes():
+    """transformers T5's FFN reads ``wo.weight.dtype``: a LoRA-wrapped ``wo`` must answer through its base."""
+    from delta_helpers import FAMILIES
+
+    model = FAMILIES["hf_t5"].build()
+    attach(model, "lora", targets=["mlp.fc2"], r=2)
+    wo = model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert isinstance(wo, LoRALinear) and wo.weight is wo.base.weight and wo.in_features == 37
+    ids = torch.randint(3, 99, (2, 5))
+    assert model(input_ids=ids, decoder_input_ids=ids[:, :2]).logits.shape == (2, 2, 99)

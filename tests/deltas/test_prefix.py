@@ -7,22 +7,12 @@ import json
 
 import pytest
 import torch
-from delta_helpers import assert_same_state, hf_bert, perturb, snapshot
+from delta_helpers import FAMILIES, NATIVE, Family, hf_bert, perturb, snapshot
 from safetensors.torch import load_file
-from test_adapter import NATIVE, Family
 
 from promptdelta.deltas import attach, deltas_of, load_delta, prefix_kv
 from promptdelta.deltas.prefix import PrefixDict, PrefixList
-from promptdelta.errors import CheckpointError, ConfigError, DeltaError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster than two on a busy machine (no OpenMP sync); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from promptdelta.errors import ConfigError, DeltaError
 
 
 @pytest.fixture(params=NATIVE, ids=[f.id for f in NATIVE])
@@ -62,20 +52,22 @@ def test_prefix_shapes_per_attention(family):
     model = family.build()
     handle = _attach(model, reparam=False)
     c = model.config
-    if family.seq2seq:
-        assert len(handle.targets) == 2 + 3 + 3 and handle.targets[-1] == "decoder.layers.2.cross_attn"
-        shapes = {k: tuple(v.shape) for k, v in handle.state_dict().items()}
-        assert shapes["prefix.encoder.keys"] == (2, 4, 3, 6) and shapes["prefix.cross.values"] == (3, 4, 3, 6)
+    shapes = {k: tuple(v.shape) for k, v in handle.state_dict().items()}
+    if family.seq2seq:   # encoder self, decoder self and cross attention
+        n_enc, n_dec = c.num_layers, c.num_decoder_layers
+        assert len(handle.targets) == n_enc + 2 * n_dec
+        assert handle.targets[-1] == f"decoder.layers.{n_dec - 1}.cross_attn"
+        assert shapes["prefix.encoder.keys"] == (n_enc, c.num_heads, 3, c.d_kv)
+        assert shapes["prefix.decoder.values"] == shapes["prefix.cross.values"] == (n_dec, c.num_heads, 3, c.d_kv)
         assert isinstance(prefix_kv(handle), PrefixDict)
     else:
         assert handle.targets == ["layers.0.attn", "layers.1.attn"]
-        head_dim = c.hidden_size // c.num_heads
-        assert tuple(handle.state_dict()["prefix.layers.keys"].shape) == (2, c.num_heads, 3, head_dim)
+        assert shapes["prefix.layers.keys"] == (2, c.num_heads, 3, c.hidden_size // c.num_heads)
         assert isinstance(prefix_kv(handle), PrefixList)
 
 
 def test_every_t5_part_matters(ids):
-    fam = NATIVE[3]
+    fam = FAMILIES["t5v11"]
     model = fam.build()
     handle = _attach(model, reparam=False)
     tuned = fam.out(model, ids)
@@ -105,7 +97,7 @@ def test_gradients_reach_only_the_prefix_parameters(family, reparam, ids):
 
 
 def test_prefix_parameters_live_in_the_model_and_follow_it(ids):
-    fam = NATIVE[0]
+    fam = FAMILIES["bert"]
     model = fam.build()
     handle = _attach(model)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -116,28 +108,6 @@ def test_prefix_parameters_live_in_the_model_and_follow_it(ids):
     torch.testing.assert_close(fam.out(model, ids).float(), out, atol=1e-5, rtol=1e-5)
     model.train()
     assert model.prefix_prefix.training
-
-
-def test_disabled_gives_base_outputs(family, ids):
-    model = family.build()
-    base = family.out(model, ids)
-    handle = _attach(model)
-    tuned = family.out(model, ids)
-    with handle.disabled():
-        assert torch.equal(family.out(model, ids), base)
-    assert torch.equal(family.out(model, ids), tuned)
-
-
-def test_detach_restores_outputs_and_state_exactly(family, ids):
-    model = family.build()
-    snap, out0 = snapshot(model), family.out(model, ids)
-    handle = _attach(model)
-    family.out(model, ids, grad=True).sum().backward()
-    torch.optim.SGD(handle.parameters(), lr=0.5).step()
-    handle.detach()
-    assert_same_state(model, snap)
-    assert torch.equal(family.out(model, ids), out0)
-    assert deltas_of(model) == {} and not model._forward_pre_hooks
 
 
 # --------------------------------------------------------------------------------------------- merge
@@ -160,8 +130,8 @@ def test_merge_folds_the_mlp_exactly_and_twice_is_a_no_op(family, ids):
     assert torch.equal(family.out(model, ids), unmerged)
 
 
-@pytest.mark.parametrize("merge", [True, False])
-def test_save_load_onto_fresh_backbone_reproduces_outputs(family, merge, ids, tmp_path):
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "unmerged"])
+def test_a_checkpoint_holds_the_folded_plain_prefixes_only(family, merge, ids, tmp_path):
     model = family.build()
     handle = _attach(model)
     perturb(handle.parameters())
@@ -171,26 +141,35 @@ def test_save_load_onto_fresh_backbone_reproduces_outputs(family, merge, ids, tm
     handle.save(tmp_path / "p")
     tensors = load_file(tmp_path / "p" / "delta.safetensors")
     meta = json.loads((tmp_path / "p" / "delta.json").read_text())
-    assert meta["config"]["reparam"] is (not merge)
-    if merge:   # a merged checkpoint holds plain prefixes only
-        assert all(k.endswith((".keys", ".values")) for k in tensors)
+    parts = ("encoder", "decoder", "cross") if family.seq2seq else ("layers",)
+    assert meta["config"]["reparam"] is False
+    assert sorted(tensors) == sorted(f"prefix.{p}.{kv}" for p in parts for kv in ("keys", "values"))
+    by_hand = {f"prefix.{p}.{kv}": t for p in parts
+               for kv, t in zip(("keys", "values"), handle._method.sets[p].key_values())}
+    assert all(torch.equal(tensors[k], by_hand[k]) for k in tensors)       # the MLP's output, evaluated once
+    if not merge:
+        assert handle.config.reparam and any(".mlp." in k for k in handle.state_dict())   # training goes on
     fresh = family.build()
     loaded = load_delta(fresh, tmp_path / "p")
     assert torch.equal(family.out(fresh, ids), expected)
-    assert loaded.targets == handle.targets
+    assert loaded.targets == handle.targets and not loaded.config.reparam
 
 
-def test_checkpoint_for_another_model_is_refused(family, tmp_path):
-    model = family.build()
+def test_inference_reuses_the_folded_prefixes_until_the_mlp_changes(ids):
+    fam = FAMILIES["bert"]
+    model = fam.build()
     handle = _attach(model)
-    handle.merge()
-    handle.save(tmp_path / "p")
-    other = family.build(0, hidden=48)
-    with pytest.raises(CheckpointError, match="architectures differ"):
-        load_delta(other, tmp_path / "p")
-    with pytest.raises(CheckpointError, match="strict=False"):
-        load_delta(family.build(seed=1), tmp_path / "p")
-    assert deltas_of(other) == {} and not other._forward_pre_hooks
+    sets = handle._method.sets["layers"]
+    calls = []
+    sets.mlp.register_forward_hook(lambda *a: calls.append(1))
+    first = fam.out(model, ids)
+    assert torch.equal(fam.out(model, ids), first) and len(calls) == 1     # no grad: MLP evaluated once
+    fam.out(model, ids, grad=True).square().mean().backward()              # training: every forward runs it
+    assert len(calls) == 2
+    torch.optim.SGD(handle.parameters(), lr=0.5).step()
+    stepped = fam.out(model, ids)
+    assert len(calls) == 3 and not torch.equal(stepped, first)             # a step invalidates the fold
+    assert torch.equal(fam.out(model, ids), stepped) and len(calls) == 3
 
 
 # --------------------------------------------------------------------------------------------- prefix_kv
@@ -214,7 +193,7 @@ def test_a_given_prefix_kv_is_combined_and_our_own_is_not_doubled(family, ids):
 
 
 def test_two_prefix_deltas_stack(ids):
-    fam = NATIVE[0]
+    fam = FAMILIES["bert"]
     model = fam.build()
     a = _attach(model, reparam=False, name="a")
     b = _attach(model, reparam=False, name="b")
@@ -226,7 +205,7 @@ def test_two_prefix_deltas_stack(ids):
     assert torch.equal(fam.out(model, ids, prefix_kv=by_hand), both)
 
 
-@pytest.mark.parametrize("fam", [NATIVE[2], NATIVE[3]], ids=["gpt2", "t5"])
+@pytest.mark.parametrize("fam", [FAMILIES["gpt2"], FAMILIES["t5v11"]], ids=["gpt2", "t5"])
 def test_generate_with_the_handles_prefix_matches_forward(fam, ids):
     model = fam.build()
     handle = _attach(model)
@@ -255,11 +234,11 @@ def test_transformers_models_are_refused_with_the_reason():
 ])
 def test_bad_config_is_refused(kw, fix):
     with pytest.raises(ConfigError) as err:
-        attach(NATIVE[0].build(), "prefix", **kw)
+        attach(FAMILIES["bert"].build(), "prefix", **kw)
     assert fix in str(err.value)
 
 
 def test_prefix_kv_of_another_method_is_refused():
-    h = attach(NATIVE[0].build(), "bitfit")
+    h = attach(FAMILIES["bert"].build(), "bitfit")
     with pytest.raises(DeltaError, match="not 'prefix'"):
         prefix_kv(h)

@@ -7,18 +7,13 @@ against a log-likelihood computed by hand, one unpadded (prompt + word) sequence
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from prompt_helpers import gpt2_tokenizer, roberta_tokenizer, t5_tokenizer, tiny_backbone
 
-from promptdelta.backbones import load_backbone
 from promptdelta.data.examples import InputExample
 from promptdelta.deltas import attach
 from promptdelta.errors import TemplateError, VerbalizerError
 from promptdelta.prompts import ManualTemplate, ManualVerbalizer, PromptForClassification, SoftVerbalizer
 
-CORPUS = ["the movie was great and good fun.", "a terrible and awful film.", "It was wonderful!",
-          "It was horrible?", "I loved the plot, it was good", "I hated the acting, it was bad",
-          "Answer: yes", "Answer: no"]
 CLM_TEMPLATE = '{"placeholder":"text_a"} It was {"mask"}'
 T5_TEMPLATE = '{"placeholder":"text_a"} It was {"mask"} .'
 CLASSES = ["neg", "pos"]
@@ -27,55 +22,6 @@ EXAMPLES = [InputExample("the movie was great", label=1), InputExample("awful", 
             InputExample("I hated the acting, the plot was thin and the film too long", label=0)]
 TRAIN = [InputExample(t, label=y) for t, y in [("great good fun", 1), ("awful terrible film", 0),
                                                ("good and great", 1), ("terrible and awful", 0)]]
-
-
-def _bpe(pre, dec, specials, size):
-    tk = Tokenizer(models.BPE(unk_token="<unk>" if "<unk>" in specials else None))
-    tk.pre_tokenizer, tk.decoder = pre, dec
-    alphabet = pre_tokenizers.ByteLevel.alphabet() if isinstance(pre, pre_tokenizers.ByteLevel) else []
-    tk.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=size, special_tokens=specials,
-                                                       initial_alphabet=alphabet, show_progress=False))
-    return tk
-
-
-def gpt2_tokenizer():
-    """GPT-2 style byte-level BPE: no mask, no pad, <|endoftext|> = BOS = EOS."""
-    tk = _bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel(), ["<|endoftext|>"], 300)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>",
-                                                bos_token="<|endoftext|>", unk_token="<|endoftext|>")
-
-
-def t5_tokenizer():
-    """T5 style: <pad>=0, </s>=1, <unk>=2, sentinels <extra_id_i>, '$A </s>' post-processing."""
-    sentinels = [f"<extra_id_{i}>" for i in range(3)]
-    tk = _bpe(pre_tokenizers.Metaspace(), decoders.Metaspace(), ["<pad>", "</s>", "<unk>", *sentinels], 200)
-    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
-                                                unk_token="<unk>", additional_special_tokens=sentinels)
-
-
-def roberta_tokenizer():
-    tk = _bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel(),
-              ["<s>", "<pad>", "</s>", "<unk>", "<mask>"], 300)
-    tk.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
-        pad_token="<pad>", unk_token="<unk>", mask_token=AddedToken("<mask>", lstrip=True, special=True))
-
-
-def tiny_gpt2(vocab):
-    cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
-                                  eos_token_id=0)
-    torch.manual_seed(0)
-    return load_backbone(transformers.GPT2LMHeadModel(cfg))[0]
-
-
-def tiny_t5(vocab):
-    cfg = transformers.T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                                dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    torch.manual_seed(0)
-    return load_backbone(transformers.T5ForConditionalGeneration(cfg))[0]
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +36,12 @@ def ttok():
 
 @pytest.fixture(scope="module")
 def gpt2(gtok):
-    return tiny_gpt2(len(gtok))
+    return tiny_backbone("gpt2", len(gtok))
 
 
 @pytest.fixture(scope="module")
 def t5(ttok):
-    return tiny_t5(len(ttok))
+    return tiny_backbone("t5", len(ttok))
 
 
 def clf_for(tok, backbone, template, words=WORDS, soft=False, **kw):
@@ -277,31 +223,15 @@ def test_clm_collate_leaves_room_for_the_label_tokens(gtok, gpt2):
 
 # --- training on every family ------------------------------------------------------------------------
 
-def _roberta():
-    tok = roberta_tokenizer()
-    cfg = transformers.RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=37, max_position_embeddings=80, pad_token_id=1,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    return tok, load_backbone(transformers.RobertaForMaskedLM(cfg))[0]
-
-
-def _bert():
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=37, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    return load_backbone(transformers.BertForMaskedLM(cfg))[0]
-
-
 def _family(name, tok, gtok, ttok):
     if name == "bert":
-        return tok, _bert(), '{"placeholder":"text_a"} It was {"mask"}.'
+        return tok, tiny_backbone("bert", 30522), '{"placeholder":"text_a"} It was {"mask"}.'
     if name == "roberta":
-        return (*_roberta(), '{"placeholder":"text_a"} It was {"mask"}.')
+        rtok = roberta_tokenizer()
+        return rtok, tiny_backbone("roberta", len(rtok)), '{"placeholder":"text_a"} It was {"mask"}.'
     if name == "gpt2":
-        return gtok, tiny_gpt2(len(gtok)), CLM_TEMPLATE
-    return ttok, tiny_t5(len(ttok)), T5_TEMPLATE
+        return gtok, tiny_backbone("gpt2", len(gtok)), CLM_TEMPLATE
+    return ttok, tiny_backbone("t5", len(ttok)), T5_TEMPLATE
 
 
 @pytest.mark.parametrize("soft", [False, True])

@@ -2,14 +2,15 @@
 names and tokenises an example; label words fit the tasks' class order and are single MiniLM tokens;
 OpenPrompt-format files load unchanged."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from promptdelta.data.examples import InputExample
-from promptdelta.prompts import (ManualTemplate, ManualVerbalizer, MixedTemplate, PtuningTemplate,
-                                 SoftTemplate)
+from promptdelta.prompts import (KnowledgeableVerbalizer, ManualTemplate, ManualVerbalizer, MixedTemplate,
+                                 PtuningTemplate, SoftTemplate)
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ("sst2", "agnews", "trec", "imdb", "rte")
@@ -22,6 +23,7 @@ CLASSES = {
     "imdb": ["negative", "positive"],
     "rte": ["entailment", "not_entailment"],
 }
+KPT_TASKS = ("sst2", "agnews", "trec", "rte")        # tasks with our expanded KPT label words (kpt.json)
 TEMPLATE_FILES = {"manual": ManualTemplate, "mixed": MixedTemplate, "soft": SoftTemplate,
                   "ptuning": PtuningTemplate}
 EXAMPLE = InputExample("The Senate passed the bill on Monday.", text_b="The bill failed?", label=0)
@@ -31,8 +33,8 @@ def n_lines(path):
     return sum(1 for line in path.read_text().splitlines() if line.strip())
 
 
-def load_template(path, choice, tok, backbone):
-    cls = TEMPLATE_FILES[path.stem]
+def load_template(path, choice, tok, backbone, cls=None):
+    cls = cls or TEMPLATE_FILES[path.stem]
     if cls is ManualTemplate:
         return cls.from_file(path, choice=choice, tokenizer=tok)
     extra = {"num_tokens": 4} if cls is SoftTemplate else {}
@@ -44,10 +46,16 @@ def template_cases():
 
 
 def test_every_task_has_every_kind_of_file():
+    """Every task has all template kinds and both manual verbalizer formats; no file is of an unknown kind
+    (so every file is loaded by one of the tests below)."""
     for task in TASKS:
-        assert {p.stem for p in (ROOT / "templates" / task).glob("*.txt")} == set(TEMPLATE_FILES)
-        assert {p.name for p in (ROOT / "verbalizers" / task).iterdir()} == {"manual.txt", "manual.json"}
-    assert (ROOT / "templates" / "README.md").is_file() and (ROOT / "verbalizers" / "README.md").is_file()
+        assert {p.name for p in (ROOT / "templates" / task).iterdir()} == {f"{k}.txt" for k in TEMPLATE_FILES}
+        names = {p.name for p in (ROOT / "verbalizers" / task).iterdir()}
+        assert {"manual.txt", "manual.json"} <= names <= {"manual.txt", "manual.json", "kpt.json"}, names
+    for top in ("templates", "verbalizers"):
+        assert {p.name for p in (ROOT / top).iterdir() if p.is_file()} == {"README.md"}
+        assert {p.name for p in (ROOT / top).iterdir() if p.is_dir()} == set(TASKS)
+    assert {p.parent.name for p in (ROOT / "verbalizers").glob("*/kpt.json")} == set(KPT_TASKS)
 
 
 @pytest.mark.parametrize("path, choice", template_cases(),
@@ -83,6 +91,21 @@ def test_verbalizer_files_fit_the_class_order(tok, task):
     assert text.label_words == first.label_words and text.token_mask.sum(-1).le(1).all()
 
 
+@pytest.mark.parametrize("task", KPT_TASKS)
+def test_kpt_files_load_whole_with_the_manual_word_as_anchor(tok, task):
+    """kpt.json: class names in label order, no word shared by two classes (KPT would drop it), each class's
+    first word (its anchor in relevance refinement) is the one-word manual verbalizer's word."""
+    path = ROOT / "verbalizers" / task / "kpt.json"
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    v = KnowledgeableVerbalizer.from_file(path, tokenizer=tok, classes=CLASSES[task])
+    assert v.classes == CLASSES[task] == list(raw)
+    assert v.label_words == [raw[c] for c in CLASSES[task]]                  # nothing removed or reordered
+    assert all(len(ws) >= 7 for ws in v.label_words)
+    manual = ManualVerbalizer.from_file(ROOT / "verbalizers" / task / "manual.json", tokenizer=tok, choice=0)
+    assert [ws[0] for ws in v.label_words] == [ws[0] for ws in manual.label_words]
+    assert v.label_word_weights.shape == v.word_mask.shape and v.word_mask.sum() == sum(map(len, raw.values()))
+
+
 # Copies of OpenPrompt's file formats (agnews scripts): leading spaces, {"special"}, Python literals, soft.
 OPENPROMPT_TEMPLATES = {
     ManualTemplate: ' A {"mask"} news : {"placeholder": "text_a"} {"placeholder": "text_b"}\n'
@@ -114,3 +137,31 @@ def test_openprompt_verbalizer_files_load_unchanged(tok, tmp_path):
                                           ' {"World": ["politics", "world" ], "Tech": ["technology", "science"]}\n]')
     v = ManualVerbalizer.from_file(tmp_path / "multi.json", tokenizer=tok, choice=1)
     assert v.classes == ["World", "Tech"] and v.label_words == [["politics", "world"], ["technology", "science"]]
+
+
+# OpenPrompt's own files for some tasks, in the shared benchmark data when it is there (unit tests must not
+# need it, so these skip without it). Loaded with our classes, as published, one-text examples (no text_b).
+OPENPROMPT_DATA = ROOT.parent / "shared" / "data"
+OPENPROMPT_FILES = sorted(OPENPROMPT_DATA.glob("*/openprompt/*")) if OPENPROMPT_DATA.is_dir() else []
+OPENPROMPT_LOADERS = {"manual_template": ManualTemplate, "mixed_template": MixedTemplate,
+                      "ptuning_template": PtuningTemplate, "soft_template": SoftTemplate,
+                      "manual_verbalizer": ManualVerbalizer, "multiwords_verbalizer": ManualVerbalizer,
+                      "knowledgeable_verbalizer": KnowledgeableVerbalizer}
+
+
+@pytest.mark.skipif(not OPENPROMPT_FILES, reason=f"no OpenPrompt files under {OPENPROMPT_DATA}/*/openprompt")
+@pytest.mark.parametrize("path", OPENPROMPT_FILES, ids=[f"{p.parts[-3]}/{p.name}" for p in OPENPROMPT_FILES])
+def test_shared_openprompt_files_load(tok, encoder_backbone, path):
+    cls = OPENPROMPT_LOADERS.get(path.stem)
+    assert cls is not None, f"{path}: no loader is known for this OpenPrompt file name"
+    if issubclass(cls, ManualVerbalizer):
+        n = len(json.loads(path.read_text())) if path.suffix == ".jsonl" else 1
+        for choice in range(n):
+            v = cls.from_file(path, tokenizer=tok, choice=choice)
+            assert v.num_classes >= 2 and all(v.label_words)
+        return
+    for choice in range(n_lines(path)):
+        t = load_template(path, choice, tok, encoder_backbone, cls)
+        batch = t.tokenize([InputExample("Stocks rose on Monday.")])
+        ids = batch["input_ids"][0]
+        assert ids[batch["mask_pos"][0]].eq(tok.mask_token_id).all() and ids.eq(tok.mask_token_id).sum() == 1

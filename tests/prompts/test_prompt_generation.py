@@ -3,8 +3,7 @@ the template (parity with the backbone's own generate, padding invariance, learn
 
 import pytest
 import torch
-import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from prompt_helpers import NO_DROPOUT, gpt2_tokenizer, hf_model, t5_tokenizer
 
 from promptdelta.backbones import load_backbone
 from promptdelta.data.examples import InputExample
@@ -19,40 +18,21 @@ EXAMPLES = [InputExample("was it good?", meta={"target": "yes it was great"}),
             InputExample("was the film terrible and awful?", meta={"target": "no"})]
 
 
-def _bpe(pre, dec, specials, size):
-    tk = Tokenizer(models.BPE(unk_token="<unk>" if "<unk>" in specials else None))
-    tk.pre_tokenizer, tk.decoder = pre, dec
-    alphabet = pre_tokenizers.ByteLevel.alphabet() if isinstance(pre, pre_tokenizers.ByteLevel) else []
-    tk.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=size, special_tokens=specials,
-                                                       initial_alphabet=alphabet, show_progress=False))
-    return tk
+def _parts(family):
+    """(tokenizer, HF model, native backbone) with the same random weights."""
+    tok = (gpt2_tokenizer if family == "gpt2" else t5_tokenizer)(CORPUS)
+    hf = hf_model(family, len(tok), **NO_DROPOUT[family])
+    return tok, hf, load_backbone(hf)[0]
 
 
 @pytest.fixture(scope="module")
 def gpt2_parts():
-    """(tokenizer, HF GPT2LMHeadModel, native backbone) with the same random weights."""
-    tk = _bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel(), ["<|endoftext|>"], 300)
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>",
-                                               bos_token="<|endoftext|>", unk_token="<|endoftext|>")
-    cfg = transformers.GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(cfg).eval()
-    return tok, hf, load_backbone(hf)[0]
+    return _parts("gpt2")
 
 
 @pytest.fixture(scope="module")
 def t5_parts():
-    sentinels = [f"<extra_id_{i}>" for i in range(3)]
-    tk = _bpe(pre_tokenizers.Metaspace(), decoders.Metaspace(), ["<pad>", "</s>", "<unk>", *sentinels], 200)
-    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
-                                               unk_token="<unk>", additional_special_tokens=sentinels)
-    cfg = transformers.T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                                dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    torch.manual_seed(0)
-    hf = transformers.T5ForConditionalGeneration(cfg).eval()
-    return tok, hf, load_backbone(hf)[0]
+    return _parts("t5")
 
 
 def gen_model(parts, family, **kw):

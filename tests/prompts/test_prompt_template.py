@@ -1,19 +1,19 @@
 """ManualTemplate: wrapping, batch tokenisation (parity with the tokenizer), truncation, padding, errors."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from prompt_helpers import gpt2_tokenizer, roberta_tokenizer, t5_tokenizer, unpadded
 
 from promptdelta.data.examples import ExampleSet, InputExample
 from promptdelta.errors import MissingFileError, TemplateError
-from promptdelta.prompts import ManualTemplate
+from promptdelta.prompts import ManualTemplate, MixedTemplate
+from promptdelta.prompts.template import _plain_backend, encode_texts
 
 SENT = '{"placeholder":"text_a"} It was {"mask"}.'
 PAIR = '{"placeholder":"text_a"} Question: {"placeholder":"text_b"}? Answer: {"mask"}.'
 LONG = " ".join(["wonderful movie with a plot that keeps going"] * 12)
-
-
-def unpadded(batch, i):
-    return batch["input_ids"][i, : int(batch["attention_mask"][i].sum())].tolist()
 
 
 def contains(seq, sub):
@@ -70,6 +70,21 @@ def test_a_literal_mask_string_in_the_text_does_not_move_mask_pos(tok):
     assert batch["mask_pos"][0, 0] == len(ids) - 3          # [MASK] . [SEP]
 
 
+# OpenPrompt's AG News template: text_b after text_a, on a task whose examples have no text_b.
+AGNEWS_OPENPROMPT = ' A {"mask"} news : {"placeholder": "text_a"} {"placeholder": "text_b"}'
+
+
+@pytest.mark.parametrize("template", [AGNEWS_OPENPROMPT, PAIR, '{"placeholder":"text_b"} {"mask"}'])
+def test_a_missing_text_b_is_empty_text(tok, template):
+    t = ManualTemplate(template, tok)
+    no_b, empty_b = InputExample("Stocks rose."), InputExample("Stocks rose.", text_b="")
+    assert [s for s, _ in t.wrap(no_b)] == [s for s, _ in t.wrap(empty_b)]
+    batch = t.tokenize([no_b, InputExample("Stocks fell.", text_b="Oil too.")])
+    assert unpadded(batch, 0) == t.tokenize([empty_b])["input_ids"][0].tolist()
+    if template == AGNEWS_OPENPROMPT:
+        assert unpadded(batch, 0) == tok("A [MASK] news : Stocks rose.")["input_ids"]
+
+
 def test_batched_equals_per_example(tok):
     t = ManualTemplate(PAIR, tok)
     exs = [InputExample("Paris is big.", text_b="Is it"), InputExample(LONG, text_b="Is it long"),
@@ -79,6 +94,76 @@ def test_batched_equals_per_example(tok):
         alone = t.tokenize([ex], max_length=40)
         assert unpadded(batch, i) == alone["input_ids"][0].tolist()
         assert batch["mask_pos"][i].tolist() == alone["mask_pos"][0].tolist()
+
+
+@pytest.fixture(scope="module")
+def family_tokenizers(tok):
+    return {"bert": tok, "roberta": roberta_tokenizer(), "gpt2": gpt2_tokenizer(), "t5": t5_tokenizer()}
+
+
+ENCODE_TEXTS = ["", " It was", "A fine film", " [MASK]", "Ünïcödé — text ✓", "x " * 60, " ", "<extra_id_0>"]
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "gpt2", "t5"])
+def test_encode_texts_equals_the_tokenizer_call(family_tokenizers, family):
+    """The Rust fast path gives the ids of tokenizer(texts, add_special_tokens=False), also after a call that
+    left truncation and padding set on the backend."""
+    tk = family_tokenizers[family]
+    want = tk(ENCODE_TEXTS, add_special_tokens=False)["input_ids"]
+    assert _plain_backend(tk) is not None
+    assert encode_texts(tk, ENCODE_TEXTS) == want
+    tk(ENCODE_TEXTS[:3], truncation=True, max_length=4, padding="max_length" if tk.pad_token else False)
+    assert tk._tokenizer.truncation is not None
+    assert encode_texts(tk, ENCODE_TEXTS) == want and encode_texts(tk, []) == []
+
+
+def test_encode_texts_falls_back_to_the_tokenizer_call(tok):
+    """A tokenizer with its own __call__ (or no Rust backend) is called as is."""
+    class Shouting(type(tok)):
+        def __call__(self, text, **kw):
+            return super().__call__(text.upper() if isinstance(text, str) else [t.upper() for t in text], **kw)
+
+    loud = Shouting.from_pretrained(tok.name_or_path)
+    assert _plain_backend(loud) is None
+    assert encode_texts(loud, ["a cat"]) == [tok.convert_tokens_to_ids(["a", "cat"])]  # lower-cased by BERT
+    batch = ManualTemplate(SENT, loud).tokenize([InputExample("a cat")])
+    assert unpadded(batch, 0) == ManualTemplate(SENT, tok).tokenize([InputExample("a cat")])["input_ids"][0].tolist()
+
+
+FAMILY_END = {"bert": ".", "roberta": ".", "gpt2": "", "t5": " ."}
+EXAMPLES_MIXED = [InputExample("Paris is big.", text_b="Is it", label=1), InputExample(LONG, label=0),
+                  InputExample("x", text_b=LONG, label=1), InputExample("", text_b="", label=0),
+                  InputExample("It was wonderful! It was good fun", label=1)]
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "gpt2", "t5"])
+@pytest.mark.parametrize("kind", ["manual", "mixed"])
+def test_batched_tokenize_equals_per_example_on_every_family(family_tokenizers, encoder_backbone, family, kind):
+    """Every output of one batched call (ids, mask and soft positions, labels) equals the per-example calls'
+    (truncated rows, a missing text_b, empty texts included); the template-word cache does not change them."""
+    import copy
+
+    tk = family_tokenizers[family]
+    if kind == "manual":
+        t = ManualTemplate(PAIR.replace(" {\"mask\"}.", " {\"mask\"}" + FAMILY_END[family]), tk)
+    else:
+        emb = torch.nn.Embedding(len(tk), 8)
+        t = MixedTemplate('{"placeholder":"text_a"} {"soft":"Question:"} {"placeholder":"text_b"} so {"soft"} '
+                          '{"mask"}' + FAMILY_END[family], tk, emb)
+    cold = copy.deepcopy(t)                                   # no cached template words yet
+    batch = t.tokenize(EXAMPLES_MIXED, max_length=24)
+    assert t._text_ids and batch["input_ids"].shape[1] == 24
+    for i, ex in enumerate(EXAMPLES_MIXED):
+        alone = cold.tokenize([ex], max_length=24) if i == 0 else t.tokenize([ex], max_length=24)
+        assert unpadded(batch, i) == alone["input_ids"][0].tolist()
+        for key in ("mask_pos", "soft_pos", "soft_ids", "labels"):
+            if key in batch:
+                assert batch[key][i].tolist() == alone[key][0].tolist(), key
+        n = len(unpadded(batch, i))
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (24 - n)
+        assert batch["input_ids"][i, n:].eq(tk.pad_token_id or 0).all()
+    assert batch["input_ids"].dtype == batch["attention_mask"].dtype == torch.long
+    assert ("soft_pos" in batch) == (kind == "mixed")
 
 
 @pytest.mark.parametrize("len_a, len_b", [(80, 3), (3, 80), (60, 60), (25, 30)])
@@ -131,7 +216,7 @@ def test_process_embeds_is_identity(tok):
 
 
 @pytest.mark.parametrize("template, ex, fix", [
-    (SENT.replace("text_a", "text_b"), InputExample("only a"), "fill it in"),
+    (SENT, SimpleNamespace(guid="g0"), "has no text; fill it in"),
     ('{"meta":"entity"} {"mask"}', InputExample("x", meta={"other": 1}, guid="g1"), "add meta={'entity'"),
 ])
 def test_missing_example_fields_name_the_field(tok, template, ex, fix):
@@ -170,6 +255,9 @@ def test_from_file_choice_and_errors(tok, tmp_path):
         ManualTemplate.from_file(path, choice=2, tokenizer=tok)
     with pytest.raises(MissingFileError, match="check the path"):
         ManualTemplate.from_file(tmp_path / "nope.txt", tokenizer=tok)
+    path.write_bytes(SENT.encode() + b" \xe9t\xe9\n")                             # Latin-1, not UTF-8
+    with pytest.raises(TemplateError, match=r"manual\.txt' is not UTF-8 text \(byte 0xe9 at offset"):
+        ManualTemplate.from_file(path, tokenizer=tok)
 
 
 def test_example_set_is_accepted(tok):
@@ -180,20 +268,7 @@ def test_example_set_is_accepted(tok):
 @pytest.fixture(scope="module")
 def bpe_tok():
     """A tiny byte-level BPE tokenizer framed like RoBERTa (<s> ... </s>, <mask> eats the space before it)."""
-    import transformers
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    t.train_from_iterator(["A fine film. It was great.", "Question: is it bad? Answer: the movie was awful"],
-                          trainer)
-    t.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=t, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
-        pad_token="<pad>", unk_token="<unk>", mask_token=AddedToken("<mask>", lstrip=True, special=True))
+    return roberta_tokenizer(["A fine film. It was great.", "Question: is it bad? Answer: the movie was awful"])
 
 
 @pytest.mark.parametrize("template, ex, expected", [

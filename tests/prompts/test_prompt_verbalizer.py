@@ -107,6 +107,16 @@ def test_from_file_json(tok, tmp_path):
         ManualVerbalizer.from_file(tmp_path / "missing.json", tokenizer=tok)
 
 
+def test_from_file_line_endings_and_errors_name_the_file(tok, tmp_path):
+    path = tmp_path / "manual.txt"
+    path.write_bytes(b"bad, awful\r\ngood\r\n  \r\nno\r\nyes\r\n")          # CRLF; a blank line of spaces
+    assert ManualVerbalizer.from_file(path, tokenizer=tok, choice=1).label_words == [["no"], ["yes"]]
+    with pytest.raises(VerbalizerError, match=r"^'.*manual\.txt' \(choice=0\): 3 classes but label words for 2"):
+        ManualVerbalizer.from_file(path, tokenizer=tok, classes=["a", "b", "c"])
+    with pytest.raises(VerbalizerError, match=r"choice=True but"):
+        ManualVerbalizer.from_file(path, tokenizer=tok, choice=True)
+
+
 @pytest.mark.parametrize("classes, words, kwargs, fix", [
     (["a", "b"], [["x"]], {}, "one word or list of words per class"),
     (["a", "b"], [["x"], []], {}, "at least one"),
@@ -114,6 +124,8 @@ def test_from_file_json(tok, tmp_path):
     (None, [["x"], ["y"]], {}, "pass classes="),
     (["a", "b"], {"a": "x"}, {}, "add them to label_words"),
     (["a"], [["x"]], {"multi_token_handler": "sum"}, "first, mean, max"),
+    ([], [], {}, "no classes: give label words for at least one class"),
+    (None, {}, {}, "no classes"),
 ])
 def test_bad_label_words(tok, classes, words, kwargs, fix):
     with pytest.raises(VerbalizerError) as err:

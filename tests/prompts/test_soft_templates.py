@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 import transformers
+from prompt_helpers import unpadded
 from safetensors.torch import save_file
 
 from promptdelta.backbones import load_backbone
@@ -31,10 +32,6 @@ def bb():
     torch.manual_seed(0)
     model, _ = load_backbone(transformers.BertForMaskedLM(cfg))
     return model.requires_grad_(False)
-
-
-def unpadded(batch, i):
-    return batch["input_ids"][i, : int(batch["attention_mask"][i].sum())].tolist()
 
 
 def make(cls, tok, bb, **kw):
