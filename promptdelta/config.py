@@ -41,6 +41,7 @@ class RunConfig:
     verbalizer_options: dict = field(default_factory=dict) # e.g. {proto_dim: 128} for proto
     label_words: Any = None                      # {class: [words]}, [[words] per class], a file, or None
     multi_token_handler: str = "first"           # manual verbalizer: first | mean | max
+    readout: str = "mask"                        # what the verbalizer reads: mask state | mean of all states
     delta: Any = field(default_factory=_default_delta)   # {method: lora|bitfit, ...}, "none" (full) or "frozen"
     shots: int | None = 16                       # k per class for train and for dev; None = full data
     seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
@@ -63,6 +64,9 @@ class RunConfig:
             raise ConfigError(f"verbalizer={self.verbalizer!r} is unknown; choose one of {list(VERBALIZERS)}")
         if self.template_type not in TEMPLATES:
             raise ConfigError(f"template_type={self.template_type!r} is unknown; choose one of {list(TEMPLATES)}")
+        if self.readout not in ("mask", "mean"):
+            raise ConfigError(f"readout={self.readout!r}; choose mask (the mask's hidden state) or mean (the mean "
+                              "of all hidden states)")
         if self.multi_token_handler not in ("first", "mean", "max"):
             raise ConfigError(f"multi_token_handler={self.multi_token_handler!r}; choose first, mean or max")
         if self.shots is not None and self.shots < 1:
@@ -122,7 +126,7 @@ class RunConfig:
 _FIELD_TYPES: dict[str, tuple] = {
     "name": (str, None), "backbone": (str,), "data": (str,), "template": (str,), "template_choice": (int,),
     "template_type": (str,), "template_options": (dict,), "verbalizer": (str,), "verbalizer_options": (dict,),
-    "label_words": (dict, list, str, None), "multi_token_handler": (str,), "delta": (dict, str, None),
+    "label_words": (dict, list, str, None), "multi_token_handler": (str,), "readout": (str,), "delta": (dict, str, None),
     "shots": (int, None), "seeds": (list, int), "max_length": (int,), "train": (TrainConfig, dict, None),
     "output_dir": (str,), "save_delta": (bool,),
 }

@@ -178,7 +178,8 @@ def run_one_seed(config: RunConfig, base_model, tokenizer, seed: int, run_dir: P
     template = build_template(config, tokenizer, model)
     verbalizer = build_verbalizer(config, tokenizer, list(train.classes), model)
     handle = apply_delta(model, config.delta)
-    clf = PromptForClassification(model, template, verbalizer, max_length=config.max_length)
+    clf = PromptForClassification(model, template, verbalizer, max_length=config.max_length,
+                                   readout=config.readout)
     trainable, total = count_trainable(clf)
     t0 = time.perf_counter()
     trainer = fit_or_zero_shot(clf, seed_train_config(config, seed), train, dev, seed)

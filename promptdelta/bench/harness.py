@@ -185,7 +185,8 @@ def build_prompt_model(suite: Suite, spec: RunSpec, base: torch.nn.Module, token
     template = build_template(config, tokenizer, model)
     verbalizer = build_verbalizer(config, tokenizer, classes, model)
     apply_delta(model, config.delta)
-    return PromptForClassification(model, template, verbalizer, max_length=config.max_length)
+    return PromptForClassification(model, template, verbalizer, max_length=config.max_length,
+                                   readout=config.readout)
 
 
 def _make_model(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any,

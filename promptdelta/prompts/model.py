@@ -36,6 +36,7 @@ from promptdelta.prompts.verbalizer import Verbalizer
 logger = logging.getLogger(__name__)
 
 SCORINGS = ("sequence", "verbalizer")
+READOUTS = ("mask", "mean")
 
 
 def check_template_kind(backbone: nn.Module, template: Template) -> str:
@@ -63,13 +64,20 @@ class PromptForClassification(nn.Module):
         scoring: "sequence" scores multi-token label words by their full log-likelihood on clm/seq2seq
             backbones; "verbalizer" uses the verbalizer's own multi_token_handler on the first position.
         length_normalize: divide a word's summed log-likelihood by its number of tokens.
+        readout: "mask" (default) gives the verbalizer the hidden state at the mask; "mean" gives it the
+            mean of the last hidden states over the whole prompt-wrapped input (padding excluded), for
+            sentence-embedding backbones trained with mean pooling (e.g. all-MiniLM-L6-v2) whose mask state
+            carries little. Encoder-only or causal backbones with one mask; logits stay those at the mask.
     """
 
     def __init__(self, backbone: nn.Module, template: Template, verbalizer: Verbalizer,
-                 max_length: int = 256, scoring: str = "sequence", length_normalize: bool = False) -> None:
+                 max_length: int = 256, scoring: str = "sequence", length_normalize: bool = False,
+                 readout: str = "mask") -> None:
         super().__init__()
         if scoring not in SCORINGS:
             raise VerbalizerError(f"scoring={scoring!r} is unknown; use one of {', '.join(SCORINGS)}")
+        if readout not in READOUTS:
+            raise VerbalizerError(f"readout={readout!r} is unknown; use one of {', '.join(READOUTS)}")
         self.kind = check_template_kind(backbone, template)
         self.backbone = backbone
         self.template = template
@@ -77,6 +85,10 @@ class PromptForClassification(nn.Module):
         self.max_length = max_length
         self.scoring = scoring
         self.length_normalize = length_normalize
+        self.readout = readout
+        if readout == "mean" and self.kind == "seq2seq":
+            raise VerbalizerError("readout='mean' needs an encoder-only or causal backbone; a T5 prompt is read "
+                                  "in the decoder after the sentinel: use readout='mask'")
         self._logged_no_head = False
 
     @property
@@ -167,6 +179,12 @@ class PromptForClassification(nn.Module):
         out = self.backbone(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                             token_type_ids=batch.get("token_type_ids"), **extra)
         hidden = out.last_hidden_state[rows, mask_at]                          # (B, H)
+        if self.readout == "mean":
+            if hidden.dim() == 3:
+                raise TemplateError("readout='mean' reads one vector per example; use a template with one "
+                                    "{\"mask\"} or readout='mask'")
+            keep = batch["attention_mask"][..., None].to(out.last_hidden_state.dtype)     # (B, T, 1)
+            hidden = (out.last_hidden_state * keep).sum(1) / keep.sum(1).clamp(min=1)     # (B, H)
         logits = None if out.logits is None else out.logits[rows, mask_at]     # (B, V)
         return hidden, logits, getattr(out, "past_key_values", None)
 
