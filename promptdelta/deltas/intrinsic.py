@@ -163,10 +163,26 @@ class IntrinsicWrapper(DeltaWrapper):
             upd = upd * self.said[name]
         return upd.view(p.shape).to(p.dtype)
 
+    def _versions(self) -> tuple:
+        """Identity and version of every tensor the effective weights depend on (d, base weights, SAID)."""
+        ts = [self.d, *(getattr(self.base, n) for n in self.names)]
+        ts += [self.said[n] for n in self.names] if self.said is not None else []
+        return tuple((t._version, t.data_ptr(), t.dtype) for t in ts)   # data_ptr: .to() / load replace tensors
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.merged or not self.enabled:
             return self.base(*args, **kwargs)
-        tensors = {n: getattr(self.base, n) + self.delta(n) for n in self.names}
+        if torch.is_grad_enabled():
+            tensors = {n: getattr(self.base, n) + self.delta(n) for n in self.names}
+        else:
+            # inference: theta0 + P d is computed once and reused until d, a SAID scalar or a base weight
+            # changes (an optimizer step bumps their versions); training recomputes it every step
+            key = self._versions()
+            cached = getattr(self, "_eval_cache", None)
+            if cached is None or cached[0] != key:
+                cached = (key, {n: getattr(self.base, n) + self.delta(n) for n in self.names})
+                self._eval_cache = cached
+            tensors = cached[1]
         return functional_call(self.base, tensors, args, kwargs)
 
     @torch.no_grad()

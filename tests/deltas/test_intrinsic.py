@@ -216,3 +216,30 @@ def test_same_module_cannot_take_lora_and_intrinsic():
     attach(model, "lora", targets=["q_proj"])
     with pytest.raises(DeltaError, match="already wrapped"):
         attach(model, "intrinsic", targets=["q_proj"])
+
+
+def test_inference_reuses_theta_until_a_step_changes_d():
+    """Without autograd theta0 + P d is computed once; an optimizer step (d's version) invalidates it."""
+    import promptdelta as pd
+    from promptdelta.deltas.intrinsic import IntrinsicWrapper
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    handle = pd.attach(net, "intrinsic", targets=["0", "2"], dim=4)
+    x = torch.randn(3, 8)
+    wrappers = [m for m in net.modules() if isinstance(m, IntrinsicWrapper)]
+    calls = []
+    for w in wrappers:
+        w.delta = (lambda f: (lambda n: calls.append(n) or f(n)))(w.delta)
+    with torch.no_grad():
+        a = net(x)
+        n_first = len(calls)
+        b = net(x)
+    assert n_first > 0 and len(calls) == n_first and torch.equal(a, b)       # second call: cache hit
+    d = next(p for n, p in handle.named_parameters() if n.endswith("d") or p.numel() == 4)
+    with torch.no_grad():
+        d.add_(0.5)                                                           # what an optimizer step does
+        c = net(x)
+    assert len(calls) == 2 * n_first and not torch.allclose(a, c)
+    y = net(x)                                                                # with autograd: recomputed
+    torch.testing.assert_close(y, c)
