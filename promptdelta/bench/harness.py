@@ -202,6 +202,20 @@ def _make_model(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: A
     return make
 
 
+def training_memory_mb(make: Callable[[], torch.nn.Module], train: Any, batch_size: int) -> float | None:
+    """Training memory of one step on a fresh model (MiB): parameters + gradients + AdamW state + activations
+    saved for backward, counted by ``measure_training_memory`` on the first ``batch_size`` train examples.
+    None when nothing trains (zero-shot). Unlike the process's RSS, this does not depend on what earlier runs
+    of the same process left allocated."""
+    from promptdelta.deltas.ladder import measure_training_memory
+
+    model = make().train()
+    if not any(p.requires_grad for p in model.parameters()):
+        return None
+    batch = model.collate(list(train)[:batch_size])
+    return measure_training_memory(model, lambda: model.loss(batch)[0]).total / 2 ** 20
+
+
 def run_trained(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any, data: Data) -> dict[str, Any]:
     """Train each lr of the method's grid (default: its train.lr), keep the best on dev, test it."""
     from promptdelta.run import count_trainable, fit_or_zero_shot
@@ -210,6 +224,7 @@ def run_trained(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: A
     train, dev, test = data
     make = _make_model(suite, spec, base, tokenizer, list(train.classes))
     base_cfg = TrainConfig.from_dict(suite.method_train(spec.method))
+    train_mem = training_memory_mb(make, train, base_cfg.batch_size)
     best, grid_s = None, 0.0
     for lr in suite.methods[spec.method].get("lr_grid") or [base_cfg.lr]:
         model = make()
@@ -225,7 +240,7 @@ def run_trained(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: A
     trainable, total = count_trainable(trainer.model)
     return {**_test_metrics(preds, test, time.perf_counter() - t0), "dev_score": trainer.state.best_score,
             "dev_metric": base_cfg.metric, "chosen": {"lr": lr}, "trainable_params": trainable,
-            "total_params": total, "peak_mem_mb": peak_mb, "peak_mem_kind": mem_kind,
+            "total_params": total, "peak_mem_mb": peak_mb, "peak_mem_kind": mem_kind, "train_mem_mb": train_mem,
             "train_time_s": trainer.train_time_s, "grid_train_time_s": grid_s, "steps": trainer.state.step,
             "step_time_s": trainer.train_time_s / max(1, trainer.state.step)}
 
@@ -240,6 +255,7 @@ def run_logreg_spec(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenize
     return {**_test_metrics(out["preds"], test, out["eval_time_s"]), "dev_score": out["dev_score"],
             "dev_metric": "accuracy", "chosen": out["chosen"], "trainable_params": out["trainable_params"],
             "total_params": out["total_params"], "peak_mem_mb": mem.peak_mb, "peak_mem_kind": mem.kind,
+            "train_mem_mb": None,
             "train_time_s": out["train_time_s"], "grid_train_time_s": out["train_time_s"], "steps": 0,
             "step_time_s": None}
 

@@ -23,13 +23,19 @@ from promptdelta.utils.io import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-CSV_FIELDS = ["task", "shots", "method", "kind", "seeds", "accuracy_mean", "accuracy_std", "macro_f1_mean",
+CSV_FIELDS = ["task", "shots", "method", "kind", "seeds", "dev_score_mean", "accuracy_mean", "accuracy_std", "macro_f1_mean",
               "macro_f1_std", "trainable_params", "trainable_pct", "train_time_s_mean", "step_time_s_mean",
-              "eval_examples_per_s_mean", "peak_mem_mb_mean", "best"]
+              "eval_examples_per_s_mean", "train_mem_mb_mean", "peak_mem_mb_mean", "best"]
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _mean_of_known(values: Sequence[Any]) -> float | None:
+    """Mean of the values that are not None (rows written before a field existed lack it), else None."""
+    known = [v for v in values if v is not None]
+    return statistics.fmean(known) if known else None
 
 
 def _mean_or_none(values: Sequence[Any]) -> float | None:
@@ -46,12 +52,14 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (task, shots, method), rs in groups.items():
         acc, f1 = _mean_std([r["accuracy"] for r in rs]), _mean_std([r["macro_f1"] for r in rs])
         out.append({"task": task, "shots": shots, "method": method, "kind": rs[0].get("kind", ""),
-                    "seeds": len(rs), "accuracy_mean": acc[0], "accuracy_std": acc[1], "macro_f1_mean": f1[0],
+                    "seeds": len(rs), "dev_score_mean": _mean_or_none([r.get("dev_score") for r in rs]),
+                    "accuracy_mean": acc[0], "accuracy_std": acc[1], "macro_f1_mean": f1[0],
                     "macro_f1_std": f1[1], "trainable_params": max(r["trainable_params"] for r in rs),
                     "trainable_pct": max(r.get("trainable_pct", 0.0) for r in rs),
                     "train_time_s_mean": _mean_or_none([r.get("train_time_s") for r in rs]),
                     "step_time_s_mean": _mean_or_none([r.get("step_time_s") for r in rs]),
                     "eval_examples_per_s_mean": _mean_or_none([r.get("eval_examples_per_s") for r in rs]),
+                    "train_mem_mb_mean": _mean_of_known([r.get("train_mem_mb") for r in rs]),
                     "peak_mem_mb_mean": _mean_or_none([r.get("peak_mem_mb") for r in rs]), "best": False})
     for s in out:
         peers = [o["accuracy_mean"] for o in out if (o["task"], o["shots"]) == (s["task"], s["shots"])]
@@ -65,19 +73,20 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
     """Markdown table; accuracy / macro-F1 in % as mean +- std; the best method per task in bold."""
-    head = ("| task | shots | method | seeds | accuracy (%) | macro-F1 (%) | trainable | % of model | "
-            "train (s) | step (ms) | eval ex/s | peak mem (MiB) |")
+    head = ("| task | shots | method | seeds | dev (%) | accuracy (%) | macro-F1 (%) | trainable | % of model | "
+            "train (s) | step (ms) | eval ex/s | train mem (MiB) | RSS peak (MiB) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in summary:
         acc = f"{100 * s['accuracy_mean']:.2f} ± {100 * s['accuracy_std']:.2f}"
         name = f"**{s['method']}** (best)" if s["best"] else s["method"]
         acc = f"**{acc}**" if s["best"] else acc
         step = None if s["step_time_s_mean"] is None else 1000 * s["step_time_s_mean"]
-        lines.append(f"| {s['task']} | {s['shots']} | {name} | {s['seeds']} | {acc} | "
+        dev = None if s.get("dev_score_mean") is None else 100 * s["dev_score_mean"]
+        lines.append(f"| {s['task']} | {s['shots']} | {name} | {s['seeds']} | {_fmt(dev, '.2f')} | {acc} | "
                      f"{100 * s['macro_f1_mean']:.2f} ± {100 * s['macro_f1_std']:.2f} | "
                      f"{s['trainable_params']:,} | {s['trainable_pct']:.3f} | {_fmt(s['train_time_s_mean'], '.1f')} | "
                      f"{_fmt(step, '.1f')} | {_fmt(s['eval_examples_per_s_mean'], ',.0f')} | "
-                     f"{_fmt(s['peak_mem_mb_mean'], '.0f')} |")
+                     f"{_fmt(s['train_mem_mb_mean'], '.0f')} | {_fmt(s['peak_mem_mb_mean'], '.0f')} |")
     return "\n".join(lines)
 
 

@@ -290,3 +290,26 @@ def test_head_only_trains_only_the_head(tiny_bert_dir):
     loss.backward()
     assert logits.shape == (4, 2) and clf.head.weight.grad is not None
     assert all(p.grad is None for p in clf.backbone.parameters())
+
+
+def test_training_memory_counts_a_real_step_and_is_none_when_nothing_trains():
+    from promptdelta.bench.harness import training_memory_mb
+
+    class Toy(torch.nn.Module):
+        def __init__(self, frozen: bool) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(256, 256)
+            self.net.requires_grad_(not frozen)
+
+        def collate(self, xs):
+            return {"x": torch.stack(xs)}
+
+        def loss(self, batch):
+            out = self.net(batch["x"])
+            return out.pow(2).mean(), out
+
+    train = [torch.randn(256) for _ in range(8)]
+    mib = training_memory_mb(lambda: Toy(False), train, 4)
+    weights = 256 * 257 * 4 / 2 ** 20                      # fp32 weight + bias
+    assert 4 * weights <= mib < 4 * weights + 0.1          # params + grads + AdamW's two moments (+ activations)
+    assert training_memory_mb(lambda: Toy(True), train, 4) is None
