@@ -240,7 +240,6 @@ def run_backbone_bench(families: Sequence[str] = FAMILIES, batch: int = 8, seq: 
               f"down to {seq - (batch - 1) * seq // (2 * batch)} tokens; T5 decoder {max(1, seq // 4)} tokens), "
               f"{repeats} interleaved rounds")
     table = _format([s[0] for s in setups], header)
-    logger.info("%s", table)
     return table
 
 

@@ -63,7 +63,6 @@ def run_data_bench(n: int = 10_000, data: str | Path | None = DEFAULT_DATA, toke
     rows = [(name, batch, rounds[name]) for name, (batch, _) in paths.items()]
     same = _same_rows(tmpl, examples[:200], max_length)
     table = _format(rows, n, source, tmpl.text, max_length, repeats, same)
-    logger.info("\n%s", table)
     return table
 
 
