@@ -53,6 +53,8 @@ def _add_run(sub) -> None:
     g.add_argument("--grad-accum", type=int, dest="train.grad_accum", help="micro-batches per optimizer step")
     g.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    dest="train.gradient_checkpointing", help="recompute layer activations in backward (less memory)")
+    g.add_argument("--fsdp", action="store_true", default=None, dest="train.fsdp",
+                   help="with --nproc N: shard every weight over the ranks, layer by layer (FSDP2); fp32/bf16 only")
     g.add_argument("--checkpoint-dir", dest="train.checkpoint_dir",
                    help="training checkpoints go to <dir>/seed<N>/ (atomic, the newest K kept)")
     g.add_argument("--checkpoint-every", type=int, dest="train.checkpoint_every",
@@ -83,8 +85,8 @@ def _add_bench(sub) -> None:
 _RUN_KEYS = ["name", "backbone", "data", "template", "template_choice", "template_type", "verbalizer",
              "label_words", "shots", "seeds", "max_length", "output_dir", "train.lr", "train.epochs",
              "train.max_steps", "train.batch_size", "train.device", "train.progress", "train.precision",
-             "train.grad_accum", "train.gradient_checkpointing", "train.checkpoint_dir", "train.checkpoint_every",
-             "train.resume"]
+             "train.grad_accum", "train.gradient_checkpointing", "train.fsdp", "train.checkpoint_dir",
+             "train.checkpoint_every", "train.resume"]
 
 
 def run_config_from_args(args: argparse.Namespace):

@@ -42,6 +42,7 @@ class RunConfig:
     label_words: Any = None                      # {class: [words]}, [[words] per class], a file, or None
     multi_token_handler: str = "first"           # manual verbalizer: first | mean | max
     readout: str = "mask"                        # what the verbalizer reads: mask state | mean of all states
+    verbalizer_init: str = "words"               # soft verbalizer head: label-word embeddings | probe (LP-FT)
     delta: Any = field(default_factory=_default_delta)   # {method: lora|bitfit, ...}, "none" (full) or "frozen"
     shots: int | None = 16                       # k per class for train and for dev; None = full data
     seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
@@ -67,6 +68,12 @@ class RunConfig:
         if self.readout not in ("mask", "mean"):
             raise ConfigError(f"readout={self.readout!r}; choose mask (the mask's hidden state) or mean (the mean "
                               "of all hidden states)")
+        if self.verbalizer_init not in ("words", "probe"):
+            raise ConfigError(f"verbalizer_init={self.verbalizer_init!r}; choose words (label-word embeddings) or "
+                              "probe (a logistic-regression probe of the frozen readout, then tuning: LP-FT)")
+        if self.verbalizer_init == "probe" and self.verbalizer != "soft":
+            raise ConfigError(f"verbalizer_init='probe' fits the linear head of a soft verbalizer, but "
+                              f"verbalizer={self.verbalizer!r}; use verbalizer: soft or verbalizer_init: words")
         if self.multi_token_handler not in ("first", "mean", "max"):
             raise ConfigError(f"multi_token_handler={self.multi_token_handler!r}; choose first, mean or max")
         if self.shots is not None and self.shots < 1:
@@ -126,7 +133,8 @@ class RunConfig:
 _FIELD_TYPES: dict[str, tuple] = {
     "name": (str, None), "backbone": (str,), "data": (str,), "template": (str,), "template_choice": (int,),
     "template_type": (str,), "template_options": (dict,), "verbalizer": (str,), "verbalizer_options": (dict,),
-    "label_words": (dict, list, str, None), "multi_token_handler": (str,), "readout": (str,), "delta": (dict, str, None),
+    "label_words": (dict, list, str, None), "multi_token_handler": (str,), "readout": (str,), "verbalizer_init": (str,),
+    "delta": (dict, str, None),
     "shots": (int, None), "seeds": (list, int), "max_length": (int,), "train": (TrainConfig, dict, None),
     "output_dir": (str,), "save_delta": (bool,),
 }

@@ -160,6 +160,19 @@ def fit_or_zero_shot(model: torch.nn.Module, train_config, train, dev, seed: int
     return trainer
 
 
+def init_verbalizer(clf, config: RunConfig, train, dev, seed: int, train_config):
+    """Apply ``config.verbalizer_init`` to a built prompt model; returns the TrainConfig to train it with.
+
+    ``probe`` (LP-FT): the soft verbalizer's head becomes a logistic-regression probe of the frozen readout
+    (C chosen on dev), and dev is also scored before the first step so the probe stays a selection candidate."""
+    if config.verbalizer_init != "probe":
+        return train_config
+    from promptdelta.prompts.probe import probe_init
+
+    probe_init(clf, train, dev, seed=seed, batch_size=train_config.eval_batch_size)
+    return dataclasses.replace(train_config, eval_at_start=True)
+
+
 def seed_train_config(config: RunConfig, seed: int):
     """``config.train`` with this seed's own checkpoint folder, ``<checkpoint_dir>/seed<seed>``."""
     if not config.train.checkpoint_dir:
@@ -182,7 +195,8 @@ def run_one_seed(config: RunConfig, base_model, tokenizer, seed: int, run_dir: P
                                    readout=config.readout)
     trainable, total = count_trainable(clf)
     t0 = time.perf_counter()
-    trainer = fit_or_zero_shot(clf, seed_train_config(config, seed), train, dev, seed)
+    train_config = init_verbalizer(clf, config, train, dev, seed, seed_train_config(config, seed))
+    trainer = fit_or_zero_shot(clf, train_config, train, dev, seed)
     train_s = time.perf_counter() - t0
     metrics = trainer.evaluate(test)
     row = {"seed": seed, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
@@ -190,16 +204,22 @@ def run_one_seed(config: RunConfig, base_model, tokenizer, seed: int, run_dir: P
            "steps": trainer.state.step, "best_step": trainer.state.best_step,
            "dev_" + config.train.metric: trainer.state.best_score,
            "n_train": len(train), "n_dev": len(dev), "n_test": len(test)}
-    if run_dir is not None and config.save_delta:
-        seed_dir = run_dir / f"seed{seed}"
-        if handle is not None:
-            handle.save(seed_dir / "delta", overwrite=config.train.resume)
-        prompt_state = {f"template.{k}": v for k, v in template.state_dict().items()}
-        prompt_state.update({f"verbalizer.{k}": v for k, v in verbalizer.state_dict().items()})
-        if prompt_state:
-            atomic_save_safetensors(seed_dir / "prompt.safetensors", prompt_state)
-        atomic_write_json(seed_dir / "history.json", trainer.state.history)
+    if config.save_delta and (run_dir is not None or trainer.sharded):
+        with trainer.consolidated():      # under FSDP every rank gathers the sharded weights; rank 0 writes
+            if run_dir is not None:
+                save_seed(run_dir / f"seed{seed}", handle, template, verbalizer, trainer, config.train.resume)
     return row
+
+
+def save_seed(seed_dir: Path, handle, template, verbalizer, trainer, overwrite: bool) -> None:
+    """Write one seed's delta, template/verbalizer tensors and dev history under ``seed_dir``."""
+    if handle is not None:
+        handle.save(seed_dir / "delta", overwrite=overwrite)
+    prompt_state = {f"template.{k}": v for k, v in template.state_dict().items()}
+    prompt_state.update({f"verbalizer.{k}": v for k, v in verbalizer.state_dict().items()})
+    if prompt_state:
+        atomic_save_safetensors(seed_dir / "prompt.safetensors", prompt_state)
+    atomic_write_json(seed_dir / "history.json", trainer.state.history)
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:

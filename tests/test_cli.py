@@ -35,11 +35,18 @@ def test_absent_flags_keep_the_yaml_values(tmp_path):
         ("fp32", 1, False, False)
 
 
+def test_fsdp_flag_and_yaml_key(tmp_path):
+    assert config_of("--fsdp", "--precision", "bf16").train.fsdp is True
+    assert config_of(yaml_text="train: {fsdp: true}\n", tmp_path=tmp_path).train.fsdp is True
+    assert config_of().train.fsdp is False
+
+
 @pytest.mark.parametrize("flags, match", [
     (["--resume"], "resume=true needs train.checkpoint_dir"),
     (["--checkpoint-every", "5"], "checkpoint_every=5 needs train.checkpoint_dir"),
     (["--grad-accum", "0"], "grad_accum"),
     (["--precision", "fp16"], "fp16.*needs a CUDA device"),
+    (["--fsdp", "--precision", "fp16", "--device", "cuda"], "fsdp=true does not work with precision='fp16'"),
 ])
 def test_bad_combinations_are_config_errors(flags, match):
     with pytest.raises(ConfigError, match=match):

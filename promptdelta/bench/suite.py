@@ -49,7 +49,8 @@ KINDS = ("prompt", "finetune", "head", "logreg")
 _COMMON = {"kind", "note"}
 METHOD_KEYS = {
     "prompt": _COMMON | {"template", "template_type", "template_options", "verbalizer", "verbalizer_options",
-                         "label_words", "multi_token_handler", "readout", "delta", "train", "lr_grid"},
+                         "label_words", "multi_token_handler", "readout", "verbalizer_init", "delta", "train",
+                         "lr_grid"},
     "finetune": _COMMON | {"train", "lr_grid", "pooling", "dropout"},
     "head": _COMMON | {"train", "lr_grid", "pooling", "dropout"},
     "logreg": _COMMON | {"C", "C_grid", "max_iter", "batch_size"},
@@ -102,7 +103,7 @@ class Suite:
              "template": m.get("template", t.get("template", DEFAULT_TEMPLATE)),
              "label_words": m.get("label_words", t.get("label_words")), "delta": m.get("delta", "none")}
         for key in ("template_type", "template_options", "verbalizer", "verbalizer_options", "multi_token_handler",
-                    "readout"):
+                    "readout", "verbalizer_init"):
             if key in m:
                 d[key] = m[key]
         if isinstance(d["label_words"], str):  # a verbalizer file; "{task}" stands for the task's name

@@ -81,6 +81,17 @@ def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                              f"with .to(x.device, x.dtype) (for a delta: model.to(...) after attach).")
 
 
+def _autocast_operands(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Under ``torch.autocast`` for the operands' device, cast them all to the autocast dtype, as autocast
+    does for ``F.linear``; a custom autograd function is not autocast by torch. Gradients flow back through
+    the casts, so fp32 parameters still receive fp32 gradients."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)
+
+
 def _resolve(impl: str, x: torch.Tensor) -> str:
     """The concrete path ("cpu", "triton" or "plain") for ``impl`` on x's device and dtype."""
     if impl not in IMPLS:
@@ -102,6 +113,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 lora_b: torch.Tensor, scale: float, *, dropout_p: float = 0.0, training: bool = False,
                 impl: str = "auto") -> torch.Tensor:
     """LoRA linear y = x W^T + b + s (drop(x) A^T) B^T: x (..., K), W (N, K), A (r, K), B (N, r) -> (..., N)."""
+    x, weight, bias, lora_a, lora_b = _autocast_operands(x, weight, bias, lora_a, lora_b)
     path = _resolve(impl, x)
     if not 0.0 <= dropout_p < 1.0:
         raise ConfigError(f"dropout_p={dropout_p} is outside [0, 1); pass a LoRA dropout such as 0.0 or 0.1.")

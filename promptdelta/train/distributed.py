@@ -1,4 +1,5 @@
-"""Data-parallel training on torch.distributed (gloo on CPU, NCCL on GPU), plus a local launcher.
+"""Data-parallel and fully sharded training on torch.distributed (gloo on CPU, NCCL on GPU), plus a local
+launcher.
 
 Design (the simplest correct thing for delta tuning):
 
@@ -11,7 +12,19 @@ Design (the simplest correct thing for delta tuning):
   dropout: each rank draws its own dropout masks, so with dropout the runs agree only in distribution.
   We do not wrap the model in ``DistributedDataParallel``: the Trainer calls ``model.loss(batch)``, not
   ``forward``, frozen backbone weights must not be synchronised, and gradient accumulation needs one
-  reduction per optimizer step; an explicit all-reduce does all three with no wrapper. FSDP is left out.
+  reduction per optimizer step; an explicit all-reduce does all three with no wrapper.
+* FSDP (``TrainConfig(fsdp=True)``, :func:`shard_model`), for backbones too large for one device: PyTorch's
+  FSDP2 ``fully_shard`` is applied to each backbone layer (:func:`fsdp_units`), then to a root
+  (:class:`FSDPRoot`) whose forward runs ``model.loss`` or ``model(batch)``, so every parameter -- the frozen
+  backbone included -- is a dim-0 shard (a ``DTensor``) between forward passes, all-gathered one layer at a
+  time. The optimizer holds only the (sharded) trainable parameters. FSDP itself reduce-scatters their
+  gradients after each backward, set to a plain *sum* (divide factor 1: the per-rank loss weights above
+  already make the sum the global-batch gradient; FSDP's default would average). Every rank must run the
+  same forwards and backwards (each holds collectives), so a rank with an empty share runs one example of
+  the micro-batch with weight 0, and prediction pads the shorter ranks with dummy batches. Checkpoints
+  gather full tensors on every rank (:func:`full_tensor`, :func:`full_optimizer_state`) and rank 0 writes;
+  resume cuts them back into shards (:func:`shard_like`); :func:`full_parameters` swaps in whole CPU
+  tensors for saving deltas. Limits: no fp16 (use bf16), models need per-layer structure.
 * Only rank 0 writes files and logs; metrics are computed from predictions gathered from all ranks.
 
 ``launch(nproc, argv)`` starts ``nproc`` local processes through ``torch.distributed.run`` (torchrun).
@@ -19,14 +32,16 @@ Design (the simplest correct thing for delta tuning):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from promptdelta.errors import ConfigError
 
@@ -101,6 +116,150 @@ def all_reduce_grads(params: Sequence[torch.Tensor], extras: Sequence[float] = (
         p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
         offset += n
     return flat[offset:].tolist()
+
+
+def all_reduce_sum(values: Sequence[float], device: torch.device | str) -> list[float]:
+    """Sum the floats ``values`` over ranks with one all-reduce (on ``device``: NCCL needs a GPU tensor)."""
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+# ---- FSDP ---------------------------------------------------------------------------------------------
+class FSDPRoot(nn.Module):
+    """The root FSDP unit around a model: ``root(batch)`` is ``model(batch)`` and ``root(batch, loss=True)``
+    is ``model.loss(batch)``. FSDP's root hooks fire on ``forward`` only, and the Trainer also calls ``loss``
+    (which reads embeddings, template and verbalizer outside any layer), so both go through here."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Mapping[str, Any], loss: bool = False) -> Any:
+        return self.model.loss(batch) if loss else self.model(batch)
+
+
+def _holds_stack_bias(layer: nn.Module) -> bool:
+    """A native T5 block that owns the stack's relative position bias: the stack reads that embedding before
+    the block runs, so the block cannot be its own FSDP unit (its weights would still be sharded then)."""
+    return any(isinstance(getattr(m, "relative_attention_bias", None), nn.Module) for m in layer.modules())
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP shards one by one: every layer of every backbone inside ``model``.
+
+    A native backbone's layers are the items of each ``nn.ModuleList`` called ``layers`` below it (both T5
+    stacks; a T5 block holding the stack's position bias stays with the root); a ``transformers`` model's are
+    the items of its ``nn.ModuleList`` s whose class it names in ``_no_split_modules``. Raises
+    :class:`ConfigError` when there is none."""
+    from promptdelta.backbones.base import GradientCheckpointing
+
+    units: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        if isinstance(module, GradientCheckpointing):                       # a native backbone
+            for sub in module.modules():
+                stack = getattr(sub, "layers", None)
+                if isinstance(stack, nn.ModuleList):
+                    units.extend(layer for layer in stack if not _holds_stack_bias(layer))
+            return
+        names = set(getattr(module, "_no_split_modules", None) or ())      # a transformers model
+        if names and hasattr(module, "config"):
+            for sub in module.modules():    # its layer stacks, not e.g. BertEmbeddings (read outside forward)
+                if isinstance(sub, nn.ModuleList):
+                    units.extend(layer for layer in sub if type(layer).__name__ in names)
+            return
+        for child in module.children():
+            visit(child)
+
+    visit(model)
+    if not units:
+        raise ConfigError(f"train.fsdp=true shards a backbone layer by layer, but {type(model).__name__} holds no "
+                          "backbone with per-layer structure (a native BERT/RoBERTa/GPT-2/T5, or a transformers "
+                          "model that names its layer class in _no_split_modules); set train.fsdp=false for "
+                          "this model (data parallelism still works)")
+    return units
+
+
+def shard_model(model: nn.Module, device: str, ctx: DistContext) -> FSDPRoot:
+    """Apply FSDP2 ``fully_shard`` to each of :func:`fsdp_units` (bottom-up), then to a :class:`FSDPRoot`
+    around ``model`` (the embeddings, heads, template and verbalizer); returns the root, to call instead of
+    the model. Parameters move to ``device`` one unit at a time and are resharded after every forward and
+    backward. Gradient reduction is a plain sum over ranks (see the module docstring)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    units = fsdp_units(model)
+    mesh = init_device_mesh(torch.device(device).type, (ctx.world_size,))
+    root = FSDPRoot(model)
+    for module in [*units, root]:
+        fully_shard(module, mesh=mesh, reshard_after_forward=True)
+        module.set_gradient_divide_factor(1.0)           # sum, not mean: each rank's loss carries its weight
+        module.set_force_sum_reduction_for_comms(True)   # ReduceOp.SUM (gloo has neither AVG nor PREMUL_SUM)
+    return root
+
+
+def is_sharded(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP shard (a collective: every rank must call it); others as they are."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of ``full`` laid out as ``like`` (an FSDP parameter); ``full`` when ``like`` is not
+    sharded. No communication: every rank holds the same ``full`` (e.g. read from one checkpoint)."""
+    if not is_sharded(like):
+        return full.to(like.device)
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements,
+                             src_data_rank=None)
+
+
+def full_optimizer_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with every sharded state tensor gathered whole (a collective)."""
+    return {"state": {idx: {k: full_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in per.items()}
+                      for idx, per in state["state"].items()},
+            "param_groups": state["param_groups"]}
+
+
+def shard_optimizer_state(state: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Inverse of :func:`full_optimizer_state` for ``optimizer``: state tensors shaped like their parameter
+    become shards laid out as it (``step`` and other scalars stay as they are)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]   # state_dict's index order
+    out: dict[int, dict[str, Any]] = {}
+    for idx, per in state["state"].items():
+        p = params[int(idx)]
+        out[idx] = {k: shard_like(v, p) if isinstance(v, torch.Tensor) and is_sharded(p) and v.shape == p.shape
+                    else v for k, v in per.items()}
+    return {"state": out, "param_groups": state["param_groups"]}
+
+
+@contextlib.contextmanager
+def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, every FSDP-sharded parameter of ``model`` is replaced by the whole tensor on CPU
+    (tied parameters stay tied), for reading and saving -- not for forward passes; the shards come back
+    after. A collective: every rank must enter. Without sharded parameters, the model as it is."""
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    whole: dict[int, nn.Parameter] = {}
+    try:
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is None or not is_sharded(p):
+                    continue
+                if id(p) not in whole:
+                    whole[id(p)] = nn.Parameter(p.detach().full_tensor().cpu(), requires_grad=p.requires_grad)
+                swapped.append((module, name, p))
+                module._parameters[name] = whole[id(p)]
+        yield model
+    finally:
+        for module, name, p in reversed(swapped):
+            module._parameters[name] = p
 
 
 def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:

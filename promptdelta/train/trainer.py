@@ -1,6 +1,6 @@
 """The training loop: AdamW, warm-up + linear decay, clipping, dev selection, early stopping; plus the knobs
-that make it scale and survive faults: gradient accumulation, bf16/fp16 autocast, data parallelism on
-torch.distributed (see :mod:`promptdelta.train.distributed`), atomic checkpoints with exact resume (see
+that make it scale and survive faults: gradient accumulation, bf16/fp16 autocast, data parallelism and FSDP
+on torch.distributed (see :mod:`promptdelta.train.distributed`), atomic checkpoints with exact resume (see
 :mod:`promptdelta.train.checkpoint`), skipping of non-finite losses and readable out-of-memory errors.
 
 Works with any model that offers ``collate(examples) -> batch``, ``loss(batch) -> (loss, logits)`` and
@@ -77,6 +77,8 @@ class TrainConfig:
     keep_checkpoints: int = 2             # keep the newest K checkpoints
     resume: bool = False                  # continue from the newest complete checkpoint in checkpoint_dir
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward (less memory)
+    fsdp: bool = False                    # under torchrun: shard every weight over ranks, layer by layer (FSDP2)
+    eval_at_start: bool = False           # score dev before the first step: the untrained model is a candidate
 
     def __post_init__(self) -> None:
         check_types(self, _FIELD_TYPES, "train.", "TrainConfig in promptdelta/train/trainer.py")
@@ -106,6 +108,10 @@ class TrainConfig:
         if self.precision == "fp16" and not str(self.device).startswith("cuda"):
             raise ConfigError(f"precision='fp16' needs a CUDA device (device={self.device!r}); use "
                               "precision='bf16' on CPU, or device='cuda'")
+        if self.fsdp and self.precision == "fp16":
+            raise ConfigError("train.fsdp=true does not work with precision='fp16': the loss scaler would check "
+                              "and unscale each rank's gradient shards on their own; use precision='bf16' (no "
+                              "scaler needed) or 'fp32' with fsdp, or set train.fsdp=false")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "TrainConfig":
@@ -126,7 +132,7 @@ _FIELD_TYPES: dict[str, tuple] = {
     "patience": (int, None), "eval_every": (int, None), "metric": (str,), "device": (str,), "progress": (bool,),
     "grad_accum": (int,), "precision": (str,), "max_nonfinite_steps": (int,), "checkpoint_dir": (str, None),
     "checkpoint_every": (int, None), "keep_checkpoints": (int,), "resume": (bool,),
-    "gradient_checkpointing": (bool,),
+    "gradient_checkpointing": (bool,), "fsdp": (bool,), "eval_at_start": (bool,),
 }
 
 
@@ -236,10 +242,13 @@ class Trainer:
         base.update(overrides)
         self.config = TrainConfig.from_dict(base)
         self.device = ddp.resolve_device(self.config.device)
-        self.model = model.to(self.device)
+        # under FSDP the whole model never goes to the device at once: fully_shard moves one layer at a time
+        self._unplaced = self.config.fsdp and ddp.env_world_size() > 1
+        self.model = model if self._unplaced else model.to(self.device)
         self.state = FitState()
         self.train_time_s = 0.0
         self.dist = ddp.DistContext()
+        self._fsdp: ddp.FSDPRoot | None = None     # the FSDP root to call instead of the model, once sharded
 
     def _info(self, msg: str, *args: Any) -> None:
         if self.dist.is_main:
@@ -252,6 +261,45 @@ class Trainer:
     # ---- training ---------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model's parameters are FSDP shards (``fsdp=True`` under torchrun, after ``fit`` began)."""
+        return self._fsdp is not None
+
+    def _shard(self) -> None:
+        """Apply FSDP (train.fsdp); with one process there is nothing to shard, so it only checks the model."""
+        if self._fsdp is not None:
+            return
+        if not self.dist.enabled:
+            ddp.fsdp_units(self.model)                      # the same ConfigError as under torchrun
+            self._info("train.fsdp=true in a single process: nothing to shard, training unsharded")
+            return
+        self._fsdp = ddp.shard_model(self.model, self.device, self.dist)
+        self._info("FSDP: %d layer units + root sharded over %d ranks", len(ddp.fsdp_units(self.model)),
+                   self.dist.world_size)
+
+    def _place(self) -> None:
+        if self._unplaced and self._fsdp is None:
+            self.model.to(self.device)
+        self._unplaced = False
+
+    def _loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._fsdp(batch, loss=True) if self._fsdp is not None else self.model.loss(batch)
+
+    def _forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        return self._fsdp(batch) if self._fsdp is not None else self.model(batch)
+
+    @contextlib.contextmanager
+    def consolidated(self) -> Iterator[torch.nn.Module]:
+        """The model with whole parameters, for saving (delta files, state dicts): under FSDP each shard is
+        gathered into a CPU tensor for the block (every rank must enter it; only rank 0 should write), then
+        the shards come back. Without FSDP, the model as it is."""
+        if self._fsdp is None:
+            yield self.model
+            return
+        with ddp.full_parameters(self.model) as model:
+            yield model
 
     def _check_labels(self, examples: Sequence) -> None:
         check = getattr(getattr(self.model, "verbalizer", None), "check_labels", None)
@@ -285,11 +333,17 @@ class Trainer:
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.dist = ddp.init_distributed(self.device)
+        if cfg.fsdp:
+            self._shard()
+        self._place()
         seed_everything(cfg.seed)
         run = self._new_run(len(train))
         if cfg.resume:
             self._resume(run)
         t0 = time.perf_counter()
+        if cfg.eval_at_start and dev and self.state.step == 0 and not self.state.history:
+            if self._evaluate_dev(dev, float("nan")):                 # e.g. a linear-probe-initialised head
+                run.best = self._snapshot()
         bar = tqdm(total=run.total, initial=self.state.step, desc="train", leave=False,
                    disable=not (cfg.progress and self.dist.is_main))
         while self.state.step < run.total:
@@ -336,36 +390,50 @@ class Trainer:
         with torch.autocast(device_type=torch.device(self.device).type, dtype=dtype):
             yield
 
-    def _micro_batches(self, indices: list[int]) -> Iterator[list[int]]:
-        """This rank's shard of each micro-batch of one optimizer step."""
+    def _micro_batches(self, indices: list[int]) -> Iterator[tuple[list[int], float]]:
+        """This rank's shard of each micro-batch of one optimizer step, with its loss weight
+        ``len(shard) / len(indices)``. Under FSDP every rank must run every forward and backward (each holds
+        collectives), so an empty shard becomes one example of the micro-batch with weight 0."""
         bs, ctx = self.config.batch_size, self.dist
         for i in range(0, len(indices), bs):
-            yield ddp.shard(indices[i:i + bs], ctx.rank, ctx.world_size)
+            part = ddp.shard(indices[i:i + bs], ctx.rank, ctx.world_size)
+            if part:
+                yield part, len(part) / len(indices)
+            elif self._fsdp is not None:
+                yield indices[i:i + 1], 0.0
+
+    def _accumulate_grads(self, train: Sequence, indices: list[int], scaler: Any = None) -> tuple[float, float]:
+        """Forward and backward over ``indices`` (all ranks, each its shards): leaves in ``.grad`` the gradient
+        of the mean loss over all of them, summed over ranks. Returns (that mean loss, >0 if any was
+        non-finite), both reduced over ranks."""
+        loss_sum, bad = 0.0, 0.0
+        try:
+            for part, weight in self._micro_batches(indices):
+                with self._autocast():
+                    loss, _ = self._loss(self.model.collate([train[j] for j in part]))
+                if not torch.isfinite(loss.detach()):
+                    bad = 1.0
+                    if self._fsdp is None:
+                        break
+                weighted = loss if weight == 1.0 else loss * weight
+                (scaler.scale(weighted) if scaler else weighted).backward()
+                loss_sum += float(weighted.detach())
+        except Exception as err:  # noqa: BLE001 - only OOM is translated, everything else re-raised
+            if is_out_of_memory(err):
+                raise self._oom_error("training", len(indices)) from err
+            raise
+        if self._fsdp is not None:       # FSDP has reduce-scattered (summed) the gradients after each backward
+            loss_sum, bad = ddp.all_reduce_sum([loss_sum, bad], self.device)
+        elif self.dist.enabled:
+            loss_sum, bad = ddp.all_reduce_grads(self.trainable_parameters(), [loss_sum, bad])
+        return loss_sum, bad
 
     def _train_step(self, train: Sequence, indices: list[int], run: _Run) -> float | None:
         """One optimizer step over ``indices`` (all ranks); returns the step's mean loss, or None if skipped."""
         self.model.train()
         params = self.trainable_parameters()
         run.optimizer.zero_grad(set_to_none=True)
-        loss_sum, bad = 0.0, 0.0
-        try:
-            for part in self._micro_batches(indices):
-                if not part:
-                    continue
-                with self._autocast():
-                    loss, _ = self.model.loss(self.model.collate([train[j] for j in part]))
-                if not torch.isfinite(loss.detach()):
-                    bad = 1.0
-                    break
-                weighted = loss if len(part) == len(indices) else loss * (len(part) / len(indices))
-                (run.scaler.scale(weighted) if run.scaler else weighted).backward()
-                loss_sum += float(weighted.detach())
-        except Exception as err:  # noqa: BLE001 - only OOM is translated, everything else re-raised
-            if is_out_of_memory(err):
-                raise self._oom_error("training", len(indices)) from err
-            raise
-        if self.dist.enabled:
-            loss_sum, bad = ddp.all_reduce_grads(params, [loss_sum, bad])
+        loss_sum, bad = self._accumulate_grads(train, indices, run.scaler)
         if bad:
             self._skip_nonfinite(run)
             return None
@@ -421,6 +489,7 @@ class Trainer:
         return False
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
+        """Copies of the trainable parameters (under FSDP: of this rank's shards, no communication)."""
         return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _restore(self, snap: dict[str, torch.Tensor]) -> None:
@@ -433,10 +502,15 @@ class Trainer:
     def save_checkpoint(self, run: _Run) -> Path | None:
         """Write the full training state to ``checkpoint_dir`` (rank 0 only); all ranks wait for it."""
         path = None
+        gather = ddp.full_tensor if self._fsdp is not None else (lambda t: t)
+        if self.dist.is_main or self._fsdp is not None:     # under FSDP every rank gathers, rank 0 writes
+            tensors = {f"param.{n}": gather(v) for n, v in self._snapshot().items()}
+            tensors.update({f"best.{n}": gather(v) for n, v in run.best.items()})
+            opt_state = run.optimizer.state_dict()
+            if self._fsdp is not None:
+                opt_state = ddp.full_optimizer_state(opt_state)
         if self.dist.is_main:
-            tensors = {f"param.{n}": v for n, v in self._snapshot().items()}
-            tensors.update({f"best.{n}": v for n, v in run.best.items()})
-            opt_tensors, opt_meta = ckpt.optimizer_to_flat(run.optimizer.state_dict())
+            opt_tensors, opt_meta = ckpt.optimizer_to_flat(opt_state)
             rng_tensors, rng_meta = ckpt.capture_rng(run.generator)
             tensors.update(opt_tensors)
             tensors.update(rng_tensors)
@@ -457,8 +531,13 @@ class Trainer:
             return
         tensors, state = ckpt.load_checkpoint(path)
         self._load_params({k[6:]: v for k, v in tensors.items() if k.startswith("param.")}, path)
-        run.best = {k[5:]: v.to(self.device) for k, v in tensors.items() if k.startswith("best.")}
-        run.optimizer.load_state_dict(ckpt.optimizer_from_flat(tensors, state["optimizer"]))
+        params = dict(self.model.named_parameters())           # _load_params checked the names
+        run.best = {k[5:]: ddp.shard_like(v.to(self.device), params[k[5:]])
+                    for k, v in tensors.items() if k.startswith("best.")}
+        opt_state = ckpt.optimizer_from_flat(tensors, state["optimizer"])
+        if self._fsdp is not None:                # whole tensors in the file -> this rank's shards
+            opt_state = ddp.shard_optimizer_state(opt_state, run.optimizer)
+        run.optimizer.load_state_dict(opt_state)
         run.scheduler.load_state_dict(state["scheduler"])
         if run.scaler is not None and state["scaler"]:
             run.scaler.load_state_dict(state["scaler"])
@@ -476,12 +555,13 @@ class Trainer:
                                   "resume with the same model, delta and template, or use a new checkpoint_dir")
         with torch.no_grad():
             for n, p in params.items():
-                p.copy_(saved[n])
+                p.copy_(ddp.shard_like(saved[n], p) if ddp.is_sharded(p) else saved[n])
 
     # ---- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, examples: Sequence) -> torch.Tensor:
         """Predicted class index for each example, (N,). Under torchrun each rank predicts a share."""
+        self._place()
         self.model.eval()
         ctx, bs = self.dist, self.config.eval_batch_size
         mine = list(range(ctx.rank, len(examples), ctx.world_size))
@@ -493,8 +573,13 @@ class Trainer:
         try:
             for i in range(0, len(mine), bs):
                 with self._autocast():
-                    logits = self.model(self.model.collate([examples[j] for j in mine[i:i + bs]]))  # (B, C)
+                    logits = self._forward(self.model.collate([examples[j] for j in mine[i:i + bs]]))  # (B, C)
                 preds.append(logits.argmax(-1).cpu())
+            if self._fsdp is not None:   # as many forwards as the busiest rank: each holds collectives
+                most = math.ceil(math.ceil(len(examples) / ctx.world_size) / bs)
+                for _ in range(most - math.ceil(len(mine) / bs)):
+                    with self._autocast():
+                        self._forward(self.model.collate([examples[0]]))
         except Exception as err:  # noqa: BLE001
             if is_out_of_memory(err):
                 raise self._oom_error("evaluation", bs) from err

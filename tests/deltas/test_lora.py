@@ -119,6 +119,20 @@ def test_bf16_base_gets_bf16_lora():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("impl", ["fused", "plain"])
+def test_fp32_model_under_bf16_autocast_trains(impl):
+    """precision='bf16' in the Trainer: an fp32 model with LoRA runs under CPU autocast, every path."""
+    torch.manual_seed(0)
+    model = hf_bert()
+    h = attach(model, "lora", targets=["query", "value"], r=2, impl=impl)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=torch.randint(1, 99, (2, 5))).logits
+    out.float().pow(2).mean().backward()
+    grads = [p.grad for p in h.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
 def test_scaling_follows_alpha_over_r():
     model = hf_bert()
     h = attach(model, "lora", targets=["value"], r=4, alpha=2)

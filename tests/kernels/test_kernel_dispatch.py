@@ -5,6 +5,7 @@ import torch
 
 from promptdelta.errors import ConfigError, DeltaError
 from promptdelta.kernels import cpu, lora_linear
+from promptdelta.kernels.reference import lora_reference
 
 
 def _ops():
@@ -55,3 +56,21 @@ def test_triton_on_cpu_without_interpreter_names_the_fix(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(DeltaError, match="needs CUDA tensors.*use impl='auto'"):
         lora_linear(*_ops(), 1.0, impl="triton")
+
+
+@pytest.mark.parametrize("impl", ["fused", "plain"])
+def test_autocast_bf16_casts_operands_like_f_linear(impl):
+    """Under CPU bf16 autocast a bf16 activation meets fp32 weights (as in a Trainer with precision='bf16'):
+    the LoRA path casts like autocast does for F.linear, and fp32 parameters get fp32 gradients."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 16, generator=g).bfloat16()
+    w, b = torch.randn(12, 16, generator=g), torch.randn(12, generator=g)
+    a = torch.randn(4, 16, generator=g).requires_grad_()
+    bb = torch.randn(12, 4, generator=g).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear(x, w, b, a, bb, 0.5, impl=impl)
+    assert y.dtype == torch.bfloat16
+    ref = lora_reference(x.float(), w, b, a.detach(), bb.detach(), 0.5)
+    assert (y.float() - ref).abs().max() <= 0.05 * ref.abs().max()         # bf16 has an 8-bit mantissa
+    y.float().sum().backward()
+    assert a.grad is not None and a.grad.dtype == torch.float32 and bb.grad.dtype == torch.float32
