@@ -4,11 +4,12 @@ only half of a frozen weight during training; a run resumes from a gathered chec
 raises ConfigError."""
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+
+from train_helpers import Classifier, Ex
 
 from promptdelta.backbones.bert import BertConfig, BertModel
 from promptdelta.backbones.t5 import T5Config, T5Model
@@ -19,31 +20,6 @@ from promptdelta.train import checkpoint as ckpt
 from promptdelta.train.distributed import fsdp_units, launch
 
 HERE = Path(__file__).parent
-
-
-@dataclass
-class Ex:
-    ids: tuple
-    label: int
-
-
-class Classifier(torch.nn.Module):
-    """backbone -> first-token state -> linear head (trainable, in FSDP's root unit)."""
-
-    def __init__(self, backbone: torch.nn.Module, hidden: int) -> None:
-        super().__init__()
-        self.backbone, self.head = backbone, torch.nn.Linear(hidden, 2)
-
-    def collate(self, examples):
-        return {"ids": torch.tensor([e.ids for e in examples]), "labels": torch.tensor([e.label for e in examples])}
-
-    def forward(self, batch):
-        h = self.backbone(input_ids=batch["ids"]).last_hidden_state      # (B, T, H)
-        return self.head(h[:, 0])                                          # (B, 2)
-
-    def loss(self, batch):
-        logits = self(batch)
-        return torch.nn.functional.cross_entropy(logits, batch["labels"]), logits
 
 
 def make_data(n: int, seed: int) -> list[Ex]:

@@ -1,39 +1,14 @@
 """train.gradient_checkpointing: the Trainer switches it on in native and transformers backbones, training
 ends with the same weights as without it, and a model without a backbone gets a clear error."""
 
-from dataclasses import dataclass
-
 import pytest
 import torch
+
+from train_helpers import Classifier, Ex
 
 from promptdelta.backbones.bert import BertConfig, BertModel
 from promptdelta.errors import ConfigError
 from promptdelta.train import Trainer
-
-
-@dataclass
-class Ex:
-    ids: tuple
-    label: int
-
-
-class Classifier(torch.nn.Module):
-    """backbone -> first-token state -> linear head; works with native and transformers encoders."""
-
-    def __init__(self, backbone: torch.nn.Module, hidden: int) -> None:
-        super().__init__()
-        self.backbone, self.head = backbone, torch.nn.Linear(hidden, 2)
-
-    def collate(self, examples):
-        return {"ids": torch.tensor([e.ids for e in examples]), "labels": torch.tensor([e.label for e in examples])}
-
-    def forward(self, batch):
-        h = self.backbone(input_ids=batch["ids"]).last_hidden_state      # (B, T, H)
-        return self.head(h[:, 0])                                          # (B, 2)
-
-    def loss(self, batch):
-        logits = self(batch)
-        return torch.nn.functional.cross_entropy(logits, batch["labels"]), logits
 
 
 def data(n: int = 12) -> list[Ex]:
