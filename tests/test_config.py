@@ -41,3 +41,24 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("shots: [1\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         RunConfig.from_yaml(bad)
+
+
+def test_every_shipped_config_and_suite_loads():
+    """examples/configs/*.yaml are valid RunConfigs and examples/bench/*.yaml valid suites (no data needed)."""
+    from pathlib import Path
+
+    import yaml
+
+    from promptdelta.bench.suite import suite_from_dict
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    configs = sorted((root / "configs").glob("*.yaml"))
+    suites = sorted((root / "bench").glob("*.yaml"))
+    assert configs and suites
+    for path in configs:
+        RunConfig.from_yaml(path)
+    for path in suites:                       # ../shared/data is not in CI: the built-in task stands in
+        raw = yaml.safe_load(path.read_text())
+        for task in raw["tasks"].values():
+            task["data"] = "builtin:demo"
+        suite_from_dict(raw, str(path), path.parent)
