@@ -270,7 +270,9 @@ def run_spec(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any,
     """Run one cell of the grid and return its results row."""
     kind = suite.methods[spec.method]["kind"]
     runner = run_logreg_spec if kind == "logreg" else run_trained
+    t0 = time.perf_counter()
     metrics = runner(suite, spec, base, tokenizer, data)
+    metrics["wall_time_s"] = time.perf_counter() - t0         # the whole run: build, memory count, train, test
     train, dev, test = data
     return {"suite": suite.name, "key": spec.key, "config_hash": spec.config_hash, "task": spec.task,
             "method": spec.method, "kind": kind, "shots": spec.shots, "seed": spec.seed, **metrics,
