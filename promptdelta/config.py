@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from promptdelta.errors import ConfigError, MissingFileError
-from promptdelta.train.trainer import TrainConfig
+from promptdelta.train.config import TrainConfig
 from promptdelta.utils.checks import check_types
 
 DEFAULT_TEMPLATE = '{"placeholder":"text_a","shortenable":true} It was {"mask"}.'

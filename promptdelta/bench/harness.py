@@ -219,23 +219,24 @@ def training_memory_mb(make: Callable[[], torch.nn.Module], train: Any, batch_si
 def run_trained(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any, data: Data) -> dict[str, Any]:
     """Train each lr of the method's grid (default: its train.lr), keep the best on dev, test it."""
     from promptdelta.run import count_trainable, fit_or_zero_shot, init_verbalizer
-    from promptdelta.train.trainer import TrainConfig
+    from promptdelta.train.config import TrainConfig
 
     train, dev, test = data
     make = _make_model(suite, spec, base, tokenizer, list(train.classes))
+    kind = suite.methods[spec.method]["kind"]
+    run_config = suite.run_config(spec.task, spec.method, spec.shots, spec.seed) if kind == "prompt" else None
     base_cfg = TrainConfig.from_dict(suite.method_train(spec.method))
     train_mem = training_memory_mb(make, train, base_cfg.batch_size)
     best, grid_s = None, 0.0
     for lr in suite.methods[spec.method].get("lr_grid") or [base_cfg.lr]:
         model = make()
         with PeakMemory(base_cfg.device) as mem:
-            cfg, t_init = base_cfg, time.perf_counter()
-            if suite.methods[spec.method]["kind"] == "prompt":     # e.g. a linear-probe head (LP-FT)
-                cfg = init_verbalizer(model, suite.run_config(spec.task, spec.method, spec.shots, spec.seed),
-                                      train, dev, spec.seed, base_cfg)
-            t_init = time.perf_counter() - t_init
+            t0, cfg = time.perf_counter(), base_cfg
+            if kind == "prompt":                                    # e.g. a linear-probe head (LP-FT)
+                cfg = init_verbalizer(model, run_config, train, dev, spec.seed, base_cfg)
+            init_s = time.perf_counter() - t0
             trainer = fit_or_zero_shot(model, cfg, train, dev, spec.seed, lr=float(lr))
-            trainer.train_time_s = getattr(trainer, "train_time_s", 0.0) + t_init   # the probe is training
+            trainer.train_time_s += init_s                          # fitting the probe is training time
         grid_s += trainer.train_time_s
         if best is None or trainer.state.best_score > best[0].state.best_score:
             best = (trainer, float(lr), mem.peak_mb, mem.kind)

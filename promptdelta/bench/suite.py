@@ -41,7 +41,7 @@ import yaml
 
 from promptdelta.config import DEFAULT_SEEDS, DEFAULT_TEMPLATE, RunConfig
 from promptdelta.errors import ConfigError, MissingFileError
-from promptdelta.train.trainer import TrainConfig
+from promptdelta.train.config import TrainConfig
 
 SUITE_KEYS = {"name", "backbone", "shots", "seeds", "max_length", "device", "train", "tasks", "methods", "note"}
 TASK_KEYS = {"data", "template", "label_words", "columns", "split_names", "classes", "test_subset", "note"}

@@ -6,8 +6,7 @@ and no extra read-modify-write pass over the output: BLAS adds C into its tiles 
     xa  = x_l A^T                   (M, r)   x_l = x, or dropout(x) for the LoRA branch
     out = b + s xa B^T              torch.addmm(b, xa, B^T, alpha=s), B^T kept contiguous (r, N)
     out += x W^T                    out.addmm_(x, W^T)
-The other order (out = b + x W^T, then out += s xa B^T) costs a second pass over out: measured on the 2-core
-CPU, forward 1.04x the frozen layer against 1.11x (1 thread, M=2048, K=N=768, r=8).
+The other order (out = b + x W^T, then out += s xa B^T) reads and writes out once more.
 
 It saves only x, xa (and x_l when dropout made a separate one). Backward, in the same spirit:
 
@@ -16,11 +15,11 @@ It saves only x, xa (and x_l when dropout made a separate one). Backward, in the
     dA = s gb^T x                   (r, K)
     dB = s (xa^T g)^T               (N, r); much faster than g^T xa, whose (N, M) operand is transposed
 When dropout gives the LoRA branch its own input x_l, dx = g W and the branch's s gb A goes to x_l.
-Measured side by side on the 2-core CPU (fp32, 15 interleaved rounds, ratio to the frozen layer's
-forward+backward): at M=2048, K=N=768, r=8 this order gives 1.13x where the earlier single GEMM on
-[W + s B A | B] (dx as a strided view) gave 1.15x; at M=512, K=N=1024, r=16, 1.08x against 1.23x. The rest
-is the six tall-skinny products (x A^T, xa B^T, g B, gb A, gb^T x, xa^T g), ~0.4-0.6 ms each there, which
-BLAS runs far below its GEMM speed.
+Measured with ``promptdelta bench kernel --repeats 15`` on the 2-core CPU (fp32, forward+backward, median
+ratio to the frozen layer): 1.10x at M=2048, K=N=768, r=8 and 1.09x at M=512, K=N=1024, r=16, where the
+earlier path (out = b + x W^T then out += s xa B^T; one GEMM on [W + s B A | B] for dx and gb, dx a strided
+view) gave 1.11x and 1.22x; plain LoRA 1.35x and 1.18x. What is left is the six tall-skinny products
+(x A^T, xa B^T, g B, gb A, gb^T x, xa^T g), which BLAS runs far below its GEMM speed.
 """
 
 from __future__ import annotations

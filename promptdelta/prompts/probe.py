@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from promptdelta.errors import VerbalizerError
+from promptdelta.prompts.model import batch_to
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +40,8 @@ def readout_features(clf: Any, examples: Sequence[Any], batch_size: int = 64) ->
     try:
         feats = []
         for i in range(0, len(examples), batch_size):
-            batch = clf.collate(list(examples[i:i + batch_size]))
-            hidden, _, _ = clf._run({k: v.to(clf.device) for k, v in batch.items()
-                                     if isinstance(v, torch.Tensor)}, keep_state=False)
+            batch = batch_to(clf.collate(list(examples[i:i + batch_size])), clf.device)
+            hidden, _, _ = clf._run(batch, keep_state=False)                 # what the verbalizer reads
             if hidden.dim() == 3:                                          # (B, M, H) multi-mask
                 raise VerbalizerError("a linear probe reads one vector per example; use a template with one "
                                       "{\"mask\"} (or readout='mean') for verbalizer_init='probe'")
@@ -57,7 +57,8 @@ def fit_probe(x_train: np.ndarray, y_train: Sequence[int], num_classes: int,
               ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Multinomial logistic regression -> (W (C, H), b (C,), {"C": chosen, "dev_accuracy": ...}).
 
-    C is chosen on dev accuracy (the first of the grid on ties); without dev the middle of the grid."""
+    C is chosen on dev accuracy (the first of the grid on ties); without dev the middle of the grid (and
+    dev_accuracy is 0)."""
     from sklearn.linear_model import LogisticRegression
 
     y_train = np.asarray(y_train)
@@ -68,12 +69,13 @@ def fit_probe(x_train: np.ndarray, y_train: Sequence[int], num_classes: int,
     grid = [float(c) for c in c_grid]
     if not grid:
         raise VerbalizerError("probe C grid is empty; give at least one value, e.g. [0.1, 1.0]")
-    if x_dev is None or y_dev is None or len(y_dev) == 0:
+    has_dev = x_dev is not None and y_dev is not None and len(y_dev) > 0
+    if not has_dev:
         grid = [grid[len(grid) // 2]]
     best, best_score, best_c = None, -1.0, grid[0]
     for c in grid:
         model = LogisticRegression(C=c, max_iter=max_iter, random_state=seed).fit(x_train, y_train)
-        score = float((model.predict(x_dev) == np.asarray(y_dev)).mean()) if len(grid) > 1 else 0.0
+        score = float((model.predict(x_dev) == np.asarray(y_dev)).mean()) if has_dev else 0.0
         if score > best_score:
             best, best_score, best_c = model, score, c
     coef, intercept = best.coef_, best.intercept_                          # (C or 1, H), (C or 1,)

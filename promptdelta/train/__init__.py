@@ -2,8 +2,9 @@
 local data-parallel runs (see :mod:`promptdelta.train.distributed` and :mod:`promptdelta.train.checkpoint`)."""
 
 from promptdelta.train.distributed import launch
-from promptdelta.train.trainer import (NonFiniteLossError, Trainer, TrainConfig, TrainingError,
-                                       TrainingOutOfMemoryError, compute_metrics)
+from promptdelta.train.config import TrainConfig
+from promptdelta.train.trainer import (NonFiniteLossError, Trainer, TrainingError, TrainingOutOfMemoryError,
+                                       compute_metrics)
 
 __all__ = ["Trainer", "TrainConfig", "compute_metrics", "launch", "TrainingError", "NonFiniteLossError",
            "TrainingOutOfMemoryError"]

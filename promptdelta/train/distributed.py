@@ -181,7 +181,8 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-def shard_model(model: nn.Module, device: str, ctx: DistContext) -> FSDPRoot:
+def shard_model(model: nn.Module, device: str, ctx: DistContext,
+                units: Sequence[nn.Module] | None = None) -> FSDPRoot:
     """Apply FSDP2 ``fully_shard`` to each of :func:`fsdp_units` (bottom-up), then to a :class:`FSDPRoot`
     around ``model`` (the embeddings, heads, template and verbalizer); returns the root, to call instead of
     the model. Parameters move to ``device`` one unit at a time and are resharded after every forward and
@@ -189,7 +190,7 @@ def shard_model(model: nn.Module, device: str, ctx: DistContext) -> FSDPRoot:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    units = fsdp_units(model)
+    units = fsdp_units(model) if units is None else units
     mesh = init_device_mesh(torch.device(device).type, (ctx.world_size,))
     root = FSDPRoot(model)
     for module in [*units, root]:
