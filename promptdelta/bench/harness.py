@@ -318,12 +318,26 @@ def pending(suite: Suite, results: str | Path, only: Sequence[str] | None = None
     return todo, len(specs) - len(todo)
 
 
+def claim_run(claims: str | Path, spec: RunSpec) -> bool:
+    """Claim ``spec`` for this process among workers sharing the ``claims`` folder: True for exactly one of
+    them (an ``O_CREAT | O_EXCL`` file per run key; the parent removes the folder when all have exited)."""
+    name = spec.key.replace("/", "__") + ".claim"
+    try:
+        os.close(os.open(Path(claims) / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        return False
+    return True
+
+
 def run_suite(suite: Suite | str | Path, results: str | Path, *, only: Sequence[str] | None = None,
               after_run: Callable[[dict[str, Any]], None] | None = None,
-              echo: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+              echo: Callable[[str], None] | None = None, claims: str | Path | None = None,
+              check: bool = True) -> list[dict[str, Any]]:
     """Run every unfinished run of ``suite``, appending a line to ``results`` after each; returns the new rows.
 
     ``after_run(row)`` is called after each line is written (progress, or a test's simulated crash).
+    ``claims``: a folder shared by parallel workers (``bench run --workers``); each run is done by the first
+    worker to claim it. ``check=False`` skips the preflight (the parent of the workers did it once).
     """
     from promptdelta.backbones import load_backbone
 
@@ -335,9 +349,12 @@ def run_suite(suite: Suite | str | Path, results: str | Path, *, only: Sequence[
     if not todo:
         return []
     base, tokenizer = load_backbone(suite.backbone)
-    preflight(suite, todo, base, tokenizer)
+    if check:
+        preflight(suite, todo, base, tokenizer)
     rows, cached = [], (None, None)
     for i, spec in enumerate(todo, 1):
+        if claims is not None and not claim_run(claims, spec):
+            continue
         split = (spec.task, spec.shots, spec.seed)
         if cached[0] != split:
             cached = (split, load_task(suite, *split))

@@ -1,30 +1,84 @@
-"""``promptdelta bench run --suite FILE [--results FILE] [--only PATTERN ...] [--dry-run]``.
+"""``promptdelta bench run --suite FILE [--results FILE] [--only PATTERN ...] [--workers N] [--dry-run]``.
 
 Runs every unfinished (task, method, shots, seed) of a suite, appending one JSON line per finished run to
 the results file (default ``bench_results/<suite name>.jsonl``); re-running resumes an interrupted suite.
 Then prints the summary table (``promptdelta bench report RESULTS`` writes it with plots).
+
+``--workers N`` checks the suite once, then starts N worker processes on the same results file, each with
+``cores // N`` torch threads; a worker takes the next run no other worker has claimed (a claim is a file
+made with O_EXCL in a temporary folder next to the results), so the load balances itself. On a small CPU,
+N one-thread workers use the cores better than one N-thread process: few-shot batches are too small for
+torch to keep two threads busy.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from promptdelta.bench.harness import pending, run_suite
+import torch
+
+from promptdelta.bench.harness import pending, preflight, read_results, run_suite
 from promptdelta.bench.suite import load_suite
+from promptdelta.errors import ConfigError, PromptDeltaError
 
 
 def default_results(suite_name: str) -> Path:
     return Path("bench_results") / f"{suite_name}.jsonl"
 
 
+def _run_workers(suite: str, path: Path, only: Sequence[str] | None, device: str | None, workers: int,
+                 threads: int | None) -> None:
+    """Check the suite in this process, then run it in ``workers`` child processes sharing a claims folder."""
+    from promptdelta.backbones import load_backbone
+
+    s = load_suite(suite)
+    if device:
+        s.device = device
+    read_results(path, repair=True)
+    todo, _ = pending(s, path, only)
+    if not todo:
+        return
+    base, tokenizer = load_backbone(s.backbone)
+    preflight(s, todo, base, tokenizer)
+    del base, tokenizer
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    claims = tempfile.mkdtemp(prefix=f".{path.name}.claims-", dir=path.parent)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "promptdelta.bench.run", "--suite", str(suite), "--results", str(path),
+           "--claims", claims, "--threads", str(threads)]
+    cmd += ["--device", device] if device else []
+    cmd += ["--only", *only] if only else []
+    print(f"{len(todo)} run(s) to do: {workers} workers of {threads} thread(s) each", flush=True)
+    procs = [subprocess.Popen(cmd, env=env) for _ in range(workers)]
+    try:
+        codes = [p.wait() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        shutil.rmtree(claims, ignore_errors=True)
+    failed = [i for i, c in enumerate(codes) if c != 0]
+    if failed:
+        raise PromptDeltaError(f"bench worker(s) {failed} exited with codes {[codes[i] for i in failed]}; the runs "
+                           f"they finished are in {path}: re-run the same command to finish the rest.")
+
+
 def run_run_bench(suite: str, results: str | None = None, only: Sequence[str] | None = None,
-                  device: str | None = None, dry_run: bool = False) -> str:
+                  device: str | None = None, dry_run: bool = False, workers: int = 1,
+                  threads: int | None = None, claims: str | None = None) -> str:
     """Run (or with ``dry_run`` list) the suite's unfinished runs; returns the summary table as text."""
     from promptdelta.bench.report import markdown_table, summarise
-    from promptdelta.bench.harness import read_results
 
+    if workers < 1:
+        raise ConfigError(f"--workers {workers}: pass 1 or more worker processes.")
     s = load_suite(suite)
     if device:
         s.device = device
@@ -33,7 +87,15 @@ def run_run_bench(suite: str, results: str | None = None, only: Sequence[str] | 
         todo, finished = pending(s, path, only)
         return "\n".join([f"{finished} run(s) finished in {path}; {len(todo)} to run:"]
                          + [f"  {spec.key}" for spec in todo])
-    run_suite(s, path, only=only, echo=lambda line: print(line, flush=True))
+    if workers > 1:
+        _run_workers(suite, path, only, device, workers, threads)
+    else:
+        if threads:
+            torch.set_num_threads(threads)
+        run_suite(s, path, only=only, echo=lambda line: print(line, flush=True), claims=claims,
+                  check=claims is None)
+        if claims is not None:
+            return ""                                                          # a worker: the parent reports
     rows = [r for r in read_results(path) if r.get("suite") == s.name]
     return markdown_table(summarise(rows)) if rows else "no finished runs"
 
@@ -45,7 +107,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", metavar="PATTERN",
                    help="run only tasks/methods matching: a name, task/method, or fnmatch wildcards")
     p.add_argument("--device", help="cpu or cuda (overrides the suite's device)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="parallel worker processes sharing the results file (default 1)")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default: cores // workers)")
+    p.add_argument("--claims", help=argparse.SUPPRESS)                        # set by the parent for workers
     p.add_argument("--dry-run", action="store_true", help="list the runs still to do and exit")
     args = p.parse_args(argv)
-    print(run_run_bench(args.suite, args.results, args.only, args.device, args.dry_run))
+    out = run_run_bench(args.suite, args.results, args.only, args.device, args.dry_run, args.workers,
+                        args.threads, args.claims)
+    if out:
+        print(out)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -313,3 +313,35 @@ def test_training_memory_counts_a_real_step_and_is_none_when_nothing_trains():
     weights = 256 * 257 * 4 / 2 ** 20                      # fp32 weight + bias
     assert 4 * weights <= mib < 4 * weights + 0.1          # params + grads + AdamW's two moments (+ activations)
     assert training_memory_mb(lambda: Toy(True), train, 4) is None
+
+
+def test_parallel_workers_do_every_missing_run_once(finished, tmp_path):
+    """Two worker processes on one results file: every run that was missing is done by exactly one worker,
+    and the rows equal those of the sequential run (same seeds, same data)."""
+    raw, results, _, _ = finished
+    suite_file = tmp_path / "suite.yaml"
+    suite_file.write_text(yaml.safe_dump(raw))
+    part = tmp_path / "part.jsonl"
+    lines = results.read_bytes().splitlines(keepends=True)
+    part.write_bytes(b"".join(lines[:3]))
+    out = run_mod.run_run_bench(str(suite_file), str(part), workers=2, threads=1)
+    rows = read_results(part)
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys)) == len(suite_from_dict(raw).expand())
+    assert not list(tmp_path.glob(".part.jsonl.claims-*"))                      # the claims folder is gone
+    sequential = {r["key"]: r for r in read_results(results)}
+    for r in rows[3:]:
+        assert r["accuracy"] == pytest.approx(sequential[r["key"]]["accuracy"], abs=1e-9), r["key"]
+    assert "lora-manual" in out
+
+
+def test_claims_give_each_run_to_one_worker(tmp_path):
+    from promptdelta.bench.harness import claim_run
+    from promptdelta.bench.suite import RunSpec
+
+    spec = RunSpec("demo", "lora", 2, 13, "abc")
+    assert claim_run(tmp_path, spec) is True
+    assert claim_run(tmp_path, spec) is False
+    assert claim_run(tmp_path, RunSpec("demo", "lora", 2, 21, "abc")) is True
+    with pytest.raises(ConfigError, match="--workers 0"):
+        run_mod.run_run_bench("unused.yaml", workers=0)
