@@ -2,10 +2,7 @@
 
 import json
 import runpy
-import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.benchmark import Timer
 
 from promptdelta.backbones.loading import load_backbone
+from promptdelta.bench.timing import timer
 from promptdelta.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def _calibrate(fn: Callable[[], object], target_s: float) -> int:
     fn()
     if target_s <= 0:
         return 1
-    once = Timer("fn()", globals={"fn": fn}).timeit(1).median
+    once = timer(fn).timeit(1).median
     return max(1, int(target_s / max(once, 1e-6)))
 
 
@@ -166,7 +166,7 @@ def _time_family_round(fns: dict[str, Callable[[], object]], numbers: dict[str, 
         order = ("ours", "hf") if swap else ("hf", "ours")
         for who in order:
             name = f"{kind}_{who}"
-            times[name].append(Timer("fn()", globals={"fn": fns[name]}).timeit(numbers[name]).median)
+            times[name].append(timer(fns[name]).timeit(numbers[name]).median)
 
 
 def _setup(family: str, batch: int, seq: int, quick: bool, device: str, dtype: torch.dtype,

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.benchmark import Timer
 
+from promptdelta.bench.timing import timer
 from promptdelta.kernels import lora_linear, lora_linear_multi, merged_weight
 
 logger = logging.getLogger(__name__)
@@ -89,12 +89,12 @@ def _time_interleaved(fns: dict[str, tuple[Callable[[], object], str]], repeats:
     numbers = {}
     for name, (fn, _) in fns.items():
         fn()                                                                   # warm-up (and autotune)
-        once = Timer("fn()", globals={"fn": fn}).timeit(1).median
+        once = timer(fn).timeit(1).median
         numbers[name] = max(1, int(target_s / max(once, 1e-6)))
     out = {name: Timing(name, base, []) for name, (_, base) in fns.items()}
     for _ in range(repeats):
         for name, (fn, _) in fns.items():
-            out[name].times.append(Timer("fn()", globals={"fn": fn}).timeit(numbers[name]).median)
+            out[name].times.append(timer(fn).timeit(numbers[name]).median)
     return list(out.values())
 
 

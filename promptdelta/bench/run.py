@@ -6,9 +6,7 @@ Then prints the summary table (``promptdelta bench report RESULTS`` writes it wi
 
 ``--workers N`` checks the suite once, then starts N worker processes on the same results file, each with
 ``cores // N`` torch threads; a worker takes the next run no other worker has claimed (a claim is a file
-made with O_EXCL in a temporary folder next to the results), so the load balances itself. On a small CPU,
-N one-thread workers use the cores better than one N-thread process: few-shot batches are too small for
-torch to keep two threads busy.
+made with O_EXCL in a temporary folder next to the results), so the load balances itself.
 """
 
 from __future__ import annotations

@@ -210,7 +210,7 @@ class PromptForClassification(nn.Module):
     def _seq2seq_token_logprobs(self, batch: Mapping[str, torch.Tensor], enc: torch.Tensor,
                                 cand: torch.Tensor) -> torch.Tensor:
         """T5: token log-probs (B*K, S) of K candidates, decoder input <start> <sentinel> w_1 .. w_{S-1}."""
-        B, (K, S) = enc.shape[0], cand.shape
+        B, K = enc.shape[0], cand.shape[0]
         rows = torch.arange(B, device=enc.device)
         sentinel = batch["input_ids"][rows, batch["mask_pos"][:, 0]].repeat_interleave(K)  # (B*K,)
         start = torch.full_like(sentinel, self.backbone.config.decoder_start_token_id)

@@ -224,7 +224,7 @@ def test_unknown_label_name_in_csv(tmp_path):
 def test_malformed_json_line_names_file_and_line(jsonl_task):
     path = jsonl_task / "train.jsonl"
     path.write_text(path.read_text() + '{"text": "broken", "label": 1\n')
-    with pytest.raises(DataError, match=rf"train.jsonl:21: malformed JSON .*one JSON object"):
+    with pytest.raises(DataError, match=r"train.jsonl:21: malformed JSON .*one JSON object"):
         load(jsonl_task)
     path.write_text('["a list", 1]\n')
     with pytest.raises(DataError, match="train.jsonl:1: a line must be a JSON object"):
