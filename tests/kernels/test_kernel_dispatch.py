@@ -17,8 +17,28 @@ def test_cpu_tensors_use_the_fused_autograd_function(impl, monkeypatch):
     calls = []
     real = cpu.FusedLoRAFunction.apply
     monkeypatch.setattr(cpu.FusedLoRAFunction, "apply", lambda *a: calls.append(1) or real(*a))
-    lora_linear(*_ops(), 1.0, impl=impl)
+    x, *rest = _ops()
+    lora_linear(x.requires_grad_(), *rest, 1.0, impl=impl)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("m,merged", [(64, True), (3, False)])
+def test_inference_on_many_rows_folds_the_adapter_into_the_weight(m, merged, monkeypatch):
+    """No gradient and M (K + N) >= 2 N K: y = x (W + s B A)^T + b, equal to the reference; few rows (or
+    bf16, or a gradient) keep the fused function."""
+    calls = []
+    real = cpu.FusedLoRAFunction.apply
+    monkeypatch.setattr(cpu.FusedLoRAFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    x, w, b, a, bb = torch.randn(m, 8), torch.randn(6, 8), torch.randn(6), torch.randn(2, 8), torch.randn(6, 2)
+    with torch.no_grad():
+        y = lora_linear(x, w, b, a, bb, 1.5)
+        torch.testing.assert_close(y, lora_reference(x, w, b, a, bb, 1.5), rtol=1e-5, atol=1e-5)
+        assert calls == ([] if merged else [1])
+        lora_linear(x.bfloat16(), w.bfloat16(), b.bfloat16(), a.bfloat16(), bb.bfloat16(), 1.5)
+        assert calls[-1:] == [1]
+    assert cpu.merge_on_the_fly(x, w, a, bb, None) is merged
+    assert not cpu.merge_on_the_fly(x, w, a.requires_grad_(), bb, None)
+    assert not cpu.merge_on_the_fly(x, w, a, bb, x.clone())
 
 
 def test_plain_does_not_use_the_fused_function(monkeypatch):
