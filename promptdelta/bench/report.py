@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from promptdelta.bench.harness import latest_rows, read_results
-from promptdelta.errors import DataError, MissingFileError
+from promptdelta.errors import ConfigError, DataError, MissingFileError
 from promptdelta.utils.io import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -178,9 +178,14 @@ def plots(summary: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Path]:
 # ----------------------------------------------------------------------------------------- entry points
 
 
-def report(results: str | Path, out_dir: str | Path | None = None, with_plots: bool = True) -> dict[str, Any]:
+REPORT_FILES = ("report.md", "report.csv", "accuracy_vs_params.png", "accuracy_bars.png", "accuracy_vs_time.png")
+
+
+def report(results: str | Path, out_dir: str | Path | None = None, with_plots: bool = True,
+           overwrite: bool = False) -> dict[str, Any]:
     """Write ``report.md``, ``report.csv`` and the plots to ``out_dir`` (default ``<results stem>_report``
-    next to the results file); returns ``{"markdown", "summary", "files"}``."""
+    next to the results file); returns ``{"markdown", "summary", "files"}``. An existing report there is
+    replaced only with ``overwrite``."""
     results = Path(results)
     if not results.is_file():
         raise MissingFileError(f"results file {results} does not exist; run `promptdelta bench run --suite FILE "
@@ -189,6 +194,10 @@ def report(results: str | Path, out_dir: str | Path | None = None, with_plots: b
     if not rows:
         raise DataError(f"results file {results} holds no finished runs; run the suite first")
     out = Path(out_dir) if out_dir else results.with_name(results.stem + "_report")
+    existing = [n for n in REPORT_FILES if (out / n).exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{out} already holds a report ({', '.join(existing)}); pass --overwrite to replace it "
+                          "(the results file is never changed) or choose another --out folder")
     summary = summarise(rows)
     md = markdown_table(summary)
     files = [atomic_write_text(out / "report.md", f"# Benchmark report: {results.name}\n\n{md}\n\n"
@@ -205,8 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("results", help="results JSONL written by `promptdelta bench run`")
     p.add_argument("--out", help="output folder (default: <results stem>_report next to the results file)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument("--overwrite", action="store_true", help="replace a report already in the output folder")
     args = p.parse_args(argv)
-    result = report(args.results, args.out, with_plots=not args.no_plots)
+    result = report(args.results, args.out, with_plots=not args.no_plots, overwrite=args.overwrite)
     print(result["markdown"])
     print("\nwrote " + ", ".join(result["files"]))
     return 0

@@ -164,6 +164,11 @@ def test_report_plots_and_cli(finished, tmp_path, capsys):
     assert names <= {p.name for p in (tmp_path / "rep").iterdir()}
     assert (tmp_path / "rep" / "accuracy_bars.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| demo | 2 |" in capsys.readouterr().out
+    before = (tmp_path / "rep" / "report.md").read_bytes()
+    with pytest.raises(ConfigError, match="--overwrite"):                     # nothing replaced unasked
+        report_mod.main([str(results), "--out", str(tmp_path / "rep")])
+    assert (tmp_path / "rep" / "report.md").read_bytes() == before
+    assert report_mod.main([str(results), "--out", str(tmp_path / "rep"), "--overwrite", "--no-plots"]) == 0
 
 
 def test_report_of_a_missing_file_names_the_fix(tmp_path):
