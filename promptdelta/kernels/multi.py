@@ -7,7 +7,8 @@ blocks of BLOCK_M rows (the block table is built with tensor ops, no host sync);
     1. segment-gathered shrink:  xa[p] = x[order[p]] A_a^T          (M, r), p = position in sorted order
     2. base GEMM over the same blocks, accumulator initialised to s_a * xa_tile @ B_a^T (expand fused in),
        rows gathered on load and scattered on store.
-The torch fallback loops over the adapters present (one host sync); it is differentiable, Triton is not.
+The torch fallback masks stacked factors (few adapters) or loops over the adapters present; it is
+differentiable, Triton is not.
 """
 
 from __future__ import annotations
@@ -18,7 +19,30 @@ import torch.nn.functional as F
 
 def lora_multi_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_stack: torch.Tensor,
                      b_stack: torch.Tensor, scales: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Fallback on 2-D x (M, K) and ids (M,): base GEMM, then each adapter's rows get their LoRA term."""
+    """Fallback on 2-D x (M, K) and ids (M,). With few adapter columns (L r <= max(64, min(K, N) / 4)) all
+    adapters go through one shrink and one expand on the stacked factors, each row's columns of other
+    adapters masked to zero, then the base GEMM accumulates into that (as the fused CPU path does):
+
+        xa   = x [A_0; ..; A_{L-1}]^T                  (M, L r)
+        xa  *= s_a [a_i == a]                          row i keeps only its own adapter's r columns
+        out  = b + xa [B_0 | .. | B_{L-1}]^T,  out += x W^T
+    Otherwise a loop over the adapters present (one host sync), gathering and scattering their rows."""
+    n_adapters, r, k = a_stack.shape
+    n = weight.shape[0]
+    if n_adapters * r > max(64, min(k, n) // 4):
+        return _lora_multi_loop(x, weight, bias, a_stack, b_stack, scales, ids)
+    a_cat = a_stack.reshape(n_adapters * r, k)                                 # (L r, K)
+    b_cat_t = b_stack.transpose(1, 2).reshape(n_adapters * r, n)               # (L r, N) rows a r + j = B_a[:, j]
+    col = torch.arange(n_adapters, device=x.device).repeat_interleave(r)       # (L r,) adapter of each column
+    coef = torch.where(ids[:, None] == col[None, :], scales[col][None, :], 0.0).to(x.dtype)   # (M, L r)
+    xa = torch.mm(x, a_cat.t()) * coef                                         # (M, L r)
+    out = torch.mm(xa, b_cat_t) if bias is None else torch.addmm(bias, xa, b_cat_t)          # (M, N)
+    return out.addmm_(x, weight.t())                                           # the base GEMM adds into it
+
+
+def _lora_multi_loop(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_stack: torch.Tensor,
+                     b_stack: torch.Tensor, scales: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Base GEMM, then each adapter's rows get their LoRA term (many adapters or large ranks)."""
     out = F.linear(x, weight, bias)                                            # (M, N)
     for adapter in torch.unique(ids).tolist():
         if adapter < 0:

@@ -50,3 +50,18 @@ def test_multi_bad_inputs_name_the_fix(kwargs, match):
     impl = args.pop("impl", "auto")
     with pytest.raises((DeltaError, ConfigError), match=match):
         lora_linear_multi(*args.values(), impl=impl)
+
+
+def test_masked_stack_and_loop_fallbacks_agree():
+    """The masked stacked-factor path (few adapter columns) and the per-adapter loop give the same rows,
+    base-only rows (-1) included."""
+    from promptdelta.kernels import multi
+
+    x, w, b, a, bb, s, ids = _multi_operands(40, 24, 20, 4, 3)
+    ids = ids.reshape(-1).long()
+    ids[:3] = -1
+    s = torch.as_tensor(s, dtype=torch.float32).expand(3).contiguous()
+    dense = multi.lora_multi_torch(x, w, b, a, bb, s, ids)
+    loop = multi._lora_multi_loop(x, w, b, a, bb, s, ids)
+    torch.testing.assert_close(dense, loop, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dense[:3], torch.nn.functional.linear(x[:3], w, b), rtol=1e-6, atol=1e-6)
