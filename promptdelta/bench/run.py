@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from promptdelta.bench.harness import pending, preflight, read_results, run_suite
-from promptdelta.bench.suite import load_suite
+from promptdelta.bench.suite import Suite, load_suite
 from promptdelta.errors import ConfigError, PromptDeltaError
 
 
@@ -31,14 +31,12 @@ def default_results(suite_name: str) -> Path:
     return Path("bench_results") / f"{suite_name}.jsonl"
 
 
-def _run_workers(suite: str, path: Path, only: Sequence[str] | None, device: str | None, workers: int,
+def _run_workers(s: Suite, suite: str, path: Path, only: Sequence[str] | None, device: str | None, workers: int,
                  threads: int | None) -> None:
-    """Check the suite in this process, then run it in ``workers`` child processes sharing a claims folder."""
+    """Check suite ``s`` (loaded from the file ``suite``) in this process, then run it in ``workers`` child
+    processes sharing a claims folder."""
     from promptdelta.backbones import load_backbone
 
-    s = load_suite(suite)
-    if device:
-        s.device = device
     read_results(path, repair=True)
     todo, _ = pending(s, path, only)
     if not todo:
@@ -65,8 +63,8 @@ def _run_workers(suite: str, path: Path, only: Sequence[str] | None, device: str
         shutil.rmtree(claims, ignore_errors=True)
     failed = [i for i, c in enumerate(codes) if c != 0]
     if failed:
-        raise PromptDeltaError(f"bench worker(s) {failed} exited with codes {[codes[i] for i in failed]}; the runs "
-                           f"they finished are in {path}: re-run the same command to finish the rest.")
+        raise PromptDeltaError(f"bench worker(s) {failed} exited with codes {[codes[i] for i in failed]}; the "
+                               f"runs they finished are in {path}: re-run the same command to finish the rest.")
 
 
 def run_run_bench(suite: str, results: str | None = None, only: Sequence[str] | None = None,
@@ -86,7 +84,7 @@ def run_run_bench(suite: str, results: str | None = None, only: Sequence[str] | 
         return "\n".join([f"{finished} run(s) finished in {path}; {len(todo)} to run:"]
                          + [f"  {spec.key}" for spec in todo])
     if workers > 1:
-        _run_workers(suite, path, only, device, workers, threads)
+        _run_workers(s, suite, path, only, device, workers, threads)
     else:
         if threads:
             torch.set_num_threads(threads)

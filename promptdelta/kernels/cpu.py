@@ -16,8 +16,9 @@ It saves only x, xa (and x_l when dropout made a separate one). Backward, in the
     dB = s (xa^T g)^T               (N, r); much faster than g^T xa, whose (N, M) operand is transposed
 When dropout gives the LoRA branch its own input x_l, dx = g W and the branch's s gb A goes to x_l.
 Measured with ``promptdelta bench kernel --repeats 11`` on the 2-core CPU at 2 threads (fp32, median ratio
-to the frozen layer's forward+backward; two runs, 2026-12-06): 1.13-1.15x at M=2048, K=N=768, r=8 and
-1.12-1.15x at M=512, K=N=1024, r=16, against plain LoRA's 1.25-1.34x and 1.23x. (Earlier figures, 1.10x and
+to the frozen layer's forward+backward; three runs, 2026-12-06, on a host whose speed varied): 1.13, 1.15
+and 1.06x at M=2048, K=N=768, r=8 and 1.12, 1.15 and 1.13x at M=512, K=N=1024, r=16, against plain LoRA's
+1.25-1.34x and 1.23-1.26x. (Earlier figures, 1.10x and
 1.09x, were taken at 1 thread: ``Timer`` defaulted to it.) What is left is the six tall-skinny products
 (x A^T, xa B^T, g B, gb A, gb^T x, xa^T g), each a full pass over an (M, K) or (M, N) matrix at ~0.35 ms
 that a second thread barely speeds up. Splitting them into per-thread bmm blocks, computing them r-major,
@@ -25,14 +26,16 @@ chunking the backward over rows to keep g in cache, or folding B A into W for dx
 of this layout or worse (2026-12-06).
 
 Inference (no gradient, fp32, M (K + N) >= 2 N K) takes the exact shortcut y = x (W + s B A)^T + b
-(``merge_on_the_fly``): one pass over W instead of two over x; 1.05x the frozen forward at M=2048, against
-1.11x for the fused forward.
+(``merge_on_the_fly``): one pass over W instead of two over x; 1.04-1.05x the frozen forward at M=2048,
+against 1.11x for the fused forward.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .reference import merged_weight
 
 
 class FusedLoRAFunction(torch.autograd.Function):
@@ -95,7 +98,7 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     Inference on many rows folds the adapter into the weight first (``merge_on_the_fly``)."""
     k, n = x.shape[-1], weight.shape[0]
     if merge_on_the_fly(x, weight, lora_a, lora_b, x_lora):
-        return F.linear(x, torch.addmm(weight, lora_b, lora_a, alpha=float(scale)), bias)
+        return F.linear(x, merged_weight(weight, lora_a, lora_b, float(scale)), bias)
     x2 = x.reshape(-1, k)                                                      # (M, K), a view when possible
     xl2 = None if x_lora is None else x_lora.reshape(-1, k)
     out = FusedLoRAFunction.apply(x2, xl2, weight, bias, lora_a, lora_b, float(scale))   # (M, N)
