@@ -13,7 +13,7 @@ import sys
 from typing import Sequence
 
 from promptdelta.errors import ConfigError, PromptDeltaError
-from promptdelta.train.distributed import env_is_main, env_world_size, launch
+from promptdelta.train.distributed import env_is_main, env_world_size, launch, shutdown_distributed
 
 
 def _seeds(text: str) -> list[int]:
@@ -143,7 +143,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if is_main:
         print(f"promptdelta run: backbone={config.backbone} data={config.data} verbalizer={config.verbalizer} "
               f"delta={config.delta} shots={config.shots} seeds={config.seeds}", flush=True)
-    result = run(config, echo=lambda s: print(s, flush=True))
+    try:
+        result = run(config, echo=lambda s: print(s, flush=True))
+    except BaseException:
+        shutdown_distributed(wait=False)
+        raise
+    shutdown_distributed()
     if is_main:
         print()
         print(result["table"])

@@ -277,6 +277,17 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
+def shutdown_distributed(*, wait: bool = True) -> None:
+    """Leave the process group; with ``wait``, after a barrier so no rank tears its gloo threads down while a
+    peer still talks to it (pass ``wait=False`` on an error path, where peers may never arrive). A rank that
+    exits with the group alive can abort in C++ ("terminate called without an active exception"), which
+    torchrun reports as a failed run although the work was done."""
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def launch(nproc: int, argv: Sequence[str], *, module: str | None = "promptdelta.cli",
            script: str | None = None, env: dict[str, str] | None = None) -> int:
     """Run ``python -m <module> <argv>`` (or ``python <script> <argv>``) on ``nproc`` local ranks via torchrun.

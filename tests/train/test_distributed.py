@@ -70,6 +70,7 @@ if dist.get_rank() == 0:
     hist = [{{k: v for k, v in h.items() if k != "dev_examples_per_s"}} for h in t.state.history]
     torch.save({{k: v for k, v in model.state_dict().items()}}, {out!r} + "/weights.pt")
     json.dump({{"history": hist, "step": t.state.step}}, open({out!r} + "/result.json", "w"))
+dist.barrier()
 dist.destroy_process_group()
 """
 

@@ -87,6 +87,7 @@ with t2.consolidated():
     resumed = {{k: v.clone() for k, v in again.state_dict().items()}}
 if rank == 0:
     torch.save(resumed, out + "/resumed.pt")
+dist.barrier()
 dist.destroy_process_group()
 """
 
