@@ -1,8 +1,10 @@
 """Micro-benchmark of the fused LoRA kernels: ``promptdelta bench kernel``.
 
 Times, side by side in one run, the frozen linear layer, plain LoRA, fused LoRA (forward+backward and
-forward only), merged inference and the multi-adapter forward, then a MiniLM LoRA training step with the
-fused against the plain path. Variants are interleaved (each round times every variant once with
+forward only; on CPU both with its skinny products as torch ops and on the native kernels), merged
+inference and the multi-adapter forward, then a MiniLM LoRA training step with the fused against the plain
+path. Unless ``--default-malloc`` is given, glibc keeps freed memory (``utils/malloc.py``) so that page
+faults from the heap's history do not land on whichever variant happens to run after a trim. Variants are interleaved (each round times every variant once with
 ``torch.utils.benchmark.Timer``), so load from other processes hits them alike; the table gives the median
 time and the median of the per-round ratios to the frozen layer, with their interquartile spread as noise.
 """
@@ -20,6 +22,8 @@ import torch.nn.functional as F
 
 from promptdelta.bench.timing import timer
 from promptdelta.kernels import lora_linear, lora_linear_multi, merged_weight
+from promptdelta.kernels.native import native_applies, native_error, native_ops
+from promptdelta.utils.malloc import freed_memory_kept, keep_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -69,18 +73,24 @@ def _layer_variants(o: dict) -> dict[str, tuple[Callable[[], object], str]]:
         return run
 
     xd = x.detach()
-    return {
-        "frozen linear  fwd+bwd": (train_step(None), "frozen linear  fwd+bwd"),
-        "plain LoRA     fwd+bwd": (train_step("plain"), "frozen linear  fwd+bwd"),
-        "fused LoRA     fwd+bwd": (train_step("fused"), "frozen linear  fwd+bwd"),
-        "frozen linear  fwd": (infer(lambda: F.linear(xd, w, b)), "frozen linear  fwd"),
-        "plain LoRA     fwd": (infer(lambda: lora_linear(xd, w, b, a, bb, 2.0, impl="plain")), "frozen linear  fwd"),
-        "fused LoRA     fwd": (infer(lambda: lora_linear(xd, w, b, a, bb, 2.0, impl="fused")), "frozen linear  fwd"),
-        "merged LoRA    fwd": (infer(lambda: F.linear(xd, o["merged"], b)), "frozen linear  fwd"),
+    frozen, frozen_fwd = "frozen linear  fwd+bwd", "frozen linear  fwd"
+    fns = {frozen: (train_step(None), frozen), "plain LoRA     fwd+bwd": (train_step("plain"), frozen)}
+    native = x.device.type == "cpu" and native_applies(x, a) and native_ops() is not None
+    if native:                          # the fused function twice: skinny products as torch ops, then native
+        fns["fused LoRA     fwd+bwd (torch ops)"] = (train_step("torch-ops"), frozen)
+        fns["fused LoRA     fwd+bwd (native)"] = (train_step("native"), frozen)
+    else:
+        fns["fused LoRA     fwd+bwd"] = (train_step("fused"), frozen)
+    fns.update({
+        frozen_fwd: (infer(lambda: F.linear(xd, w, b)), frozen_fwd),
+        "plain LoRA     fwd": (infer(lambda: lora_linear(xd, w, b, a, bb, 2.0, impl="plain")), frozen_fwd),
+        "fused LoRA     fwd": (infer(lambda: lora_linear(xd, w, b, a, bb, 2.0, impl="fused")), frozen_fwd),
+        "merged LoRA    fwd": (infer(lambda: F.linear(xd, o["merged"], b)), frozen_fwd),
         f"multi-adapter  fwd (L={N_ADAPTERS})": (
             infer(lambda: lora_linear_multi(xd, w, b, o["a_stack"], o["b_stack"], 2.0, o["ids"])),
             "fused LoRA     fwd"),
-    }
+    })
+    return fns
 
 
 def _time_interleaved(fns: dict[str, tuple[Callable[[], object], str]], repeats: int,
@@ -148,13 +158,19 @@ def _minilm_lines(device: str, repeats: int, quick: bool) -> list[str]:
     return _format(title, _time_interleaved(fns, repeats, 0.3))
 
 
-def run_kernel_bench(device: str = "cpu", repeats: int = 9, quick: bool = False) -> str:
+def run_kernel_bench(device: str = "cpu", repeats: int = 9, quick: bool = False,
+                     default_malloc: bool = False) -> str:
     """Run the kernel benchmark and return the table as text (also logged)."""
+    if not default_malloc:
+        keep_freed_memory()
     torch.manual_seed(0)
     cuda = device.startswith("cuda")
     shapes = QUICK_SHAPES if quick else (GPU_SHAPES if cuda else CPU_SHAPES)
     repeats = min(repeats, 3) if quick else repeats
-    lines = [f"LoRA kernel benchmark on {device} ({torch.get_num_threads()} threads, {repeats} interleaved rounds)"]
+    lines = [f"LoRA kernel benchmark on {device} ({torch.get_num_threads()} threads, {repeats} interleaved rounds)",
+             "  malloc: " + ("glibc keeps freed memory (promptdelta.utils.malloc)" if freed_memory_kept()
+                             else "default settings"),
+             "  native CPU kernels: " + ("loaded" if native_ops() is not None else f"unavailable ({native_error()})")]
     for m, k, n, r in shapes:
         dtype = torch.bfloat16 if cuda and k >= 4096 else torch.float32
         ops = _operands(m, k, n, r, dtype, device)
@@ -170,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=9, help="interleaved rounds (medians over them)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds (a smoke test)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's trim/mmap thresholds alone (freed memory goes back to the OS)")
     args = parser.parse_args(argv)
-    print(run_kernel_bench(args.device, args.repeats, args.quick))
+    print(run_kernel_bench(args.device, args.repeats, args.quick, args.default_malloc))
     return 0
 
 

@@ -2,7 +2,11 @@
 
 ``impl`` for ``lora_linear``:
     "auto" / "fused"  CUDA with Triton importable and fp32/bf16/fp16 -> "triton", otherwise -> "cpu"
-    "cpu"             the fused torch autograd function (``cpu.py``; plain torch ops, so any device)
+    "cpu"             the fused autograd function (``cpu.py``): its skinny products run on the native CPU
+                      kernels (``native.py``) for fp32 CPU tensors of rank 1/2/4/8 when they build, on
+                      torch ops otherwise (so any device)
+    "native"          the same, but the native kernels are required (DeltaError when they do not apply)
+    "torch-ops"       the same function with torch ops only (for comparison)
     "triton"          the Triton kernels (``triton_lora.py``); CUDA, or CPU under TRITON_INTERPRET=1
     "plain"           base linear + separate A and B linears, as unfused LoRA modules compute it
 Dropout (``dropout_p > 0`` and ``training``) is applied to x for the LoRA branch only; every path then
@@ -25,7 +29,7 @@ from .multi import lora_multi_torch
 
 logger = logging.getLogger(__name__)
 
-IMPLS = ("auto", "fused", "plain", "triton", "cpu")
+IMPLS = ("auto", "fused", "plain", "triton", "cpu", "native", "torch-ops")
 MULTI_IMPLS = ("auto", "torch", "triton")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _triton_error: str | None = None
@@ -93,7 +97,7 @@ def _autocast_operands(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | No
 
 
 def _resolve(impl: str, x: torch.Tensor) -> str:
-    """The concrete path ("cpu", "triton" or "plain") for ``impl`` on x's device and dtype."""
+    """The concrete path ("cpu", "native", "torch-ops", "triton" or "plain") for ``impl`` on x's device and dtype."""
     if impl not in IMPLS:
         raise ConfigError(f"impl={impl!r} is not a LoRA implementation; use one of {', '.join(IMPLS)}.")
     if impl in ("auto", "fused"):
@@ -123,7 +127,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return plain_lora_linear(x, weight, bias, lora_a, lora_b, scale, x_lora)
     if path == "triton":
         return _triton().triton_lora_linear(x, weight, bias, lora_a, lora_b, scale, x_lora)
-    return fused_lora_linear(x, weight, bias, lora_a, lora_b, scale, x_lora)
+    native = {"native": True, "torch-ops": False}.get(path)
+    return fused_lora_linear(x, weight, bias, lora_a, lora_b, scale, x_lora, native=native)
 
 
 def _multi_scales(scales: float | Sequence[float] | torch.Tensor, n_adapters: int,

@@ -1,0 +1,383 @@
+// Native CPU kernels for the four tall-skinny products of the fused LoRA layer (fp32, rank R in 1/2/4/8).
+// Built on first use by promptdelta/kernels/native.py (torch.utils.cpp_extension, -O3 -march=native
+// -fopenmp); rows are split over torch's intra-op threads with at::parallel_for.
+//
+//   shrink(x, A)          xa = x A^T                         x (M, K), A (R, K)        -> (M, R)
+//   expand(c, Bt, b, s)   out = b + s c Bt                   c (M, R), Bt (R, N)       -> (M, N)
+//   gpass(g, Bt, xa)      gb = g Bt^T,  dBt = xa^T g         one pass over g (M, N)    -> (M, R), (R, N)
+//   xpass(x, A, gb, s)    dx = s gb A,  dA  = gb^T x         one pass over x (M, K)    -> (M, K), (R, K)
+//
+// and the whole layer, one thread per contiguous range of rows (each thread calls the base GEMM on its own
+// rows, single-threaded inside the parallel region, so its rows stay on its core from the skinny
+// products to the GEMM, and the layer pays one parallel region per direction instead of one per op):
+//
+//   forward(x, x_l, W, b, A, Bt, s)        out = b + s (x_l A^T) Bt + x W^T, xa = x_l A^T
+//   backward(g, x_l, W, A, Bt, xa, s, ..)  gb = g B, dBt = xa^T g, dA = gb^T x_l, and either
+//                                           dx = s gb A + g W (x_l is x) or dx = g W, dx_l = s gb A
+//
+// MKL runs each of these as its own pass over an (M, K) or (M, N) matrix at a fraction of peak; here
+// gpass and xpass touch each row block once and keep it in L1/L2 for their second product, and the
+// rank-R accumulators (dBt, dA) are summed per thread in registers over a block of rows before they
+// touch memory. Vectors are GCC/Clang vector extensions (16 floats: one AVX-512 register, two AVX2).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));   // unaligned loads and stores are fine
+inline v16 load(const float* p) { return *reinterpret_cast<const v16*>(p); }
+inline void store(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
+inline v16 splat(float a) { return v16{} + a; }
+inline float hsum(v16 v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+constexpr int64_t kBlock = 64;   // rows per block: a block of g or x (64 x 4 KiB at 1024 features) stays in L2
+
+template <int R> constexpr int dot_rows_at_once() { return R >= 8 ? 2 : 4; }
+
+// out[m, j] = sum_k x[m, k] a[j, k] for m in [m0, m1): MR rows at a time, MR x R vector accumulators.
+template <int R, int MR>
+void dot_rows(const float* x, const float* a, float* out, int64_t m0, int64_t m1, int64_t K) {
+  int64_t m = m0;
+  for (; m + MR <= m1; m += MR) {
+    v16 acc[MR][R];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < R; ++j) acc[i][j] = v16{};
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      v16 xv[MR];
+      for (int i = 0; i < MR; ++i) xv[i] = load(x + (m + i) * K + k);
+      for (int j = 0; j < R; ++j) {
+        v16 av = load(a + j * K + k);
+        for (int i = 0; i < MR; ++i) acc[i][j] += xv[i] * av;
+      }
+    }
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < R; ++j) {
+        float s = hsum(acc[i][j]);
+        for (int64_t kk = k; kk < K; ++kk) s += x[(m + i) * K + kk] * a[j * K + kk];
+        out[(m + i) * R + j] = s;
+      }
+  }
+  if constexpr (MR > 1) {
+    if (m < m1) dot_rows<R, 1>(x, a, out, m, m1, K);
+  }
+}
+
+// out[m, n] = bias[n] + s sum_j c[m, j] bt[j, n] for m in [m0, m1) (bias may be null): a write-only pass.
+template <int R, int MR>
+void expand_rows(const float* c, const float* bt, const float* bias, float s, float* out,
+                 int64_t m0, int64_t m1, int64_t N) {
+  int64_t m = m0;
+  for (; m + MR <= m1; m += MR) {
+    float cs[MR][R];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < R; ++j) cs[i][j] = s * c[(m + i) * R + j];
+    int64_t n = 0;
+    for (; n + 16 <= N; n += 16) {
+      v16 b0 = bias ? load(bias + n) : v16{};
+      v16 acc[MR];
+      for (int i = 0; i < MR; ++i) acc[i] = b0;
+      for (int j = 0; j < R; ++j) {
+        v16 bv = load(bt + j * N + n);
+        for (int i = 0; i < MR; ++i) acc[i] += splat(cs[i][j]) * bv;
+      }
+      for (int i = 0; i < MR; ++i) store(out + (m + i) * N + n, acc[i]);
+    }
+    for (; n < N; ++n)
+      for (int i = 0; i < MR; ++i) {
+        float v = bias ? bias[n] : 0.f;
+        for (int j = 0; j < R; ++j) v += cs[i][j] * bt[j * N + n];
+        out[(m + i) * N + n] = v;
+      }
+  }
+  if constexpr (MR > 1) {
+    if (m < m1) expand_rows<R, 1>(c, bt, bias, s, out, m, m1, N);
+  }
+}
+
+// acc[j, n] += sum_{m in [m0, m1)} c[m, j] y[m, n]: columns outer, rows inner, so the R partial sums of a
+// 16-column strip stay in registers for the whole block and acc is read and written once per block.
+template <int R>
+void accumulate_rows(const float* c, const float* y, float* acc, int64_t m0, int64_t m1, int64_t N) {
+  int64_t n = 0;
+  for (; n + 16 <= N; n += 16) {
+    v16 d[R];
+    for (int j = 0; j < R; ++j) d[j] = v16{};
+    for (int64_t m = m0; m < m1; ++m) {
+      v16 yv = load(y + m * N + n);
+      for (int j = 0; j < R; ++j) d[j] += splat(c[m * R + j]) * yv;
+    }
+    for (int j = 0; j < R; ++j) store(acc + j * N + n, load(acc + j * N + n) + d[j]);
+  }
+  for (; n < N; ++n)
+    for (int j = 0; j < R; ++j) {
+      float v = 0.f;
+      for (int64_t m = m0; m < m1; ++m) v += c[m * R + j] * y[m * N + n];
+      acc[j * N + n] += v;
+    }
+}
+
+void check(const torch::Tensor& t, int64_t dim, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == dim && t.is_contiguous(),
+              name, " must be a contiguous ", dim, "-D float32 CPU tensor");
+}
+
+template <int R>
+torch::Tensor shrink_r(const torch::Tensor& x, const torch::Tensor& a) {
+  const int64_t M = x.size(0), K = x.size(1);
+  auto xa = torch::empty({M, R}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* ap = a.data_ptr<float>();
+  float* op = xa.data_ptr<float>();
+  at::parallel_for(0, M, kBlock, [&](int64_t b, int64_t e) {
+    dot_rows<R, dot_rows_at_once<R>()>(xp, ap, op, b, e, K);
+  });
+  return xa;
+}
+
+template <int R>
+torch::Tensor expand_r(const torch::Tensor& c, const torch::Tensor& bt, const float* bias, double s) {
+  const int64_t M = c.size(0), N = bt.size(1);
+  auto out = torch::empty({M, N}, c.options());
+  const float* cp = c.data_ptr<float>();
+  const float* tp = bt.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, M, kBlock, [&](int64_t b, int64_t e) {
+    expand_rows<R, 4>(cp, tp, bias, static_cast<float>(s), op, b, e, N);
+  });
+  return out;
+}
+
+// Per-thread partial sums of an (R, N) accumulator, then one reduction over threads.
+torch::Tensor partials(int64_t R, int64_t N, const torch::Tensor& like) {
+  return torch::zeros({static_cast<int64_t>(at::get_num_threads()), R, N}, like.options());
+}
+
+torch::Tensor reduce(const torch::Tensor& part) { return part.size(0) == 1 ? part[0] : part.sum(0); }
+
+template <int R>
+std::vector<torch::Tensor> gpass_r(const torch::Tensor& g, const torch::Tensor& bt, const torch::Tensor& xa) {
+  const int64_t M = g.size(0), N = g.size(1);
+  auto gb = torch::empty({M, R}, g.options());
+  auto part = partials(R, N, g);
+  const float* gp = g.data_ptr<float>();
+  const float* tp = bt.data_ptr<float>();
+  const float* xp = xa.data_ptr<float>();
+  float* gbp = gb.data_ptr<float>();
+  float* pp = part.data_ptr<float>();
+  at::parallel_for(0, M, kBlock, [&](int64_t b, int64_t e) {
+    float* acc = pp + at::get_thread_num() * R * N;
+    for (int64_t m = b; m < e; m += kBlock) {
+      const int64_t me = std::min(e, m + kBlock);
+      dot_rows<R, dot_rows_at_once<R>()>(gp, tp, gbp, m, me, N);   // gb rows of the block
+      accumulate_rows<R>(xp, gp, acc, m, me, N);                      // dBt += xa_blk^T g_blk (g in cache)
+    }
+  });
+  return {gb, reduce(part)};
+}
+
+template <int R>
+std::vector<torch::Tensor> xpass_r(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& gb,
+                                   double s) {
+  const int64_t M = x.size(0), K = x.size(1);
+  auto dx = torch::empty({M, K}, x.options());
+  auto part = partials(R, K, x);
+  const float* xp = x.data_ptr<float>();
+  const float* ap = a.data_ptr<float>();
+  const float* gp = gb.data_ptr<float>();
+  float* dxp = dx.data_ptr<float>();
+  float* pp = part.data_ptr<float>();
+  at::parallel_for(0, M, kBlock, [&](int64_t b, int64_t e) {
+    float* acc = pp + at::get_thread_num() * R * K;
+    for (int64_t m = b; m < e; m += kBlock) {
+      const int64_t me = std::min(e, m + kBlock);
+      expand_rows<R, 4>(gp, ap, nullptr, static_cast<float>(s), dxp, m, me, K);   // dx rows = s gb A
+      accumulate_rows<R>(gp, xp, acc, m, me, K);                                // dA += gb_blk^T x_blk
+    }
+  });
+  return {dx, reduce(part)};
+}
+
+#define PD_DISPATCH_RANK(r, FN, ...)                                                       \
+  switch (r) {                                                                             \
+    case 1: return FN<1>(__VA_ARGS__);                                                     \
+    case 2: return FN<2>(__VA_ARGS__);                                                     \
+    case 4: return FN<4>(__VA_ARGS__);                                                     \
+    case 8: return FN<8>(__VA_ARGS__);                                                     \
+    default: TORCH_CHECK(false, "native LoRA kernels support rank 1, 2, 4 or 8, got ", r); \
+  }
+
+torch::Tensor shrink(const torch::Tensor& x, const torch::Tensor& a) {
+  check(x, 2, "x");
+  check(a, 2, "A");
+  TORCH_CHECK(a.size(1) == x.size(1), "A must be (R, K) for x (M, K)");
+  PD_DISPATCH_RANK(a.size(0), shrink_r, x, a)
+}
+
+torch::Tensor expand(const torch::Tensor& c, const torch::Tensor& bt, const c10::optional<torch::Tensor>& bias,
+                     double s) {
+  check(c, 2, "c");
+  check(bt, 2, "Bt");
+  TORCH_CHECK(bt.size(0) == c.size(1), "Bt must be (R, N) for c (M, R)");
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    check(*bias, 1, "bias");
+    TORCH_CHECK(bias->size(0) == bt.size(1), "bias must be (N,)");
+    bp = bias->data_ptr<float>();
+  }
+  PD_DISPATCH_RANK(bt.size(0), expand_r, c, bt, bp, s)
+}
+
+std::vector<torch::Tensor> gpass(const torch::Tensor& g, const torch::Tensor& bt, const torch::Tensor& xa) {
+  check(g, 2, "g");
+  check(bt, 2, "Bt");
+  check(xa, 2, "xa");
+  TORCH_CHECK(bt.size(1) == g.size(1) && xa.size(0) == g.size(0) && xa.size(1) == bt.size(0),
+              "gpass wants g (M, N), Bt (R, N), xa (M, R)");
+  PD_DISPATCH_RANK(bt.size(0), gpass_r, g, bt, xa)
+}
+
+std::vector<torch::Tensor> xpass(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& gb,
+                                 double s) {
+  check(x, 2, "x");
+  check(a, 2, "A");
+  check(gb, 2, "gb");
+  TORCH_CHECK(a.size(1) == x.size(1) && gb.size(0) == x.size(0) && gb.size(1) == a.size(0),
+              "xpass wants x (M, K), A (R, K), gb (M, R)");
+  PD_DISPATCH_RANK(a.size(0), xpass_r, x, a, gb, s)
+}
+
+
+// Rows [b, e) of the forward: xa = x_l A^T, out = bias + s xa Bt, then out += x W^T (MKL, this thread).
+template <int R>
+void forward_rows(const torch::Tensor& x, const torch::Tensor& x_l, const torch::Tensor& w_t, const float* bias,
+                  const float* a, const float* bt, float s, torch::Tensor& xa, torch::Tensor& out,
+                  int64_t b, int64_t e) {
+  const int64_t K = x.size(1), N = out.size(1);
+  dot_rows<R, dot_rows_at_once<R>()>(x_l.data_ptr<float>(), a, xa.data_ptr<float>(), b, e, K);
+  expand_rows<R, 4>(xa.data_ptr<float>(), bt, bias, s, out.data_ptr<float>(), b, e, N);
+  auto out_rows = out.narrow(0, b, e - b);
+  out_rows.addmm_(x.narrow(0, b, e - b), w_t);
+}
+
+template <int R>
+std::vector<torch::Tensor> forward_r(const torch::Tensor& x, const torch::Tensor& x_l, const torch::Tensor& w,
+                                     const float* bias, const torch::Tensor& a, const torch::Tensor& bt, double s,
+                                     int64_t min_rows) {
+  const int64_t M = x.size(0), N = w.size(0);
+  auto out = torch::empty({M, N}, x.options());
+  auto xa = torch::empty({M, R}, x.options());
+  const auto w_t = w.t();
+  at::parallel_for(0, M, min_rows, [&](int64_t b, int64_t e) {
+    at::NoGradGuard no_grad;                                  // worker threads start with grad mode on
+    forward_rows<R>(x, x_l, w_t, bias, a.data_ptr<float>(), bt.data_ptr<float>(), static_cast<float>(s), xa,
+                    out, b, e);
+  });
+  return {out, xa};
+}
+
+// Rows [b, e) of the backward, in blocks that stay in cache between their two skinny products, then the
+// base GEMM on the same rows. lora_out is dx (separate == false: the GEMM accumulates into it) or dx_l.
+template <int R>
+void backward_rows(const torch::Tensor& g, const torch::Tensor& x_l, const torch::Tensor& w, const float* a,
+                   const float* bt, const float* xa, float s, float* gb, float* acc_a, float* acc_b,
+                   torch::Tensor& dx, torch::Tensor& lora_out, bool separate, int64_t b, int64_t e) {
+  const int64_t K = x_l.size(1), N = g.size(1);
+  const float* gp = g.data_ptr<float>();
+  const float* xp = x_l.data_ptr<float>();
+  float* lp = lora_out.defined() ? lora_out.data_ptr<float>() : nullptr;
+  for (int64_t m = b; m < e; m += kBlock) {
+    const int64_t me = std::min(e, m + kBlock);
+    dot_rows<R, dot_rows_at_once<R>()>(gp, bt, gb, m, me, N);       // gb = g B
+    accumulate_rows<R>(xa, gp, acc_b, m, me, N);                       // dBt += xa^T g
+    if (lp) expand_rows<R, 4>(gb, a, nullptr, s, lp, m, me, K);         // s gb A
+    accumulate_rows<R>(gb, xp, acc_a, m, me, K);                       // dA += gb^T x_l
+  }
+  if (dx.defined()) {
+    auto dx_rows = dx.narrow(0, b, e - b);
+    if (separate) {
+      at::mm_out(dx_rows, g.narrow(0, b, e - b), w);                  // dx = g W
+    } else {
+      dx_rows.addmm_(g.narrow(0, b, e - b), w);                         // dx = s gb A + g W
+    }
+  }
+}
+
+template <int R>
+std::vector<torch::Tensor> backward_r(const torch::Tensor& g, const torch::Tensor& x_l, const torch::Tensor& w,
+                                      const torch::Tensor& a, const torch::Tensor& bt, const torch::Tensor& xa,
+                                      double s, bool need_dx, bool separate, bool need_dx_l, int64_t min_rows) {
+  const int64_t M = g.size(0), K = x_l.size(1), N = g.size(1);
+  torch::Tensor dx, dx_l;
+  if (need_dx) dx = torch::empty({M, K}, g.options());
+  if (separate && need_dx_l) dx_l = torch::empty({M, K}, g.options());
+  torch::Tensor lora_out = separate ? dx_l : dx;
+  auto gb = torch::empty({M, R}, g.options());
+  auto part_a = partials(R, K, g);
+  auto part_b = partials(R, N, g);
+  at::parallel_for(0, M, min_rows, [&](int64_t b, int64_t e) {
+    at::NoGradGuard no_grad;
+    const int64_t t = at::get_thread_num();
+    backward_rows<R>(g, x_l, w, a.data_ptr<float>(), bt.data_ptr<float>(), xa.data_ptr<float>(),
+                     static_cast<float>(s), gb.data_ptr<float>(), part_a.data_ptr<float>() + t * R * K,
+                     part_b.data_ptr<float>() + t * R * N, dx, lora_out, separate, b, e);
+  });
+  return {dx, dx_l, reduce(part_a), reduce(part_b)};
+}
+
+std::vector<torch::Tensor> forward(const torch::Tensor& x_in, const torch::Tensor& x_l_in, const torch::Tensor& w_in,
+                                   const c10::optional<torch::Tensor>& bias, const torch::Tensor& a,
+                                   const torch::Tensor& bt, double s, int64_t min_rows) {
+  const auto x = x_in.detach(), x_l = x_l_in.detach(), w = w_in.detach();
+  check(x, 2, "x");
+  check(x_l, 2, "x_l");
+  check(a, 2, "A");
+  check(bt, 2, "Bt");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.size(1) == x.size(1), "W must be (N, K) float32");
+  TORCH_CHECK(x_l.sizes() == x.sizes() && a.size(1) == x.size(1) && bt.size(0) == a.size(0) &&
+              bt.size(1) == w.size(0), "forward wants x, x_l (M, K), W (N, K), A (R, K), Bt (R, N)");
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    check(*bias, 1, "bias");
+    TORCH_CHECK(bias->size(0) == w.size(0), "bias must be (N,)");
+    bp = bias->data_ptr<float>();
+  }
+  PD_DISPATCH_RANK(a.size(0), forward_r, x, x_l, w, bp, a, bt, s, min_rows)
+}
+
+std::vector<torch::Tensor> backward(const torch::Tensor& g, const torch::Tensor& x_l_in, const torch::Tensor& w_in,
+                                    const torch::Tensor& a, const torch::Tensor& bt, const torch::Tensor& xa,
+                                    double s, bool need_dx, bool separate, bool need_dx_l, int64_t min_rows) {
+  const auto x_l = x_l_in.detach(), w = w_in.detach();
+  check(g, 2, "g");
+  check(x_l, 2, "x_l");
+  check(a, 2, "A");
+  check(bt, 2, "Bt");
+  check(xa, 2, "xa");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.size(0) == g.size(1) && w.size(1) == x_l.size(1),
+              "W must be (N, K) float32");
+  TORCH_CHECK(g.size(0) == x_l.size(0) && xa.size(0) == g.size(0) && xa.size(1) == a.size(0) &&
+              a.size(1) == x_l.size(1) && bt.size(0) == a.size(0) && bt.size(1) == g.size(1),
+              "backward wants g (M, N), x_l (M, K), A (R, K), Bt (R, N), xa (M, R)");
+  PD_DISPATCH_RANK(a.size(0), backward_r, g, x_l, w, a, bt, xa, s, need_dx, separate, need_dx_l, min_rows)
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "promptdelta native CPU LoRA kernels (fp32, rank 1/2/4/8)";
+  m.def("shrink", &shrink, "xa = x A^T");
+  m.def("expand", &expand, "out = bias + s c Bt");
+  m.def("gpass", &gpass, "gb = g Bt^T and dBt = xa^T g in one pass over g");
+  m.def("xpass", &xpass, "dx = s gb A and dA = gb^T x in one pass over x");
+  m.def("forward", &forward, "the fused layer's forward, rows split over threads: (out, xa)");
+  m.def("backward", &backward, "the fused layer's backward, rows split over threads: (dx, dx_l, dA, dBt)");
+}

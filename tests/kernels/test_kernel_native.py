@@ -1,0 +1,188 @@
+"""Native CPU LoRA kernels (csrc/lora_cpu.cpp): each kernel against float64 torch, the fused layer on them
+against the reference, the thread reduction, the dropout path, the errors and the fallback when the build
+fails."""
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from kernel_cases import ODD_SHAPES, check_against_reference, operands
+from promptdelta.errors import DeltaError
+from promptdelta.kernels import cpu, fused_lora_linear, lora_linear
+from promptdelta.kernels import native as native_mod
+from promptdelta.kernels.native import RANKS, native_applies, native_ops
+
+# odd shapes, plus one with several 64-row blocks per thread and a ragged last block
+SHAPES = ODD_SHAPES + [(333, 70, 90)]
+
+
+@pytest.fixture(scope="module")
+def ops():
+    module = native_ops()
+    if module is None:
+        pytest.skip(f"native kernels unavailable here: {native_mod.native_error()}")
+    return module
+
+
+@pytest.fixture(params=["per-op", "pipeline"])
+def path(request, monkeypatch):
+    """Both native paths: per-op kernels with torch GEMMs, and the per-thread pipeline (forced on by a
+    small rows-per-thread threshold; the default only takes it from 256 rows per thread)."""
+    monkeypatch.setattr(cpu, "PIPELINE_ROWS", 10 ** 9 if request.param == "per-op" else 8)
+    return request.param
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_native_kernels_build_where_a_compiler_exists():
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on this machine")
+    assert native_ops() is not None, native_mod.native_error()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("r", RANKS)
+def test_each_kernel_matches_float64(ops, shape, r, two_threads):
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(r)
+    x, g = torch.randn(m, k, generator=gen), torch.randn(m, n, generator=gen)
+    a, bt, bias = torch.randn(r, k, generator=gen), torch.randn(r, n, generator=gen), torch.randn(n, generator=gen)
+    xa = ops.shrink(x, a)
+    gb, d_bt = ops.gpass(g, bt, xa)
+    s_gb_a, d_a = ops.xpass(x, a, gb, 0.7)
+    xd, gd, ad, btd, xad, gbd = (t.double() for t in (x, g, a, bt, xa, gb))
+    want = {"xa": xd @ ad.t(), "out": bias.double() + 1.3 * xad @ btd, "out (no bias)": 1.3 * xad @ btd,
+            "gb": gd @ btd.t(), "dBt": xad.t() @ gd, "s gb A": 0.7 * gbd @ ad, "dA": gbd.t() @ xd}
+    got = {"xa": xa, "out": ops.expand(xa, bt, bias, 1.3), "out (no bias)": ops.expand(xa, bt, None, 1.3),
+           "gb": gb, "dBt": d_bt, "s gb A": s_gb_a, "dA": d_a}
+    for name, ref in want.items():
+        # fp32 sums of at most 333 products: ~sqrt(333) * 6e-8 relative; 1e-5 of the largest entry is a 10x margin
+        assert got[name].dtype == torch.float32 and got[name].shape == ref.shape, name
+        torch.testing.assert_close(got[name].double(), ref, rtol=0, atol=1e-5 * float(ref.abs().max()),
+                                   msg=lambda msg, name=name: f"{name}: {msg}")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("r", RANKS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_layer_on_native_kernels_matches_reference(ops, path, shape, r, bias, two_threads):
+    fn = lambda *args: fused_lora_linear(*args, native=True)            # noqa: E731
+    check_against_reference(fn, *operands(*shape, r, bias=bias), scale=1.7)
+
+
+def test_fused_layer_on_native_kernels_3d(ops, path):
+    fn = lambda *args: lora_linear(*args, impl="native")                # noqa: E731
+    check_against_reference(fn, *operands(0, 45, 29, 8, lead=(3, 13)), scale=0.5)
+
+
+def test_thread_count_does_not_change_the_result_beyond_rounding(ops, path):
+    """Per-thread partial sums of dA and dB are reduced at the end: 1 and 2 threads agree to fp32 rounding."""
+    x, w, b, a, bb = operands(333, 70, 90, 4)
+    grads = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            y = lora_linear(x, w, b, a, bb, 1.1, impl="native")
+            grads.append(torch.autograd.grad(y, [x, a, bb], torch.ones_like(y)))
+    finally:
+        torch.set_num_threads(before)
+    for g1, g2 in zip(*grads):
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-5)
+
+
+def test_native_and_torch_ops_agree_with_dropout(ops, path, two_threads):
+    x, w, b, a, bb = operands(90, 40, 30, 8)
+    results = []
+    for impl in ("native", "torch-ops"):
+        torch.manual_seed(3)
+        y = lora_linear(x, w, b, a, bb, 0.9, dropout_p=0.3, training=True, impl=impl)
+        results.append((y, torch.autograd.grad(y, [x, a, bb], torch.ones_like(y))))
+    (y1, g1), (y2, g2) = results
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    for t1, t2 in zip(g1, g2):
+        torch.testing.assert_close(t1, t2, rtol=1e-5, atol=1e-5)
+
+
+def test_only_the_wanted_gradients_are_returned(ops, path):
+    x, w, b, a, bb = operands(40, 20, 10, 2)
+    x = x.detach()                                                    # the first layer: no dx
+    y = lora_linear(x, w, b, a, bb, 1.0, impl="native")
+    da, db = torch.autograd.grad(y, [a, bb], torch.ones_like(y))
+    ref = torch.nn.functional.linear(x, w, b) + (x @ a.t()) @ bb.t()
+    want = torch.autograd.grad(ref, [a, bb], torch.ones_like(ref))
+    torch.testing.assert_close(da, want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(db, want[1], rtol=1e-5, atol=1e-5)
+
+
+def test_auto_uses_native_only_where_it_applies():
+    x = torch.zeros(3, 4)
+    assert native_applies(x, torch.zeros(8, 4))
+    assert not native_applies(x, torch.zeros(16, 4))                  # rank 16: MKL is faster there
+    assert not native_applies(x.double(), torch.zeros(8, 4).double())
+    assert not native_applies(x.bfloat16(), torch.zeros(8, 4).bfloat16())
+
+
+@pytest.mark.parametrize("dtype,r", [(torch.bfloat16, 8), (torch.float32, 16)])
+def test_impl_native_refuses_what_it_cannot_run(dtype, r):
+    x, w, b, a, bb = operands(5, 6, 7, r, dtype=dtype)
+    with pytest.raises(DeltaError, match="native LoRA kernels take fp32 CPU tensors"):
+        lora_linear(x, w, b, a, bb, 1.0, impl="native")
+
+
+@pytest.fixture
+def failed_build(monkeypatch, caplog):
+    """The build raising as it does without a compiler; the module state is restored afterwards."""
+    import torch.utils.cpp_extension as cpp
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions\nerror: no C++ compiler")
+
+    monkeypatch.setattr(native_mod, "_module", None)
+    monkeypatch.setattr(native_mod, "_error", None)
+    monkeypatch.setattr(cpp, "load", no_compiler)
+    caplog.set_level(logging.WARNING, logger="promptdelta.kernels.native")
+    return caplog
+
+
+def test_a_failed_build_falls_back_to_torch_ops_with_a_warning(failed_build):
+    x, w, b, a, bb = operands(37, 45, 29, 8)
+    check_against_reference(lora_linear, x, w, b, a, bb, scale=1.2)   # impl="auto": still correct
+    assert native_ops() is None and "no C++ compiler" in native_mod.native_error()
+    assert "use torch ops instead" in failed_build.text or "uses torch ops instead" in failed_build.text
+    with pytest.raises(DeltaError, match="could not be built"):
+        lora_linear(x, w, b, a, bb, 1.0, impl="native")
+
+
+def test_env_switch_disables_the_build(monkeypatch):
+    monkeypatch.setattr(native_mod, "_module", None)
+    monkeypatch.setattr(native_mod, "_error", None)
+    monkeypatch.setenv("PROMPTDELTA_NATIVE", "0")
+    assert native_ops() is None and "PROMPTDELTA_NATIVE=0" in native_mod.native_error()
+
+
+def test_default_threshold_takes_the_pipeline_for_many_rows(ops, monkeypatch, two_threads):
+    """At the default threshold, 2 threads x 256 rows use the per-thread pipeline and give the same result."""
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(ops, name)
+
+    monkeypatch.setattr(cpu, "native_ops", lambda: Spy())
+    x, w, b, a, bb = operands(512, 40, 30, 4)
+    check_against_reference(lambda *args: fused_lora_linear(*args, native=True), x, w, b, a, bb, scale=0.8)
+    assert "forward" in calls and "backward" in calls and "shrink" not in calls
+    calls.clear()
+    check_against_reference(lambda *args: fused_lora_linear(*args, native=True), *operands(511, 40, 30, 4),
+                            scale=0.8)
+    assert "shrink" in calls and "forward" not in calls
