@@ -4,23 +4,27 @@ Times, side by side in one run, the frozen linear layer, plain LoRA, fused LoRA 
 forward only; on CPU both with its skinny products as torch ops and on the native kernels), merged
 inference and the multi-adapter forward, then a MiniLM LoRA training step with the fused against the plain
 path. Unless ``--default-malloc`` is given, glibc keeps freed memory (``utils/malloc.py``) so that page
-faults from the heap's history do not land on whichever variant happens to run after a trim. Variants are interleaved (each round times every variant once with
-``torch.utils.benchmark.Timer``), so load from other processes hits them alike; the table gives the median
-time and the median of the per-round ratios to the frozen layer, with their interquartile spread as noise.
+faults from the heap's history do not land on whichever variant happens to run after a trim.
+
+Variants are interleaved: each round times every variant once, in a shuffled order, for about 20 ms (one
+call of a 20 ms layer), at the process's torch thread count, so drifts in the host's speed and load from
+other processes hit them alike, and no variant always runs in the cache state another one leaves. The table gives the median time and the median of the per-round ratios to the frozen
+layer, with their interquartile spread as noise.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import random
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from promptdelta.bench.timing import timer
 from promptdelta.kernels import lora_linear, lora_linear_multi, merged_weight
 from promptdelta.kernels.native import native_applies, native_error, native_ops
 from promptdelta.utils.malloc import freed_memory_kept, keep_freed_memory
@@ -93,18 +97,35 @@ def _layer_variants(o: dict) -> dict[str, tuple[Callable[[], object], str]]:
     return fns
 
 
-def _time_interleaved(fns: dict[str, tuple[Callable[[], object], str]], repeats: int,
-                      target_s: float) -> list[Timing]:
-    """Each round times every variant once (Timer.timeit with ~target_s of work); returns per-round times."""
+def _sample(fn: Callable[[], object], number: int, cuda: bool) -> float:
+    """Seconds per call of ``fn`` over ``number`` back-to-back calls (synchronising CUDA around them)."""
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / number
+
+
+def _time_interleaved(fns: dict[str, tuple[Callable[[], object], str]], rounds: int, target_s: float,
+                      cuda: bool = False) -> list[Timing]:
+    """Each round times every variant once, for ~target_s each (one call when a call takes that long);
+    returns per-round times. Short samples in many rounds put each variant's samples next to the others'
+    in time, so the host's speed, which drifts by tens of percent over seconds on a shared machine,
+    cancels in the per-round ratios (0.2 s samples in 11 rounds left an IQR of +-0.05 on the ratio)."""
     numbers = {}
     for name, (fn, _) in fns.items():
         fn()                                                                   # warm-up (and autotune)
-        once = timer(fn).timeit(1).median
-        numbers[name] = max(1, int(target_s / max(once, 1e-6)))
+        once = min(_sample(fn, 1, cuda) for _ in range(3))
+        numbers[name] = max(1, round(target_s / max(once, 1e-6)))
     out = {name: Timing(name, base, []) for name, (_, base) in fns.items()}
-    for _ in range(repeats):
-        for name, (fn, _) in fns.items():
-            out[name].times.append(timer(fn).timeit(numbers[name]).median)
+    order, rng = list(fns), random.Random(0)
+    for _ in range(rounds):
+        rng.shuffle(order)               # no variant always follows the same one (and inherits its caches)
+        for name in order:
+            out[name].times.append(_sample(fns[name][0], numbers[name], cuda))
     return list(out.values())
 
 
@@ -129,7 +150,8 @@ def _format(title: str, timings: list[Timing]) -> list[str]:
 
 def _minilm_lines(device: str, repeats: int, quick: bool) -> list[str]:
     """MiniLM (q, v LoRA r=8) training step, fused vs plain; skipped with a note when unsupported."""
-    title = "MiniLM LoRA training step (B=16, T=128, r=8 on q_proj/v_proj), fused vs plain"
+    rounds = max(3, min(repeats, 15))
+    title = f"MiniLM LoRA training step (B=16, T=128, r=8 on q_proj/v_proj), fused vs plain, {rounds} rounds"
     if quick:
         return [title, "  skipped in --quick mode"]
     try:
@@ -155,10 +177,11 @@ def _minilm_lines(device: str, repeats: int, quick: bool) -> list[str]:
         return run
 
     fns = {"plain LoRA step": (step("plain"), "plain LoRA step"), "fused LoRA step": (step("fused"), "plain LoRA step")}
-    return _format(title, _time_interleaved(fns, repeats, 0.3))
+    return _format(title, _time_interleaved(fns, rounds, 0.3,
+                                             device.startswith("cuda")))
 
 
-def run_kernel_bench(device: str = "cpu", repeats: int = 9, quick: bool = False,
+def run_kernel_bench(device: str = "cpu", repeats: int = 101, quick: bool = False,
                      default_malloc: bool = False) -> str:
     """Run the kernel benchmark and return the table as text (also logged)."""
     if not default_malloc:
@@ -175,7 +198,7 @@ def run_kernel_bench(device: str = "cpu", repeats: int = 9, quick: bool = False,
         dtype = torch.bfloat16 if cuda and k >= 4096 else torch.float32
         ops = _operands(m, k, n, r, dtype, device)
         title = f"M={m} K={k} N={n} r={r} {str(dtype).replace('torch.', '')}"
-        lines += _format(title, _time_interleaved(_layer_variants(ops), repeats, 0.02 if quick else 0.2))
+        lines += _format(title, _time_interleaved(_layer_variants(ops), repeats, 0.002 if quick else 0.02, cuda))
     lines += _minilm_lines(device, repeats, quick)
     return "\n".join(lines)
 
@@ -184,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: ``promptdelta bench kernel [--device cpu|cuda] [--repeats N] [--quick]``."""
     parser = argparse.ArgumentParser(prog="promptdelta bench kernel", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=9, help="interleaved rounds (medians over them)")
+    parser.add_argument("--repeats", type=int, default=101,
+                        help="interleaved rounds of ~20 ms samples (medians over them); the MiniLM step takes "
+                             "at most 15")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds (a smoke test)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's trim/mmap thresholds alone (freed memory goes back to the OS)")

@@ -31,7 +31,8 @@ namespace {
 typedef float v16 __attribute__((vector_size(64), aligned(4)));   // unaligned loads and stores are fine
 inline v16 load(const float* p) { return *reinterpret_cast<const v16*>(p); }
 inline void store(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
-inline v16 splat(float a) { return v16{} + a; }
+inline v16 splat(float a) { return v16{a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; }   // not 0 + a: -0.0 rules
+                                                                                  // that out of a plain broadcast
 inline float hsum(v16 v) {
   float s = 0.f;
   for (int i = 0; i < 16; ++i) s += v[i];
