@@ -40,84 +40,49 @@ from .native import RANKS, native_applies, native_error, native_ops
 from .reference import merged_weight
 
 
-PIPELINE_ROWS = 256    # native kernels: rows per thread from which each thread runs the layer on its own rows
+PIPELINE_ROWS = 256    # native path: from this many rows per thread, each thread runs the layer on its own rows
 
 
 class FusedLoRAFunction(torch.autograd.Function):
-    """y = x W^T + b + s (x_l A^T) B^T on 2-D inputs; W and b get gradients only if they require them.
-
-    ``native`` runs the skinny products with the compiled kernels of ``native.py`` (the caller checks
-    ``native_applies``); otherwise they are torch ops. Both give the same results up to fp32 rounding."""
+    """y = x W^T + b + s (x_l A^T) B^T on 2-D inputs, with torch ops; W and b get gradients only if they
+    require them. The native path (``native.py``) is the same layer as a C++ autograd function."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, x_lora: torch.Tensor | None, weight: torch.Tensor,
                 bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                scale: float, native: bool = False) -> torch.Tensor:
-        ops = native_ops() if native else None
+                scale: float) -> torch.Tensor:
         b_t = lora_b.t().contiguous()                                          # (r, N)
-        x_l = x if x_lora is None else x_lora
-        pipeline = ops is not None and x.shape[0] >= torch.get_num_threads() * PIPELINE_ROWS
-        if pipeline:                                                           # one thread per row range
-            out, xa = ops.forward(x.contiguous(), x_l.contiguous(), weight, None if bias is None else bias.contiguous(),
-                                  lora_a.contiguous(), b_t,
-                                  scale, PIPELINE_ROWS)
-        elif ops is not None:
-            xa = ops.shrink(x_l.contiguous(), lora_a.contiguous())             # (M, r)
-            out = ops.expand(xa, b_t, None if bias is None else bias.contiguous(), scale)   # (M, N)
-            out.addmm_(x, weight.t())
+        xa = torch.mm(x if x_lora is None else x_lora, lora_a.t())             # (M, r)
+        if bias is None:                                                       # the rank-r term first ...
+            out = torch.mm(xa, b_t).mul_(scale)                                # (M, N)
         else:
-            xa = torch.mm(x_l, lora_a.t())                                     # (M, r)
-            if bias is None:                                                   # the rank-r term first ...
-                out = torch.mm(xa, b_t).mul_(scale)                            # (M, N)
-            else:
-                out = torch.addmm(bias, xa, b_t, alpha=scale)                  # (M, N)
-            out.addmm_(x, weight.t())                                          # ... then the GEMM adds into it
-        ctx.pipeline = pipeline
+            out = torch.addmm(bias, xa, b_t, alpha=scale)                      # (M, N)
+        out.addmm_(x, weight.t())                                              # ... then the GEMM adds into it
         ctx.scale = scale
         ctx.has_bias = bias is not None
-        ctx.ops = ops
         ctx.save_for_backward(x, x_lora, xa, weight, lora_a, b_t)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, x_lora, xa, weight, lora_a, b_t = ctx.saved_tensors
-        s, needs, ops = ctx.scale, ctx.needs_input_grad, ctx.ops
+        s, needs = ctx.scale, ctx.needs_input_grad
         g = grad_out.contiguous()                                              # (M, N)
-        x_l = x if x_lora is None else x_lora
-        dx = dx_lora = d_a = d_b = None
-        if ctx.pipeline:
-            dx, dx_lora, d_a, d_bt = ops.backward(g, x_l.contiguous(), weight, lora_a.contiguous(), b_t, xa, s,
-                                                  needs[0], x_lora is not None, needs[1], PIPELINE_ROWS)
-            d_a = d_a.mul_(s) if needs[4] else None
-            d_b = d_bt.t().mul_(s) if needs[5] else None
-        elif ops is not None:
-            gb, d_bt = ops.gpass(g, b_t, xa)                                   # (M, r), (r, N): one pass over g
-            s_gb_a, d_a = ops.xpass(x_l.contiguous(), lora_a.contiguous(), gb, s)   # (M, K), (r, K): one over x_l
-            if needs[0]:
-                if x_lora is None:                                             # dx = s gb A + g W (beta=1)
-                    dx = s_gb_a.addmm_(g, weight)
-                else:
-                    dx = torch.mm(g, weight)
-            if x_lora is not None and needs[1]:
-                dx_lora = s_gb_a
-            d_a = d_a.mul_(s) if needs[4] else None
-            d_b = d_bt.t().mul_(s) if needs[5] else None
-        else:
-            gb = torch.mm(g, b_t.t())                                          # (M, r)
-            if needs[0]:
-                if x_lora is None:                                             # dx = s gb A + g W: the GEMM
-                    dx = torch.mm(gb, lora_a * s)                              # accumulates into the rank-r
-                    dx.addmm_(g, weight)                                       # term (beta=1), (M, K)
-                else:
-                    dx = torch.mm(g, weight)                                   # (M, K)
-            if x_lora is not None and needs[1]:
-                dx_lora = torch.mm(gb, lora_a).mul_(s)                         # (M, K)
-            d_a = torch.mm(gb.t(), x_l).mul_(s) if needs[4] else None          # (r, K)
-            d_b = torch.mm(xa.t(), g).t().mul_(s) if needs[5] else None        # (N, r)
+        gb = torch.mm(g, b_t.t())                                              # (M, r)
+        dx = dx_lora = None
+        if needs[0]:
+            if x_lora is None:                                                 # dx = s gb A + g W: the GEMM
+                dx = torch.mm(gb, lora_a * s)                                  # accumulates into the rank-r
+                dx.addmm_(g, weight)                                           # term (beta=1), (M, K)
+            else:
+                dx = torch.mm(g, weight)                                       # (M, K)
+        if x_lora is not None and needs[1]:
+            dx_lora = torch.mm(gb, lora_a).mul_(s)                             # (M, K)
+        d_a = torch.mm(gb.t(), x if x_lora is None else x_lora).mul_(s) if needs[4] else None   # (r, K)
+        d_b = torch.mm(xa.t(), g).t().mul_(s) if needs[5] else None            # (N, r)
         d_w = torch.mm(g.t(), x) if needs[2] else None                         # (N, K)
         d_bias = g.sum(0) if ctx.has_bias and needs[3] else None               # (N,)
-        return dx, dx_lora, d_w, d_bias, d_a, d_b, None, None
+        return dx, dx_lora, d_w, d_bias, d_a, d_b, None
 
 
 def merge_on_the_fly(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -161,6 +126,9 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         return F.linear(x, merged_weight(weight, lora_a, lora_b, float(scale)), bias)
     x2 = x.reshape(-1, k)                                                      # (M, K), a view when possible
     xl2 = None if x_lora is None else x_lora.reshape(-1, k)
-    use_native = _use_native(native, x, lora_a)
-    out = FusedLoRAFunction.apply(x2, xl2, weight, bias, lora_a, lora_b, float(scale), use_native)   # (M, N)
+    if _use_native(native, x, lora_a):
+        rows = PIPELINE_ROWS if x2.shape[0] >= torch.get_num_threads() * PIPELINE_ROWS else 0
+        out = native_ops().lora_linear(x2, xl2, weight, bias, lora_a, lora_b, float(scale), rows)   # (M, N)
+    else:
+        out = FusedLoRAFunction.apply(x2, xl2, weight, bias, lora_a, lora_b, float(scale))   # (M, N)
     return out.view(*x.shape[:-1], n)

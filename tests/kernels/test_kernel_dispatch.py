@@ -12,30 +12,47 @@ def _ops():
     return torch.randn(5, 4), torch.randn(6, 4), torch.randn(6), torch.randn(2, 4), torch.randn(6, 2)
 
 
-@pytest.mark.parametrize("impl", ["auto", "fused", "cpu"])
-def test_cpu_tensors_use_the_fused_autograd_function(impl, monkeypatch):
-    calls = []
+class _Calls(list):
+    native = False
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Records which fused path ran: "torch-ops" (the Python autograd function) or "native" (C++)."""
+    calls = _Calls()
     real = cpu.FusedLoRAFunction.apply
-    monkeypatch.setattr(cpu.FusedLoRAFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(cpu.FusedLoRAFunction, "apply", lambda *a: calls.append("torch-ops") or real(*a))
+    native = cpu.native_ops()
+    if native is not None:
+        class Spy:
+            def lora_linear(self, *args):
+                calls.append("native")
+                return native.lora_linear(*args)
+        monkeypatch.setattr(cpu, "native_ops", lambda: Spy())
+    calls.native = native is not None
+    return calls
+
+
+@pytest.mark.parametrize("impl", ["auto", "fused", "cpu", "torch-ops"])
+def test_cpu_tensors_use_a_fused_path(impl, fused_calls):
+    """fp32 CPU at rank 2: the native kernels where they built, else (and for "torch-ops") torch ops."""
     x, *rest = _ops()
     lora_linear(x.requires_grad_(), *rest, 1.0, impl=impl)
-    assert calls == [1]
+    assert fused_calls == ["native" if fused_calls.native and impl != "torch-ops" else "torch-ops"]
 
 
 @pytest.mark.parametrize("m,merged", [(64, True), (3, False)])
-def test_inference_on_many_rows_folds_the_adapter_into_the_weight(m, merged, monkeypatch):
+def test_inference_on_many_rows_folds_the_adapter_into_the_weight(m, merged, fused_calls):
     """No gradient and M (K + N) >= 2 N K: y = x (W + s B A)^T + b, equal to the reference; few rows (or
-    bf16, or a gradient) keep the fused function."""
-    calls = []
-    real = cpu.FusedLoRAFunction.apply
-    monkeypatch.setattr(cpu.FusedLoRAFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    bf16, or a gradient) keep a fused path."""
     x, w, b, a, bb = torch.randn(m, 8), torch.randn(6, 8), torch.randn(6), torch.randn(2, 8), torch.randn(6, 2)
+    fused = "native" if fused_calls.native else "torch-ops"
     with torch.no_grad():
         y = lora_linear(x, w, b, a, bb, 1.5)
         torch.testing.assert_close(y, lora_reference(x, w, b, a, bb, 1.5), rtol=1e-5, atol=1e-5)
-        assert calls == ([] if merged else [1])
+        assert fused_calls == ([] if merged else [fused])
         lora_linear(x.bfloat16(), w.bfloat16(), b.bfloat16(), a.bfloat16(), bb.bfloat16(), 1.5)
-        assert calls[-1:] == [1]
+        assert fused_calls[-1:] == ["torch-ops"]                    # bf16: no native kernels
     assert cpu.merge_on_the_fly(x, w, a, bb, None) is merged
     assert not cpu.merge_on_the_fly(x, w, a.requires_grad_(), bb, None)
     assert not cpu.merge_on_the_fly(x, w, a, bb, x.clone())

@@ -376,7 +376,7 @@ std::vector<torch::Tensor> backward_r(const torch::Tensor& g, const torch::Tenso
   return {dx, dx_l, reduce(part_a), reduce(part_b)};
 }
 
-std::vector<torch::Tensor> forward(const torch::Tensor& x_in, const torch::Tensor& x_l_in, const torch::Tensor& w_in,
+std::vector<torch::Tensor> pipeline_forward(const torch::Tensor& x_in, const torch::Tensor& x_l_in, const torch::Tensor& w_in,
                                    const c10::optional<torch::Tensor>& bias, const torch::Tensor& a,
                                    const torch::Tensor& bt, double s, int64_t min_rows) {
   const auto x = x_in.detach(), x_l = x_l_in.detach(), w = w_in.detach();
@@ -396,7 +396,7 @@ std::vector<torch::Tensor> forward(const torch::Tensor& x_in, const torch::Tenso
   PD_DISPATCH_RANK(a.size(0), forward_r, x, x_l, w, bp, a, bt, s, min_rows)
 }
 
-std::vector<torch::Tensor> backward(const torch::Tensor& g, const torch::Tensor& x_l_in, const torch::Tensor& w_in,
+std::vector<torch::Tensor> pipeline_backward(const torch::Tensor& g, const torch::Tensor& x_l_in, const torch::Tensor& w_in,
                                     const torch::Tensor& a, const torch::Tensor& bt, const torch::Tensor& xa,
                                     double s, bool need_dx, bool separate, bool need_dx_l, int64_t min_rows) {
   const auto x_l = x_l_in.detach(), w = w_in.detach();
@@ -413,6 +413,92 @@ std::vector<torch::Tensor> backward(const torch::Tensor& g, const torch::Tensor&
   PD_DISPATCH_RANK(a.size(0), backward_r, g, x_l, w, a, bt, xa, s, need_dx, separate, need_dx_l, min_rows)
 }
 
+
+// The layer as a C++ autograd function: y = x W^T + b + s (x_l A^T) B^T, gradients for x, x_l, W, b, A, B
+// as required. A Python torch.autograd.Function around the same kernels measured ~0.3 ms slower per
+// forward+backward at M=2048 (its node in the autograd graph is a Python call), 1.5% of the layer.
+// pipeline_rows > 0: the per-thread pipeline (the caller picks it for >= pipeline_rows rows per thread);
+// 0: the per-op kernels with torch's multi-threaded GEMMs, for few rows.
+struct LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const c10::optional<torch::Tensor>& x_lora, const torch::Tensor& w,
+                               const c10::optional<torch::Tensor>& bias, const torch::Tensor& a,
+                               const torch::Tensor& b, double s, int64_t pipeline_rows) {
+    const auto xc = x.contiguous();
+    const auto x_l = x_lora.has_value() ? x_lora->contiguous() : xc;
+    const auto ac = a.contiguous();
+    const auto bt = b.t().contiguous();                                               // (R, N)
+    c10::optional<torch::Tensor> bias_c;
+    if (bias.has_value()) bias_c = bias->contiguous();
+    const bool pipeline = pipeline_rows > 0;
+    torch::Tensor out, xa;
+    if (pipeline) {
+      auto res = pipeline_forward(xc, x_l, w, bias_c, ac, bt, s, pipeline_rows);
+      out = res[0];
+      xa = res[1];
+    } else {
+      xa = shrink(x_l.detach(), ac.detach());                                          // (M, R)
+      out = expand(xa, bt.detach(), bias_c.has_value() ? c10::optional<torch::Tensor>(bias_c->detach())
+                                                       : c10::nullopt, s);             // (M, N)
+      out.addmm_(xc.detach(), w.detach().t());                                         // the GEMM adds into it
+    }
+    ctx->saved_data["s"] = s;
+    ctx->saved_data["pipeline"] = pipeline;
+    ctx->saved_data["pipeline_rows"] = pipeline_rows;
+    ctx->saved_data["separate"] = x_lora.has_value();
+    // needs_input_grad counts tensor inputs only (an absent optional is not one): edge index per argument
+    std::vector<int64_t> edge;
+    int64_t next = 0;
+    for (bool present : {true, x_lora.has_value(), true, bias.has_value(), true, true})
+      edge.push_back(present ? next++ : -1);
+    ctx->saved_data["edge"] = edge;
+    ctx->save_for_backward({xc, x_l, xa, w, ac, bt});
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &x = saved[0], &x_l = saved[1], &xa = saved[2], &w = saved[3], &a = saved[4], &bt = saved[5];
+    const double s = ctx->saved_data["s"].toDouble();
+    const bool separate = ctx->saved_data["separate"].toBool();
+    const auto edge = ctx->saved_data["edge"].toIntVector();
+    auto needs = [&](int arg) { return edge[arg] >= 0 && ctx->needs_input_grad(edge[arg]); };
+    const bool need_dx = needs(0), need_dx_l = separate && needs(1);
+    const auto g = grads[0].contiguous();                                              // (M, N)
+    torch::Tensor dx, dx_l, d_a, d_bt;
+    if (ctx->saved_data["pipeline"].toBool()) {
+      auto res = pipeline_backward(g, x_l, w, a, bt, xa, s, need_dx, separate, need_dx_l,
+                          ctx->saved_data["pipeline_rows"].toInt());
+      dx = res[0];
+      dx_l = res[1];
+      d_a = res[2];
+      d_bt = res[3];
+    } else {
+      auto gp = gpass(g, bt, xa);                                                      // gb (M, R), dBt (R, N)
+      auto xp = xpass(x_l.detach(), a, gp[0], s);                                      // s gb A (M, K), dA (R, K)
+      d_bt = gp[1];
+      d_a = xp[1];
+      if (need_dx) dx = separate ? at::mm(g, w.detach()) : xp[0].addmm_(g, w.detach());   // dx = s gb A + g W
+      if (need_dx_l) dx_l = xp[0];
+    }
+    torch::autograd::variable_list out(8);
+    out[0] = dx;
+    out[1] = dx_l;
+    if (needs(2)) out[2] = at::mm(g.t(), x.detach());                                 // dW (N, K)
+    if (needs(3)) out[3] = g.sum(0);                                                  // db (N,)
+    if (needs(4)) out[4] = d_a.mul_(s);                                               // dA (R, K)
+    if (needs(5)) out[5] = d_bt.t().mul_(s);                                          // dB (N, R)
+    return out;
+  }
+};
+
+torch::Tensor lora_linear(const torch::Tensor& x, const c10::optional<torch::Tensor>& x_lora, const torch::Tensor& w,
+                          const c10::optional<torch::Tensor>& bias, const torch::Tensor& a, const torch::Tensor& b,
+                          double s, int64_t pipeline_rows) {
+  return LoRALinearFunction::apply(x, x_lora, w, bias, a, b, s, pipeline_rows);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -421,6 +507,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("expand", &expand, "out = bias + s c Bt");
   m.def("gpass", &gpass, "gb = g Bt^T and dBt = xa^T g in one pass over g");
   m.def("xpass", &xpass, "dx = s gb A and dA = gb^T x in one pass over x");
-  m.def("forward", &forward, "the fused layer's forward, rows split over threads: (out, xa)");
-  m.def("backward", &backward, "the fused layer's backward, rows split over threads: (dx, dx_l, dA, dBt)");
+  m.def("forward", &pipeline_forward, "the fused layer's forward, rows split over threads: (out, xa)");
+  m.def("backward", &pipeline_backward, "the fused layer's backward, rows split over threads: (dx, dx_l, dA, dBt)");
+  m.def("lora_linear", &lora_linear, "the fused layer as a C++ autograd function (x, x_lora, W, b, A, B, s, rows)");
 }
