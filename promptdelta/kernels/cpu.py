@@ -15,15 +15,15 @@ It saves only x, xa (and x_l when dropout made a separate one). Backward, in the
     dA = s gb^T x                   (r, K)
     dB = s (xa^T g)^T               (N, r); much faster than g^T xa, whose (N, M) operand is transposed
 When dropout gives the LoRA branch its own input x_l, dx = g W and the branch's s gb A goes to x_l.
-Measured with ``promptdelta bench kernel --repeats 11`` on the 2-core CPU at 2 threads (fp32, median ratio
-to the frozen layer's forward+backward; three runs, 2026-12-06, on a host whose speed varied): 1.13, 1.15
-and 1.06x at M=2048, K=N=768, r=8 and 1.12, 1.15 and 1.13x at M=512, K=N=1024, r=16, against plain LoRA's
-1.25-1.34x and 1.23-1.26x. (Earlier figures, 1.10x and
-1.09x, were taken at 1 thread: ``Timer`` defaulted to it.) What is left is the six tall-skinny products
-(x A^T, xa B^T, g B, gb A, gb^T x, xa^T g), each a full pass over an (M, K) or (M, N) matrix at ~0.35 ms
-that a second thread barely speeds up. Splitting them into per-thread bmm blocks, computing them r-major,
-chunking the backward over rows to keep g in cache, or folding B A into W for dx, all measured within noise
-of this layout or worse (2026-12-06).
+On fp32 CPU tensors of rank 1/2/4/8/16, ``fused_lora_linear`` runs the native layer instead
+(``native.py``: the same algebra, C++ kernels that fuse the skinny products in pairs, one thread per row
+range, a C++ autograd node); this function is the path for other dtypes, ranks and devices, and the
+comparison in the benchmark. ``promptdelta bench kernel`` (2 threads, fp32, 101 shuffled rounds,
+2026-12-06), ratio to the frozen layer's forward+backward at M=2048, K=N=768, r=8: plain LoRA 1.27-1.29,
+this function 1.15-1.17, the native layer 1.07-1.09 (see docs/architecture.md for the runs). What this
+function leaves is the six skinny products (x A^T, xa B^T, g B, gb A, gb^T x, xa^T g), each a full MKL
+pass over an (M, K) or (M, N) matrix; per-thread bmm blocks, r-major layouts, row-chunking the backward or
+folding B A into W for dx all measured within noise of this layout or worse.
 
 Inference (no gradient, fp32, M (K + N) >= 2 N K) takes the exact shortcut y = x (W + s B A)^T + b
 (``merge_on_the_fly``): one pass over W instead of two over x; 1.04-1.05x the frozen forward at M=2048,

@@ -2,11 +2,11 @@
 
 ``impl`` for ``lora_linear``:
     "auto" / "fused"  CUDA with Triton importable and fp32/bf16/fp16 -> "triton", otherwise -> "cpu"
-    "cpu"             the fused autograd function (``cpu.py``): its skinny products run on the native CPU
-                      kernels (``native.py``) for fp32 CPU tensors of rank 1/2/4/8 when they build, on
-                      torch ops otherwise (so any device)
-    "native"          the same, but the native kernels are required (DeltaError when they do not apply)
-    "torch-ops"       the same function with torch ops only (for comparison)
+    "cpu"             the fused layer: for fp32 CPU tensors of rank 1/2/4/8/16, the native C++ kernels and
+                      autograd function (``native.py``) when they build; otherwise the torch autograd
+                      function of ``cpu.py`` (plain torch ops, so any device)
+    "native"          the native path, required (DeltaError when it does not apply or did not build)
+    "torch-ops"       the torch autograd function only (for comparison)
     "triton"          the Triton kernels (``triton_lora.py``); CUDA, or CPU under TRITON_INTERPRET=1
     "plain"           base linear + separate A and B linears, as unfused LoRA modules compute it
 Dropout (``dropout_p > 0`` and ``training``) is applied to x for the LoRA branch only; every path then

@@ -1,19 +1,24 @@
 """Native CPU kernels for the fused LoRA layer (``csrc/lora_cpu.cpp``), compiled on first use.
 
-The fused autograd function (``cpu.py``) spends what it costs above the frozen layer in six tall-skinny
-products. Run as separate MKL calls they are six passes over an (M, K) or (M, N) matrix at a fraction of
-peak; the native kernels do them as four, two of which make one pass for two products:
+The torch-ops layer (``cpu.py``) spends what it costs above the frozen layer in six tall-skinny products,
+each a separate MKL pass over an (M, K) or (M, N) matrix at a fraction of peak. The native layer is a C++
+autograd function (``lora_linear``) over kernels that do them as four:
 
-    shrink   xa = x_l A^T                          forward
-    expand   out = b + s xa B^T                    forward (the base GEMM then accumulates into out)
-    gpass    gb = g B and dB^T = xa^T g            backward, one pass over g
-    xpass    s gb A (dx's start) and dA = gb^T x_l backward, one pass over x_l
+    shrink   xa = x_l A^T                           forward
+    expand   out = b + s xa B^T                     forward (the base GEMM then accumulates into out)
+    gpass    gb = g B and dB^T = xa^T g             backward, one pass over g
+    xpass    s gb A (dx's start) and dA = gb^T x_l  backward, one pass over x_l
 
-fp32 on CPU, rank 1, 2, 4 or 8 (other ranks, dtypes and devices keep the torch ops, which also win at
-rank 16: MKL's skinny products are efficient there). The build (``torch.utils.cpp_extension.load`` with
-``-O3 -march=native -fopenmp``, about 30 s once per machine, cached under ``TORCH_EXTENSIONS_DIR`` or
-``~/.cache/torch_extensions``) needs a C++ compiler; when it fails, a warning names the cause and the
-torch ops are used, with the same results. ``PROMPTDELTA_NATIVE=0`` skips the build altogether.
+With at least ``cpu.PIPELINE_ROWS`` rows per thread, each thread runs the whole layer on its own rows,
+base GEMM included (single-threaded MKL on its rows), so a row block goes from the skinny products to
+the GEMM on one core; fewer rows keep torch's multi-threaded GEMMs. Being C++, the autograd node costs no
+Python call (a Python ``autograd.Function`` around the same kernels measured ~1% slower).
+
+fp32 on CPU, rank 1, 2, 4, 8 or 16; other ranks, dtypes and devices keep the torch ops. The build
+(``torch.utils.cpp_extension.load`` with ``-O3 -march=native -fopenmp``, about 40 s once per machine,
+cached under ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) needs a C++ compiler; when it
+fails, a warning names the cause and the torch ops are used, with the same results.
+``PROMPTDELTA_NATIVE=0`` skips the build altogether.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "lora_cpu.cpp"
-RANKS = (1, 2, 4, 8)
+RANKS = (1, 2, 4, 8, 16)
 _module: ModuleType | None = None
 _error: str | None = None
 

@@ -1,4 +1,4 @@
-// Native CPU kernels for the four tall-skinny products of the fused LoRA layer (fp32, rank R in 1/2/4/8).
+// Native CPU kernels for the fused LoRA layer (fp32, rank R in 1/2/4/8/16).
 // Built on first use by promptdelta/kernels/native.py (torch.utils.cpp_extension, -O3 -march=native
 // -fopenmp); rows are split over torch's intra-op threads with at::parallel_for.
 //
@@ -14,11 +14,15 @@
 //   forward(x, x_l, W, b, A, Bt, s)        out = b + s (x_l A^T) Bt + x W^T, xa = x_l A^T
 //   backward(g, x_l, W, A, Bt, xa, s, ..)  gb = g B, dBt = xa^T g, dA = gb^T x_l, and either
 //                                           dx = s gb A + g W (x_l is x) or dx = g W, dx_l = s gb A
+//   lora_linear(x, x_l, W, b, A, B, s, ..) the layer as a C++ autograd function over the above
 //
-// MKL runs each of these as its own pass over an (M, K) or (M, N) matrix at a fraction of peak; here
-// gpass and xpass touch each row block once and keep it in L1/L2 for their second product, and the
-// rank-R accumulators (dBt, dA) are summed per thread in registers over a block of rows before they
-// touch memory. Vectors are GCC/Clang vector extensions (16 floats: one AVX-512 register, two AVX2).
+// MKL runs each skinny product as its own pass over an (M, K) or (M, N) matrix at a fraction of peak
+// (x A^T at M=2048, K=768, R=8 took 0.3-0.45 ms; a read of x takes 0.15-0.19 ms). Here the backward
+// touches each 16-row block of g and x once and keeps it in L1/L2 for its second product, the rank-R
+// accumulators (dBt, dA) are summed per thread in registers over a block before they touch memory, and
+// lane sums use a shuffle tree. Vectors are GCC/Clang vector extensions (16 floats: one AVX-512 register,
+// two AVX2 ones). Measured and dropped (2026-12-06): folding B A into W for dx (the N x K merge costs what
+// the skinny write saves), 64- and 32-row blocks (16 and 8 were ~10% faster on the skinny backward).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -66,6 +70,9 @@ void lane_sums(const v16* t, float* out) {
     w += __builtin_shufflevector(w, w, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
     w += __builtin_shufflevector(w, w, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
     for (int j = 0; j < 4; ++j) out[j] = w[4 * j];                   // lanes 4j..4j+3 held t[j]
+  } else if constexpr (R == 16) {
+    lane_sums<8>(t, out);
+    lane_sums<8>(t + 8, out + 8);
   } else {
     for (int j = 0; j < R; ++j) out[j] = hsum(t[j]);
   }
@@ -73,7 +80,7 @@ void lane_sums(const v16* t, float* out) {
 
 constexpr int64_t kBlock = 16;   // rows per block: 16 rows of g or x (48 KiB at 768 features) stay in L1/L2
 
-template <int R> constexpr int dot_rows_at_once() { return 4; }   // measured best for R <= 8 (R = 8: 2 -> 4, -10%)
+template <int R> constexpr int dot_rows_at_once() { return R <= 8 ? 4 : 1; }   // R = 8: 2 -> 4 rows, -10%
 
 // out[m, j] = sum_k x[m, k] a[j, k] for m in [m0, m1): MR rows at a time, MR x R vector accumulators.
 template <int R, int MR>
@@ -255,7 +262,8 @@ std::vector<torch::Tensor> xpass_r(const torch::Tensor& x, const torch::Tensor& 
     case 2: return FN<2>(__VA_ARGS__);                                                     \
     case 4: return FN<4>(__VA_ARGS__);                                                     \
     case 8: return FN<8>(__VA_ARGS__);                                                     \
-    default: TORCH_CHECK(false, "native LoRA kernels support rank 1, 2, 4 or 8, got ", r); \
+    case 16: return FN<16>(__VA_ARGS__);                                                   \
+    default: TORCH_CHECK(false, "native LoRA kernels support rank 1, 2, 4, 8 or 16, got ", r); \
   }
 
 torch::Tensor shrink(const torch::Tensor& x, const torch::Tensor& a) {
@@ -502,7 +510,7 @@ torch::Tensor lora_linear(const torch::Tensor& x, const c10::optional<torch::Ten
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "promptdelta native CPU LoRA kernels (fp32, rank 1/2/4/8)";
+  m.doc() = "promptdelta native CPU LoRA kernels (fp32, rank 1/2/4/8/16)";
   m.def("shrink", &shrink, "xa = x A^T");
   m.def("expand", &expand, "out = bias + s c Bt");
   m.def("gpass", &gpass, "gb = g Bt^T and dBt = xa^T g in one pass over g");
