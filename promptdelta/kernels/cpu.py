@@ -109,7 +109,7 @@ def _use_native(native: bool | None, x: torch.Tensor, lora_a: torch.Tensor) -> b
                          f"got {x.dtype} on {x.device} with rank {lora_a.shape[0]}; use impl='cpu' or 'auto'.")
     if native_ops() is None:
         raise DeltaError(f"the native LoRA kernels could not be built ({native_error()}); install g++ with "
-                         "OpenMP or use impl='cpu' / 'auto', which fall back to torch ops.")
+                         "OpenMP and ninja, or use impl='cpu' / 'auto', which fall back to torch ops.")
     return True
 
 

@@ -16,8 +16,8 @@ Python call (a Python ``autograd.Function`` around the same kernels measured ~1%
 
 fp32 on CPU, rank 1, 2, 4, 8 or 16; other ranks, dtypes and devices keep the torch ops. The build
 (``torch.utils.cpp_extension.load`` with ``-O3 -march=native -fopenmp``, about 40 s once per machine,
-cached under ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) needs a C++ compiler; when it
-fails, a warning names the cause and the torch ops are used, with the same results.
+cached under ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) needs a C++ compiler with OpenMP
+and ninja; when it fails, a warning names the cause and the torch ops are used, with the same results.
 ``PROMPTDELTA_NATIVE=0`` skips the build altogether.
 """
 
@@ -76,8 +76,8 @@ def native_ops() -> ModuleType | None:
     except Exception as exc:  # no compiler, no OpenMP, a read-only cache: fall back to the torch ops
         _error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         logger.warning("native CPU LoRA kernels unavailable (%s); the fused LoRA layer uses torch ops instead "
-                       "(same results, slower). Install a C++ compiler with OpenMP (g++), or set "
-                       "PROMPTDELTA_NATIVE=0 to skip the build.", _error)
+                       "(same results, slower). The build needs a C++ compiler with OpenMP (g++) and "
+                       "ninja (`pip install ninja`); set PROMPTDELTA_NATIVE=0 to skip it.", _error)
     return _module
 
 
