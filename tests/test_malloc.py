@@ -12,7 +12,8 @@ SCRIPT = """
 import resource, sys, torch
 from promptdelta.utils.malloc import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
-torch.empty(16 << 20).fill_(1.0)                      # 64 MiB once, then freed
+for _ in range(3):
+    torch.empty(16 << 20).fill_(1.0)                  # 64 MiB a few times (the heap settles), then freed
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
     torch.empty(16 << 20).fill_(1.0)                  # the same size again: fresh pages or the freed ones?
