@@ -114,7 +114,8 @@ def _time_interleaved(fns: dict[str, tuple[Callable[[], object], str]], rounds: 
     """Each round times every variant once, for ~target_s each (one call when a call takes that long);
     returns per-round times. Short samples in many rounds put each variant's samples next to the others'
     in time, so the host's speed, which drifts by tens of percent over seconds on a shared machine,
-    cancels in the per-round ratios (0.2 s samples in 11 rounds left an IQR of +-0.05 on the ratio)."""
+    cancels in the per-round ratios (0.2 s samples in 11 rounds left IQRs of +-0.05 to +-0.09 on
+    the ratio)."""
     numbers = {}
     for name, (fn, _) in fns.items():
         fn()                                                                   # warm-up (and autotune)

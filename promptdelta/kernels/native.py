@@ -2,12 +2,12 @@
 
 The torch-ops layer (``cpu.py``) spends what it costs above the frozen layer in six tall-skinny products,
 each a separate MKL pass over an (M, K) or (M, N) matrix at a fraction of peak. The native layer is a C++
-autograd function (``lora_linear``) over kernels that do them as four:
+autograd function (``lora_linear``) over kernels that do them in four steps:
 
     shrink   xa = x_l A^T                           forward
     expand   out = b + s xa B^T                     forward (the base GEMM then accumulates into out)
-    gpass    gb = g B and dB^T = xa^T g             backward, one pass over g
-    xpass    s gb A (dx's start) and dA = gb^T x_l  backward, one pass over x_l
+    backward gb = g B and dB^T = xa^T g, then       one pass over each 16-row block of g,
+             s gb A (dx's start) and dA = gb^T x_l  then of x_l, while the block is in L1/L2
 
 With at least ``cpu.PIPELINE_ROWS`` rows per thread, each thread runs the whole layer on its own rows,
 base GEMM included (single-threaded MKL on its rows), so a row block goes from the skinny products to

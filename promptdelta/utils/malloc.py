@@ -5,7 +5,7 @@ the heap back to the kernel once more than ``M_TRIM_THRESHOLD`` bytes are free t
 requests with fresh ``mmap`` s (its threshold adapts, up to 32 MiB); either way the next step's buffers
 arrive as untouched pages, and the first write to each 4 KiB page is a minor page fault. Measured on the
 2-core CI machine (2026-12-06): a LoRA linear layer's forward+backward at M=2048, K=N=768 took about 2,000
-faults per call, 10% of its time, while the frozen layer took ~100; which call pays depends on the heap's
+faults per call, 10% of its time, while the frozen layer took ~200; which call pays depends on the heap's
 history, so it also made timings jump between runs. Raising both thresholds (what PyTorch's CUDA caching
 allocator does on the GPU, and what jemalloc/tcmalloc, the allocators Intel recommends for PyTorch on
 CPU, do in their own way) keeps the memory in the heap for reuse: steady-state steps then fault ~0 times.

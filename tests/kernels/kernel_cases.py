@@ -37,3 +37,34 @@ def check_against_reference(fn, x, w, b, a, bb, scale, dtype=torch.float32):
         assert got.shape == ref.shape and got.dtype == dtype, name
         tol = REL_TOL[dtype] * float(ref.abs().max())
         torch.testing.assert_close(got.double(), ref, rtol=0, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def assert_same_under_dropout(impl, other, x, w, b, a, bb, scale, p=0.3, seed=3):
+    """Same seed -> same dropout mask: ``lora_linear`` with impl and with other agree in y and in the
+    gradients of x, A and B (fp32 rounding apart). Returns impl's y."""
+    from promptdelta.kernels import lora_linear
+
+    results = []
+    for path in (impl, other):
+        torch.manual_seed(seed)
+        y = lora_linear(x, w, b, a, bb, scale, dropout_p=p, training=True, impl=path)
+        results.append((y, torch.autograd.grad(y, [x, a, bb], torch.ones_like(y))))
+    (y1, g1), (y2, g2) = results
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    for t1, t2 in zip(g1, g2):
+        torch.testing.assert_close(t1, t2, rtol=1e-5, atol=1e-5)
+    return y1
+
+
+def check_trainable_weight_and_bias(fn):
+    """fn(x, W, b, A, B, scale) gives W and b their gradients when they require them, as autograd does."""
+    x, w, b, a, bb = operands(37, 12, 10, 2)
+    w.requires_grad_()
+    b.requires_grad_()
+    y = fn(x, w, b, a, bb, 0.3)
+    ref = torch.nn.functional.linear(x, w, b) + 0.3 * (x @ a.t()) @ bb.t()
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, w, b, a, bb], g)
+    want = torch.autograd.grad(ref, [x, w, b, a, bb], g)
+    for gt, wt in zip(got, want):
+        torch.testing.assert_close(gt, wt, rtol=1e-5, atol=1e-5)

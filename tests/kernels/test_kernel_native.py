@@ -1,6 +1,6 @@
-"""Native CPU LoRA kernels (csrc/lora_cpu.cpp): each kernel against float64 torch, the fused layer on them
-against the reference, the thread reduction, the dropout path, the errors and the fallback when the build
-fails."""
+"""Native CPU LoRA kernels (csrc/lora_cpu.cpp): shrink, expand and the blocked backward pass against float64
+torch, the fused layer on them against the reference, the thread reduction, the dropout path, the errors and
+the fallback when the build fails."""
 
 import logging
 import shutil
@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-from kernel_cases import ODD_SHAPES, check_against_reference, operands
+from kernel_cases import (ODD_SHAPES, assert_same_under_dropout, check_against_reference,
+                          check_trainable_weight_and_bias, operands)
 from promptdelta.errors import DeltaError
 from promptdelta.kernels import cpu, fused_lora_linear, lora_linear
 from promptdelta.kernels import native as native_mod
@@ -55,14 +56,16 @@ def test_each_kernel_matches_float64(ops, shape, r, two_threads):
     gen = torch.Generator().manual_seed(r)
     x, g = torch.randn(m, k, generator=gen), torch.randn(m, n, generator=gen)
     a, bt, bias = torch.randn(r, k, generator=gen), torch.randn(r, n, generator=gen), torch.randn(n, generator=gen)
+    w = torch.randn(n, k, generator=gen)                             # only shapes matter: no GEMM asked for
     xa = ops.shrink(x, a)
-    gb, d_bt = ops.gpass(g, bt, xa)
-    s_gb_a, d_a = ops.xpass(x, a, gb, 0.7)
-    xd, gd, ad, btd, xad, gbd = (t.double() for t in (x, g, a, bt, xa, gb))
+    # the blocked backward pass alone (need_dx False, x_l separate, its s gb A wanted), 16-row grain
+    _, s_gb_a, d_a, d_bt = ops.backward(g, x, w, a, bt, xa, 0.7, False, True, True, 16)
+    xd, gd, ad, btd, xad = (t.double() for t in (x, g, a, bt, xa))
+    gbd = gd @ btd.t()                                                # gb = g B, in float64
     want = {"xa": xd @ ad.t(), "out": bias.double() + 1.3 * xad @ btd, "out (no bias)": 1.3 * xad @ btd,
-            "gb": gd @ btd.t(), "dBt": xad.t() @ gd, "s gb A": 0.7 * gbd @ ad, "dA": gbd.t() @ xd}
+            "dBt": xad.t() @ gd, "s gb A": 0.7 * gbd @ ad, "dA": gbd.t() @ xd}
     got = {"xa": xa, "out": ops.expand(xa, bt, bias, 1.3), "out (no bias)": ops.expand(xa, bt, None, 1.3),
-           "gb": gb, "dBt": d_bt, "s gb A": s_gb_a, "dA": d_a}
+           "dBt": d_bt, "s gb A": s_gb_a, "dA": d_a}
     for name, ref in want.items():
         # fp32 sums of at most 333 products: ~sqrt(333) * 6e-8 relative; 1e-5 of the largest entry is a 10x margin
         assert got[name].dtype == torch.float32 and got[name].shape == ref.shape, name
@@ -99,17 +102,12 @@ def test_thread_count_does_not_change_the_result_beyond_rounding(ops, path):
         torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-5)
 
 
-def test_native_and_torch_ops_agree_with_dropout(ops, path, two_threads):
+@pytest.mark.parametrize("bias", [True, False])
+def test_native_matches_plain_under_dropout(ops, path, bias, two_threads):
+    """x_l separate from x, with and without bias: optional inputs present or absent keep the gradient
+    slots of the C++ autograd function straight."""
     x, w, b, a, bb = operands(90, 40, 30, 8)
-    results = []
-    for impl in ("native", "torch-ops"):
-        torch.manual_seed(3)
-        y = lora_linear(x, w, b, a, bb, 0.9, dropout_p=0.3, training=True, impl=impl)
-        results.append((y, torch.autograd.grad(y, [x, a, bb], torch.ones_like(y))))
-    (y1, g1), (y2, g2) = results
-    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
-    for t1, t2 in zip(g1, g2):
-        torch.testing.assert_close(t1, t2, rtol=1e-5, atol=1e-5)
+    assert_same_under_dropout("native", "plain", x, w, b if bias else None, a, bb, 0.9, p=0.3, seed=3)
 
 
 def test_only_the_wanted_gradients_are_returned(ops, path):
@@ -188,26 +186,4 @@ def test_default_threshold_takes_the_pipeline_for_many_rows(ops, monkeypatch, tw
 
 
 def test_trainable_weight_and_bias_get_their_gradients_on_native(ops, path):
-    x, w, b, a, bb = operands(37, 12, 10, 2)
-    w.requires_grad_(); b.requires_grad_()
-    y = fused_lora_linear(x, w, b, a, bb, 0.3, native=True)
-    ref = torch.nn.functional.linear(x, w, b) + 0.3 * (x @ a.t()) @ bb.t()
-    g = torch.randn_like(y)
-    got = torch.autograd.grad(y, [x, w, b, a, bb], g)
-    want = torch.autograd.grad(ref, [x, w, b, a, bb], g)
-    for gt, wt in zip(got, want):
-        torch.testing.assert_close(gt, wt, rtol=1e-5, atol=1e-5)
-
-
-def test_no_bias_and_dropout_together_on_native(ops, path):
-    """Optional inputs absent and present in every combination keep the gradient slots straight."""
-    x, w, _, a, bb = operands(41, 20, 15, 8)
-    torch.manual_seed(2)
-    y1 = lora_linear(x, w, None, a, bb, 1.3, dropout_p=0.2, training=True, impl="native")
-    torch.manual_seed(2)
-    y2 = lora_linear(x, w, None, a, bb, 1.3, dropout_p=0.2, training=True, impl="plain")
-    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
-    g1 = torch.autograd.grad(y1, [x, a, bb], torch.ones_like(y1))
-    g2 = torch.autograd.grad(y2, [x, a, bb], torch.ones_like(y2))
-    for t1, t2 in zip(g1, g2):
-        torch.testing.assert_close(t1, t2, rtol=1e-5, atol=1e-5)
+    check_trainable_weight_and_bias(lambda *args: fused_lora_linear(*args, native=True))

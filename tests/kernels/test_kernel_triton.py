@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernel_cases import ODD_SHAPES, RANKS, check_against_reference, operands
+from kernel_cases import ODD_SHAPES, RANKS, assert_same_under_dropout, check_against_reference, operands
 from promptdelta.kernels import lora_linear, lora_linear_multi, lora_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -36,15 +36,7 @@ def test_triton_half_types_within_rounding(triton_interp, dtype):
 
 
 def test_triton_dropout_matches_plain(triton_interp):
-    x, w, b, a, bb = operands(21, 19, 17, 4)
-    outs = []
-    for impl in ("triton", "plain"):
-        torch.manual_seed(3)
-        y = lora_linear(x, w, b, a, bb, 1.5, dropout_p=0.3, training=True, impl=impl)
-        outs.append((y, torch.autograd.grad(y, [x, a, bb], torch.ones_like(y))))
-    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
-    for t1, t2 in zip(outs[0][1], outs[1][1]):
-        torch.testing.assert_close(t1, t2, rtol=1e-5, atol=1e-5)
+    assert_same_under_dropout("triton", "plain", *operands(21, 19, 17, 4), 1.5, p=0.3, seed=3)
 
 
 def _multi_operands(m, k, n, r, n_adapters, dtype=torch.float32, seed=0):

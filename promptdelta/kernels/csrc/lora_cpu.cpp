@@ -4,8 +4,6 @@
 //
 //   shrink(x, A)          xa = x A^T                         x (M, K), A (R, K)        -> (M, R)
 //   expand(c, Bt, b, s)   out = b + s c Bt                   c (M, R), Bt (R, N)       -> (M, N)
-//   gpass(g, Bt, xa)      gb = g Bt^T,  dBt = xa^T g         one pass over g (M, N)    -> (M, R), (R, N)
-//   xpass(x, A, gb, s)    dx = s gb A,  dA  = gb^T x         one pass over x (M, K)    -> (M, K), (R, K)
 //
 // and the whole layer, one thread per contiguous range of rows (each thread calls the base GEMM on its own
 // rows, single-threaded inside the parallel region, so its rows stay on its core from the skinny
@@ -13,11 +11,12 @@
 //
 //   forward(x, x_l, W, b, A, Bt, s)        out = b + s (x_l A^T) Bt + x W^T, xa = x_l A^T
 //   backward(g, x_l, W, A, Bt, xa, s, ..)  gb = g B, dBt = xa^T g, dA = gb^T x_l, and either
-//                                           dx = s gb A + g W (x_l is x) or dx = g W, dx_l = s gb A
+//                                           dx = s gb A + g W (x_l is x) or dx = g W, dx_l = s gb A;
+//                                           without need_dx no GEMM (the few-rows path runs torch's)
 //   lora_linear(x, x_l, W, b, A, B, s, ..) the layer as a C++ autograd function over the above
 //
 // MKL runs each skinny product as its own pass over an (M, K) or (M, N) matrix at a fraction of peak
-// (x A^T at M=2048, K=768, R=8 took 0.3-0.45 ms; a read of x takes 0.15-0.19 ms). Here the backward
+// (x A^T at M=2048, K=768, R=8 took 0.28-0.45 ms; a read of x takes 0.15-0.19 ms). Here the backward
 // touches each 16-row block of g and x once and keeps it in L1/L2 for its second product, the rank-R
 // accumulators (dBt, dA) are summed per thread in registers over a block before they touch memory, and
 // lane sums use a shuffle tree. Vectors are GCC/Clang vector extensions (16 floats: one AVX-512 register,
@@ -213,49 +212,6 @@ torch::Tensor partials(int64_t R, int64_t N, const torch::Tensor& like) {
 
 torch::Tensor reduce(const torch::Tensor& part) { return part.size(0) == 1 ? part[0] : part.sum(0); }
 
-template <int R>
-std::vector<torch::Tensor> gpass_r(const torch::Tensor& g, const torch::Tensor& bt, const torch::Tensor& xa) {
-  const int64_t M = g.size(0), N = g.size(1);
-  auto gb = torch::empty({M, R}, g.options());
-  auto part = partials(R, N, g);
-  const float* gp = g.data_ptr<float>();
-  const float* tp = bt.data_ptr<float>();
-  const float* xp = xa.data_ptr<float>();
-  float* gbp = gb.data_ptr<float>();
-  float* pp = part.data_ptr<float>();
-  at::parallel_for(0, M, kBlock, [&](int64_t b, int64_t e) {
-    float* acc = pp + at::get_thread_num() * R * N;
-    for (int64_t m = b; m < e; m += kBlock) {
-      const int64_t me = std::min(e, m + kBlock);
-      dot_rows<R, dot_rows_at_once<R>()>(gp, tp, gbp, m, me, N);   // gb rows of the block
-      accumulate_rows<R>(xp, gp, acc, m, me, N);                      // dBt += xa_blk^T g_blk (g in cache)
-    }
-  });
-  return {gb, reduce(part)};
-}
-
-template <int R>
-std::vector<torch::Tensor> xpass_r(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& gb,
-                                   double s) {
-  const int64_t M = x.size(0), K = x.size(1);
-  auto dx = torch::empty({M, K}, x.options());
-  auto part = partials(R, K, x);
-  const float* xp = x.data_ptr<float>();
-  const float* ap = a.data_ptr<float>();
-  const float* gp = gb.data_ptr<float>();
-  float* dxp = dx.data_ptr<float>();
-  float* pp = part.data_ptr<float>();
-  at::parallel_for(0, M, kBlock, [&](int64_t b, int64_t e) {
-    float* acc = pp + at::get_thread_num() * R * K;
-    for (int64_t m = b; m < e; m += kBlock) {
-      const int64_t me = std::min(e, m + kBlock);
-      expand_rows<R, 4>(gp, ap, nullptr, static_cast<float>(s), dxp, m, me, K);   // dx rows = s gb A
-      accumulate_rows<R>(gp, xp, acc, m, me, K);                                // dA += gb_blk^T x_blk
-    }
-  });
-  return {dx, reduce(part)};
-}
-
 #define PD_DISPATCH_RANK(r, FN, ...)                                                       \
   switch (r) {                                                                             \
     case 1: return FN<1>(__VA_ARGS__);                                                     \
@@ -286,26 +242,6 @@ torch::Tensor expand(const torch::Tensor& c, const torch::Tensor& bt, const c10:
   }
   PD_DISPATCH_RANK(bt.size(0), expand_r, c, bt, bp, s)
 }
-
-std::vector<torch::Tensor> gpass(const torch::Tensor& g, const torch::Tensor& bt, const torch::Tensor& xa) {
-  check(g, 2, "g");
-  check(bt, 2, "Bt");
-  check(xa, 2, "xa");
-  TORCH_CHECK(bt.size(1) == g.size(1) && xa.size(0) == g.size(0) && xa.size(1) == bt.size(0),
-              "gpass wants g (M, N), Bt (R, N), xa (M, R)");
-  PD_DISPATCH_RANK(bt.size(0), gpass_r, g, bt, xa)
-}
-
-std::vector<torch::Tensor> xpass(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& gb,
-                                 double s) {
-  check(x, 2, "x");
-  check(a, 2, "A");
-  check(gb, 2, "gb");
-  TORCH_CHECK(a.size(1) == x.size(1) && gb.size(0) == x.size(0) && gb.size(1) == a.size(0),
-              "xpass wants x (M, K), A (R, K), gb (M, R)");
-  PD_DISPATCH_RANK(a.size(0), xpass_r, x, a, gb, s)
-}
-
 
 // Rows [b, e) of the forward: xa = x_l A^T, out = bias + s xa Bt, then out += x W^T (MKL, this thread).
 template <int R>
@@ -423,10 +359,10 @@ std::vector<torch::Tensor> pipeline_backward(const torch::Tensor& g, const torch
 
 
 // The layer as a C++ autograd function: y = x W^T + b + s (x_l A^T) B^T, gradients for x, x_l, W, b, A, B
-// as required. A Python torch.autograd.Function around the same kernels measured ~0.3 ms slower per
-// forward+backward at M=2048 (its node in the autograd graph is a Python call), 1.5% of the layer.
+// as required. A Python torch.autograd.Function around the same kernels measured ~0.25 ms slower per
+// forward+backward at M=2048 (its node in the autograd graph is a Python call), ~1% of the layer.
 // pipeline_rows > 0: the per-thread pipeline (the caller picks it for >= pipeline_rows rows per thread);
-// 0: the per-op kernels with torch's multi-threaded GEMMs, for few rows.
+// 0: shrink/expand and the blocked backward pass, with torch's multi-threaded GEMMs, for few rows.
 struct LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
                                const c10::optional<torch::Tensor>& x_lora, const torch::Tensor& w,
@@ -483,12 +419,13 @@ struct LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction>
       d_a = res[2];
       d_bt = res[3];
     } else {
-      auto gp = gpass(g, bt, xa);                                                      // gb (M, R), dBt (R, N)
-      auto xp = xpass(x_l.detach(), a, gp[0], s);                                      // s gb A (M, K), dA (R, K)
-      d_bt = gp[1];
-      d_a = xp[1];
-      if (need_dx) dx = separate ? at::mm(g, w.detach()) : xp[0].addmm_(g, w.detach());   // dx = s gb A + g W
-      if (need_dx_l) dx_l = xp[0];
+      // the same blocked pass without the per-thread GEMM: s gb A (into dx_l's slot), dA, dBt; then
+      // torch's multi-threaded GEMM, accumulating into s gb A when x_l is x
+      auto res = pipeline_backward(g, x_l, w, a, bt, xa, s, false, true, need_dx || need_dx_l, kBlock);
+      d_a = res[2];
+      d_bt = res[3];
+      if (need_dx) dx = separate ? at::mm(g, w.detach()) : res[1].addmm_(g, w.detach());   // dx = s gb A + g W
+      if (need_dx_l) dx_l = res[1];
     }
     torch::autograd::variable_list out(8);
     out[0] = dx;
@@ -513,8 +450,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "promptdelta native CPU LoRA kernels (fp32, rank 1/2/4/8/16)";
   m.def("shrink", &shrink, "xa = x A^T");
   m.def("expand", &expand, "out = bias + s c Bt");
-  m.def("gpass", &gpass, "gb = g Bt^T and dBt = xa^T g in one pass over g");
-  m.def("xpass", &xpass, "dx = s gb A and dA = gb^T x in one pass over x");
   m.def("forward", &pipeline_forward, "the fused layer's forward, rows split over threads: (out, xa)");
   m.def("backward", &pipeline_backward, "the fused layer's backward, rows split over threads: (dx, dx_l, dA, dBt)");
   m.def("lora_linear", &lora_linear, "the fused layer as a C++ autograd function (x, x_lora, W, b, A, B, s, rows)");
