@@ -210,7 +210,35 @@ torch::Tensor partials(int64_t R, int64_t N, const torch::Tensor& like) {
   return torch::zeros({static_cast<int64_t>(at::get_num_threads()), R, N}, like.options());
 }
 
-torch::Tensor reduce(const torch::Tensor& part) { return part.size(0) == 1 ? part[0] : part.sum(0); }
+// s * sum_t part[t] as (R, N), or as its transpose (N, R) when transpose: one plain loop on this thread. The
+// torch ops it replaces (sum, mul_, t().contiguous()) each cost a parallel region or a dispatch, ~0.1 ms
+// in all per forward+backward at M=2048 (0.5% of the layer).
+torch::Tensor finish(const torch::Tensor& part, double s, bool transpose) {
+  const int64_t T = part.size(0), R = part.size(1), N = part.size(2);
+  auto out = transpose ? torch::empty({N, R}, part.options()) : torch::empty({R, N}, part.options());
+  const float* p = part.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const float sf = static_cast<float>(s);
+  for (int64_t j = 0; j < R; ++j)
+    for (int64_t n = 0; n < N; ++n) {
+      float v = 0.f;
+      for (int64_t t = 0; t < T; ++t) v += p[(t * R + j) * N + n];
+      o[transpose ? n * R + j : j * N + n] = sf * v;
+    }
+  return out;
+}
+
+// B (N, R) -> Bt (R, N), contiguous, in a plain loop (t().contiguous() is a dispatched copy).
+torch::Tensor transposed(const torch::Tensor& b) {
+  const auto bc = b.detach().contiguous();
+  const int64_t N = bc.size(0), R = bc.size(1);
+  auto out = torch::empty({R, N}, bc.options());
+  const float* p = bc.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t j = 0; j < R; ++j) o[j * N + n] = p[n * R + j];
+  return out;
+}
 
 #define PD_DISPATCH_RANK(r, FN, ...)                                                       \
   switch (r) {                                                                             \
@@ -243,22 +271,25 @@ torch::Tensor expand(const torch::Tensor& c, const torch::Tensor& bt, const c10:
   PD_DISPATCH_RANK(bt.size(0), expand_r, c, bt, bp, s)
 }
 
-// Rows [b, e) of the forward: xa = x_l A^T, out = bias + s xa Bt, then out += x W^T (MKL, this thread).
+// Rows [b, e) of the forward: xa = x_l A^T, out = bias + s xa Bt, then (if gemm) out += x W^T (MKL, this
+// thread).
 template <int R>
 void forward_rows(const torch::Tensor& x, const torch::Tensor& x_l, const torch::Tensor& w_t, const float* bias,
-                  const float* a, const float* bt, float s, torch::Tensor& xa, torch::Tensor& out,
+                  const float* a, const float* bt, float s, torch::Tensor& xa, torch::Tensor& out, bool gemm,
                   int64_t b, int64_t e) {
   const int64_t K = x.size(1), N = out.size(1);
   dot_rows<R, dot_rows_at_once<R>()>(x_l.data_ptr<float>(), a, xa.data_ptr<float>(), b, e, K);
   expand_rows<R, 4>(xa.data_ptr<float>(), bt, bias, s, out.data_ptr<float>(), b, e, N);
-  auto out_rows = out.narrow(0, b, e - b);
-  out_rows.addmm_(x.narrow(0, b, e - b), w_t);
+  if (gemm) {
+    auto out_rows = out.narrow(0, b, e - b);
+    out_rows.addmm_(x.narrow(0, b, e - b), w_t);
+  }
 }
 
 template <int R>
 std::vector<torch::Tensor> forward_r(const torch::Tensor& x, const torch::Tensor& x_l, const torch::Tensor& w,
                                      const float* bias, const torch::Tensor& a, const torch::Tensor& bt, double s,
-                                     int64_t min_rows) {
+                                     bool gemm, int64_t min_rows) {
   const int64_t M = x.size(0), N = w.size(0);
   auto out = torch::empty({M, N}, x.options());
   auto xa = torch::empty({M, R}, x.options());
@@ -266,7 +297,7 @@ std::vector<torch::Tensor> forward_r(const torch::Tensor& x, const torch::Tensor
   at::parallel_for(0, M, min_rows, [&](int64_t b, int64_t e) {
     at::NoGradGuard no_grad;                                  // worker threads start with grad mode on
     forward_rows<R>(x, x_l, w_t, bias, a.data_ptr<float>(), bt.data_ptr<float>(), static_cast<float>(s), xa,
-                    out, b, e);
+                    out, gemm, b, e);
   });
   return {out, xa};
 }
@@ -317,12 +348,13 @@ std::vector<torch::Tensor> backward_r(const torch::Tensor& g, const torch::Tenso
                      static_cast<float>(s), gb.data_ptr<float>(), part_a.data_ptr<float>() + t * R * K,
                      part_b.data_ptr<float>() + t * R * N, dx, lora_out, separate, b, e);
   });
-  return {dx, dx_l, reduce(part_a), reduce(part_b)};
+  return {dx, dx_l, part_a, part_b};                                   // partial sums: see finish
 }
 
-std::vector<torch::Tensor> pipeline_forward(const torch::Tensor& x_in, const torch::Tensor& x_l_in, const torch::Tensor& w_in,
-                                   const c10::optional<torch::Tensor>& bias, const torch::Tensor& a,
-                                   const torch::Tensor& bt, double s, int64_t min_rows) {
+// (out, xa); without gemm, out lacks x W^T (the few-rows path adds it with torch's multi-threaded GEMM)
+std::vector<torch::Tensor> forward_impl(const torch::Tensor& x_in, const torch::Tensor& x_l_in, const torch::Tensor& w_in,
+                                        const c10::optional<torch::Tensor>& bias, const torch::Tensor& a,
+                                        const torch::Tensor& bt, double s, bool gemm, int64_t min_rows) {
   const auto x = x_in.detach(), x_l = x_l_in.detach(), w = w_in.detach();
   check(x, 2, "x");
   check(x_l, 2, "x_l");
@@ -337,12 +369,19 @@ std::vector<torch::Tensor> pipeline_forward(const torch::Tensor& x_in, const tor
     TORCH_CHECK(bias->size(0) == w.size(0), "bias must be (N,)");
     bp = bias->data_ptr<float>();
   }
-  PD_DISPATCH_RANK(a.size(0), forward_r, x, x_l, w, bp, a, bt, s, min_rows)
+  PD_DISPATCH_RANK(a.size(0), forward_r, x, x_l, w, bp, a, bt, s, gemm, min_rows)
 }
 
-std::vector<torch::Tensor> pipeline_backward(const torch::Tensor& g, const torch::Tensor& x_l_in, const torch::Tensor& w_in,
-                                    const torch::Tensor& a, const torch::Tensor& bt, const torch::Tensor& xa,
-                                    double s, bool need_dx, bool separate, bool need_dx_l, int64_t min_rows) {
+std::vector<torch::Tensor> pipeline_forward(const torch::Tensor& x, const torch::Tensor& x_l, const torch::Tensor& w,
+                                   const c10::optional<torch::Tensor>& bias, const torch::Tensor& a,
+                                   const torch::Tensor& bt, double s, int64_t min_rows) {
+  return forward_impl(x, x_l, w, bias, a, bt, s, true, min_rows);
+}
+
+// (dx, dx_l, per-thread partial sums of dA and dBt)
+std::vector<torch::Tensor> backward_partials(const torch::Tensor& g, const torch::Tensor& x_l_in, const torch::Tensor& w_in,
+                                             const torch::Tensor& a, const torch::Tensor& bt, const torch::Tensor& xa,
+                                             double s, bool need_dx, bool separate, bool need_dx_l, int64_t min_rows) {
   const auto x_l = x_l_in.detach(), w = w_in.detach();
   check(g, 2, "g");
   check(x_l, 2, "x_l");
@@ -357,12 +396,22 @@ std::vector<torch::Tensor> pipeline_backward(const torch::Tensor& g, const torch
   PD_DISPATCH_RANK(a.size(0), backward_r, g, x_l, w, a, bt, xa, s, need_dx, separate, need_dx_l, min_rows)
 }
 
+std::vector<torch::Tensor> pipeline_backward(const torch::Tensor& g, const torch::Tensor& x_l, const torch::Tensor& w,
+                                    const torch::Tensor& a, const torch::Tensor& bt, const torch::Tensor& xa,
+                                    double s, bool need_dx, bool separate, bool need_dx_l, int64_t min_rows) {
+  auto res = backward_partials(g, x_l, w, a, bt, xa, s, need_dx, separate, need_dx_l, min_rows);
+  return {res[0], res[1], finish(res[2], 1.0, false), finish(res[3], 1.0, false)};
+}
+
 
 // The layer as a C++ autograd function: y = x W^T + b + s (x_l A^T) B^T, gradients for x, x_l, W, b, A, B
 // as required. A Python torch.autograd.Function around the same kernels measured ~0.25 ms slower per
 // forward+backward at M=2048 (its node in the autograd graph is a Python call), ~1% of the layer.
 // pipeline_rows > 0: the per-thread pipeline (the caller picks it for >= pipeline_rows rows per thread);
-// 0: shrink/expand and the blocked backward pass, with torch's multi-threaded GEMMs, for few rows.
+// 0: for few rows, one blocked pass each way without the GEMM (xa and b + s xa Bt; gb, dBt, dA, s gb A),
+// then torch's multi-threaded GEMM. Fixed costs matter there: at M=64, K=N=768, r=8 this function took
+// 1.23x the frozen layer's forward+backward when dA and dB were finished with torch ops and the forward
+// ran shrink and expand as two parallel regions, 1.16x with finish() and one region (2026-12-06).
 struct LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
                                const c10::optional<torch::Tensor>& x_lora, const torch::Tensor& w,
@@ -371,21 +420,14 @@ struct LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction>
     const auto xc = x.contiguous();
     const auto x_l = x_lora.has_value() ? x_lora->contiguous() : xc;
     const auto ac = a.contiguous();
-    const auto bt = b.t().contiguous();                                               // (R, N)
+    const auto bt = transposed(b);                                                    // (R, N)
     c10::optional<torch::Tensor> bias_c;
     if (bias.has_value()) bias_c = bias->contiguous();
     const bool pipeline = pipeline_rows > 0;
-    torch::Tensor out, xa;
-    if (pipeline) {
-      auto res = pipeline_forward(xc, x_l, w, bias_c, ac, bt, s, pipeline_rows);
-      out = res[0];
-      xa = res[1];
-    } else {
-      xa = shrink(x_l.detach(), ac.detach());                                          // (M, R)
-      out = expand(xa, bt.detach(), bias_c.has_value() ? c10::optional<torch::Tensor>(bias_c->detach())
-                                                       : c10::nullopt, s);             // (M, N)
-      out.addmm_(xc.detach(), w.detach().t());                                         // the GEMM adds into it
-    }
+    // few rows: xa and b + s xa Bt in one blocked pass, then torch's multi-threaded GEMM adds into it
+    auto res = forward_impl(xc, x_l, w, bias_c, ac, bt, s, pipeline, pipeline ? pipeline_rows : kBlock);
+    torch::Tensor out = res[0], xa = res[1];                                           // (M, N), (M, R)
+    if (!pipeline) out.addmm_(xc.detach(), w.detach().t());
     ctx->saved_data["s"] = s;
     ctx->saved_data["pipeline"] = pipeline;
     ctx->saved_data["pipeline_rows"] = pipeline_rows;
@@ -412,8 +454,8 @@ struct LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction>
     const auto g = grads[0].contiguous();                                              // (M, N)
     torch::Tensor dx, dx_l, d_a, d_bt;
     if (ctx->saved_data["pipeline"].toBool()) {
-      auto res = pipeline_backward(g, x_l, w, a, bt, xa, s, need_dx, separate, need_dx_l,
-                          ctx->saved_data["pipeline_rows"].toInt());
+      auto res = backward_partials(g, x_l, w, a, bt, xa, s, need_dx, separate, need_dx_l,
+                                   ctx->saved_data["pipeline_rows"].toInt());
       dx = res[0];
       dx_l = res[1];
       d_a = res[2];
@@ -421,7 +463,7 @@ struct LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction>
     } else {
       // the same blocked pass without the per-thread GEMM: s gb A (into dx_l's slot), dA, dBt; then
       // torch's multi-threaded GEMM, accumulating into s gb A when x_l is x
-      auto res = pipeline_backward(g, x_l, w, a, bt, xa, s, false, true, need_dx || need_dx_l, kBlock);
+      auto res = backward_partials(g, x_l, w, a, bt, xa, s, false, true, need_dx || need_dx_l, kBlock);
       d_a = res[2];
       d_bt = res[3];
       if (need_dx) dx = separate ? at::mm(g, w.detach()) : res[1].addmm_(g, w.detach());   // dx = s gb A + g W
@@ -432,8 +474,8 @@ struct LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction>
     out[1] = dx_l;
     if (needs(2)) out[2] = at::mm(g.t(), x.detach());                                 // dW (N, K)
     if (needs(3)) out[3] = g.sum(0);                                                  // db (N,)
-    if (needs(4)) out[4] = d_a.mul_(s);                                               // dA (R, K)
-    if (needs(5)) out[5] = d_bt.t().mul_(s);                                          // dB (N, R)
+    if (needs(4)) out[4] = finish(d_a, s, false);                                     // dA (R, K)
+    if (needs(5)) out[5] = finish(d_bt, s, true);                                     // dB (N, R)
     return out;
   }
 };
