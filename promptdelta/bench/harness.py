@@ -79,10 +79,10 @@ def read_results(path: str | Path, repair: bool = False) -> list[dict[str, Any]]
 
 
 def latest_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per run key: the last one written (a re-run after a config change supersedes the old row)."""
+    """One row per run key: the last one written (a re-run after a config change supersedes the old row), at
+    the place of the key's first row, so a report keeps the suite's method order after a partial re-run."""
     by_key: dict[str, dict[str, Any]] = {}
     for row in rows:
-        by_key.pop(row["key"], None)
         by_key[row["key"]] = row
     return list(by_key.values())
 

@@ -154,6 +154,8 @@ def test_report_keeps_the_latest_row_per_run(finished, tmp_path):
     cell = next(s for s in summary if s["method"] == redo["method"])
     other = next(r for r in rows if r["method"] == redo["method"] and r["key"] != redo["key"])
     assert cell["seeds"] == 2 and cell["accuracy_mean"] == pytest.approx((1.0 + other["accuracy"]) / 2)
+    order = [(s["task"], s["method"]) for s in report_mod.summarise(rows)]
+    assert [(s["task"], s["method"]) for s in summary] == order               # the re-run keeps its place
 
 
 def test_report_plots_and_cli(finished, tmp_path, capsys):
