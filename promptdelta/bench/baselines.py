@@ -114,18 +114,20 @@ def run_logreg(base: nn.Module, tokenizer: Any, train: Sequence[InputExample], d
     x_train = embed(backbone, tokenizer, train, max_length, bs, device)
     x_dev = embed(backbone, tokenizer, dev, max_length, bs, device)
     y_train, y_dev = [ex.label for ex in train], [ex.label for ex in dev]
-    best, best_score, best_c = None, -1.0, None
+    best, best_score, best_c, grid_dev = None, -1.0, None, {}
     for c in options.get("C_grid") or [float(options.get("C", 1.0))]:
         clf = LogisticRegression(C=float(c), max_iter=int(options.get("max_iter", 1000)), random_state=seed)
         clf.fit(x_train, y_train)
         score = float((clf.predict(x_dev) == np.asarray(y_dev)).mean()) if len(dev) else 0.0
+        grid_dev[f"{float(c):g}"] = score
         if score > best_score:
             best, best_score, best_c = clf, score, float(c)
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     preds = best.predict(embed(backbone, tokenizer, test, max_length, bs, device)).tolist()
     eval_s = time.perf_counter() - t1
-    return {"preds": preds, "dev_score": best_score, "chosen": {"C": best_c}, "train_time_s": train_s,
+    return {"preds": preds, "dev_score": best_score, "chosen": {"C": best_c}, "grid_dev": grid_dev,
+            "train_time_s": train_s,
             "steps": 0, "eval_time_s": eval_s,
             "trainable_params": int(best.coef_.size + best.intercept_.size),
             "total_params": int(best.coef_.size + best.intercept_.size

@@ -2,7 +2,8 @@
 
 Protocol (LM-BFF, Gao et al. 2021): per seed, k examples per class for train and k per class for dev are
 drawn from the train pool; model selection (best dev checkpoint, and the lr / C grid when given) uses dev
-only; the reported figure is on the full test set.
+only; the reported figure is on the full test set. A row keeps the chosen value (``chosen``) and every grid
+value's dev score (``grid_dev``), so a grid's choice can be checked and reused.
 
 Results are appended with one ``os.write`` on an ``O_APPEND`` descriptor followed by ``fsync``, so a killed
 suite leaves whole lines (a torn last line is dropped on the next start). Re-running a suite skips every
@@ -227,7 +228,7 @@ def run_trained(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: A
     run_config = suite.run_config(spec.task, spec.method, spec.shots, spec.seed) if kind == "prompt" else None
     base_cfg = TrainConfig.from_dict(suite.method_train(spec.method))
     train_mem = training_memory_mb(make, train, base_cfg.batch_size)
-    best, grid_s = None, 0.0
+    best, grid_s, grid_dev = None, 0.0, {}
     for lr in suite.methods[spec.method].get("lr_grid") or [base_cfg.lr]:
         model = make()
         with PeakMemory(base_cfg.device) as mem:
@@ -238,6 +239,7 @@ def run_trained(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: A
             trainer = fit_or_zero_shot(model, cfg, train, dev, spec.seed, lr=float(lr))
             trainer.train_time_s += init_s                          # fitting the probe is training time
         grid_s += trainer.train_time_s
+        grid_dev[f"{float(lr):g}"] = trainer.state.best_score
         if best is None or trainer.state.best_score > best[0].state.best_score:
             best = (trainer, float(lr), mem.peak_mb, mem.kind)
         logger.info("%s lr=%g: dev %s %.4f", spec.key, lr, base_cfg.metric, trainer.state.best_score)
@@ -246,7 +248,7 @@ def run_trained(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: A
     preds = trainer.predict(test).tolist()
     trainable, total = count_trainable(trainer.model)
     return {**_test_metrics(preds, test, time.perf_counter() - t0), "dev_score": trainer.state.best_score,
-            "dev_metric": base_cfg.metric, "chosen": {"lr": lr}, "trainable_params": trainable,
+            "dev_metric": base_cfg.metric, "chosen": {"lr": lr}, "grid_dev": grid_dev, "trainable_params": trainable,
             "total_params": total, "peak_mem_mb": peak_mb, "peak_mem_kind": mem_kind, "train_mem_mb": train_mem,
             "train_time_s": trainer.train_time_s, "grid_train_time_s": grid_s, "steps": trainer.state.step,
             "step_time_s": trainer.train_time_s / max(1, trainer.state.step)}
@@ -260,7 +262,8 @@ def run_logreg_spec(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenize
         out = run_logreg(base, tokenizer, train, dev, test, suite.max_length, suite.methods[spec.method],
                          spec.seed, suite.device)
     return {**_test_metrics(out["preds"], test, out["eval_time_s"]), "dev_score": out["dev_score"],
-            "dev_metric": "accuracy", "chosen": out["chosen"], "trainable_params": out["trainable_params"],
+            "dev_metric": "accuracy", "chosen": out["chosen"], "grid_dev": out["grid_dev"],
+            "trainable_params": out["trainable_params"],
             "total_params": out["total_params"], "peak_mem_mb": mem.peak_mb, "peak_mem_kind": mem.kind,
             "train_mem_mb": None,
             "train_time_s": out["train_time_s"], "grid_train_time_s": out["train_time_s"], "steps": 0,

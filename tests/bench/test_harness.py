@@ -77,6 +77,10 @@ def test_suite_runs_end_to_end_and_resumes(finished):
     assert by_method["head"]["trainable_params"] == 32 * 2 + 2                  # the head only: H*C + C
     assert by_method["logreg"]["trainable_params"] in (32 + 1, 2 * 32 + 2)      # binary: one coef row
     assert by_method["head"]["chosen"]["lr"] in (1e-3, 1e-2)
+    grid = by_method["head"]["grid_dev"]                                       # every lr's dev score is kept
+    assert set(grid) == {"0.001", "0.01"} and grid[f"{by_method['head']['chosen']['lr']:g}"] == max(grid.values())
+    grid = by_method["logreg"]["grid_dev"]
+    assert set(grid) == {"0.1", "1"} and grid[f"{by_method['logreg']['chosen']['C']:g}"] == max(grid.values())
     assert by_method["finetune"]["trainable_params"] > 100 * by_method["lora-manual"]["trainable_params"]
     assert run_suite(suite_from_dict(raw), results) == []                      # all done: nothing runs
 
