@@ -1,4 +1,4 @@
-"""``promptdelta bench report RESULTS [--out DIR]``: a results file -> markdown + CSV table and PNG plots.
+"""``promptdelta bench report RESULTS [--out DIR] [--suite FILE]``: a results file -> markdown + CSV table and PNG plots.
 
 Per task, shots and method: mean +- sample std over seeds of accuracy and macro-F1, plus trainable
 parameters, train time, step time, eval throughput and peak memory (means). The best method per task
@@ -181,11 +181,29 @@ def plots(summary: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Path]:
 REPORT_FILES = ("report.md", "report.csv", "accuracy_vs_params.png", "accuracy_bars.png", "accuracy_vs_time.png")
 
 
+def current_rows(rows: Sequence[dict[str, Any]], suite: str | Path) -> list[dict[str, Any]]:
+    """The rows of runs in ``suite`` as it is now: same key and config hash. A row superseded by a config
+    change and then brought back (an lr tried and reverted) no longer hides the current one."""
+    from promptdelta.bench.suite import load_suite
+
+    wanted = {(spec.key, spec.config_hash) for spec in load_suite(suite).expand()}
+    first: dict[str, int] = {}
+    for i, r in enumerate(rows):
+        first.setdefault(r.get("key"), i)
+    kept = sorted((r for r in rows if (r.get("key"), r.get("config_hash")) in wanted),
+                  key=lambda r: first[r.get("key")])                 # each run at its first row's place
+    if not kept:
+        raise DataError(f"no row of the results file matches the current configuration of suite {suite}; "
+                        "run it with `promptdelta bench run --suite ...` or report without --suite")
+    return kept
+
+
 def report(results: str | Path, out_dir: str | Path | None = None, with_plots: bool = True,
-           overwrite: bool = False) -> dict[str, Any]:
+           overwrite: bool = False, suite: str | Path | None = None) -> dict[str, Any]:
     """Write ``report.md``, ``report.csv`` and the plots to ``out_dir`` (default ``<results stem>_report``
     next to the results file); returns ``{"markdown", "summary", "files"}``. An existing report there is
-    replaced only with ``overwrite``."""
+    replaced only with ``overwrite``. With ``suite``, only rows of that suite's current configuration count
+    (``current_rows``); without it, the last row written for each run."""
     results = Path(results)
     if not results.is_file():
         raise MissingFileError(f"results file {results} does not exist; run `promptdelta bench run --suite FILE "
@@ -193,6 +211,8 @@ def report(results: str | Path, out_dir: str | Path | None = None, with_plots: b
     rows = read_results(results)
     if not rows:
         raise DataError(f"results file {results} holds no finished runs; run the suite first")
+    if suite is not None:
+        rows = current_rows(rows, suite)
     out = Path(out_dir) if out_dir else results.with_name(results.stem + "_report")
     existing = [n for n in REPORT_FILES if (out / n).exists()]
     if existing and not overwrite:
@@ -215,8 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", help="output folder (default: <results stem>_report next to the results file)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in the output folder")
+    p.add_argument("--suite", help="count only rows of this suite file's current configuration (runs "
+                                   "re-run with another config and then reverted show their current rows)")
     args = p.parse_args(argv)
-    result = report(args.results, args.out, with_plots=not args.no_plots, overwrite=args.overwrite)
+    result = report(args.results, args.out, with_plots=not args.no_plots, overwrite=args.overwrite,
+                    suite=args.suite)
     print(result["markdown"])
     print("\nwrote " + ", ".join(result["files"]))
     return 0

@@ -177,6 +177,34 @@ def test_report_plots_and_cli(finished, tmp_path, capsys):
     assert report_mod.main([str(results), "--out", str(tmp_path / "rep"), "--overwrite", "--no-plots"]) == 0
 
 
+def test_report_with_suite_counts_only_rows_of_its_current_config(finished, tmp_path):
+    """A run re-done under another config and then reverted: the last row is the stale one, --suite skips it."""
+    raw, results, _, _ = finished
+    suite_file = tmp_path / "suite.yaml"
+    suite_file.write_text(yaml.safe_dump(raw))
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(results.read_bytes())
+    rows = read_results(path)
+    stale = dict(rows[0], accuracy=1.0, config_hash="another-config")
+    append_result(path, stale)
+    append_result(path, dict(rows[1]))                                         # a re-run: keeps its place
+    append_result(path, dict(stale, key=rows[1]["key"]))
+    plain = report_mod.summarise(read_results(path))
+    current = report_mod.summarise(report_mod.current_rows(read_results(path), suite_file))
+    assert current == report_mod.summarise(rows) and plain != current
+    out = report_mod.report(path, tmp_path / "rep", with_plots=False, suite=suite_file)
+    assert out["summary"] == current
+    moved = tmp_path / "moved.jsonl"                  # the key's first row is of an old config: same order
+    for row in [dict(rows[0], config_hash="old-config")] + rows[1:] + [rows[0]]:
+        append_result(moved, row)
+    assert [r["key"] for r in report_mod.current_rows(read_results(moved), suite_file)] == [r["key"] for r in rows]
+    other = copy.deepcopy(raw)
+    other["methods"] = {"head": dict(raw["methods"]["head"], lr_grid=[0.5])}
+    suite_file.write_text(yaml.safe_dump(other))
+    with pytest.raises(DataError, match="current configuration"):
+        report_mod.current_rows(read_results(path), suite_file)
+
+
 def test_report_of_a_missing_file_names_the_fix(tmp_path):
     with pytest.raises(MissingFileError, match="promptdelta bench run"):
         report_mod.report(tmp_path / "absent.jsonl")
