@@ -40,6 +40,8 @@ def _add_run(sub) -> None:
     p.add_argument("--max-length", type=int, dest="max_length")
     p.add_argument("--output-dir", dest="output_dir")
     p.add_argument("--lr", type=float, dest="train.lr")
+    p.add_argument("--head-lr", type=float, dest="train.head_lr",
+                   help="lr of the template's and verbalizer's own parameters (default: --lr)")
     p.add_argument("--epochs", type=int, dest="train.epochs")
     p.add_argument("--max-steps", type=int, dest="train.max_steps")
     p.add_argument("--batch-size", type=int, dest="train.batch_size")

@@ -17,6 +17,7 @@ class TrainConfig:
     """Hyperparameters of :class:`Trainer`. Unknown keys raise :class:`ConfigError`."""
 
     lr: float = 1e-3
+    head_lr: float | None = None          # lr of the template's and verbalizer's own parameters (None: lr)
     epochs: int = 20
     max_steps: int | None = None          # stop after this many optimizer steps (overrides epochs)
     batch_size: int = 8                   # global micro-batch (all ranks together)
@@ -44,7 +45,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_types(self, _FIELD_TYPES, "train.", "TrainConfig in promptdelta/train/config.py")
         checks = {
-            "lr": self.lr > 0, "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0, "head_lr": self.head_lr is None or self.head_lr > 0, "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1,
             "eval_batch_size": self.eval_batch_size >= 1, "warmup_ratio": 0 <= self.warmup_ratio < 1,
             "weight_decay": self.weight_decay >= 0, "max_grad_norm": self.max_grad_norm > 0,
             "max_steps": self.max_steps is None or self.max_steps >= 1,
@@ -88,7 +89,7 @@ class TrainConfig:
 
 
 _FIELD_TYPES: dict[str, tuple] = {
-    "lr": (float,), "epochs": (int,), "max_steps": (int, None), "batch_size": (int,), "eval_batch_size": (int,),
+    "lr": (float,), "head_lr": (float, None), "epochs": (int,), "max_steps": (int, None), "batch_size": (int,), "eval_batch_size": (int,),
     "warmup_ratio": (float,), "weight_decay": (float,), "max_grad_norm": (float,), "seed": (int,),
     "patience": (int, None), "eval_every": (int, None), "metric": (str,), "device": (str,), "progress": (bool,),
     "grad_accum": (int,), "precision": (str,), "max_nonfinite_steps": (int,), "checkpoint_dir": (str, None),

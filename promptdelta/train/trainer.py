@@ -59,13 +59,28 @@ def compute_metrics(labels: Sequence[int], preds: Sequence[int], num_classes: in
     }
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+HEAD_PREFIXES = ("template.", "verbalizer.")   # a PromptForClassification's own (non-backbone) parameters
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float, head_lr: float | None = None) -> list[dict]:
+    """AdamW groups: weight decay except on biases, norms and vectors; with ``head_lr``, the template's and
+    verbalizer's parameters (a soft verbalizer's head, soft prompt tokens) in groups of their own at that lr."""
+    groups: dict[tuple[bool, bool], list] = {(h, d): [] for h in (False, True) for d in (True, False)}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith("bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        head = head_lr is not None and name.startswith(HEAD_PREFIXES)
+        groups[(head, not (p.ndim < 2 or "norm" in name.lower() or name.endswith("bias")))].append(p)
+    if head_lr is not None and not (groups[(True, True)] or groups[(True, False)]):
+        raise ConfigError(f"train.head_lr={head_lr} but the model has no trainable template or verbalizer "
+                          "parameters (names starting with 'template.' or 'verbalizer.'); drop head_lr or use "
+                          "a trainable template / verbalizer such as verbalizer: soft")
+    out = [{"params": groups[(False, True)], "weight_decay": weight_decay},
+           {"params": groups[(False, False)], "weight_decay": 0.0}]
+    if head_lr is not None:
+        out += [{"params": groups[(True, True)], "weight_decay": weight_decay, "lr": head_lr},
+                {"params": groups[(True, False)], "weight_decay": 0.0, "lr": head_lr}]
+    return out
 
 
 def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup: int, total: int):
@@ -232,7 +247,7 @@ class Trainer:
         cfg = self.config
         micro_per_epoch = math.ceil(n_train / cfg.batch_size)
         total = cfg.max_steps or math.ceil(micro_per_epoch / cfg.grad_accum) * cfg.epochs
-        optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr)
+        optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay, cfg.head_lr), lr=cfg.lr)
         scheduler = linear_warmup_decay(optimizer, int(cfg.warmup_ratio * total), total)
         scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         gen = torch.Generator().manual_seed(cfg.seed)

@@ -7,6 +7,7 @@ import torch
 
 from promptdelta.errors import ConfigError
 from promptdelta.train import TrainConfig, Trainer, compute_metrics
+from promptdelta.train.trainer import _param_groups
 
 
 @dataclass
@@ -94,3 +95,45 @@ def test_bad_config_and_no_trainable_params():
 def test_metrics_macro_f1_counts_missing_classes():
     m = compute_metrics([0, 1, 1], [0, 1, 1], num_classes=3)
     assert m["accuracy"] == 1.0 and m["macro_f1"] == pytest.approx(2 / 3)
+
+
+class ToyPrompt(torch.nn.Module):
+    """Toy with a 'backbone' and a 'verbalizer' (as PromptForClassification names them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = torch.nn.Linear(2, 4)
+        self.verbalizer = torch.nn.Linear(4, 2)
+
+    def collate(self, examples):
+        return Toy.collate(self, examples)
+
+    def forward(self, batch):
+        return self.verbalizer(self.backbone(batch["x"]))
+
+    def loss(self, batch):
+        logits = self(batch)
+        return torch.nn.functional.cross_entropy(logits, batch["labels"]), logits
+
+
+def test_head_lr_trains_the_verbalizer_at_its_own_rate():
+    train, dev = make_data(32, 0), make_data(32, 1)
+    torch.manual_seed(0)
+    model = ToyPrompt()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = Trainer(model, lr=1e-9, head_lr=0.05, epochs=2, batch_size=8, progress=False,
+                      warmup_ratio=0.0).fit(train, dev)
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()}
+    assert max(moved[n] for n in moved if n.startswith("backbone.")) < 1e-6          # ~ steps x 1e-9
+    assert min(moved[n] for n in moved if n.startswith("verbalizer.")) > 1e-3
+    assert trainer.state.step == 8
+    groups = _param_groups(model, 0.01, head_lr=0.05)              # AdamW's default lr fills the others
+    head = {id(p) for g in groups if g.get("lr") == 0.05 for p in g["params"]}
+    assert head == {id(p) for p in model.verbalizer.parameters()}
+
+
+def test_head_lr_without_prompt_parameters_names_the_fix():
+    with pytest.raises(ConfigError, match="head_lr.*no trainable template or verbalizer"):
+        Trainer(Toy(), lr=0.1, head_lr=0.5, epochs=1, batch_size=8, progress=False).fit(make_data(8, 0), [])
+    with pytest.raises(ConfigError, match="head_lr"):
+        TrainConfig(head_lr=-1.0)
