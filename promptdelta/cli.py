@@ -85,7 +85,7 @@ def _add_bench(sub) -> None:
 
 
 _RUN_KEYS = ["name", "backbone", "data", "template", "template_choice", "template_type", "verbalizer",
-             "label_words", "shots", "seeds", "max_length", "output_dir", "train.lr", "train.epochs",
+             "label_words", "shots", "seeds", "max_length", "output_dir", "train.lr", "train.head_lr", "train.epochs",
              "train.max_steps", "train.batch_size", "train.device", "train.progress", "train.precision",
              "train.grad_accum", "train.gradient_checkpointing", "train.fsdp", "train.checkpoint_dir",
              "train.checkpoint_every", "train.resume"]

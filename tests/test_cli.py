@@ -24,6 +24,15 @@ def test_training_flags_map_onto_train_config():
     assert cfg.seeds == [1, 2]
 
 
+def test_every_run_flag_reaches_the_config():
+    """Each flag's dest must be in cli._RUN_KEYS, or the flag parses and is silently dropped."""
+    parser = cli.build_parser()
+    run = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices["run"]
+    dests = {a.dest for a in run._actions if a.dest.startswith("train.")}
+    assert dests and dests <= set(cli._RUN_KEYS), dests - set(cli._RUN_KEYS)
+    assert config_of("--head-lr", "0.01", "--lr", "0.001").train.head_lr == 0.01
+
+
 def test_absent_flags_keep_the_yaml_values(tmp_path):
     cfg = config_of(yaml_text="train: {precision: bf16, grad_accum: 2, gradient_checkpointing: true, "
                               "checkpoint_dir: c, resume: true}\n", tmp_path=tmp_path)
