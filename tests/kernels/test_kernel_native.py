@@ -1,4 +1,4 @@
-"""Native CPU LoRA kernels (csrc/lora_cpu.cpp): shrink, expand and the blocked backward pass against float64
+"""Native CPU LoRA kernels (csrc/lora_cpu.cpp): the blocked forward and backward passes against float64
 torch, the fused layer on them against the reference, the thread reduction, the dropout path, the errors and
 the fallback when the build fails."""
 
@@ -57,14 +57,16 @@ def test_each_kernel_matches_float64(ops, shape, r, two_threads):
     x, g = torch.randn(m, k, generator=gen), torch.randn(m, n, generator=gen)
     a, bt, bias = torch.randn(r, k, generator=gen), torch.randn(r, n, generator=gen), torch.randn(n, generator=gen)
     w = torch.randn(n, k, generator=gen)                             # only shapes matter: no GEMM asked for
-    xa = ops.shrink(x, a)
+    # the blocked forward pass alone (gemm False): xa = x A^T and b + s xa Bt, 16-row grain
+    out, xa = ops.forward(x, x, w, bias, a, bt, 1.3, False, 16)
+    out_no_bias, _ = ops.forward(x, x, w, None, a, bt, 1.3, False, 16)
     # the blocked backward pass alone (need_dx False, x_l separate, its s gb A wanted), 16-row grain
     _, s_gb_a, d_a, d_bt = ops.backward(g, x, w, a, bt, xa, 0.7, False, True, True, 16)
     xd, gd, ad, btd, xad = (t.double() for t in (x, g, a, bt, xa))
     gbd = gd @ btd.t()                                                # gb = g B, in float64
     want = {"xa": xd @ ad.t(), "out": bias.double() + 1.3 * xad @ btd, "out (no bias)": 1.3 * xad @ btd,
             "dBt": xad.t() @ gd, "s gb A": 0.7 * gbd @ ad, "dA": gbd.t() @ xd}
-    got = {"xa": xa, "out": ops.expand(xa, bt, bias, 1.3), "out (no bias)": ops.expand(xa, bt, None, 1.3),
+    got = {"xa": xa, "out": out, "out (no bias)": out_no_bias,
            "dBt": d_bt, "s gb A": s_gb_a, "dA": d_a}
     for name, ref in want.items():
         # fp32 sums of at most 333 products: ~sqrt(333) * 6e-8 relative; 1e-5 of the largest entry is a 10x margin

@@ -2,14 +2,12 @@
 // Built on first use by promptdelta/kernels/native.py (torch.utils.cpp_extension, -O3 -march=native
 // -fopenmp); rows are split over torch's intra-op threads with at::parallel_for.
 //
-//   shrink(x, A)          xa = x A^T                         x (M, K), A (R, K)        -> (M, R)
-//   expand(c, Bt, b, s)   out = b + s c Bt                   c (M, R), Bt (R, N)       -> (M, N)
+// The layer, one thread per contiguous range of rows (each thread calls the base GEMM on its own rows,
+// single-threaded inside the parallel region, so its rows stay on its core from the skinny products to the
+// GEMM, and the layer pays one parallel region per direction instead of one per op):
 //
-// and the whole layer, one thread per contiguous range of rows (each thread calls the base GEMM on its own
-// rows, single-threaded inside the parallel region, so its rows stay on its core from the skinny
-// products to the GEMM, and the layer pays one parallel region per direction instead of one per op):
-//
-//   forward(x, x_l, W, b, A, Bt, s)        out = b + s (x_l A^T) Bt + x W^T, xa = x_l A^T
+//   forward(x, x_l, W, b, A, Bt, s, gemm)  out = b + s (x_l A^T) Bt (+ x W^T with gemm), xa = x_l A^T;
+//                                           without gemm no GEMM (the few-rows path runs torch's)
 //   backward(g, x_l, W, A, Bt, xa, s, ..)  gb = g B, dBt = xa^T g, dA = gb^T x_l, and either
 //                                           dx = s gb A + g W (x_l is x) or dx = g W, dx_l = s gb A;
 //                                           without need_dx no GEMM (the few-rows path runs torch's)
@@ -179,32 +177,6 @@ void check(const torch::Tensor& t, int64_t dim, const char* name) {
               name, " must be a contiguous ", dim, "-D float32 CPU tensor");
 }
 
-template <int R>
-torch::Tensor shrink_r(const torch::Tensor& x, const torch::Tensor& a) {
-  const int64_t M = x.size(0), K = x.size(1);
-  auto xa = torch::empty({M, R}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* ap = a.data_ptr<float>();
-  float* op = xa.data_ptr<float>();
-  at::parallel_for(0, M, kBlock, [&](int64_t b, int64_t e) {
-    dot_rows<R, dot_rows_at_once<R>()>(xp, ap, op, b, e, K);
-  });
-  return xa;
-}
-
-template <int R>
-torch::Tensor expand_r(const torch::Tensor& c, const torch::Tensor& bt, const float* bias, double s) {
-  const int64_t M = c.size(0), N = bt.size(1);
-  auto out = torch::empty({M, N}, c.options());
-  const float* cp = c.data_ptr<float>();
-  const float* tp = bt.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, M, kBlock, [&](int64_t b, int64_t e) {
-    expand_rows<R, 4>(cp, tp, bias, static_cast<float>(s), op, b, e, N);
-  });
-  return out;
-}
-
 // Per-thread partial sums of an (R, N) accumulator, then one reduction over threads.
 torch::Tensor partials(int64_t R, int64_t N, const torch::Tensor& like) {
   return torch::zeros({static_cast<int64_t>(at::get_num_threads()), R, N}, like.options());
@@ -249,27 +221,6 @@ torch::Tensor transposed(const torch::Tensor& b) {
     case 16: return FN<16>(__VA_ARGS__);                                                   \
     default: TORCH_CHECK(false, "native LoRA kernels support rank 1, 2, 4, 8 or 16, got ", r); \
   }
-
-torch::Tensor shrink(const torch::Tensor& x, const torch::Tensor& a) {
-  check(x, 2, "x");
-  check(a, 2, "A");
-  TORCH_CHECK(a.size(1) == x.size(1), "A must be (R, K) for x (M, K)");
-  PD_DISPATCH_RANK(a.size(0), shrink_r, x, a)
-}
-
-torch::Tensor expand(const torch::Tensor& c, const torch::Tensor& bt, const c10::optional<torch::Tensor>& bias,
-                     double s) {
-  check(c, 2, "c");
-  check(bt, 2, "Bt");
-  TORCH_CHECK(bt.size(0) == c.size(1), "Bt must be (R, N) for c (M, R)");
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    check(*bias, 1, "bias");
-    TORCH_CHECK(bias->size(0) == bt.size(1), "bias must be (N,)");
-    bp = bias->data_ptr<float>();
-  }
-  PD_DISPATCH_RANK(bt.size(0), expand_r, c, bt, bp, s)
-}
 
 // Rows [b, e) of the forward: xa = x_l A^T, out = bias + s xa Bt, then (if gemm) out += x W^T (MKL, this
 // thread).
@@ -372,11 +323,6 @@ std::vector<torch::Tensor> forward_impl(const torch::Tensor& x_in, const torch::
   PD_DISPATCH_RANK(a.size(0), forward_r, x, x_l, w, bp, a, bt, s, gemm, min_rows)
 }
 
-std::vector<torch::Tensor> pipeline_forward(const torch::Tensor& x, const torch::Tensor& x_l, const torch::Tensor& w,
-                                   const c10::optional<torch::Tensor>& bias, const torch::Tensor& a,
-                                   const torch::Tensor& bt, double s, int64_t min_rows) {
-  return forward_impl(x, x_l, w, bias, a, bt, s, true, min_rows);
-}
 
 // (dx, dx_l, per-thread partial sums of dA and dBt)
 std::vector<torch::Tensor> backward_partials(const torch::Tensor& g, const torch::Tensor& x_l_in, const torch::Tensor& w_in,
@@ -490,9 +436,7 @@ torch::Tensor lora_linear(const torch::Tensor& x, const c10::optional<torch::Ten
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "promptdelta native CPU LoRA kernels (fp32, rank 1/2/4/8/16)";
-  m.def("shrink", &shrink, "xa = x A^T");
-  m.def("expand", &expand, "out = bias + s c Bt");
-  m.def("forward", &pipeline_forward, "the fused layer's forward, rows split over threads: (out, xa)");
+  m.def("forward", &forward_impl, "the fused layer's forward, rows split over threads: (out, xa)");
   m.def("backward", &pipeline_backward, "the fused layer's backward, rows split over threads: (dx, dx_l, dA, dBt)");
   m.def("lora_linear", &lora_linear, "the fused layer as a C++ autograd function (x, x_lora, W, b, A, B, s, rows)");
 }
