@@ -20,14 +20,17 @@ On fp32 CPU tensors of rank 1/2/4/8/16, ``fused_lora_linear`` runs the native la
 range, a C++ autograd node); this function is the path for other dtypes, ranks and devices, and the
 comparison in the benchmark. ``promptdelta bench kernel`` (2 threads, fp32, 101 shuffled rounds,
 2026-12-06), ratio to the frozen layer's forward+backward at M=2048, K=N=768, r=8: plain LoRA 1.21-1.29,
-this function 1.13-1.17, the native layer 1.07-1.09 (see docs/architecture.md for the runs). What this
+this function 1.13-1.17, the native layer 1.04-1.05 (see docs/architecture.md for the runs). What this
 function leaves is the six skinny products (x A^T, xa B^T, g B, gb A, gb^T x, xa^T g), each a full MKL
 pass over an (M, K) or (M, N) matrix; per-thread bmm blocks, r-major layouts, row-chunking the backward or
 folding B A into W for dx all measured within noise of this layout or worse.
 
-Inference (no gradient, fp32, M (K + N) >= 2 N K) takes the exact shortcut y = x (W + s B A)^T + b
-(``merge_on_the_fly``): one pass over W instead of two over x; 1.04-1.05x the frozen forward at M=2048,
-against 1.11x for the fused forward.
+Inference (no gradient, fp32, M (K + N) >= 2 N K) on this function's path takes the exact shortcut
+y = x (W + s B A)^T + b (``merge_on_the_fly``): one pass over W instead of two over x; 1.04-1.05x the frozen
+forward at M=2048, against 1.11x for this function's forward. Where the native layer runs, it runs for
+inference too: with its prefetching its forward measured 1.00-1.05x the frozen one against the merge's
+1.03-1.11x (no gradient, 2 threads, M=512-2048, K=N=768 r=8 and K=N=1024 r=16, 101 interleaved rounds,
+2026-12-06).
 """
 
 from __future__ import annotations
@@ -117,16 +120,18 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                       lora_b: torch.Tensor, scale: float, x_lora: torch.Tensor | None = None,
                       native: bool | None = None) -> torch.Tensor:
     """Fused LoRA on x (..., K) -> (..., N); ``x_lora`` (same shape as x) feeds the LoRA branch if given.
-    Inference on many rows folds the adapter into the weight first (``merge_on_the_fly``).
+    Inference on many rows without the native kernels folds the adapter into the weight first
+    (``merge_on_the_fly``).
 
     ``native``: None uses the compiled kernels where they apply and build; True requires them (DeltaError
     otherwise); False keeps the torch ops."""
     k, n = x.shape[-1], weight.shape[0]
-    if merge_on_the_fly(x, weight, lora_a, lora_b, x_lora):
+    use_native = _use_native(native, x, lora_a)
+    if not use_native and merge_on_the_fly(x, weight, lora_a, lora_b, x_lora):
         return F.linear(x, merged_weight(weight, lora_a, lora_b, float(scale)), bias)
     x2 = x.reshape(-1, k)                                                      # (M, K), a view when possible
     xl2 = None if x_lora is None else x_lora.reshape(-1, k)
-    if _use_native(native, x, lora_a):
+    if use_native:
         rows = PIPELINE_ROWS if x2.shape[0] >= torch.get_num_threads() * PIPELINE_ROWS else 0
         out = native_ops().lora_linear(x2, xl2, weight, bias, lora_a, lora_b, float(scale), rows)   # (M, N)
     else:

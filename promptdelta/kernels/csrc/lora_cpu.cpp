@@ -25,6 +25,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 namespace {
@@ -77,6 +78,21 @@ void lane_sums(const v16* t, float* out) {
 
 constexpr int64_t kBlock = 16;   // rows per block: 16 rows of g or x (48 KiB at 768 features) stay in L1/L2
 
+// Software prefetch of the row kPrefetch rows ahead of the one being read (into L2) or written (for
+// ownership), one cache line per vector step. The hardware prefetchers do not keep up with the skinny
+// passes, which read g and x from L3 and do little work per line: at M=2048, K=N=768, r=8, 2 threads,
+// prefetching 16 rows ahead took the layer's forward+backward from 1.057 to 1.023 times the frozen layer's
+// (8 and 32 rows ahead, or into L1, measured within 0.5%; 151 interleaved rounds, 2026-12-06). Prefetch
+// instructions never fault, so rows past the end cost a wasted line at most; the address is formed as an
+// integer, since a pointer past the end of its array is undefined.
+constexpr int64_t kPrefetch = 16;
+inline void prefetch_read(const float* base, int64_t offset) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(base) + offset * sizeof(float)), 0, 2);
+}
+inline void prefetch_write(float* base, int64_t offset) {
+  __builtin_prefetch(reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(base) + offset * sizeof(float)), 1, 2);
+}
+
 template <int R> constexpr int dot_rows_at_once() { return R <= 8 ? 4 : 1; }   // R = 8: 2 -> 4 rows, -10%
 
 // out[m, j] = sum_k x[m, k] a[j, k] for m in [m0, m1): MR rows at a time, MR x R vector accumulators.
@@ -91,6 +107,7 @@ void dot_rows(const float* x, const float* a, float* out, int64_t m0, int64_t m1
     for (; k + 16 <= K; k += 16) {
       v16 xv[MR];
       for (int i = 0; i < MR; ++i) xv[i] = load(x + (m + i) * K + k);
+      for (int i = 0; i < MR; ++i) prefetch_read(x, (m + i + kPrefetch) * K + k);
       for (int j = 0; j < R; ++j) {
         v16 av = load(a + j * K + k);
         for (int i = 0; i < MR; ++i) acc[i][j] += xv[i] * av;
@@ -127,6 +144,7 @@ void expand_rows(const float* c, const float* bt, const float* bias, float s, fl
         for (int i = 0; i < MR; ++i) acc[i] += splat(cs[i][j]) * bv;
       }
       for (int i = 0; i < MR; ++i) store(out + (m + i) * N + n, acc[i]);
+      for (int i = 0; i < MR; ++i) prefetch_write(out, (m + i + kPrefetch) * N + n);
     }
     for (; n < N; ++n)
       for (int i = 0; i < MR; ++i) {
@@ -152,6 +170,7 @@ int64_t accumulate_strips(const float* c, const float* y, float* acc, int64_t m0
     for (int64_t m = m0; m < m1; ++m)
       for (int q = 0; q < NV; ++q) {
         v16 yv = load(y + m * N + n + 16 * q);
+        prefetch_read(y, (m + kPrefetch) * N + n + 16 * q);
         for (int j = 0; j < R; ++j) d[q][j] += splat(c[m * R + j]) * yv;
       }
     for (int q = 0; q < NV; ++q)
