@@ -63,14 +63,15 @@ def _gemm_configs() -> list[triton.Config]:
             for m, p, q, s, w in shapes]
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M", "P", "Q", "R_PAD", "HAS_LORA"])
+@triton.autotune(configs=_gemm_configs(), key=["M_KEY", "P", "Q", "R_PAD", "HAS_LORA"])
 @triton.jit
-def _gemm_lora_kernel(a_ptr, b_ptr, u_ptr, v_ptr, bias_ptr, out_ptr, M, P, Q, R, scale,
+def _gemm_lora_kernel(a_ptr, b_ptr, u_ptr, v_ptr, bias_ptr, out_ptr, M, M_KEY, P, Q, R, scale,
                       stride_am, stride_aq, stride_bq, stride_bp, stride_um, stride_ur, stride_vr, stride_vp,
                       stride_om, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
                       PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
                       BLOCK_Q: tl.constexpr, GROUP_M: tl.constexpr):
-    """out (M, P) = a (M, Q) @ b (Q, P) [+ scale * u (M, R) @ v (R, P)] [+ bias (P,)], grouped tile order."""
+    """out (M, P) = a (M, Q) @ b (Q, P) [+ scale * u (M, R) @ v (R, P)] [+ bias (P,)], grouped tile order.
+    M_KEY (``autotune_rows(M)``) only keys the autotuner."""
     pid = tl.program_id(0)
     n_m, n_p = tl.cdiv(M, BLOCK_M), tl.cdiv(P, BLOCK_P)
     first_m = (pid // (GROUP_M * n_p)) * GROUP_M
@@ -150,6 +151,13 @@ def _r_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(max(r, 1)))
 
 
+def autotune_rows(m: int) -> int:
+    """The row count the GEMM's autotuner keys on: M rounded up to a power of two. Keyed on M itself, it would
+    re-tune (every config timed, ~1 s) for each new batch x length of a training run with dynamic padding;
+    a tile choice made for 2^k rows serves every M in (2^(k-1), 2^k]."""
+    return triton.next_power_of_2(max(m, 1))
+
+
 def _dot_flags(dtype: torch.dtype) -> dict:
     """PREC and UPCAST constexprs: IEEE fp32 unless torch allows TF32 (half types: triton's default);
     fp32 dots for bf16 when interpreting."""
@@ -195,9 +203,9 @@ def gemm_lora(a: torch.Tensor, b: torch.Tensor, u: torch.Tensor | None, v: torch
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]),)
 
-    _gemm_lora_kernel[grid](a, b, u_, v_, out if bias is None else bias, out, m, p, q, r, float(scale),
-                            a.stride(0), a.stride(1), b.stride(0), b.stride(1), u_.stride(0), u_.stride(1),
-                            v_.stride(0), v_.stride(1), out.stride(0), HAS_LORA=has_lora,
+    _gemm_lora_kernel[grid](a, b, u_, v_, out if bias is None else bias, out, m, autotune_rows(m), p, q, r,
+                            float(scale), a.stride(0), a.stride(1), b.stride(0), b.stride(1), u_.stride(0),
+                            u_.stride(1), v_.stride(0), v_.stride(1), out.stride(0), HAS_LORA=has_lora,
                             HAS_BIAS=bias is not None, R_PAD=_r_pad(r), **_dot_flags(a.dtype))
     return out
 

@@ -72,3 +72,10 @@ def test_sgmv_through_dispatch_with_per_sequence_ids(triton_interp):
     got = lora_linear_multi(x.view(3, 8, 20), w, b, a, bb, s, ids, impl="triton")
     ref = _per_row_reference(x, w, b, a, bb, s, ids.repeat_interleave(8)).view(3, 8, 18)
     torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_gemm_autotuner_keys_on_rows_rounded_up_to_a_power_of_two(triton_interp):
+    """A training run with dynamic padding sees a new M per batch; keyed on M, each would be re-tuned."""
+    mod = triton_interp[0]
+    assert "M_KEY" in mod._gemm_lora_kernel.keys and "M" not in mod._gemm_lora_kernel.keys
+    assert [mod.autotune_rows(m) for m in (1, 17, 32, 33, 4096, 4097)] == [1, 32, 32, 64, 4096, 8192]
