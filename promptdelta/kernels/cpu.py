@@ -43,7 +43,13 @@ from .native import RANKS, native_applies, native_error, native_ops
 from .reference import merged_weight
 
 
-PIPELINE_ROWS = 256    # native path: from this many rows per thread, each thread runs the layer on its own rows
+# Native path: from this many rows per thread, each thread runs the layer on its own rows, base GEMM included.
+# Each thread then packs all of W for its GEMM, which MKL's threaded GEMM shares out; below 512 rows per thread
+# the threaded GEMM measured as fast or faster at every shape tried (2 threads, fwd+bwd over the frozen layer:
+# M=512, K=N=1024, r=16 1.091 against 1.121 for the pipeline; M=1024 1.084 against 1.095; M=512-1024 at
+# K=N=768 or 1024, r=8, within 1%), while from 1,024 rows per thread the pipeline wins at K=N=768 (M=2048
+# 1.030 against 1.050, M=4096 1.036 against 1.059) and ties at K=N=512 / 1024 / 2048 (2026-12-06).
+PIPELINE_ROWS = 512
 
 
 class FusedLoRAFunction(torch.autograd.Function):

@@ -30,7 +30,7 @@ def ops():
 @pytest.fixture(params=["per-op", "pipeline"])
 def path(request, monkeypatch):
     """Both native paths: per-op kernels with torch GEMMs, and the per-thread pipeline (forced on by a
-    small rows-per-thread threshold; the default only takes it from 256 rows per thread)."""
+    small rows-per-thread threshold; the default only takes it from 512 rows per thread)."""
     monkeypatch.setattr(cpu, "PIPELINE_ROWS", 10 ** 9 if request.param == "per-op" else 8)
     return request.param
 
@@ -171,8 +171,8 @@ def test_env_switch_disables_the_build(monkeypatch):
 
 
 def test_default_threshold_takes_the_pipeline_for_many_rows(ops, monkeypatch, two_threads):
-    """At the default threshold, 2 threads x 256 rows take the per-thread pipeline, one row fewer the per-op
-    kernels; both match the reference."""
+    """At the default threshold, 2 threads x PIPELINE_ROWS rows take the per-thread pipeline, one row fewer
+    the per-op kernels; both match the reference."""
     rows_seen = []
 
     class Spy:
@@ -182,8 +182,8 @@ def test_default_threshold_takes_the_pipeline_for_many_rows(ops, monkeypatch, tw
 
     monkeypatch.setattr(cpu, "native_ops", lambda: Spy())
     fn = lambda *args: fused_lora_linear(*args, native=True)           # noqa: E731
-    check_against_reference(fn, *operands(512, 40, 30, 4), scale=0.8)
-    check_against_reference(fn, *operands(511, 40, 30, 4), scale=0.8)
+    check_against_reference(fn, *operands(2 * cpu.PIPELINE_ROWS, 40, 30, 4), scale=0.8)
+    check_against_reference(fn, *operands(2 * cpu.PIPELINE_ROWS - 1, 40, 30, 4), scale=0.8)
     assert rows_seen == [cpu.PIPELINE_ROWS, 0]
 
 
