@@ -19,9 +19,9 @@ On fp32 CPU tensors of rank 1/2/4/8/16, ``fused_lora_linear`` runs the native la
 (``native.py``: the same algebra, C++ kernels that fuse the skinny products in pairs, one thread per row
 range, a C++ autograd node); this function is the path for other dtypes, ranks and devices, and the
 comparison in the benchmark. ``promptdelta bench kernel`` (2 threads, fp32, 101 shuffled rounds,
-2026-12-06), ratio to the frozen layer's forward+backward at M=2048, K=N=768, r=8: plain LoRA 1.21-1.29,
-this function 1.13-1.17, the native layer 1.04-1.05 (see docs/architecture.md for the runs). What this
-function leaves is the six skinny products (x A^T, xa B^T, g B, gb A, gb^T x, xa^T g), each a full MKL
+2026-12-06, two hosts), ratio to the frozen layer's forward+backward at M=2048, K=N=768, r=8: plain LoRA
+1.21-1.36, this function 1.13-1.19, the native layer 1.04-1.07 (see docs/architecture.md for the runs). What
+this function leaves is the six skinny products (x A^T, xa B^T, g B, gb A, gb^T x, xa^T g), each a full MKL
 pass over an (M, K) or (M, N) matrix; per-thread bmm blocks, r-major layouts, row-chunking the backward or
 folding B A into W for dx all measured within noise of this layout or worse.
 
