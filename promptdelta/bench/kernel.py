@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from promptdelta.errors import MissingFileError
 from promptdelta.kernels import lora_linear, lora_linear_multi, merged_weight
 from promptdelta.kernels.native import native_applies, native_error, native_ops
 from promptdelta.utils.malloc import freed_memory_kept, keep_freed_memory
@@ -166,7 +167,6 @@ def _minilm_lines(device: str, repeats: int, quick: bool) -> list[str]:
         return [title, f"  skipped: the LoRA delta is unavailable ({exc})"]
     if not isinstance(getattr(LoRALinear, "impl", None), str):
         return [title, "  skipped: LoRALinear has no `impl` switch ('plain' | 'fused') yet"]
-    from promptdelta.errors import MissingFileError
     try:
         model, _ = load_backbone("minilm")
     except MissingFileError:          # e.g. a GPU machine without the weights package: same shapes, random init
