@@ -23,6 +23,13 @@ def _seeds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, e.g. 13,21,42; got {text!r}")
 
 
+def _delta_names() -> list[str]:
+    """The registered delta methods, for --help (the registry fills on importing promptdelta.deltas)."""
+    from promptdelta.info import _deltas
+
+    return _deltas()
+
+
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="few-shot prompt-based classification over seeds; writes runs/<name>/")
     p.add_argument("--config", help="YAML run config (see examples/configs/)")
@@ -34,7 +41,8 @@ def _add_run(sub) -> None:
     p.add_argument("--template-type", dest="template_type", choices=["manual", "mixed", "soft", "ptuning"])
     p.add_argument("--verbalizer", choices=["manual", "soft", "proto", "kpt"])
     p.add_argument("--label-words", dest="label_words", help="verbalizer file (OpenPrompt format)")
-    p.add_argument("--delta", help="delta method (lora, bitfit) or none (full fine-tuning)")
+    p.add_argument("--delta", help=f"delta method ({', '.join(_delta_names())}), none (full fine-tuning) or "
+                                   f"frozen (only the template / verbalizer train)")
     p.add_argument("--shots", type=int, help="k examples per class for train and for dev")
     p.add_argument("--seeds", type=_seeds, help="comma-separated seeds, e.g. 13,21,42,87,100")
     p.add_argument("--max-length", type=int, dest="max_length")
@@ -174,16 +182,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    import torch
-    import transformers
+    from promptdelta.info import collect_info, format_info
 
-    import promptdelta
-    from promptdelta.deltas.base import registered_deltas
-
-    info = {"promptdelta": promptdelta.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "cuda": torch.cuda.is_available(),
-            "deltas": sorted(registered_deltas())}
-    print(json.dumps(info, indent=2))
+    info = collect_info()
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
 
 
@@ -193,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_run(sub)
     _add_bench(sub)
-    sub.add_parser("info", help="versions and registered methods")
+    info = sub.add_parser("info", help="versions, native-kernel status, registered deltas / templates / "
+                                       "verbalizers, GPU and Triton")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
 
 

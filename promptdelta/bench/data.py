@@ -8,8 +8,9 @@ template skips, so the batched template can match it). The paths are interleaved
 (each round runs each path once), so load from other processes hits them alike: examples/s comes from a
 path's best round, the speed-up over the loop is the median of the per-round ratios. The Rust backend runs
 a batch on several threads unless TOKENIZERS_PARALLELISM=false, which matters on a busy machine, so the
-header says how it was set. Texts come from ``/work/shared/data/agnews/train.jsonl`` when present, else are
-synthesised; either way they are repeated to N.
+header says how it was set. Texts come from ``<data root>/agnews/train.jsonl`` when present (the data root is
+``$PROMPTDELTA_DATA``, else ``../shared/data`` relative to the working directory), else are synthesised;
+either way they are repeated to N.
 """
 
 from __future__ import annotations
@@ -34,7 +35,16 @@ from promptdelta.prompts.template import ManualTemplate
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DATA = "/work/shared/data/agnews/train.jsonl"
+DATA_ROOT_ENV = "PROMPTDELTA_DATA"
+
+
+def default_data() -> str:
+    """``<data root>/agnews/train.jsonl``: the root is $PROMPTDELTA_DATA, else ../shared/data from the cwd."""
+    root = os.environ.get(DATA_ROOT_ENV) or os.path.join("..", "shared", "data")
+    return os.path.join(root, "agnews", "train.jsonl")
+
+
+DEFAULT_DATA = None  # resolved by default_data() at call time, so the env var set after import still counts
 DEFAULT_TEMPLATE = '{"placeholder":"text_a"} This article is about {"mask"}.'
 _WORDS = ("market shares rose after the company reported strong quarterly earnings while rivals struggled "
           "team won the championship game in overtime as fans celebrated downtown scientists unveiled a new "
@@ -47,7 +57,7 @@ def run_data_bench(n: int = 10_000, data: str | Path | None = DEFAULT_DATA, toke
                    template: str = DEFAULT_TEMPLATE) -> str:
     """Run the benchmark and return the table as text (also logged)."""
     _check_options(n, batch_size, max_length, repeats)
-    texts, source = load_texts(data, n)
+    texts, source = load_texts(default_data() if data is None else data, n)
     tok = _load_tokenizer(tokenizer)
     tmpl = ManualTemplate(template, tok)
     examples = [InputExample(t) for t in texts]
@@ -93,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI: ``promptdelta bench data [--n N] [--data FILE] [--batch-size B] [--max-length L] ...``."""
     parser = argparse.ArgumentParser(prog="promptdelta bench data", description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10_000, help="number of examples (texts are repeated)")
-    parser.add_argument("--data", default=DEFAULT_DATA, help="JSONL file with a \"text\" field per line")
+    parser.add_argument("--data", default=None, help="JSONL file with a \"text\" field per line (default: "
+                        f"$PROMPTDELTA_DATA/agnews/train.jsonl, else ../shared/data/agnews/train.jsonl)")
     parser.add_argument("--tokenizer", default="minilm", help="preset (minilm) or a tokenizer folder")
     parser.add_argument("--batch-size", type=int, default=1000, dest="batch_size")
     parser.add_argument("--max-length", type=int, default=128, dest="max_length")
