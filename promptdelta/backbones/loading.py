@@ -78,7 +78,20 @@ def load_backbone(name_or_path: str | os.PathLike | nn.Module, *, tokenizer: Any
     if hasattr(tok, "__len__") and len(tok) > model.config.vocab_size:
         logger.warning("the tokenizer has %d tokens but the model only %d embeddings; ids past the end will fail",
                        len(tok), model.config.vocab_size)
-    return model.to(target_dtype).eval(), tok
+    model = model.to(target_dtype).eval()
+    # identity for classifier folders (PromptForClassification.save_pretrained records it; load_backbone reloads it)
+    model.name_or_path = _source_of(name_or_path)
+    model.load_dtype = str(target_dtype).removeprefix("torch.")
+    return model, tok
+
+
+def _source_of(name_or_path: str | os.PathLike | nn.Module) -> str | None:
+    """What load_backbone can load again: a preset or hub id as given, a folder as an absolute path, the
+    ``_name_or_path`` of a live transformers model (None when it has none)."""
+    if isinstance(name_or_path, nn.Module):
+        return getattr(getattr(name_or_path, "config", None), "_name_or_path", None) or None
+    name = os.fspath(name_or_path)
+    return name if name in PRESETS or not Path(name).expanduser().exists() else str(Path(name).expanduser().resolve())
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
