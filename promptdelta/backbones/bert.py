@@ -358,3 +358,18 @@ def bert_from_hf(hf_config: Any, hf_state: Mapping[str, torch.Tensor]) -> BertMo
     config = BertConfig.from_hf(hf_config, has_pooler=any(k.startswith("pooler.") for k in keys),
                                 has_lm_head=any(k.startswith("cls.predictions.") for k in keys))
     return load_hf_state(BertModel(config), hf_state, BERT_KEYS)
+
+
+# --------------------------------------------------------------------------------------------- registration
+def _bert_block_spec(config: BertConfig) -> "BlockSpec":
+    return BlockSpec(pre_norm=False, norm="layernorm", activation=config.hidden_act, gated=False,
+                     positions="absolute", eps=config.layer_norm_eps)
+
+
+from promptdelta.backbones.registry import STANDARD_TARGETS, BlockSpec, Family, register_family, single_stack  # noqa: E402
+
+register_family(Family(
+    name="bert", model_types=("bert",), from_hf=bert_from_hf, key_table=lambda config: BERT_KEYS,
+    block_spec=_bert_block_spec, config_from_hf=BertConfig.from_hf,
+    attention_stacks=lambda m: single_stack(m, m.config.num_heads, m.config.head_dim),
+    layer_stacks=lambda m: [m.layers], default_targets=STANDARD_TARGETS))

@@ -514,3 +514,15 @@ def gpt2_from_hf(hf_config: Any, hf_state: Mapping[str, torch.Tensor]) -> GPT2Mo
     except BackboneError as e:
         raise BackboneError(f"{e}\n(GPT-2 note: Conv1D weights are shown transposed, in nn.Linear (out, in) "
                             "layout; c_attn_q/k/v are the three thirds of the fused c_attn.)") from e
+
+
+# --------------------------------------------------------------------------------------------- registration
+from promptdelta.backbones.registry import STANDARD_TARGETS, BlockSpec, Family, register_family, single_stack  # noqa: E402
+
+register_family(Family(
+    name="gpt2", model_types=("gpt2",), from_hf=gpt2_from_hf, key_table=lambda config: GPT2_KEYS,
+    block_spec=lambda c: BlockSpec(pre_norm=True, norm="layernorm", activation=c.activation, gated=False,
+                                   positions="absolute", eps=c.layer_norm_eps),
+    config_from_hf=GPT2Config.from_hf,
+    attention_stacks=lambda m: single_stack(m, m.config.num_heads, m.config.head_dim),
+    layer_stacks=lambda m: [m.layers], default_targets=STANDARD_TARGETS))

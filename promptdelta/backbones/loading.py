@@ -1,7 +1,9 @@
 """``load_backbone``: a native backbone and its tokenizer from a preset, a folder, a hub id or a live model.
 
-Families plug in through ``register_family(model_type, builder)``; a builder turns an HF config and an HF
-state dict into a native model with those weights (``bert_from_hf`` for "bert").
+Families plug in through the family registry (``registry.py``): each family file registers a ``Family``
+whose ``from_hf`` turns an HF config and state dict into a native model with those weights, for the
+transformers model types it lists. ``register_family(model_type, builder)`` here is the older shortcut: it
+registers a minimal family for one model type (loading only; deltas need a full ``Family`` record).
 """
 
 from __future__ import annotations
@@ -16,18 +18,15 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from promptdelta.backbones.bert import bert_from_hf
-from promptdelta.backbones.gpt import gpt2_from_hf
-from promptdelta.backbones.roberta import roberta_from_hf
-from promptdelta.backbones.t5 import t5_from_hf
+from promptdelta.backbones import registry
 from promptdelta.errors import BackboneError, ConfigError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
 FamilyBuilder = Callable[[Any, Mapping[str, torch.Tensor]], nn.Module]
 
-_FAMILIES: dict[str, FamilyBuilder] = {"bert": bert_from_hf, "gpt2": gpt2_from_hf, "t5": t5_from_hf}
-_FAMILIES.update({"roberta": roberta_from_hf, "xlm-roberta": roberta_from_hf})  # same network
+# model_type -> builder overrides consulted before the registry (a test may monkeypatch one in); empty by default
+_FAMILIES: dict[str, FamilyBuilder] = {}
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -47,16 +46,35 @@ def _minilm_folder() -> Path:
 PRESETS: dict[str, Callable[[], Path]] = {"minilm": _minilm_folder}  # name -> checkpoint folder
 
 
-def register_family(model_type: str, builder: FamilyBuilder, *, overwrite: bool = False) -> None:
-    """Make ``load_backbone`` build ``model_type`` checkpoints with ``builder(hf_config, hf_state)``."""
-    if model_type in _FAMILIES and not overwrite:
+def register_family(model_type: str | registry.Family, builder: FamilyBuilder | None = None, *,
+                    overwrite: bool = False) -> None:
+    """Make ``load_backbone`` build ``model_type`` checkpoints: pass a full ``registry.Family`` record, or
+    (loading only) a model type and a ``builder(hf_config, hf_state)``."""
+    if isinstance(model_type, registry.Family):
+        registry.register_family(model_type, overwrite=overwrite)
+        return
+    if registry.find_family(model_type) is not None and not overwrite:
         raise BackboneError(f"model_type {model_type!r} is already registered. Fix: pick another name or pass "
                             "overwrite=True.")
-    _FAMILIES[model_type] = builder
+    if not callable(builder):
+        raise BackboneError(f"register_family({model_type!r}, builder) needs a callable builder(hf_config, "
+                            "hf_state). Fix: pass one, or a registry.Family record.")
+    registry.register_family(registry.Family(
+        name=model_type, model_types=(model_type,), from_hf=builder, key_table=_unsupported(model_type, "key_table"),
+        block_spec=_unsupported(model_type, "block_spec"), attention_stacks=_unsupported(model_type, "attention_stacks"),
+        layer_stacks=_unsupported(model_type, "layer_stacks")), overwrite=True)
+
+
+def _unsupported(model_type: str, what: str) -> Callable[[Any], Any]:
+    def fail(_: Any) -> Any:
+        raise BackboneError(f"family {model_type!r} was registered with a builder only, so it has no {what}. "
+                            "Fix: register a full promptdelta.backbones.registry.Family (docs/guide/families.md).")
+    return fail
 
 
 def supported_families() -> list[str]:
-    return sorted(_FAMILIES)
+    """Every transformers model type ``load_backbone`` can convert."""
+    return registry.registered_model_types()
 
 
 def load_backbone(name_or_path: str | os.PathLike | nn.Module, *, tokenizer: Any = None,
@@ -106,10 +124,13 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 
 
 def _builder(model_type: Any, where: str) -> FamilyBuilder:
-    if model_type not in _FAMILIES:
+    if model_type in _FAMILIES:
+        return _FAMILIES[model_type]
+    family = registry.find_family(model_type) if isinstance(model_type, str) else None
+    if family is None or model_type not in family.model_types:
         raise BackboneError(f"{where}: model_type {model_type!r} has no native backbone. Fix: use a checkpoint "
                             f"of a supported model_type ({supported_families()}) or register_family() one.")
-    return _FAMILIES[model_type]
+    return family.from_hf
 
 
 def _from_live(model: nn.Module) -> nn.Module:

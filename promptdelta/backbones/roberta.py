@@ -218,3 +218,14 @@ def roberta_from_hf(hf_config: Any, hf_state: Mapping[str, torch.Tensor]) -> Rob
     config = RobertaConfig.from_hf(hf_config, has_pooler=any(k.startswith("pooler.") for k in keys),
                                    has_lm_head=any(k.startswith("lm_head.") for k in keys))
     return load_hf_state(RobertaModel(config), hf_state, ROBERTA_KEYS)
+
+
+# --------------------------------------------------------------------------------------------- registration
+from promptdelta.backbones.bert import _bert_block_spec  # noqa: E402  (the same block as BERT)
+from promptdelta.backbones.registry import STANDARD_TARGETS, Family, register_family, single_stack  # noqa: E402
+
+register_family(Family(
+    name="roberta", model_types=("roberta", "xlm-roberta"), from_hf=roberta_from_hf,
+    key_table=lambda config: ROBERTA_KEYS, block_spec=_bert_block_spec, config_from_hf=RobertaConfig.from_hf,
+    attention_stacks=lambda m: single_stack(m, m.config.num_heads, m.config.head_dim),
+    layer_stacks=lambda m: [m.layers], default_targets=STANDARD_TARGETS))

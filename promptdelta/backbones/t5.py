@@ -602,3 +602,42 @@ def t5_from_hf(hf_config: Any, hf_state: Mapping[str, torch.Tensor]) -> T5Model:
     config = T5Config.from_hf(hf_config)
     model = T5Model(config)
     return load_hf_state(model, hf_state, model.key_table())
+
+
+# --------------------------------------------------------------------------------------------- registration
+from promptdelta.backbones.registry import (STANDARD_TARGETS, AttentionStack, BlockSpec, Family,  # noqa: E402
+                                            LadderExtras, register_family)
+
+
+def _t5_keys(config: Any) -> KeyTable:
+    """Key table from a native or a transformers T5 config (the FFN kind changes the names)."""
+    return t5_key_table("gated" in str(getattr(config, "feed_forward_proj", "")),
+                        bool(getattr(config, "tie_word_embeddings", True)))
+
+
+def _t5_block_spec(c: T5Config) -> BlockSpec:
+    return BlockSpec(pre_norm=True, norm="rmsnorm", activation="gelu_new" if c.is_gated else "relu",
+                     gated=c.is_gated, positions="relative", eps=c.layer_norm_epsilon, bias=False, attn_scale=1.0)
+
+
+def _t5_attention_stacks(m: T5Model) -> list[AttentionStack]:
+    c, n_enc, n_dec = m.config, len(m.encoder.layers), len(m.decoder.layers)
+    names = {"encoder": [f"encoder.layers.{i}.attn" for i in range(n_enc)],
+             "decoder": [f"decoder.layers.{i}.attn" for i in range(n_dec)],
+             "cross": [f"decoder.layers.{i}.cross_attn" for i in range(n_dec)]}
+    return [AttentionStack(k, tuple(v), c.num_heads, c.d_kv) for k, v in names.items()]
+
+
+def _t5_ladder_extras(m: T5Model) -> LadderExtras:
+    """The relative position bias of each stack (owned by its layer 0) and the encoder's final norm."""
+    def bias_of(attn: T5Attention):
+        return lambda T: attn.position_bias(T, T)                                      # (1, nh, T, T)
+    return LadderExtras({"encoder": bias_of(m.encoder.layers[0].attn), "decoder": bias_of(m.decoder.layers[0].attn)},
+                        m.encoder.final_norm)
+
+
+register_family(Family(
+    name="t5", model_types=("t5",), from_hf=t5_from_hf, key_table=_t5_keys, block_spec=_t5_block_spec,
+    config_from_hf=T5Config.from_hf, attention_stacks=_t5_attention_stacks,
+    layer_stacks=lambda m: [m.encoder.layers, m.decoder.layers], default_targets=STANDARD_TARGETS,
+    ladder_extras=_t5_ladder_extras, stack_names=("encoder", "decoder")))

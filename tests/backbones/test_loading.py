@@ -162,8 +162,19 @@ def test_not_a_transformers_module():
         load_backbone(torch.nn.Linear(2, 2))
 
 
-def test_register_family(monkeypatch, tmp_path):
-    monkeypatch.setattr(loading, "_FAMILIES", dict(loading._FAMILIES))
+@pytest.fixture
+def clean_registry():
+    """Registry contents before the test come back after it (a test may register a family)."""
+    from promptdelta.backbones import registry
+
+    registry.registered_families()
+    saved = (dict(registry._FAMILIES), dict(registry._BY_MODEL_TYPE))
+    yield registry
+    registry._FAMILIES.clear(), registry._BY_MODEL_TYPE.clear()
+    registry._FAMILIES.update(saved[0]), registry._BY_MODEL_TYPE.update(saved[1])
+
+
+def test_register_family(clean_registry, tmp_path):
     seen = {}
 
     def build(hf_config, state):
@@ -180,3 +191,52 @@ def test_register_family(monkeypatch, tmp_path):
     model, tok = load_backbone(hf)
     assert isinstance(model, torch.nn.Linear) and tok is None
     assert seen["type"] == "distilbert" and seen["keys"] == set(hf.state_dict())
+
+
+def test_every_shipped_family_is_registered_with_its_model_types():
+    from promptdelta.backbones import registry
+
+    for name, types in (("bert", {"bert"}), ("roberta", {"roberta", "xlm-roberta"}), ("gpt2", {"gpt2"}),
+                        ("t5", {"t5"})):
+        family = registry.get_family(name)
+        assert set(family.model_types) == types and all(registry.get_family(t) is family for t in types)
+    assert {"bert", "gpt2", "t5", "roberta", "xlm-roberta"} <= set(supported_families())
+
+
+def test_unknown_family_error_lists_the_known_ones():
+    from promptdelta.backbones import registry
+
+    with pytest.raises(BackboneError, match=r"no backbone family for 'nope'. Fix: .*'bert'.*register_family"):
+        registry.get_family("nope")
+
+
+def test_family_records_describe_native_models():
+    from promptdelta.backbones import BertConfig, BertModel, T5Config, T5Model, registry
+
+    bert = BertModel(BertConfig(vocab_size=20, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=24))
+    fam = registry.family_of(bert)
+    assert fam.name == "bert" and fam.layer_stacks(bert) == [bert.layers]
+    spec = fam.block_spec(bert.config)
+    assert (spec.pre_norm, spec.norm, spec.gated, spec.positions) == (False, "layernorm", False, "absolute")
+    [stack] = fam.attention_stacks(bert)
+    assert (stack.name, stack.modules, stack.heads, stack.head_dim) == ("layers", ("layers.0.attn", "layers.1.attn"),
+                                                                        2, 8)
+    t5 = T5Model(T5Config(vocab_size=20, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_decoder_layers=3,
+                          num_heads=2, feed_forward_proj="gated-gelu"))
+    fam = registry.family_of(t5)
+    assert [s.name for s in fam.attention_stacks(t5)] == ["encoder", "decoder", "cross"]
+    assert [s.layers for s in fam.attention_stacks(t5)] == [2, 3, 3]
+    spec = fam.block_spec(t5.config)
+    assert (spec.pre_norm, spec.norm, spec.gated, spec.bias) == (True, "rmsnorm", True, False)
+    assert registry.family_of(torch.nn.Linear(2, 2)) is None
+
+
+def test_register_family_refuses_a_clash_and_overwrites_on_request(clean_registry):
+    registry = clean_registry
+    bert = registry.get_family("bert")
+    clash = registry.Family(**{**{f: getattr(bert, f) for f in bert.__dataclass_fields__}, "name": "bert2"})
+    with pytest.raises(BackboneError, match="clashes with a registered family.*overwrite=True"):
+        registry.register_family(clash)
+    registry.register_family(clash, overwrite=True)
+    assert registry.get_family("bert") is bert and registry.get_family("bert2") is clash
+    assert registry.find_family("bert") is bert
