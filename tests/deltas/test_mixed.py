@@ -1,0 +1,139 @@
+"""Many LoRA deltas on one backbone: a mixed batch (row i through delta names[i]) equals running each delta
+alone, on a tiny native BERT and a tiny transformers BERT; errors name the problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from delta_helpers import V, hf_bert, native_bert
+
+from promptdelta.deltas import attach, deltas_of
+from promptdelta.deltas.mixed import RoutedLinear, add_delta, remove_delta, route_rows, served_deltas
+from promptdelta.errors import DeltaError
+from promptdelta.kernels import lora_linear
+
+# four task deltas: different ranks and targets (rows of one task touch modules another task leaves alone)
+TASKS = {"sst2": dict(r=4, alpha=8, targets=["q_proj", "v_proj"]),
+         "agnews": dict(r=2, alpha=4, targets=["q_proj", "v_proj"]),
+         "rte": dict(r=8, alpha=8, targets=["q_proj", "fc1"]),
+         "boolq": dict(r=4, alpha=16, targets=["v_proj", "o_proj"])}
+MODELS = {"native": native_bert, "hf": hf_bert}
+
+
+def _out(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=ids, attention_mask=mask)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state   # (B, T, *)
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, V, (10, 9), generator=g)                       # (B, T)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0                                                         # padded rows
+    mask[6, 2:] = 0
+    return ids, mask
+
+
+def _randomise(handle, seed: int) -> None:
+    """B starts at zero (a fresh LoRA is the identity): give every factor random values so tasks differ."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in handle.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def _banked_model(kind: str, tmp_path, keep_attached: str | None = None):
+    """A tiny model with the four task deltas banked (one through a saved folder) and each one's reference
+    output (the delta alone, attached the ordinary way); ``keep_attached`` stays attached instead."""
+    model = MODELS[kind]()
+    ids, mask = _batch()
+    ref = {None: _out(model, ids, mask)}
+    for i, (task, cfg) in enumerate(TASKS.items()):
+        h = attach(model, "lora", name=task, **cfg)
+        _randomise(h, i)
+        with torch.no_grad():
+            ref[task] = _out(model, ids, mask)
+        if task == keep_attached:
+            continue
+        if task == "agnews":                                                # through a folder
+            h.save(tmp_path / task)
+            h.detach()
+            assert add_delta(model, tmp_path / task) == task
+        else:
+            assert add_delta(model, h) == task
+    return model, ids, mask, ref
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_mixed_batch_equals_each_delta_alone(kind, tmp_path):
+    model, ids, mask, ref = _banked_model(kind, tmp_path)
+    assert deltas_of(model) == {} and served_deltas(model) == list(TASKS)
+    with torch.no_grad():
+        assert torch.equal(_out(model, ids, mask), ref[None])               # banked deltas touch no row
+        names = ["sst2", None, "agnews", "rte", "boolq", None, "rte", "sst2", "boolq", "agnews"]
+        with route_rows(model, names) as row_ids:
+            assert row_ids.tolist() == [0, -1, 1, 2, 3, -1, 2, 0, 3, 1]
+            mixed = _out(model, ids, mask)
+        after = _out(model, ids, mask)
+    for i, n in enumerate(names):
+        keep = mask[i].bool()                                               # padded positions are not outputs
+        torch.testing.assert_close(mixed[i][keep], ref[n][i][keep], rtol=1e-5, atol=1e-5, msg=f"row {i} ({n})")
+    assert torch.equal(after, ref[None])                                    # modules put back on exit
+    assert not any(isinstance(m, RoutedLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_attached_lora_routes_and_is_put_back(kind, tmp_path):
+    """A LoRA delta attached the usual way (merged, even) is routed like a banked one, and only its rows get it."""
+    model, ids, mask, ref = _banked_model(kind, tmp_path, keep_attached="boolq")
+    deltas_of(model)["boolq"].merge()
+    names = ["boolq", None, "sst2", "boolq", "rte", "agnews", None, "boolq", "sst2", "rte"]
+    with torch.no_grad():
+        with route_rows(model, names):
+            mixed = _out(model, ids, mask)
+        for i, n in enumerate(names):
+            torch.testing.assert_close(mixed[i][mask[i].bool()], ref[n][i][mask[i].bool()], rtol=1e-5, atol=1e-5)
+        assert deltas_of(model)["boolq"].merged
+        torch.testing.assert_close(_out(model, ids, mask), ref["boolq"], rtol=1e-5, atol=1e-5)
+
+
+def test_flattened_rows_follow_their_sequence():
+    """A site that sees (B*T, K) rows (flattened) or (B, T, K) gives each token its sequence's delta."""
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(6, 5)
+    a, b = torch.randn(3, 2, 6, generator=g), torch.randn(3, 5, 2, generator=g)
+    scales = torch.tensor([0.5, 1.0, 2.0])
+    ids = torch.tensor([2, -1, 0, 1])
+    x = torch.randn(4, 7, 6, generator=g)                                    # (B, T, K)
+    routed = RoutedLinear(lin, a, b, scales, ids)
+    with torch.no_grad():
+        y3, y2 = routed(x), routed(x.reshape(28, 6))
+        want = torch.stack([lin(x[i]) if j < 0 else lora_linear(x[i], lin.weight, lin.bias, a[j], b[j],
+                                                                 float(scales[j]), impl="plain")
+                            for i, j in enumerate(ids.tolist())])
+    torch.testing.assert_close(y3, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y2, want.reshape(28, 5), rtol=1e-5, atol=1e-5)
+    with pytest.raises(DeltaError, match="4 row names but this layer sees 5 rows"):
+        routed(torch.randn(5, 6))
+
+
+def test_errors_name_the_problem(tmp_path):
+    model, ids, mask, _ = _banked_model("native", tmp_path)
+    with pytest.raises(DeltaError, match=r"row 1 names delta 'mnli', which is not attached.*'sst2', 'agnews'"):
+        with route_rows(model, ["sst2", "mnli"]):
+            pass
+    with pytest.raises(DeltaError, match="already served"):
+        add_delta(model, attach(model, "lora", name="x", targets=["k_proj"]), name="sst2")
+    deltas_of(model)["x"].detach()                                          # a refused handle stays as it was
+    with pytest.raises(DeltaError, match="already served"):
+        add_delta(model, tmp_path / "agnews")
+    assert deltas_of(model) == {}                                           # a refused folder is not kept
+    bitfit = attach(model, "bitfit", name="bias")
+    with pytest.raises(DeltaError, match=r"non-LoRA deltas \['bias \(bitfit\)'\]"):
+        with route_rows(model, ["sst2"]):
+            pass
+    with pytest.raises(DeltaError, match="LoRA deltas only"):
+        add_delta(model, bitfit)
+    remove_delta(model, "sst2")
+    with pytest.raises(DeltaError, match="no banked delta named 'sst2'"):
+        remove_delta(model, "sst2")
