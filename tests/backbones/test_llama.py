@@ -1,0 +1,272 @@
+"""Native Llama family (Llama, Qwen2, Mistral) against transformers on tiny random configs (fp32, <= 1e-5):
+padded-batch logits, greedy generation with a KV cache, to_hf round trips, loading from a folder or a live
+model; the deltas and prompt models on it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from promptdelta.backbones.llama import LlamaConfig, LlamaModel, llama_from_hf, rope_inv_freq
+from promptdelta.backbones.loading import load_backbone
+from promptdelta.errors import BackboneError, ConfigError
+
+TOL = dict(atol=1e-5, rtol=0)
+V = 99
+_BASE = dict(vocab_size=V, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+CONFIGS = {  # id -> (transformers class, config kwargs)
+    "llama": (transformers.LlamaForCausalLM, {}),
+    "llama-tied-bias-mha": (transformers.LlamaForCausalLM, dict(num_key_value_heads=4, tie_word_embeddings=True,
+                                                                attention_bias=True, mlp_bias=True)),
+    "llama3-rope": (transformers.LlamaForCausalLM, dict(rope_parameters=_LLAMA3)),
+    "linear-rope": (transformers.LlamaForCausalLM, dict(rope_parameters={"rope_type": "linear", "factor": 4.0,
+                                                                         "rope_theta": 10000.0})),
+    "qwen2": (transformers.Qwen2ForCausalLM, dict(use_sliding_window=True, sliding_window=3, max_window_layers=1)),
+    "mistral": (transformers.MistralForCausalLM, dict(sliding_window=3)),
+}
+
+
+def _hf_config(name: str):
+    cls, kw = CONFIGS[name]
+    config_cls = {transformers.LlamaForCausalLM: transformers.LlamaConfig,
+                  transformers.Qwen2ForCausalLM: transformers.Qwen2Config,
+                  transformers.MistralForCausalLM: transformers.MistralConfig}[cls]
+    return config_cls(**{**_BASE, **kw})
+
+
+def _hf(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cls, _ = CONFIGS[name]
+    model = cls._from_config(_hf_config(name), attn_implementation="sdpa").eval()
+    with torch.no_grad():  # random biases / norm weights, so a dropped bias or norm shows
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.normal_(0, 0.5 if "norm" in n else 0.1).add_(1.0 if "norm" in n else 0.0)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def pair(request):
+    hf = _hf(request.param)
+    return request.param, hf, LlamaModel.from_hf(hf).eval()
+
+
+def _left_padded(lengths, total, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (len(lengths), total), generator=g)
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, total - n:] = 1
+        ids[row, : total - n] = 0
+    return ids, mask
+
+
+def _positions(mask):
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+# --------------------------------------------------------------------------------------------- parity
+def test_contract_and_module_names(pair):
+    name, _, model = pair
+    assert (model.family, model.kind, model.has_lm_head) == ("llama", "clm", True)
+    names = dict(model.named_modules())
+    for n in ("embed_tokens", "layers.1.attn.q_proj", "layers.1.attn.k_proj", "layers.1.attn.v_proj",
+              "layers.1.attn.o_proj", "layers.1.attn_norm", "layers.1.mlp_norm", "layers.1.mlp.gate",
+              "layers.1.mlp.fc1", "layers.1.mlp.fc2", "final_norm", "lm_head"):
+        assert n in names, n
+    assert model.input_embeddings() is model.embed_tokens
+    tied = model.lm_head.weight is model.embed_tokens.weight
+    assert tied == (name == "llama-tied-bias-mha")
+    assert (model.layers[0].attn.q_proj.bias is not None) == (name in ("qwen2", "llama-tied-bias-mha"))
+    assert (model.layers[0].attn.o_proj.bias is not None) == (name == "llama-tied-bias-mha")
+
+
+@torch.no_grad()
+def test_padded_batch_logits_and_hidden_states_match_hf(pair):
+    name, hf, model = pair
+    ids, mask = _left_padded([9, 5, 2], total=9)   # window 3 < 9 tokens: the sliding window really cuts
+    ref = hf(ids, attention_mask=mask, position_ids=_positions(mask), output_hidden_states=True)
+    out = model(ids, attention_mask=mask, output_hidden_states=True)
+    real = mask.bool()
+    assert len(out.hidden_states) == len(ref.hidden_states) == 3
+    for mine, theirs in zip(out.hidden_states, ref.hidden_states):
+        torch.testing.assert_close(mine[real], theirs[real], **TOL)
+    torch.testing.assert_close(out.logits[real], ref.logits[real], **TOL)
+    assert torch.isfinite(out.logits).all()   # padding queries that see no key stay finite
+
+
+@torch.no_grad()
+def test_unpadded_rows_match_hf_single_runs(pair):
+    name, hf, model = pair
+    ids, mask = _left_padded([8, 4], total=8, seed=2)
+    out = model(ids, attention_mask=mask).logits
+    row = hf(ids[1:, 4:]).logits   # the padded row alone, unpadded (its own positions from 0)
+    # Sliding windows count cache positions, pads included (as transformers does), so for windowed models a
+    # left-padded row equals its unpadded run only where the window does not reach back into the padding.
+    torch.testing.assert_close(out[1:, 4:], row, **TOL)
+
+
+@torch.no_grad()
+def test_sliding_window_changes_what_is_seen():
+    hf = _hf("mistral")
+    model = LlamaModel.from_hf(hf).eval()
+    full = LlamaModel.from_hf(hf).eval()
+    full.config.sliding_window = 1000        # the same weights with a window wider than the input
+    ids = torch.randint(3, V, (1, 8), generator=torch.Generator().manual_seed(3))
+    a, b = model(ids).logits, full(ids).logits
+    torch.testing.assert_close(a[:, :3], b[:, :3], **TOL)   # the first 3 tokens are inside the window
+    assert (a[:, 3:] - b[:, 3:]).abs().max() > 1e-4
+
+
+@torch.no_grad()
+def test_kv_cache_incremental_equals_full_forward(pair):
+    _, _, model = pair
+    ids, mask = _left_padded([10, 6], total=10, seed=3)
+    full = model(ids, attention_mask=mask).logits
+    out = model(ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+    steps = [out.logits]
+    for t in range(6, 10):
+        out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=out.past_key_values,
+                    use_cache=True)
+        steps.append(out.logits)
+    c = model.config
+    assert out.past_key_values[0][0].shape == (2, c.num_kv_heads, 10, c.head_dim)   # GQA: k/v heads cached
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, dim=1)[real], full[real], **TOL)
+
+
+@torch.no_grad()
+def test_greedy_generate_equals_hf_batched_left_padded(pair):
+    _, hf, model = pair
+    ids, mask = _left_padded([7, 3, 5], total=7, seed=4)
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[], pad_token_id=0)
+    eos = int(free[0, 7 + 2])   # a token row 0 really produces at step 3: row 0 must stop there
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=eos,
+                      pad_token_id=0)
+    mine = model.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(mine, ref)
+    ref_free = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+    assert torch.equal(free, ref_free) and free.shape == (3, 17)
+
+
+@torch.no_grad()
+def test_to_hf_round_trip_is_exact(pair):
+    _, hf, model = pair
+    back = model.to_hf().eval()
+    assert type(back) is type(hf)
+    assert set(back.state_dict()) == set(hf.state_dict())
+    for key, value in hf.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    ids = torch.randint(3, V, (2, 8), generator=torch.Generator().manual_seed(10))
+    torch.testing.assert_close(back(ids).logits, hf(ids).logits, atol=0, rtol=0)
+    again = LlamaModel.from_hf(back)
+    assert again.config == model.config
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "llama-tied-bias-mha"])
+def test_load_backbone_from_saved_folder_and_live_model(name, tmp_path):
+    hf = _hf(name, seed=5)
+    hf.save_pretrained(tmp_path)
+    from_folder, tok = load_backbone(tmp_path)
+    live, _ = load_backbone(hf)
+    assert tok is None and isinstance(from_folder, LlamaModel) and from_folder.config.model_type == hf.config.model_type
+    ids = torch.randint(3, V, (2, 6), generator=torch.Generator().manual_seed(6))
+    ref = hf(ids).logits
+    torch.testing.assert_close(from_folder(ids).logits, ref, **TOL)
+    torch.testing.assert_close(live(ids).logits, ref, **TOL)
+
+
+def test_body_only_checkpoint_has_no_head_and_exports_the_bare_model():
+    torch.manual_seed(0)
+    body = transformers.LlamaModel(_hf_config("llama")).eval()
+    model = LlamaModel.from_hf(body)
+    assert not model.has_lm_head and model(torch.tensor([[3, 4]])).logits is None
+    assert type(model.to_hf()) is transformers.LlamaModel
+    with pytest.raises(BackboneError, match="no LM head"):
+        model.generate(torch.tensor([[3, 4]]))
+
+
+def test_rope_variants():
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    plain = rope_inv_freq(8, rope)
+    torch.testing.assert_close(rope_inv_freq(8, {**rope, "rope_type": "linear", "factor": 4.0}), plain / 4)
+    # wavelengths 2 pi / inv_freq: 6.3, 167 (< 8192 / 4: kept), 4443 (blended), 118000 (> 8192: / factor)
+    scaled = rope_inv_freq(8, {**_LLAMA3, "original_max_position_embeddings": 8192})
+    base = rope_inv_freq(8, {"rope_type": "default", "rope_theta": 500000.0})
+    assert torch.equal(scaled[:2], base[:2]) and torch.isclose(scaled[3], base[3] / 8)
+    assert base[2] / 8 < scaled[2] < base[2]
+
+
+def test_bad_configs_name_the_field():
+    with pytest.raises(ConfigError, match="num_kv_heads"):
+        LlamaConfig(hidden_size=32, num_heads=4, num_kv_heads=3, num_layers=1, intermediate_size=8, vocab_size=9)
+    with pytest.raises(ConfigError, match="sliding_window"):
+        LlamaConfig(hidden_size=32, num_heads=4, num_layers=1, intermediate_size=8, vocab_size=9,
+                    layer_types=("sliding_attention",))
+    hf = _hf_config("llama")
+    hf.rope_parameters = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.raises(BackboneError, match="rope_type"):
+        LlamaConfig.from_hf(hf)
+
+
+@torch.no_grad()
+def test_bad_inputs_raise_backbone_errors(pair):
+    _, _, model = pair
+    with pytest.raises(BackboneError, match="vocabulary"):
+        model(torch.tensor([[V]]))
+    with pytest.raises(BackboneError, match="attention_mask"):
+        model(torch.tensor([[3, 4]]), attention_mask=torch.ones(1, 3))
+    with pytest.raises(BackboneError, match="prefix_kv"):
+        model(torch.tensor([[3, 4]]), prefix_kv=[(torch.zeros(1, 3, 2, 8), torch.zeros(1, 3, 2, 8))] * 2)
+
+
+@torch.no_grad()
+def test_prefix_kv_with_kv_heads_equals_prepending_tokens():
+    model = LlamaModel.from_hf(_hf("llama")).eval()
+    g = torch.Generator().manual_seed(7)
+    extra, ids = torch.randint(3, V, (2, 4), generator=g), torch.randint(3, V, (2, 6), generator=g)
+    full = model(torch.cat([extra, ids], dim=1)).logits[:, 4:]
+    prefix = model(extra, use_cache=True).past_key_values   # (B, n_kv_heads, 4, hd) per layer
+    pos = torch.arange(4, 10).expand(2, 6)
+    torch.testing.assert_close(model(ids, prefix_kv=prefix, position_ids=pos).logits, full, **TOL)
+    # the same prefix repeated per query head gives the same result
+    rep = [(k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)) for k, v in prefix]
+    torch.testing.assert_close(model(ids, prefix_kv=rep, position_ids=pos).logits, full, **TOL)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = LlamaModel.from_hf(_hf("qwen2")).train()
+    ids, mask = _left_padded([6, 4], total=6, seed=8)
+
+    def grads():
+        model.zero_grad()
+        model(ids, attention_mask=mask).logits.square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    model.gradient_checkpointing_enable()
+    checkpointed = grads()
+    for n in plain:
+        torch.testing.assert_close(checkpointed[n], plain[n], atol=1e-6, rtol=1e-5)
+
+
+def test_registered_family():
+    from promptdelta.backbones.registry import family_of, get_family
+
+    fam = get_family("qwen2")
+    assert fam.name == "llama" and set(fam.model_types) == {"llama", "qwen2", "mistral"}
+    model = llama_from_hf(_hf_config("mistral"), _hf("mistral").state_dict())
+    assert family_of(model) is fam
+    spec = fam.block_spec(model.config)
+    assert (spec.pre_norm, spec.norm, spec.gated, spec.positions, spec.activation) == (True, "rmsnorm", True,
+                                                                                        "rotary", "silu")
+    (stack,) = fam.attention_stacks(model)
+    assert stack.heads == 2 and stack.modules == ("layers.0.attn", "layers.1.attn")
+    assert fam.layer_stacks(model)[0] is model.layers
+    assert fam.key_table(model.config).to_native("model.layers.1.mlp.up_proj.weight") == "layers.1.mlp.fc1.weight"
