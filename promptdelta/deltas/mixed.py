@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 _BANK_ATTR = "_promptdelta_lora_bank"
 __all__ = ["add_delta", "remove_delta", "served_deltas", "route_rows", "RoutedLinear", "load_many",
-           "predict_mixed"]
+           "predict_mixed", "predict_many"]
 
 
 @dataclass
@@ -248,3 +248,173 @@ def route_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[torch.
         finally:
             for site in reversed(swapped):
                 setattr(site.parent, site.attr, site.module)
+
+
+# --------------------------------------------------------------------------------------------- classifiers
+def _bank_handles(model: nn.Module, handles: list[DeltaHandle], name: str) -> None:
+    """One bank entry from several LoRA deltas of one classifier (their modules never overlap), detached."""
+    bad = [f"{h.name} ({h.method})" for h in handles if h.method != "lora"]
+    if bad:
+        for h in handles:
+            h.detach()
+        raise DeltaError(f"classifier {name} carries non-LoRA deltas {bad}; mixed batches serve LoRA deltas "
+                         f"only: predict with it on its own (one --model).")
+    factors: dict[str, _Factors] = {}
+    for h in handles:
+        factors.update(_factors_of(h))
+        h.detach()
+    bank = _bank(model, create=True)
+    bank.entries[name] = factors
+    bank.stacks.clear()
+
+
+def load_many(folders: Sequence[str | Path], backbone: nn.Module | None = None
+              ) -> tuple[nn.Module, dict[str, nn.Module], dict[str, str | None]]:
+    """Load classifier folders that share one backbone -> (backbone, {folder: clf}, {folder: route}).
+
+    ``backbone=None`` loads the one the first folder records; every folder must fit it (fingerprint). Each
+    folder's LoRA deltas go into the backbone's bank under the folder's name as given (``route``; None for a
+    classifier without deltas), so the backbone stays plain: run a classifier through ``predict_mixed`` (or
+    under ``route_rows(backbone, [route] * B)``), not through ``clf.predict`` alone.
+    """
+    from promptdelta.prompts.registry import load_classifier, read_classifier_config
+
+    keys = [str(f) for f in folders]
+    if not keys or len(set(keys)) != len(keys):
+        raise DeltaError(f"load_many takes one or more distinct classifier folders; got {keys}.")
+    clfs: dict[str, nn.Module] = {}
+    routes: dict[str, str | None] = {}
+    for i, key in enumerate(keys):
+        if backbone is not None and key in served_deltas(backbone):
+            raise DeltaError(f"the backbone already serves a delta named {key!r}; remove_delta it first.")
+        before = set(deltas_of(backbone)) if backbone is not None else set()
+        saved = [d["name"] for d in read_classifier_config(key)["deltas"]]   # renamed: all may be "lora"
+        clf = load_classifier(key, backbone=backbone, delta_names={n: f"_mixed_{i}_{n}" for n in saved})
+        backbone = clf.backbone
+        new = [h for n, h in deltas_of(backbone).items() if n not in before]
+        routes[key] = key if new else None
+        if new:
+            _bank_handles(backbone, new, key)
+        clfs[key] = clf
+    return backbone, clfs, routes
+
+
+def _mixable(clf: nn.Module) -> bool:
+    """One backbone forward gives this classifier's label logits (no decoder pass, no sequence scoring)."""
+    return clf.kind in ("mlm", "clm") and not clf.uses_sequence_scoring
+
+
+def _embed(clf: nn.Module, examples: list[Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """The classifier's own tokenisation and soft tokens -> inputs_embeds (B, T, H) and the batch's tensors."""
+    batch = {k: v.to(device) for k, v in clf.collate(examples).items() if isinstance(v, torch.Tensor)}
+    embeds = clf.backbone.input_embeddings()(batch["input_ids"])               # (B, T, H)
+    batch["inputs_embeds"] = clf.template.process_embeds(embeds, batch)        # (B, T', H)
+    return batch
+
+
+def _right_pad(t: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, T, ...) -> (B, length, ...) with zeros after (attention mask 0: padded keys get no attention)."""
+    pad = length - t.shape[1]
+    return t if pad == 0 else torch.cat([t, t.new_zeros(t.shape[0], pad, *t.shape[2:])], 1)
+
+
+def _readout(clf: nn.Module, batch: dict[str, torch.Tensor], hidden_all: torch.Tensor,
+             logits_all: torch.Tensor | None) -> torch.Tensor:
+    """Label logits (B, C) from this group's rows of the shared forward, as PromptForClassification reads
+    them: the state at the mask (several masks: (B, M, H)), or the masked mean for readout='mean'."""
+    rows = torch.arange(hidden_all.shape[0], device=hidden_all.device)
+    mask_at = batch["mask_pos"][:, 0]                                          # (B,)
+    if batch["mask_pos"].shape[1] > 1:
+        rows, mask_at = rows[:, None], batch["mask_pos"]                       # (B, M) gathers
+    hidden = hidden_all[rows, mask_at]                                          # (B, H) or (B, M, H)
+    if clf.readout == "mean":
+        keep = batch["attention_mask"][..., None].to(hidden_all.dtype)         # (B, T, 1)
+        hidden = (hidden_all * keep).sum(1) / keep.sum(1).clamp(min=1)         # (B, H)
+    logits = None if logits_all is None else logits_all[rows, mask_at]         # (B, V)
+    return clf.verbalizer.process(hidden, logits, clf.backbone)                # (B, C)
+
+
+@torch.no_grad()
+def predict_mixed(backbone: nn.Module, clfs: dict[str, nn.Module], routes: dict[str, str | None],
+                  rows: Sequence[tuple[str, Any]]) -> list[torch.Tensor]:
+    """Label logits of each (classifier key, example) row, in one mixed batch: rows grouped by classifier for
+    its template, inputs_embeds right-padded and concatenated, the backbone run once with every row routed
+    to its classifier's delta, each group read out by its own verbalizer. -> one (C_k,) tensor per row.
+
+    A classifier that needs more than one forward (see ``_mixable``) runs its rows as its own routed batch."""
+    unknown = sorted({k for k, _ in rows} - set(clfs))
+    if unknown:
+        raise DeltaError(f"rows name classifiers {unknown} that are not loaded; loaded: {list(clfs)}.")
+    groups: dict[str, list[int]] = {}
+    for i, (key, _) in enumerate(rows):
+        groups.setdefault(key, []).append(i)
+    device = next(backbone.parameters()).device
+    was = {k: c.training for k, c in clfs.items()}
+    for c in clfs.values():
+        c.eval()
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    try:
+        mixed = {k: ix for k, ix in groups.items() if _mixable(clfs[k])}
+        for key, ix in groups.items():
+            if key not in mixed:                                                # its own routed batch
+                batch = clfs[key].collate([rows[i][1] for i in ix])
+                with route_rows(backbone, [routes[key]] * len(ix)):
+                    for i, logit in zip(ix, clfs[key](batch)):
+                        out[i] = logit
+        if mixed:
+            _run_mixed(backbone, clfs, routes, rows, mixed, out, device)
+    finally:
+        for k, c in clfs.items():
+            c.train(was[k])
+    return out
+
+
+def _run_mixed(backbone: nn.Module, clfs: dict[str, nn.Module], routes: dict[str, str | None],
+               rows: Sequence[tuple[str, Any]], groups: dict[str, list[int]], out: list, device: torch.device
+               ) -> None:
+    """One backbone forward over the groups' concatenated, right-padded embeddings (see predict_mixed)."""
+    batches = {k: _embed(clfs[k], [rows[i][1] for i in ix], device) for k, ix in groups.items()}
+    length = max(b["inputs_embeds"].shape[1] for b in batches.values())
+    cat = {"inputs_embeds": [], "attention_mask": [], "token_type_ids": []}
+    names: list[str | None] = []
+    for key, b in batches.items():
+        cat["inputs_embeds"].append(_right_pad(b["inputs_embeds"], length))
+        cat["attention_mask"].append(_right_pad(b["attention_mask"], length))
+        tt = b.get("token_type_ids")
+        cat["token_type_ids"].append(_right_pad(tt if tt is not None else b["attention_mask"] * 0, length))
+        names += [routes[key]] * len(groups[key])
+    with route_rows(backbone, names):
+        res = backbone(inputs_embeds=torch.cat(cat["inputs_embeds"]), attention_mask=torch.cat(cat["attention_mask"]),
+                       token_type_ids=torch.cat(cat["token_type_ids"]))
+    start = 0
+    for key, b in batches.items():
+        n, t = len(groups[key]), b["inputs_embeds"].shape[1]
+        logits_all = None if res.logits is None else res.logits[start:start + n, :t]   # (n, T, V)
+        label_logits = _readout(clfs[key], b, res.last_hidden_state[start:start + n, :t], logits_all)
+        for i, logit in zip(groups[key], label_logits):
+            out[i] = logit
+        start += n
+
+
+def predict_many(folders: Sequence[str | Path], examples: Sequence[Any], batch_size: int = 32,
+                 top_k: int | None = None) -> dict[str, Any]:
+    """Every classifier folder predicts every example, the folders sharing one backbone: each mixed batch
+    holds ``batch_size`` (example, classifier) rows. -> {folder as given: Predictions} (``top_k``: the k most
+    probable classes in each row's probs)."""
+    from promptdelta.predict import Predictions, to_examples
+
+    examples = to_examples(examples)                                           # strings, dicts, a Dataset...
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DeltaError(f"batch_size={batch_size!r} must be a positive int; pass e.g. 32.")
+    backbone, clfs, routes = load_many(folders, None)
+    rows = [(k, ex) for ex in examples for k in clfs]
+    logits: list[torch.Tensor] = []
+    for i in range(0, len(rows), batch_size):
+        logits += predict_mixed(backbone, clfs, routes, rows[i:i + batch_size])
+    out = {}
+    for j, (key, clf) in enumerate(clfs.items()):
+        mine = logits[j::len(clfs)]                                           # rows were (example, folder)
+        n_classes = len(clf.verbalizer.classes)
+        out[key] = Predictions(clf.verbalizer.classes, torch.stack(mine).cpu() if mine else torch.zeros(0, n_classes),
+                               top_k)
+    return out

@@ -7,6 +7,7 @@ import pytest
 import torch
 from delta_helpers import V, hf_bert, native_bert
 
+from promptdelta.data.examples import InputExample
 from promptdelta.deltas import attach, deltas_of
 from promptdelta.deltas.mixed import RoutedLinear, add_delta, remove_delta, route_rows, served_deltas
 from promptdelta.errors import DeltaError
@@ -137,3 +138,68 @@ def test_errors_name_the_problem(tmp_path):
     remove_delta(model, "sst2")
     with pytest.raises(DeltaError, match="no banked delta named 'sst2'"):
         remove_delta(model, "sst2")
+
+
+# --------------------------------------------------------------------------------------------- classifiers
+TEXTS = ["a great and moving film", "dull", "the plot was awful but the cast was fine", "good", "meh, it was ok"]
+
+
+def _classifier(folder, tiny_bert_dir, kind: str, seed: int):
+    """A tiny classifier on the tiny BERT (same weights every time), saved to ``folder``; -> its label logits."""
+    import promptdelta as pdl
+    from promptdelta.prompts.registry import save_classifier
+
+    model, tok = pdl.load_backbone(str(tiny_bert_dir))
+    if kind == "soft":
+        template = pdl.ManualTemplate('Review: {"placeholder":"text_a"} All in all {"mask"}.', tokenizer=tok)
+        verbalizer = pdl.SoftVerbalizer(tok, ["neg", "pos", "mixed"], [["bad"], ["good"], ["ok"]], model)
+        clf = pdl.PromptForClassification(model, template, verbalizer, max_length=24, readout="mean")
+    else:
+        template = pdl.ManualTemplate('{"placeholder":"text_a"} It was {"mask"}.', tokenizer=tok)
+        verbalizer = pdl.ManualVerbalizer(tok, classes=["neg", "pos"], label_words=[["bad"], ["good"]])
+        clf = pdl.PromptForClassification(model, template, verbalizer, max_length=32)
+    torch.manual_seed(seed)
+    for p in clf.verbalizer.parameters():
+        p.data.normal_(0, 0.5)
+    if kind != "zero-shot":
+        _randomise(attach(model, "lora", r=2 + seed, alpha=8), seed)       # every folder's delta is "lora"
+    clf.eval()
+    with torch.no_grad():
+        logits = clf(clf.collate([InputExample(t) for t in TEXTS]))
+    save_classifier(clf, folder)
+    return logits
+
+
+def test_predict_many_equals_each_classifier_alone(tiny_bert_dir, tmp_path):
+    """Three classifier folders (two LoRA deltas both saved as "lora", one zero-shot; other templates,
+    verbalizers and readouts) on one backbone: every row of the mixed batches equals the classifier alone."""
+    from promptdelta.deltas.mixed import load_many, predict_many
+
+    kinds = {"a": "manual", "b": "soft", "z": "zero-shot"}
+    want = {str(tmp_path / k): _classifier(tmp_path / k, tiny_bert_dir, kind, i) for i, (k, kind) in
+            enumerate(kinds.items())}
+    got = predict_many(list(want), TEXTS, batch_size=4)                      # batches mix classifiers
+    assert list(got) == list(want)
+    for key, logits in want.items():
+        torch.testing.assert_close(got[key].probs, logits.softmax(-1), rtol=1e-5, atol=1e-5, msg=key)
+        assert got[key].label_ids.tolist() == logits.argmax(-1).tolist()
+    backbone, clfs, routes = load_many(list(want))
+    assert routes == {k: (None if k.endswith("z") else k) for k in want}
+    assert deltas_of(backbone) == {} and all(c.backbone is backbone for c in clfs.values())
+
+
+def test_load_many_refuses_non_lora_and_other_backbones(tiny_bert_dir, tmp_path):
+    import promptdelta as pdl
+    from promptdelta.deltas.mixed import load_many
+    from promptdelta.prompts.registry import save_classifier
+
+    _classifier(tmp_path / "a", tiny_bert_dir, "manual", 0)
+    model, tok = pdl.load_backbone(str(tiny_bert_dir))
+    attach(model, "adapter")
+    template = pdl.ManualTemplate('{"placeholder":"text_a"} It was {"mask"}.', tokenizer=tok)
+    verbalizer = pdl.ManualVerbalizer(tok, classes=["neg", "pos"], label_words=[["bad"], ["good"]])
+    save_classifier(pdl.PromptForClassification(model, template, verbalizer), tmp_path / "bias")
+    with pytest.raises(DeltaError, match=r"carries non-LoRA deltas \['_mixed_1_adapter \(adapter\)'\]"):
+        load_many([tmp_path / "a", tmp_path / "bias"])
+    with pytest.raises(DeltaError, match="distinct classifier folders"):
+        load_many([tmp_path / "a", tmp_path / "a"])
