@@ -15,10 +15,12 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -33,12 +35,15 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "delta.safetensors"
 META_FILE = "delta.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: canonical names, full-weight fingerprint, manifest.json; 1 still loads (warning)
 _STATE_ATTR = "_promptdelta_state"
 _SAMPLES_PER_PARAM = 16
+_FP_CACHE_ATTR = "_promptdelta_fingerprint_cache"
+MANIFEST_FILE = "manifest.json"
+PEFT_CONFIG_FILE = "adapter_config.json"
 __all__ = ["DeltaWrapper", "ModuleSite", "base_named_parameters", "canonical_aliases", "hf_key_table", "iter_sites",
            "match_targets", "native_family", "DeltaMethod", "WrappingMethod", "DeltaHandle", "attach", "load_delta",
-           "deltas_of", "model_fingerprint", "register_delta", "get_delta_method", "wrap_site", "unwrap_sites"]
+           "deltas_of", "model_fingerprint", "canonical_namer", "register_delta", "get_delta_method", "wrap_site", "unwrap_sites"]
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -208,28 +213,87 @@ def _original_overrides(model: nn.Module) -> dict[int, torch.Tensor]:
     return out
 
 
-def _sample(t: torch.Tensor) -> torch.Tensor:
+def canonical_namer(model: nn.Module) -> Callable[[str], str]:
+    """``name -> canonical name`` for module and parameter names of ``model``: the native name on a
+    ``transformers`` model of a family with a key table (``bert.encoder.layer.0.attention.self.query.lora_A``
+    -> ``layers.0.attn.q_proj.lora_A``), the name itself otherwise. Checkpoints and fingerprints use these
+    names so a delta moves between a native backbone and the transformers model with the same weights."""
+    table = hf_key_table(model)
+    if table is None:
+        return lambda key: key
+
+    def name(key: str) -> str:
+        parts = key.split(".")
+        for i in range(len(parts), 0, -1):   # longest module prefix the table knows; the rest is carried over
+            native = table.to_native(".".join(parts[:i]))
+            if native is not None:
+                return ".".join([native, *parts[i:]])
+        return key
+    return name
+
+
+def _transposed_ids(model: nn.Module) -> set[int]:
+    """Weights stored (in, out) (transformers' Conv1D, GPT-2): hashed transposed, as the native (out, in)."""
+    return {id(s.module.weight) for s in iter_sites(model)
+            if type(s.module).__name__ == "Conv1D" and isinstance(getattr(s.module, "weight", None), torch.Tensor)}
+
+
+def _tensor_digest(t: torch.Tensor, transpose: bool = False) -> str:
+    """sha256 of every value (fp32, contiguous, row-major; 2-D ``t`` transposed first if asked)."""
+    t = t.detach().t() if transpose else t.detach()
+    a = t.to("cpu", torch.float32).contiguous()
+    return hashlib.sha256(a.numpy().tobytes()).hexdigest()
+
+
+def _cached_digest(cache: dict[int, tuple[tuple, str]], t: torch.Tensor, transpose: bool) -> str:
+    """Per-tensor digest, reused while the tensor's storage, version counter and a 16-value sample are
+    unchanged (the sample catches writes through ``.data``, which bypass the version counter)."""
     flat = t.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLES_PER_PARAM, flat.numel())).round().long()
-    return flat[idx.to(flat.device)].to("cpu", torch.float32)
+    idx = torch.linspace(0, max(flat.numel() - 1, 0), min(_SAMPLES_PER_PARAM, flat.numel())).round().long()
+    key = (t.data_ptr(), t._version, tuple(t.shape), t.dtype, transpose, flat[idx.to(flat.device)].to("cpu").tolist())
+    hit = cache.get(id(t))
+    if hit is None or hit[0] != key:
+        hit = (key, _tensor_digest(t, transpose))
+        cache[id(t)] = hit
+    return hit[1]
 
 
-def model_fingerprint(model: nn.Module) -> dict[str, str]:
-    """Identify the base model: class name, a hash of its structure and a hash of sampled frozen weights.
+def model_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Identify the base model by its weights under canonical names (native names; see ``canonical_namer``).
 
-    structure = sha256 of the sorted canonical (name, shape) pairs, delta modules excluded.
-    weights   = sha256 of up to 16 evenly spaced values of each parameter (fp32), using each delta's
-                recorded pre-attach values where a delta changed a parameter in place (BitFit, merged LoRA).
+    tensors   = {canonical name: [shape, sha256 of every value (fp32)]}, delta parameters excluded, each
+                delta's recorded pre-attach values used where it changed a parameter in place (BitFit, merged
+                LoRA), Conv1D weights hashed transposed (so native and transformers GPT-2 agree);
+    structure = sha256 of the sorted (name, shape) pairs;  weights = sha256 of the sorted (name, digest) pairs.
+    Digests are cached on the model and recomputed when a tensor changes (data pointer, version counter).
     """
-    params = sorted(base_named_parameters(model), key=lambda kv: kv[0])
+    namer, overrides, transposed = canonical_namer(model), _original_overrides(model), _transposed_ids(model)
+    cache = model.__dict__.setdefault(_FP_CACHE_ATTR, {})
+    tensors: dict[str, list] = {}
+    for own, p in base_named_parameters(model):
+        t = overrides.get(id(p), p)
+        flip = id(p) in transposed and t.dim() == 2
+        tensors[namer(own)] = [list(t.shape)[::-1] if flip else list(t.shape), _cached_digest(cache, t, flip)]
+    h_struct, h_weights = hashlib.sha256(), hashlib.sha256()
+    for name in sorted(tensors):
+        h_struct.update(f"{name}:{tuple(tensors[name][0])};".encode())
+        h_weights.update(f"{name}:{tensors[name][1]};".encode())
+    return {"model_class": type(model).__name__, "structure": h_struct.hexdigest(),
+            "weights": h_weights.hexdigest(), "tensors": tensors}
+
+
+def _legacy_fingerprint(model: nn.Module) -> dict[str, str]:
+    """The format-1 fingerprint (own names, 16 sampled values per tensor), to check folders saved before
+    format 2 against."""
     overrides = _original_overrides(model)
     h_struct, h_weights = hashlib.sha256(), hashlib.sha256()
-    for name, p in params:
+    for name, p in sorted(base_named_parameters(model), key=lambda kv: kv[0]):
         h_struct.update(f"{name}:{tuple(p.shape)};".encode())
         if p.numel():
-            h_weights.update(_sample(overrides.get(id(p), p)).numpy().tobytes())
-    return {"model_class": type(model).__name__, "structure": h_struct.hexdigest(),
-            "weights": h_weights.hexdigest()}
+            flat = overrides.get(id(p), p).detach().reshape(-1)
+            idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLES_PER_PARAM, flat.numel())).round().long()
+            h_weights.update(flat[idx.to(flat.device)].to("cpu", torch.float32).numpy().tobytes())
+    return {"structure": h_struct.hexdigest(), "weights": h_weights.hexdigest()}
 
 
 # --------------------------------------------------------------------------------------------- handle
@@ -350,31 +414,88 @@ class DeltaHandle:
             p.requires_grad_(flag)
         del self.model.__dict__[_STATE_ATTR]
 
-    def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write ``delta.safetensors`` + ``delta.json`` (method, name, config, targets, fingerprint, versions),
-        the delta in its inference form (``DeltaMethod.export_state``)."""
+    def save(self, path: str | Path, overwrite: bool = False, format: str = "promptdelta") -> Path:
+        """Write the delta in its inference form (``DeltaMethod.export_state``) to the folder ``path``.
+
+        format="promptdelta": ``delta.safetensors`` + ``delta.json`` (method, name, config, targets and tensor
+        keys under canonical names, the base model's fingerprint, versions) + ``manifest.json`` (size and
+        sha256 of both, written last). format="peft": PEFT's ``adapter_config.json`` +
+        ``adapter_model.safetensors`` (see ``promptdelta.deltas.peft_format``)."""
         self._check_attached()
-        folder = Path(path)
-        if folder.exists() and not folder.is_dir():
-            raise CheckpointError(f"{folder} exists and is not a folder; pass a folder path for the delta.")
-        if folder.exists() and not overwrite:
-            raise CheckpointError(f"{folder} already exists; pass overwrite=True to replace the delta there, "
-                                  f"or choose another path.")
+        if format == "peft":
+            from promptdelta.deltas.peft_format import save_peft
+            return save_peft(self, path, overwrite=overwrite)
+        if format != "promptdelta":
+            raise CheckpointError(f"unknown delta format {format!r}; use format='promptdelta' or format='peft'.")
+        folder = _prepare_folder(path, overwrite)
         config, tensors = self._method.export_state()
-        tensors = {k: t.detach().contiguous() for k, t in tensors.items()}
+        namer = canonical_namer(self.model)
+        tensors = {namer(k): t.detach().contiguous() for k, t in tensors.items()}
+        for key, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise DeltaError(f"delta {self.name!r}: {key} holds NaN/inf values; it is not worth saving "
+                                 f"(lower the learning rate or check the loss).")
         atomic_save_safetensors(folder / WEIGHTS_FILE, tensors, metadata={"method": self.method, "name": self.name})
-        atomic_write_json(folder / META_FILE, self._meta(config))
+        atomic_write_json(folder / META_FILE, self._meta(config, namer))
+        write_manifest(folder, [WEIGHTS_FILE, META_FILE])
         logger.info("saved delta %r (%d tensors) to %s", self.name, len(tensors), folder)
         return folder
 
-    def _meta(self, config: Any) -> dict[str, Any]:
+    def _meta(self, config: Any, namer: Callable[[str], str]) -> dict[str, Any]:
         import promptdelta
 
         return {"format": FORMAT_VERSION, "method": self.method, "name": self.name,
-                "config": config_to_dict(config), "targets": list(self.targets),
+                "config": config_to_dict(config), "targets": [namer(t) for t in self.targets],
                 "fingerprint": model_fingerprint(self.model),
                 "versions": {"promptdelta": getattr(promptdelta, "__version__", "unknown"),
                              "torch": torch.__version__}}
+
+
+# --------------------------------------------------------------------------------------------- folders
+def _prepare_folder(path: str | Path, overwrite: bool) -> Path:
+    """The folder to write a delta to: refused if it is a file, or exists without ``overwrite=True``."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{folder} exists and is not a folder; pass a folder path for the delta.")
+    if folder.exists() and not overwrite:
+        raise CheckpointError(f"{folder} already exists; pass overwrite=True to replace the delta there, "
+                              f"or choose another path.")
+    return folder
+
+
+def _digest_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(folder: Path, names: Sequence[str]) -> Path:
+    """``manifest.json``: size and sha256 of each file in ``names`` (written last, atomically)."""
+    files = {n: {"bytes": (folder / n).stat().st_size, "sha256": _digest_file(folder / n)} for n in names}
+    return atomic_write_json(folder / MANIFEST_FILE, {"format": FORMAT_VERSION, "files": files})
+
+
+def verify_manifest(folder: Path, names: Sequence[str], required: bool) -> None:
+    """Check every file in ``names`` against ``manifest.json``; a missing manifest raises when ``required``,
+    else logs a warning (folders written before the manifest existed)."""
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        if required:
+            raise CheckpointError(f"{path} is missing, so the delta's files cannot be verified; save the "
+                                  f"delta again with handle.save().")
+        logger.warning("%s has no %s (saved by an older promptdelta): loading it without a checksum check; "
+                       "save it again to add one", folder, MANIFEST_FILE)
+        return
+    try:
+        files = json.loads(path.read_text(encoding="utf-8"))["files"]
+        entries = {n: (int(files[n]["bytes"]), str(files[n]["sha256"])) for n in names}
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a valid manifest ({type(exc).__name__}: {exc}); save the delta "
+                              f"again.") from None
+    for n, (size, sha) in entries.items():
+        f = folder / n
+        if f.stat().st_size != size or _digest_file(f) != sha:
+            raise CheckpointError(f"{f} does not match its sha256 in {MANIFEST_FILE} (edited, truncated or "
+                                  f"corrupted); save the delta again, or restore the original file.")
 
 
 # --------------------------------------------------------------------------------------------- attach
@@ -450,37 +571,107 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     for fname in (META_FILE, WEIGHTS_FILE):
         if not (folder / fname).is_file():
             raise MissingFileError(f"{folder / fname} is missing; a delta folder needs {META_FILE} and "
-                                   f"{WEIGHTS_FILE} as written by handle.save().")
+                                   f"{WEIGHTS_FILE} as written by handle.save() (or PEFT's {PEFT_CONFIG_FILE}).")
     try:
         meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{folder / META_FILE} is not valid JSON ({exc}); save the delta again.") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{folder / META_FILE} holds a {type(meta).__name__}, not an object; save the delta again.")
     for key in ("method", "name", "config", "targets", "fingerprint"):
         if key not in meta:
             raise CheckpointError(f"{folder / META_FILE} lacks the key {key!r}; save the delta again.")
+    _check_meta_types(meta, folder / META_FILE)
     return meta
+
+
+def _check_meta_types(meta: dict[str, Any], where: Path) -> None:
+    """Types of delta.json's own fields, and the format version this promptdelta reads."""
+    version = meta.get("format", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointError(f"{where}: format {version!r} is not one this promptdelta reads (1..{FORMAT_VERSION}); "
+                              f"load it with the promptdelta version that wrote it, or save the delta again.")
+    expected = {"method": str, "name": str, "config": dict, "targets": list, "fingerprint": dict}
+    for key, typ in expected.items():
+        if not isinstance(meta[key], typ) or (typ is str and not meta[key]):
+            raise CheckpointError(f"{where}: {key!r} must be a {'non-empty ' if typ is str else ''}{typ.__name__}, "
+                                  f"not {meta[key]!r:.60}; save the delta again.")
+    if not all(isinstance(t, str) for t in meta["targets"]):
+        raise CheckpointError(f"{where}: 'targets' must list module names (strings); save the delta again.")
+
+
+def _config_from_meta(cls: type[DeltaMethod], cfg: dict[str, Any], where: Path) -> dict[str, Any]:
+    """Check each saved config value against the type of the method's default (bool, int, float, str,
+    list) and that numbers are finite, before the config's own range checks run."""
+    fields = {f.name: f for f in dataclasses.fields(cls.config_cls)}
+    for key, value in cfg.items():
+        f = fields.get(key)
+        if f is None:
+            raise CheckpointError(f"{where}: config key {key!r} is unknown to delta method {cls.__name__} "
+                                  f"(known: {sorted(fields)}); save the delta again with this promptdelta.")
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")   # "float", "list[str] | str"
+        ok = {"bool": lambda v: isinstance(v, bool),
+              "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "str": lambda v: isinstance(v, str)}.get(kind.replace(" ", "").replace("|None", ""), lambda v: True)
+        if kind.startswith("list") or "| list" in kind:
+            ok = lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))  # noqa: E731
+        if not ok(value) and not (value is None and "None" in kind):
+            raise CheckpointError(f"{where}: config {key}={value!r:.60} should be of type {kind}; fix delta.json "
+                                  f"or save the delta again.")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CheckpointError(f"{where}: config {key}={value!r} is not a finite number; fix delta.json or "
+                                  f"save the delta again.")
+    return cfg
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises its own SafetensorError / OSError on bad files
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); it is corrupt or "
                               f"truncated: save the delta again.") from exc
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: tensor {key} holds NaN/inf values; the delta is corrupt or diverged "
+                                  f"in training: save a good one again.")
+    return tensors
 
 
-def _check_fingerprint(model: nn.Module, saved: dict[str, str], folder: Path, strict: bool) -> None:
-    here = model_fingerprint(model)
+def _check_fingerprint(model: nn.Module, saved: dict[str, Any], folder: Path, strict: bool,
+                       targets: Sequence[str]) -> None:
+    """Compare the model's weights with those the delta was made for, tensor by tensor under canonical names.
+
+    Architectures differ (error) when no tensor is shared, a shared tensor's shape differs, or a target
+    module's weights are missing here; other values (another checkpoint) are an error unless ``strict=False``.
+    """
+    if "tensors" not in saved:   # format 1: own names, sampled weights
+        here: dict[str, Any] = {"model_class": type(model).__name__, **_legacy_fingerprint(model)}
+        other = saved.get("weights") != here["weights"]
+        differ = saved.get("structure") != here["structure"]
+        detail = ""
+    else:
+        here = model_fingerprint(model)
+        want, have = saved["tensors"], here["tensors"]
+        if not isinstance(want, dict):
+            raise CheckpointError(f"{folder / META_FILE}: fingerprint.tensors is not an object; save the delta again.")
+        common = [n for n in want if n in have]
+        needed = [n for n in want if any(n.startswith(t + ".") for t in targets)]
+        differ = (not common or any(n not in have for n in needed)
+                  or any(list(want[n][0]) != list(have[n][0]) for n in common))
+        changed = [n for n in common if want[n][1] != have[n][1]]
+        other = bool(changed)
+        detail = f" ({len(changed)} of {len(common)} tensors differ, e.g. {changed[0]})" if changed else ""
     made_for = f"{saved.get('model_class')} (structure {str(saved.get('structure'))[:12]})"
-    if saved.get("structure") != here["structure"]:
+    if differ:
         raise CheckpointError(f"delta {folder} was made for {made_for}, but this model is {here['model_class']} "
                               f"(structure {here['structure'][:12]}): the architectures differ. Load it onto the "
                               f"model it was trained with.")
-    if saved.get("weights") != here["weights"]:
+    if other:
         msg = (f"delta {folder} was made for a {made_for} with other pretrained weights than this "
-               f"{here['model_class']}; load it onto the checkpoint it was trained with")
+               f"{here['model_class']}{detail}; load it onto the checkpoint it was trained with")
         if strict:
             raise CheckpointError(msg + ", or pass strict=False if you are sure the weights are compatible.")
         logger.warning("%s (loading anyway: strict=False)", msg)
@@ -489,20 +680,42 @@ def _check_fingerprint(model: nn.Module, saved: dict[str, str], folder: Path, st
 def load_delta(model: nn.Module, path: str | Path, name: str | None = None, strict: bool = True) -> DeltaHandle:
     """Re-attach the delta saved in ``path`` to ``model`` with its saved config, and load its weights.
 
+    ``path`` is a promptdelta delta folder (``handle.save``) or a PEFT adapter folder (``adapter_config.json``).
+    The folder's manifest, format version, field types and tensors are checked first; names are canonical,
+    so a delta saved on a native backbone loads onto the transformers model with the same weights and back.
     Refuses (CheckpointError) a checkpoint made for another model; ``strict=False`` lets a model with the
     same structure but other weights through with a warning.
     """
     folder = Path(path)
+    if (folder / PEFT_CONFIG_FILE).is_file() and not (folder / META_FILE).is_file():
+        from promptdelta.deltas.peft_format import load_peft
+        return load_peft(model, folder, name=name)
     meta = _read_meta(folder)
+    verify_manifest(folder, [WEIGHTS_FILE, META_FILE], required=meta.get("format", 1) >= 2)
     tensors = _read_weights(folder / WEIGHTS_FILE)
-    _check_fingerprint(model, meta["fingerprint"], folder, strict)
-    handle = attach(model, meta["method"], name=name or meta["name"], **meta["config"])
+    cls = get_delta_method(meta["method"])
+    config = _config_from_meta(cls, meta["config"], folder / META_FILE)
+    namer = canonical_namer(model)
+    want_targets = [namer(t) for t in meta["targets"]]
+    _check_fingerprint(model, meta["fingerprint"], folder, strict, want_targets)
     try:
-        if handle.targets != list(meta["targets"]):
-            raise CheckpointError(f"delta {folder} was attached to {len(meta['targets'])} modules but its "
+        handle = attach(model, meta["method"], name=name or meta["name"], **config)
+    except (ConfigError, DeltaError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{folder / META_FILE}: its config does not attach ({exc}); fix the file or save "
+                              f"the delta again.") from None
+    try:
+        if [namer(t) for t in handle.targets] != want_targets and "targets" in config:
+            handle.detach()   # the saved pattern means other modules here (a transformers model): name them
+            own = {namer(s.name): s.name for s in iter_sites(model)}
+            exact = "re:(?:" + "|".join(re.escape(own.get(t, t)) for t in want_targets) + ")"
+            handle = attach(model, meta["method"], name=name or meta["name"], **{**config, "targets": exact})
+        if [namer(t) for t in handle.targets] != want_targets:
+            raise CheckpointError(f"delta {folder} was attached to {len(want_targets)} modules but its "
                                   f"config matches {len(handle.targets)} here; load it onto the model it was made for.")
-        handle.load_state_dict(tensors)
+        own_keys = {namer(k): k for k, _ in handle.named_parameters()}
+        handle.load_state_dict({own_keys.get(namer(k), k): t for k, t in tensors.items()})
     except BaseException:
-        handle.detach()
+        if handle.attached:
+            handle.detach()
         raise
     return handle

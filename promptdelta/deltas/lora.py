@@ -31,7 +31,9 @@ class LoRAConfig:
     targets: modules to wrap (default the attention query/value projections, in native names: they also
     fit transformers BERT/RoBERTa/T5, and GPT-2's fused c_attn, which LoRA then adapts as a whole);
     fan_in_fan_out: the targets store their weight as (in, out) (GPT-2 Conv1D; detected automatically);
-    impl: "fused" (the fused LoRA matmul of promptdelta.kernels) or "plain" (base(x) + B A x, for comparison)."""
+    impl: "fused" (the fused LoRA matmul of promptdelta.kernels) or "plain" (base(x) + B A x, for comparison);
+    rslora: scale by alpha / sqrt(r) instead of alpha / r (Kalajdzievski 2023, "A Rank Stabilization Scaling
+    Factor for Fine-Tuning with LoRA"; PEFT's use_rslora)."""
 
     r: int = 8
     alpha: float = 16
@@ -39,6 +41,7 @@ class LoRAConfig:
     targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
     fan_in_fan_out: bool = False
     impl: str = "fused"
+    rslora: bool = False
 
     def __post_init__(self) -> None:
         if self.impl not in ("fused", "plain"):
@@ -46,13 +49,15 @@ class LoRAConfig:
                               f"default) or 'plain' (separate modules, for comparison).")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ConfigError(f"LoRA r={self.r!r} must be an integer >= 1; use e.g. r=8.")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) \
+                or self.alpha <= 0:
             raise ConfigError(f"LoRA alpha={self.alpha!r} must be a positive number; use e.g. alpha=16.")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"LoRA dropout={self.dropout!r} must be in [0, 1); use e.g. dropout=0.1.")
-        if not isinstance(self.fan_in_fan_out, bool):
-            raise ConfigError(f"LoRA fan_in_fan_out={self.fan_in_fan_out!r} must be True or False.")
+        for key in ("fan_in_fan_out", "rslora"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"LoRA {key}={getattr(self, key)!r} must be True or False.")
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -68,19 +73,20 @@ class LoRALinear(DeltaWrapper):
         base: the ``nn.Linear`` (or transformers ``Conv1D``) to adapt; it is not copied.
         r: rank of the update. alpha: scale numerator. dropout: dropout probability on the LoRA input.
         fan_in_fan_out: ``base.weight`` is stored as (in, out) (true for Conv1D).
+        rslora: scale by alpha / sqrt(r) (rank-stabilised LoRA) instead of alpha / r.
     """
 
     impl: str = "fused"   # class default; each instance sets its own from LoRAConfig.impl
 
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 fan_in_fan_out: bool = False, impl: str = "fused") -> None:
+                 fan_in_fan_out: bool = False, impl: str = "fused", rslora: bool = False) -> None:
         super().__init__()
         self.base = base
         self.impl = impl          # "fused": promptdelta.kernels.lora_linear; "plain": base(x) + B A x
         self.fan_in_fan_out = fan_in_fan_out
         w = base.weight
         self.out_features, self.in_features = (w.shape[1], w.shape[0]) if fan_in_fan_out else w.shape
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.r, self.alpha, self.scaling = r, alpha, alpha / (math.sqrt(r) if rslora else r)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))   # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=w.dtype))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -161,7 +167,8 @@ class LoRA(WrappingMethod):
             conv = _is_conv1d(s.module)
             if conv and not c.fan_in_fan_out:
                 logger.debug("%s is a Conv1D: using fan_in_fan_out=True", s.name)
-            self._wrap(s, LoRALinear(s.module, c.r, c.alpha, c.dropout, fan_in_fan_out=conv, impl=c.impl))
+            self._wrap(s, LoRALinear(s.module, c.r, c.alpha, c.dropout, fan_in_fan_out=conv, impl=c.impl,
+                                     rslora=c.rslora))
 
     def named_delta_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(f"{s.name}.{k}", p) for s, w in self.sites for k, p in (("lora_A", w.lora_A), ("lora_B", w.lora_B))]
