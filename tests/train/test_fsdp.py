@@ -111,8 +111,10 @@ def test_fsdp_two_gloo_ranks_match_one_process(tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
 
     # same final weights (LoRA, head) and untouched frozen weights, gathered from the shards
+    # (sharded reductions sum in another order: after 9 Adam steps at lr 0.05 an element of ~0.25 was seen
+    # 3.4e-6 apart on one host, so 1e-5 absolute; a wrong shard or a missed update is off by ~1e-2)
     for name, value in model.state_dict().items():
-        torch.testing.assert_close(fsdp["weights"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(fsdp["weights"][name], value, rtol=1e-5, atol=1e-5, msg=name)
     assert torch.equal(fsdp["weights"]["backbone.layers.0.attn.q_proj.base.weight"],
                        build().backbone.layers[0].attn.q_proj.base.weight)
 
@@ -140,10 +142,10 @@ def test_fsdp_two_gloo_ranks_match_one_process(tmp_path):
     assert len([k for k in ref if k.endswith(".exp_avg")]) == len(grads)
     for key, value in ref.items():
         if not key.startswith("rng."):
-            torch.testing.assert_close(tensors[key], value, rtol=1e-5, atol=1e-6, msg=key)
+            torch.testing.assert_close(tensors[key], value, rtol=1e-5, atol=1e-5, msg=key)
     resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
     for name, value in model.state_dict().items():
-        torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_fsdp_units_are_the_layers():
