@@ -270,3 +270,190 @@ def test_registered_family():
     assert stack.heads == 2 and stack.modules == ("layers.0.attn", "layers.1.attn")
     assert fam.layer_stacks(model)[0] is model.layers
     assert fam.key_table(model.config).to_native("model.layers.1.mlp.up_proj.weight") == "layers.1.mlp.fc1.weight"
+
+
+# --------------------------------------------------------------------------------------------- deltas on it
+DELTAS = [("lora", {}), ("lora", {"r": 4, "targets": "all-linear"}), ("adapter", {"placement": "houlsby"}),
+          ("adapter", {"placement": "pfeiffer"}), ("adapter", {"placement": "parallel"}), ("bitfit", {}),
+          ("prefix", {}), ("ladder", {}), ("intrinsic", {})]
+DELTA_IDS = ["lora", "lora-all-linear", "adapter-houlsby", "adapter-pfeiffer", "adapter-parallel", "bitfit",
+             "prefix", "ladder", "intrinsic"]
+
+
+def _native(name: str = "llama") -> LlamaModel:
+    return LlamaModel.from_hf(_hf(name)).eval()
+
+
+def _out(model, grad: bool = False) -> torch.Tensor:
+    ids, mask = _left_padded([7, 4], total=7, seed=11)
+    with torch.set_grad_enabled(grad):
+        return model(ids, attention_mask=mask).logits[mask.bool()]   # (real tokens, V)
+
+
+@pytest.mark.parametrize("method, cfg", DELTAS, ids=DELTA_IDS)
+def test_delta_invariants_on_native_llama(method, cfg):
+    from promptdelta.deltas import attach, deltas_of
+
+    model = _native()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    base = _out(model)
+    handle = attach(model, method, **cfg)
+    assert handle.targets and handle.num_parameters() > 0
+    if method == "prefix":   # attending to extra keys moves the softmax; disabled gives the base back
+        with handle.disabled():
+            assert torch.equal(_out(model), base)
+    elif method == "lora":   # B = 0; only the fused kernel's rounding may differ
+        torch.testing.assert_close(_out(model), base, rtol=1e-5, atol=1e-6)
+    else:                    # zero-initialised: exactly the base model
+        assert torch.equal(_out(model), base)
+    delta = {id(p) for p in handle.parameters()}
+    assert {id(p) for p in model.parameters() if p.requires_grad} == delta
+    with torch.no_grad():    # non-trivial delta parameters
+        for p in handle.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    _out(model, grad=True).square().mean().backward()
+    assert all(p.grad is None for p in model.parameters() if id(p) not in delta)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in handle.parameters())
+    assert not torch.allclose(_out(model), base)
+    handle.detach()
+    assert deltas_of(model) == {} and all(p.requires_grad for p in model.parameters())
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    assert torch.equal(_out(model), base)
+
+
+def test_bitfit_adds_zero_biases_to_the_bias_free_llama():
+    from promptdelta.deltas import attach
+
+    model = _native()
+    assert model.layers[0].attn.q_proj.bias is None
+    handle = attach(model, "bitfit")
+    names = " ".join(handle.targets)
+    assert "q_proj" in names and "mlp.fc2" in names   # attention and FFN linears got biases
+
+
+def test_lora_uses_the_fused_kernel_and_saves_and_loads(tmp_path):
+    from promptdelta.deltas import attach, load_delta
+
+    model = _native()
+    handle = attach(model, "lora", r=4)
+    assert handle.config.impl == "fused" and handle.targets == [f"layers.{i}.attn.{p}" for i in range(2)
+                                                                  for p in ("q_proj", "v_proj")]
+    with torch.no_grad():
+        for p in handle.parameters():
+            p.normal_(0, 0.05)
+    expected = _out(model)
+    handle.save(tmp_path / "d")
+    fresh = _native()
+    load_delta(fresh, tmp_path / "d")
+    assert torch.equal(_out(fresh), expected)
+    handle.merge()
+    torch.testing.assert_close(_out(model), expected, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- prompt models
+CORPUS = ["the movie was great and good fun.", "a terrible and awful film.", "It was wonderful!",
+          "It was horrible?", "I loved the plot, it was good", "I hated the acting, it was bad",
+          "Question: was it good? Answer: yes it was great", "Answer: no"]
+
+
+@pytest.fixture(scope="module")
+def llama_tok():
+    """A Llama-style tokenizer trained here: byte-level BPE, <s> prepended, </s> = EOS, no pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tk.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def llama_lm(llama_tok):
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{
+        **_BASE, "vocab_size": len(llama_tok), "pad_token_id": None})).eval()
+    return hf, load_backbone(hf, tokenizer=llama_tok)[0]
+
+
+def _clf(tok, backbone, words):
+    from promptdelta.prompts import ManualTemplate, ManualVerbalizer, PromptForClassification
+
+    template = ManualTemplate('{"placeholder":"text_a"} It was {"mask"}', tok)
+    assert template.kind == "clm"
+    return PromptForClassification(backbone, template, ManualVerbalizer(tok, ["neg", "pos"], words),
+                                   max_length=48).eval()
+
+
+@torch.no_grad()
+def test_classification_single_token_words_read_the_last_real_token(llama_tok, llama_lm):
+    from promptdelta.data.examples import InputExample
+
+    hf, backbone = llama_lm
+    clf = _clf(llama_tok, backbone, [["it"], ["good"]])   # one token each
+    assert not clf.uses_sequence_scoring
+    examples = [InputExample("the movie was great", label=1), InputExample("a terrible and awful film", label=0)]
+    batch = clf.collate(examples)
+    scores = clf(batch)                                            # (B, 2) label log-probabilities
+    ids = [llama_tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in ("it", "good")]
+    for i in range(len(examples)):
+        n = int(batch["attention_mask"][i].sum())
+        real = batch["input_ids"][i][batch["attention_mask"][i].bool()][None]
+        want = hf(real).logits[0, -1, ids].log_softmax(-1)         # transformers on the unpadded prompt
+        torch.testing.assert_close(scores[i], want, atol=1e-5, rtol=1e-5)
+        assert n == real.shape[1]
+
+
+@torch.no_grad()
+def test_classification_multi_token_words_score_the_sequence_likelihood(llama_tok, llama_lm):
+    from promptdelta.data.examples import InputExample
+
+    hf, backbone = llama_lm
+    words = [["terrible", "horrible"], ["wonderful", "good fun"]]
+    clf = _clf(llama_tok, backbone, words)
+    assert clf.uses_sequence_scoring and clf.verbalizer.token_mask.sum(-1).max() > 1
+    examples = [InputExample("I loved the plot", label=1), InputExample("awful", label=0)]
+    batch = clf.collate(examples)
+    got = clf.label_word_scores(batch)                             # (B, C, W)
+    for i in range(len(examples)):
+        prompt = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
+        for c, ws in enumerate(words):
+            for w, word in enumerate(ws):
+                ids = llama_tok(" " + word, add_special_tokens=False)["input_ids"]
+                lp = hf(torch.tensor([prompt + ids])).logits[0].log_softmax(-1)
+                want = sum(lp[len(prompt) - 1 + j, t] for j, t in enumerate(ids))
+                torch.testing.assert_close(got[i, c, w], want, atol=1e-4, rtol=1e-4)
+
+
+def test_generation_loss_matches_transformers_and_generate_matches_the_backbone(llama_tok, llama_lm):
+    from promptdelta.backbones.generation import GenerationConfig
+    from promptdelta.data.examples import InputExample
+    from promptdelta.prompts import ManualTemplate, PromptForGeneration
+
+    hf, backbone = llama_lm
+    model = PromptForGeneration(backbone, ManualTemplate('Question: {"placeholder":"text_a"} Answer: {"mask"}',
+                                                         llama_tok), max_length=40).eval()
+    examples = [InputExample("was it good?", meta={"target": "yes it was great"}),
+                InputExample("was the film terrible and awful?", meta={"target": "no"})]
+    batch = model.collate(examples)
+    with torch.no_grad():
+        loss, logits = model.loss(batch)
+        pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        want = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=pos,
+                  labels=batch["labels"])
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[real], want.logits[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, want.loss, atol=1e-5, rtol=1e-5)
+    cfg = GenerationConfig(max_new_tokens=6, eos_token_id=llama_tok.eos_token_id)
+    together = model.generate_ids(model.prompt_batch(examples), cfg)
+    for i, ex in enumerate(examples):
+        prompt = model.prompt_batch([ex])["input_ids"]
+        alone = backbone.generate(prompt, max_new_tokens=6, eos_token_id=llama_tok.eos_token_id)[0, prompt.shape[1]:]
+        ref = hf.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=llama_tok.eos_token_id,
+                          pad_token_id=llama_tok.eos_token_id)[0, prompt.shape[1]:]
+        assert alone.tolist() == ref.tolist()
+        assert together[i, :len(alone)].tolist() == alone.tolist()
