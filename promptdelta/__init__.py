@@ -17,9 +17,14 @@ from promptdelta.prompts import (KnowledgeableVerbalizer, ManualTemplate, Manual
                                  MultiMaskVerbalizer, PromptForClassification, PromptForGeneration,
                                  ProtoVerbalizer, PtuningTemplate, SoftTemplate, SoftVerbalizer, Template,
                                  Verbalizer)
+from promptdelta.predict import Prediction, Predictions
+from promptdelta.prompts.registry import (build_classifier, build_template, build_verbalizer, register_template,
+                                          register_verbalizer, registered_templates, registered_verbalizers)
 from promptdelta.train import Trainer, TrainConfig
 
 __all__ = [
+    "build_classifier", "build_template", "build_verbalizer", "register_template", "register_verbalizer",
+    "registered_templates", "registered_verbalizers", "Prediction", "Predictions",
     "__version__", "data", "load_backbone", "attach", "load_delta", "deltas_of", "DeltaHandle",
     "ManualTemplate", "MixedTemplate", "SoftTemplate", "PtuningTemplate", "Template", "ManualVerbalizer",
     "SoftVerbalizer", "KnowledgeableVerbalizer", "ProtoVerbalizer", "MultiMaskVerbalizer", "Verbalizer",

@@ -176,8 +176,9 @@ def load_task(suite: Suite, task: str, shots: int, seed: int) -> Data:
 
 def build_prompt_model(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any, classes: list[str],
                        lr: float | None = None) -> torch.nn.Module:
-    """PromptForClassification = template x verbalizer x delta on a fresh copy of ``base``."""
-    from promptdelta.prompts import PromptForClassification
+    """PromptForClassification = template x verbalizer x delta on a fresh copy of ``base``, assembled through
+    the prompt registry exactly as ``promptdelta run`` does (same order, so the same seeded initialisation)."""
+    from promptdelta.prompts.registry import build_classifier
     from promptdelta.run import apply_delta, build_template, build_verbalizer
 
     config = suite.run_config(spec.task, spec.method, spec.shots, spec.seed, lr)
@@ -186,8 +187,8 @@ def build_prompt_model(suite: Suite, spec: RunSpec, base: torch.nn.Module, token
     template = build_template(config, tokenizer, model)
     verbalizer = build_verbalizer(config, tokenizer, classes, model)
     apply_delta(model, config.delta)
-    return PromptForClassification(model, template, verbalizer, max_length=config.max_length,
-                                   readout=config.readout)
+    return build_classifier(model, tokenizer, classes, template, verbalizer, max_length=config.max_length,
+                            readout=config.readout)
 
 
 def _make_model(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any,

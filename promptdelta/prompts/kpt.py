@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from promptdelta.errors import CheckpointError, MissingFileError, VerbalizerError
+from promptdelta.prompts.registry import check_options, label_words_option, register_verbalizer
 from promptdelta.prompts.verbalizer import LabelWords, ManualVerbalizer, normalise_label_words, tokenize_word
 from promptdelta.utils.io import atomic_save_safetensors, atomic_write_json
 
@@ -305,3 +306,20 @@ def refine_with_support(clf: Any, support: Sequence[Any], threshold: float | Non
     if calibrate:
         v.set_calibration(prior_from_log_probs(word_log_probs(clf, support, batch_size)))
     return v
+
+
+# --- registry: how the builder makes a KnowledgeableVerbalizer, and the options a classifier folder rebuilds it from
+def _build_kpt(tokenizer: Any, classes: list[str] | None, options: dict[str, Any],
+               backbone: Any) -> KnowledgeableVerbalizer:
+    words = label_words_option(options, tokenizer, classes)
+    return KnowledgeableVerbalizer(tokenizer, classes=classes, label_words=words,
+                                   **check_options("verbalizer", KnowledgeableVerbalizer, options))
+
+
+def _export_kpt(v: KnowledgeableVerbalizer) -> dict[str, Any]:
+    # the refined words, already without shared ones: removing shared words again could only drop more
+    return {"label_words": v.label_words, "multi_token_handler": v.multi_token_handler, "prefix": v.prefix,
+            "max_token_split": v.max_token_split, "remove_shared": False, "temperature": v.temperature}
+
+
+register_verbalizer("kpt", KnowledgeableVerbalizer, _build_kpt, _export_kpt, config_keys=("label_words",))

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -32,6 +33,9 @@ from torch.nn import functional as F
 from promptdelta.errors import DataError, TemplateError, VerbalizerError
 from promptdelta.prompts.template import Template
 from promptdelta.prompts.verbalizer import Verbalizer
+
+if TYPE_CHECKING:
+    from promptdelta.predict import Predictions
 
 logger = logging.getLogger(__name__)
 
@@ -236,14 +240,35 @@ class PromptForClassification(nn.Module):
             loss = loss + extra(hidden, labels)
         return loss, logits
 
-    @torch.no_grad()
-    def predict(self, examples: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
-        """Predicted class ids (N,) as a LongTensor on CPU; runs in eval mode, then restores the mode."""
-        was_training = self.training
-        self.eval()
-        try:
-            preds = [self(self.collate(examples[i:i + batch_size])).argmax(-1).cpu()
-                     for i in range(0, len(examples), batch_size)]
-        finally:
-            self.train(was_training)
-        return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    def predict(self, inputs: Any, batch_size: int = 32, top_k: int | None = None,
+                delta: Sequence[str | None] | None = None, progress: bool = False,
+                columns: Mapping[str, str] | None = None) -> Predictions:
+        """Labels and class probabilities of ``inputs`` (strings, dicts, InputExamples, a datasets.Dataset or a
+        pandas DataFrame), in input order: sorted by length into batches, eval mode and inference mode,
+        mergeable deltas merged for the call (mode and merge state restored). ``delta``: one attached delta
+        name per row (None: base only), served in mixed batches by ``promptdelta.deltas.mixed.route_rows``.
+        ``columns``: {"text": "review", "text_b": ...} for dict rows. See ``promptdelta.predict``."""
+        from promptdelta.predict import predict
+
+        return predict(self, inputs, batch_size=batch_size, top_k=top_k, delta=delta, progress=progress,
+                       columns=columns)
+
+    def save_pretrained(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write this classifier as a folder: template, verbalizer (words, weights, calibration), readout,
+        max length, every attached delta, the tokenizer, the backbone's identity and fingerprint (safetensors +
+        JSON, atomically). An existing classifier is replaced only with ``overwrite=True``."""
+        from promptdelta.prompts.registry import save_classifier
+
+        return save_classifier(self, path, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, backbone: nn.Module | None = None, tokenizer: Any = None,
+                        delta_names: Mapping[str, str] | None = None) -> PromptForClassification:
+        """Load a folder written by ``save_pretrained`` (or a ``promptdelta run`` seed folder).
+
+        ``backbone=None`` loads the recorded backbone (preset, folder or hub id) with ``pd.load_backbone``; a
+        given backbone must have the recorded fingerprint, and the folder's deltas are attached to it (renamed
+        by ``delta_names`` {saved: new}). ``tokenizer=None`` uses the folder's own."""
+        from promptdelta.prompts.registry import load_classifier
+
+        return load_classifier(path, backbone=backbone, tokenizer=tokenizer, delta_names=delta_names)

@@ -32,6 +32,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from promptdelta.errors import VerbalizerError
+from promptdelta.prompts.registry import (build_verbalizer, check_options, need_backbone, register_verbalizer,
+                                         verbalizer_spec)
 from promptdelta.prompts.verbalizer import ManualVerbalizer, Verbalizer
 
 logger = logging.getLogger(__name__)
@@ -139,3 +141,22 @@ class ProtoVerbalizer(Verbalizer):
                 total += loss.detach().item() * len(idx)
             history.append(total / len(hidden))
         return history
+
+
+# --- registry: how the builder makes a ProtoVerbalizer, and the options a classifier folder rebuilds it from -----
+def _build_proto(tokenizer: Any, classes: list[str] | None, options: dict[str, Any], backbone: Any) -> ProtoVerbalizer:
+    """``manual``: an optional {"kind", "options"} verbalizer combined with the prototypes (product of experts)."""
+    manual = options.pop("manual", None)
+    if manual is not None:
+        manual = build_verbalizer(manual["kind"], tokenizer, classes, manual.get("options"), backbone)
+    hidden = need_backbone(backbone, "proto verbalizer").config.hidden_size
+    return ProtoVerbalizer(classes, hidden_size=hidden, manual=manual,
+                           **check_options("verbalizer", ProtoVerbalizer, options, taken=("manual",)))
+
+
+def _export_proto(v: ProtoVerbalizer) -> dict[str, Any]:
+    return {"proto_dim": v.head.out_features, "temperature": v.temperature, "manual_weight": v.manual_weight,
+            "manual": None if v.manual is None else verbalizer_spec(v.manual)}
+
+
+register_verbalizer("proto", ProtoVerbalizer, _build_proto, _export_proto)

@@ -27,6 +27,7 @@ from torch import nn
 
 from promptdelta.errors import CheckpointError, MissingFileError, TemplateError
 from promptdelta.prompts.dsl import Piece, parse_template, read_template_line
+from promptdelta.prompts.registry import register_template, template_text
 from promptdelta.prompts.template import ManualTemplate
 from promptdelta.utils.io import atomic_save_safetensors
 
@@ -302,3 +303,35 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file ({err}); save it again with "
                               f"template.save()") from None
+
+
+# --- registry: how the builder makes the soft templates, and the options a classifier folder rebuilds them from --
+def _build_mixed(tokenizer: Any, classes: list[str] | None, options: dict[str, Any], backbone: Any) -> MixedTemplate:
+    text, kw = template_text(options, MixedTemplate)
+    return MixedTemplate(text, tokenizer=tokenizer, backbone=backbone, **kw)
+
+
+def _build_soft(tokenizer: Any, classes: list[str] | None, options: dict[str, Any], backbone: Any) -> SoftTemplate:
+    options.setdefault("text", DEFAULT_SOFT_TEXT)
+    text, kw = template_text(options, SoftTemplate)
+    return SoftTemplate(text, tokenizer=tokenizer, backbone=backbone, **kw)
+
+
+def _build_ptuning(tokenizer: Any, classes: list[str] | None, options: dict[str, Any],
+                   backbone: Any) -> PtuningTemplate:
+    text, kw = template_text(options, PtuningTemplate)
+    return PtuningTemplate(text, tokenizer=tokenizer, backbone=backbone, **kw)
+
+
+def _export_soft(template: SoftTemplate) -> dict[str, Any]:
+    # the prompt-tuning vectors are written before the text as one soft piece; the saved vectors replace the
+    # initial ones on load, so the cheapest init is recorded
+    head = f'{{"soft": null, "duplicate": {template.num_tokens}}} '
+    return {"text": template.text[len(head):], "num_tokens": template.num_tokens, "init": "random",
+            "kind": template.kind}
+
+
+register_template("mixed", MixedTemplate, _build_mixed, lambda t: {"text": t.text, "kind": t.kind})
+register_template("soft", SoftTemplate, _build_soft, _export_soft)
+register_template("ptuning", PtuningTemplate, _build_ptuning,
+                  lambda t: {"text": t.text, "prompt_encoder": t.prompt_encoder, "kind": t.kind})

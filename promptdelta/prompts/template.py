@@ -27,6 +27,7 @@ from torch import nn
 
 from promptdelta.errors import TemplateError
 from promptdelta.prompts.dsl import POST_PROCESSING, Piece, parse_template, read_template_line
+from promptdelta.prompts.registry import register_template, template_text
 
 logger = logging.getLogger(__name__)
 
@@ -422,3 +423,21 @@ def _special_frame(tokenizer: Any, kind: str = "mlm", mask_token: str | None = N
         framed = list(tokenizer(mask_token or tokenizer.mask_token, add_special_tokens=True)["input_ids"])
     at = framed.index(mask_id)
     return framed[:at], framed[at + 1:]
+
+
+# --- registry: how the builder makes a ManualTemplate, and the options a classifier folder rebuilds it from ----
+def _build_manual(tokenizer: Any, classes: list[str] | None, options: dict[str, Any], backbone: Any) -> Template:
+    text, kw = template_text(options, ManualTemplate)
+    return ManualTemplate(text, tokenizer=tokenizer, **kw)
+
+
+def _export_manual(template: ManualTemplate) -> dict[str, Any]:
+    custom = sorted({p.post_processing for p in template.pieces if p.post_processing is not None}
+                    - set(BUILTIN_POST_PROCESSING))
+    if custom:   # a user function is code, not data: it cannot be written into a classifier folder
+        raise TemplateError(f"post_processing {custom} of {template.text!r} are user functions and cannot be saved; "
+                            f"use the built-in ones ({', '.join(BUILTIN_POST_PROCESSING)}) in a saved classifier")
+    return {"text": template.text, "kind": template.kind}
+
+
+register_template("manual", ManualTemplate, _build_manual, _export_manual)

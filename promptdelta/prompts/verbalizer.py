@@ -36,6 +36,8 @@ from torch import nn
 
 from promptdelta.errors import VerbalizerError
 from promptdelta.prompts.dsl import read_prompt_file
+from promptdelta.prompts.registry import (build_verbalizer, check_options, label_words_option, need_backbone,
+                                         register_verbalizer, verbalizer_spec)
 
 logger = logging.getLogger(__name__)
 
@@ -403,3 +405,49 @@ def _pick(options: list[Any], choice: int, path: Path) -> Any:
         raise VerbalizerError(f"choice={choice!r} but {str(path)!r} has {len(options)} verbalizer(s); pass "
                               f"choice in 0..{len(options) - 1}")
     return options[choice]
+
+
+# --- registry: how the builder makes these verbalizers, and the options a classifier folder rebuilds them from ---
+def _build_manual(tokenizer: Any, classes: list[str] | None, options: dict[str, Any],
+                  backbone: Any) -> ManualVerbalizer:
+    words = label_words_option(options, tokenizer, classes)
+    return ManualVerbalizer(tokenizer, classes=classes, label_words=words,
+                            **check_options("verbalizer", ManualVerbalizer, options))
+
+
+def _export_manual(v: ManualVerbalizer) -> dict[str, Any]:
+    return {"label_words": v.label_words, "multi_token_handler": v.multi_token_handler, "prefix": v.prefix}
+
+
+def _build_soft(tokenizer: Any, classes: list[str] | None, options: dict[str, Any], backbone: Any) -> SoftVerbalizer:
+    words = label_words_option(options, tokenizer, classes)
+    backbone = need_backbone(backbone, "soft verbalizer")
+    return SoftVerbalizer(tokenizer, classes=classes, label_words=words, backbone=backbone,
+                          **check_options("verbalizer", SoftVerbalizer, options))
+
+
+def _build_multi_mask(tokenizer: Any, classes: list[str] | None, options: dict[str, Any],
+                      backbone: Any) -> MultiMaskVerbalizer:
+    """``verbalizers``: one {"kind", "options"} per mask, or ``label_words``: one label-word set per mask
+    (ManualVerbalizers; the other options, e.g. multi_token_handler, go to each)."""
+    weights, parts = options.pop("weights", None), options.pop("verbalizers", None)
+    if parts is None:
+        per_mask = options.pop("label_words", None)
+        if not isinstance(per_mask, (list, tuple)) or len(per_mask) < 2:
+            raise VerbalizerError(f"multi_mask needs label_words with one label-word set per mask (at least 2), "
+                                  f"got {per_mask!r}; e.g. label_words=[[['bad'], ['good']], [['no'], ['yes']]]")
+        parts = [{"kind": "manual", "options": {**options, "label_words": lw}} for lw in per_mask]
+    elif options:
+        raise VerbalizerError(f"multi_mask options {sorted(options)} are not used with verbalizers=[...]; put them "
+                              f"in each verbalizer's options")
+    return MultiMaskVerbalizer([build_verbalizer(p["kind"], tokenizer, classes, p.get("options"), backbone)
+                                for p in parts], weights)
+
+
+register_verbalizer("manual", ManualVerbalizer, _build_manual, _export_manual,
+                    config_keys=("label_words", "multi_token_handler"))
+register_verbalizer("soft", SoftVerbalizer, _build_soft, lambda v: {"label_words": v.label_words},
+                    config_keys=("label_words",))
+register_verbalizer("multi_mask", MultiMaskVerbalizer, _build_multi_mask,
+                    lambda v: {"verbalizers": [verbalizer_spec(m) for m in v.verbalizers], "weights": v.weights},
+                    config_keys=("label_words", "multi_token_handler"))
