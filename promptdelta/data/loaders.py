@@ -10,6 +10,12 @@ Sources ``load`` understands:
 - ``"builtin:demo"`` (or ``"demo"``): the bundled demo task (``promptdelta/data/builtin/demo``).
 - ``datasets``: a folder written by ``save_to_disk``, a ``Dataset``/``DatasetDict`` object, or a hub name
   (only where a hub is reachable). Class names come from the label's ``ClassLabel`` feature.
+- in memory: a pandas ``DataFrame`` or a list of dicts (rows; an optional ``split`` column), or a dict of
+  them per split (``{"train": df_train, "test": df_test}``).
+
+Any column names: ``columns={"text": "sentence", "label": "y"}``. Single-split data (one file without a
+``split`` column, a lone ``Dataset``, a DataFrame) is the train pool: a fixed, stratified 20% of it
+(``TEST_SEED``, the same for every run seed) becomes the test split, and the log says so.
 
 Class names come from, in order: labels.txt / the ClassLabel feature, the ``classes=`` argument, or (CSV
 and datasets only) the sorted unique label names (all-integer labels give classes "0".."n-1").
@@ -39,6 +45,8 @@ LABELS_FILE = "labels.txt"
 LABELS_HINT = ("labels.txt must list one class per line as 'index<TAB>name', in index order from 0, "
                "e.g. '0<TAB>negative' then '1<TAB>positive'")
 HOLDOUT_FRACTION = 0.1
+TEST_FRACTION = 0.2   # of a single-split pool, held out as test
+TEST_SEED = 0         # fixed: every run seed is scored on the same test examples
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 
 Record = tuple[str, dict]  # (where, row): where = "file:line" or "name[split] row i", for error messages
@@ -97,10 +105,19 @@ def read_records(path: str | os.PathLike) -> list[Record]:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{path} does not exist; pass an existing .jsonl or .csv file")
-    if path.suffix.lower() == ".csv":
-        return _read_csv(path)
-    if path.suffix.lower() == ".jsonl":
-        return _read_jsonl(path)
+    try:
+        if path.suffix.lower() == ".csv":
+            return _read_csv(path)
+        if path.suffix.lower() == ".jsonl":
+            return _read_jsonl(path)
+    except UnicodeDecodeError as err:        # name the file and the first line that is not UTF-8
+        for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                raise DataError(f"{path}:{lineno} is not UTF-8 text (byte {raw[bad.start]:#04x} at column "
+                                f"{bad.start + 1}); save the file as UTF-8") from None
+        raise DataError(f"{path} is not UTF-8 text ({err.reason}); save the file as UTF-8") from None
     raise DataError(f"{path}: unknown file type {path.suffix!r}; use a .jsonl or a .csv file")
 
 
@@ -130,6 +147,8 @@ def load(source: Any, shots: int | None = None, seed: int = 13, dev_shots: int |
         raise ConfigError("dev_shots is set but shots is None; pass shots=k as well, or drop dev_shots")
     task = _read_source(source, names, cols)
     class_list, classes_from = _decide_classes(task, classes, cols)
+    if "train" in task.splits and "test" not in task.splits:
+        task.splits["train"], task.splits["test"] = _split_pool(task, class_list, classes_from, cols)
     for needed in ("train", "test"):
         if needed not in task.splits:
             raise DataError(f"{task.name} has no {needed} split (looked for {task.looked_for}); add a "
@@ -161,15 +180,35 @@ def _train_dev(sets: dict[str, ExampleSet], shots: int | None, seed: int,
     return train, dev
 
 
+def _split_pool(task: _RawTask, classes: list[str], classes_from: str,
+                cols: dict[str, str]) -> tuple[list[Record], list[Record]]:
+    """A single-split task's pool as (train rows, test rows): a stratified TEST_FRACTION with TEST_SEED."""
+    rows = task.splits["train"]
+    pool = _to_set(rows, "train", classes, classes_from, cols, name=task.name)
+    keep = {id(ex): i for i, ex in enumerate(pool)}
+    rest, test = stratified_holdout(pool, TEST_FRACTION, seed=TEST_SEED)
+    if not test:
+        raise DataError(f"{task.name} has no test split and too few examples to hold one out ({len(pool)}); "
+                        f"add a test file/split, or at least 2 labelled examples per class")
+    logger.info("%s has no test split: holding out %d of %d examples (stratified, seed %d) as test",
+                task.name, len(test), len(pool), TEST_SEED)
+    return [rows[keep[id(ex)]] for ex in rest], [rows[keep[id(ex)]] for ex in test]
+
+
 # ------------------------------------------------------------------------------------ source reading
 
 
 def _read_source(source: Any, names: dict[str, tuple[str, ...]], cols: dict[str, str]) -> _RawTask:
     if type(source).__module__.split(".")[0] == "datasets":
         return _from_datasets(source, type(source).__name__, names, cols)
+    if _is_rows(source):
+        return _from_rows(source, type(source).__name__, names)
+    if isinstance(source, Mapping) and source and all(_is_rows(v) for v in source.values()):
+        return _from_row_splits(source, names)
     if not isinstance(source, (str, os.PathLike)):
         raise DataError(f"cannot load data from a {type(source).__name__}; pass a folder, a .csv/.jsonl file, "
-                        f"'builtin:demo', a datasets name or a datasets Dataset/DatasetDict")
+                        f"'builtin:demo', a datasets name or Dataset/DatasetDict, a pandas DataFrame, a list of "
+                        f"dicts, or a dict of those per split")
     text = os.fspath(source)
     if text == "demo" or text.startswith("builtin:"):
         return _from_folder(builtin_path(text.split(":", 1)[-1]), names)
@@ -220,11 +259,14 @@ def _from_folder(folder: Path, names: dict[str, tuple[str, ...]]) -> _RawTask:
 
 
 def _from_single_file(path: Path, names: dict[str, tuple[str, ...]]) -> _RawTask:
-    records = read_records(path)
-    if records and "split" not in records[0][1]:
-        raise DataError(f"{path} is a single file without a 'split' column, so it has no test split; put "
-                        f"train/test files in a folder (train.csv + test.csv), or add a 'split' column "
-                        f"with values train / dev / test")
+    return _split_by_column(read_records(path), path.stem, names, f" in {path}")
+
+
+def _split_by_column(records: list[Record], name: str, names: dict[str, tuple[str, ...]],
+                     where_from: str) -> _RawTask:
+    """Rows with a ``split`` column go to their split; rows without one are all the train pool."""
+    if not records or "split" not in records[0][1]:
+        return _RawTask(name=name, splits={"train": records}, looked_for=f"a 'split' column{where_from}")
     splits: dict[str, list[Record]] = {}
     by_alias = {alias: split for split in SPLITS for alias in names[split]}
     for where, row in records:
@@ -232,7 +274,38 @@ def _from_single_file(path: Path, names: dict[str, tuple[str, ...]]) -> _RawTask
         if value not in by_alias:
             raise DataError(f"{where}: split {value!r} is not one of {sorted(by_alias)}; fix the split column")
         splits.setdefault(by_alias[value], []).append((where, row))
-    return _RawTask(name=path.stem, splits=splits, looked_for=f"rows with split in {sorted(by_alias)} in {path}")
+    return _RawTask(name=name, splits=splits, looked_for=f"rows with split in {sorted(by_alias)}{where_from}")
+
+
+# ------------------------------------------------------------------------- in-memory rows (pandas, dicts)
+
+
+def _is_rows(obj: Any) -> bool:
+    """A pandas DataFrame, or a non-empty list/tuple of dicts."""
+    if type(obj).__name__ == "DataFrame" and type(obj).__module__.split(".")[0] == "pandas":
+        return True
+    return isinstance(obj, (list, tuple)) and bool(obj) and all(isinstance(r, Mapping) for r in obj)
+
+
+def _row_records(obj: Any, where: str) -> list[Record]:
+    if isinstance(obj, (list, tuple)):
+        return [(f"{where} row {i}", dict(r)) for i, r in enumerate(obj)]
+    rows = obj.to_dict("records")  # DataFrame: NaN (an empty cell) becomes None, as an empty CSV field would
+    return [(f"{where} row {i}", {k: (None if v != v else v) for k, v in r.items()}) for i, r in enumerate(rows)]
+
+
+def _from_rows(obj: Any, name: str, names: dict[str, tuple[str, ...]]) -> _RawTask:
+    return _split_by_column(_row_records(obj, name), name, names, f" of the {name}")
+
+
+def _from_row_splits(parts: Mapping[str, Any], names: dict[str, tuple[str, ...]]) -> _RawTask:
+    by_alias = {alias: split for split in SPLITS for alias in names[split]}
+    unknown = sorted(k for k in parts if k not in by_alias)
+    if unknown:
+        raise DataError(f"split name(s) {unknown} of the dict are not one of {sorted(by_alias)}; name the keys "
+                        f"train / dev / test, or pass split_names={{'dev': '<your key>'}}")
+    splits = {by_alias[k]: _row_records(v, f"data[{k!r}]") for k, v in parts.items()}
+    return _RawTask(name="data", splits=splits, looked_for=f"keys {sorted(by_alias)} of the dict")
 
 
 def _read_jsonl(path: Path) -> list[Record]:

@@ -242,12 +242,16 @@ def test_missing_text_column(tmp_path, jsonl_task):
         load(jsonl_task)
 
 
-def test_no_test_split(jsonl_task, tmp_path):
+def test_no_test_split_holds_out_a_fixed_stratified_test(jsonl_task, tmp_path, caplog):
     (jsonl_task / "test.jsonl").unlink()
-    with pytest.raises(DataError, match="has no test split .*test.jsonl.*split_names"):
-        load(jsonl_task)
+    with caplog.at_level(logging.INFO, logger="promptdelta.data.loaders"):
+        train, dev, test = load(jsonl_task, shots=2, seed=1)
+    assert "has no test split: holding out 4 of 20" in caplog.text
+    assert Counter(ex.label for ex in test) == {0: 2, 1: 2}
+    assert not {ex.text for ex in test} & {ex.text for ex in train + dev}
+    assert [ex.text for ex in load(jsonl_task, shots=2, seed=2)[2]] == [ex.text for ex in test]  # same every seed
     _write_csv(tmp_path / "one.csv", ["text", "label"], [("a", 0)])
-    with pytest.raises(DataError, match="single file without a 'split' column.*train.csv \\+ test.csv"):
+    with pytest.raises(DataError, match="no test split and too few examples to hold one out"):
         load(tmp_path / "one.csv")
 
 
