@@ -23,7 +23,7 @@ from promptdelta.deltas.prefix import PrefixConfig, PrefixTuning, prefix_kv
 from promptdelta.deltas.intrinsic import Fastfood, Intrinsic, IntrinsicConfig, IntrinsicWrapper, fwht
 from promptdelta.deltas.ladder import (Ladder, LadderConfig, MemoryReport, SideNetwork, SideSeq2Seq,
                                        measure_training_memory)
-from promptdelta.deltas import ipt, s3delta  # noqa: F401  (register "ipt", "s3delta"; issue 21)
+from promptdelta.deltas import ipt, s3delta, unipelt  # noqa: F401  (register "ipt", "s3delta", "unipelt"; issue 21)
 
 __all__ = [
     "attach", "load_delta", "deltas_of", "DeltaHandle", "DeltaMethod", "WrappingMethod", "DeltaWrapper",
