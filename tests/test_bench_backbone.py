@@ -39,7 +39,7 @@ def test_rows_hold_positive_times_and_parity(table: str) -> None:
 
 
 @pytest.mark.parametrize("kwargs, fix", [
-    ({"families": ["bert", "llama"]}, "choose one or more of"),
+    ({"families": ["bert", "falcon"]}, "choose one or more of"),
     ({"families": []}, "choose one or more of"),
     ({"batch": 0}, "must be an integer >= 1"),
     ({"dtype": "int8"}, "use one of"),

@@ -1,6 +1,6 @@
 """Native backbones against transformers with the same weights: ``promptdelta bench backbone``.
 
-For each family (BERT, RoBERTa, GPT-2, T5) a random transformers model of a realistic small size is built,
+For each family (BERT, RoBERTa, GPT-2, T5, Llama) a random transformers model of a realistic small size is built,
 converted with ``load_backbone(hf_model)`` (same weights), and both run the same right-padded batch:
 forward (eval, no_grad) and forward+backward (eval mode, so dropout is off, with gradients on). The four
 variants of every family are interleaved round by round (the HF/native order alternates), each measured by
@@ -27,14 +27,23 @@ from promptdelta.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("bert", "roberta", "gpt2", "t5")
+FAMILIES = ("bert", "roberta", "gpt2", "t5", "llama")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------------- models
 def _hf_config(family: str, quick: bool):
-    """The transformers config: MiniLM-like 6 x 384 encoders, GPT-2 6 x 384, T5-small (6+6 x 512); tiny if quick."""
+    """The transformers config: MiniLM-like 6 x 384 encoders, GPT-2 6 x 384, T5-small (6+6 x 512), a Llama of
+    6 x 384 with grouped-query attention (6 query / 2 key-value heads, SwiGLU 1024, 32k vocabulary, untied
+    head); tiny if quick."""
     import transformers as tf
+
+    if family == "llama":
+        if quick:
+            return tf.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        return tf.LlamaConfig(vocab_size=32000, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                              num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048)
 
     if family in ("bert", "roberta"):
         cls = tf.BertConfig if family == "bert" else tf.RobertaConfig
@@ -59,6 +68,9 @@ def _hf_config(family: str, quick: bool):
 def _describe(family: str, cfg) -> str:
     if family == "t5":
         return f"{cfg.num_layers}+{cfg.num_decoder_layers} x {cfg.d_model}, ff {cfg.d_ff}, V {cfg.vocab_size}, head"
+    if family == "llama":
+        return (f"{cfg.num_hidden_layers} x {cfg.hidden_size}, {cfg.num_attention_heads}/{cfg.num_key_value_heads} "
+                f"heads, ff {cfg.intermediate_size}, V {cfg.vocab_size}, head")
     hidden, layers = (cfg.n_embd, cfg.n_layer) if family == "gpt2" else (cfg.hidden_size, cfg.num_hidden_layers)
     return f"{layers} x {hidden}, V {cfg.vocab_size}" + (", head" if family == "gpt2" else ", no head")
 
@@ -67,7 +79,7 @@ def build_pair(family: str, quick: bool = False, device: str = "cpu",
                dtype: torch.dtype = torch.float32) -> tuple[nn.Module, nn.Module, str]:
     """(transformers model, native model with the same weights, size description), both eval, on device.
 
-    BERT/RoBERTa are encoders without a head (like MiniLM). GPT-2 and T5 carry their tied LM head on both sides:
+    BERT/RoBERTa are encoders without a head (like MiniLM). GPT-2, T5 and Llama carry their LM head on both sides:
     a native GPT-2 with tied embeddings always computes logits, so a headless HF GPT2Model would be unfair.
     """
     import transformers as tf
@@ -76,7 +88,7 @@ def build_pair(family: str, quick: bool = False, device: str = "cpu",
         raise ConfigError(f"unknown family {family!r} for the backbone benchmark; choose from {list(FAMILIES)}.")
     cfg = _hf_config(family, quick)
     cls = {"bert": tf.BertModel, "roberta": tf.RobertaModel, "gpt2": tf.GPT2LMHeadModel,
-           "t5": tf.T5ForConditionalGeneration}[family]
+           "t5": tf.T5ForConditionalGeneration, "llama": tf.LlamaForCausalLM}[family]
     torch.manual_seed(0)
     hf = cls._from_config(cfg, attn_implementation="sdpa").eval()
     ours = load_backbone(hf)[0]
@@ -98,9 +110,9 @@ def make_batch(family: str, hf: nn.Module, batch: int, seq: int, device: str) ->
 
 
 def _output(family: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The tensor both models return: logits (B, T or T_dec, V) for GPT-2 and T5, else last_hidden_state (B, T, H)."""
+    """The tensor both models return: logits (B, T or T_dec, V) for GPT-2, T5, Llama, else last_hidden_state (B, T, H)."""
     out = model(**batch)
-    return out.logits if family in ("gpt2", "t5") else out.last_hidden_state
+    return out.logits if family in ("gpt2", "t5", "llama") else out.last_hidden_state
 
 
 def parity(family: str, hf: nn.Module, ours: nn.Module, batch: dict[str, torch.Tensor]) -> float:
@@ -192,10 +204,10 @@ def _ratio(ours: list[float], hf: list[float]) -> tuple[float, float, float]:
 
 
 def _format(rows: list[Row], header: str) -> str:
-    lines = [header, f"{'family':8s} {'size':34s} {'HF attn':8s} {'fwd HF':>9s} {'fwd ours':>9s} "
+    lines = [header, f"{'family':8s} {'size':44s} {'HF attn':8s} {'fwd HF':>9s} {'fwd ours':>9s} "
              f"{'ours/HF (IQR)':>19s} {'f+b HF':>9s} {'f+b ours':>9s} {'ours/HF (IQR)':>19s} {'max|diff|':>9s}"]
     for r in rows:
-        cells = [f"{r.family:8s} {r.size:34s} {r.attn:8s}"]
+        cells = [f"{r.family:8s} {r.size:44s} {r.attn:8s}"]
         for kind in ("fwd", "train"):
             hf, ours = r.times[f"{kind}_hf"], r.times[f"{kind}_ours"]
             q1, q2, q3 = _ratio(ours, hf)
