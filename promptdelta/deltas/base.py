@@ -43,7 +43,7 @@ MANIFEST_FILE = "manifest.json"
 PEFT_CONFIG_FILE = "adapter_config.json"
 __all__ = ["DeltaWrapper", "ModuleSite", "base_named_parameters", "canonical_aliases", "hf_key_table", "iter_sites",
            "match_targets", "native_family", "DeltaMethod", "WrappingMethod", "DeltaHandle", "attach", "load_delta",
-           "deltas_of", "model_fingerprint", "canonical_namer", "register_delta", "get_delta_method", "wrap_site", "unwrap_sites"]
+           "deltas_of", "model_fingerprint", "canonical_namer", "table_namer", "register_delta", "get_delta_method", "wrap_site", "unwrap_sites"]
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -218,7 +218,12 @@ def canonical_namer(model: nn.Module) -> Callable[[str], str]:
     ``transformers`` model of a family with a key table (``bert.encoder.layer.0.attention.self.query.lora_A``
     -> ``layers.0.attn.q_proj.lora_A``), the name itself otherwise. Checkpoints and fingerprints use these
     names so a delta moves between a native backbone and the transformers model with the same weights."""
-    table = hf_key_table(model)
+    return table_namer(hf_key_table(model))
+
+
+def table_namer(table: Any) -> Callable[[str], str]:
+    """``HF name -> native name`` through a backbone ``KeyTable`` (identity without one): the longest module
+    prefix the table knows is renamed, the rest (``lora_A``, ``adapter.down.weight``) carried over."""
     if table is None:
         return lambda key: key
 

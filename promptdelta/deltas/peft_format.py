@@ -1,0 +1,292 @@
+"""PEFT's adapter folder, both ways: ``handle.save(dir, format="peft")`` and ``load_delta(model, dir)``.
+
+A PEFT folder holds ``adapter_config.json`` (``peft_type``, ``r``, ``lora_alpha``, ...) and
+``adapter_model.safetensors`` with keys ``base_model.model.<transformers module>.lora_A.weight`` (r, in) and
+``...lora_B.weight`` (out, r): the same tensors as our ``lora_A`` / ``lora_B`` and the same maths,
+``y = W0 x + (alpha / r) B A x`` (``alpha / sqrt(r)`` with ``use_rslora``). So the conversion is a rename:
+on a ``transformers`` model its own module names are written; on a native backbone the canonical names are
+mapped back to the transformers names through the family's key table (``backbones/keymap.py``), with the
+model-class prefix (``bert.``, ``transformer.``, ``model.``) of the class ``to_hf()`` builds.
+
+GPT-2: the native backbone splits the fused ``c_attn`` into q/k/v projections. A native LoRA on them is
+written as one LoRA on ``c_attn`` of rank 3r (``A = [A_q; A_k; A_v]``, ``B = diag(B_q, B_k, B_v)``, alpha
+scaled so alpha'/r' = alpha/r) through PEFT's ``rank_pattern`` / ``alpha_pattern``; a PEFT LoRA on
+``c_attn`` loads onto the native q/k/v as ``A`` shared and ``B`` split by rows (exact both ways).
+
+Covered: LoRA (r, alpha, dropout, targets, rslora, bias "none"). Not covered, refused with a one-line
+CheckpointError naming the option: DoRA, LoRA bias, LoRA on embeddings, ``modules_to_save``, per-module
+alphas, every other PEFT method (prompt and prefix tuning feed the model differently in PEFT: both prepend
+positions, which shifts position ids, so outputs would not match ours; see docs/guide/export.md).
+PEFT folders carry no fingerprint of the base model: only module names and shapes are checked on load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from promptdelta.deltas.base import (PEFT_CONFIG_FILE, DeltaHandle, _prepare_folder, _read_weights, attach,
+                                     canonical_namer, hf_key_table, iter_sites, native_family, table_namer)
+from promptdelta.errors import CheckpointError, DeltaError, MissingFileError
+from promptdelta.utils.io import atomic_save_safetensors, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+_ROOT = "base_model.model."
+_FUSED_QKV = re.compile(r"^(?P<layer>h\.\d+\.attn)\.c_attn_(?P<part>[qkv])$")   # GPT-2 key table's split names
+# PEFT LoRA options promptdelta has no counterpart for: option -> values that mean "not used"
+_UNSUPPORTED = {"use_dora": (False, None), "lora_bias": (False, None), "modules_to_save": (None, []),
+                "layer_replication": (None, []), "target_parameters": (None, []), "trainable_token_indices": (None,),
+                "use_qalora": (False, None), "alora_invocation_tokens": (None,), "use_bdlora": (None, False),
+                "megatron_config": (None,), "loftq_config": ({}, None), "arrow_config": (None,),
+                "exclude_modules": (None, [])}
+
+
+# --------------------------------------------------------------------------------------------- names
+def _native_table(model: nn.Module) -> Any:
+    """The HF <-> native key table of a native backbone's family (via the family registry where present)."""
+    family = native_family(model)
+    try:
+        from promptdelta.backbones.registry import family_of   # the family registry (issue 18)
+        record = family_of(model)
+        if record is not None:
+            return record.key_table(model.config)
+    except (ImportError, AttributeError, TypeError):
+        pass
+    from promptdelta.backbones.bert import BERT_KEYS
+    from promptdelta.backbones.gpt import GPT2_KEYS
+    from promptdelta.backbones.roberta import ROBERTA_KEYS
+    from promptdelta.backbones.t5 import t5_key_table
+
+    if family == "t5":
+        c = model.config
+        return t5_key_table("gated" in str(getattr(c, "feed_forward_proj", "")), bool(getattr(c, "tie_word_embeddings", True)))
+    return {"bert": BERT_KEYS, "roberta": ROBERTA_KEYS, "gpt2": GPT2_KEYS}.get(family)
+
+
+def _hf_names(model: nn.Module, hf_prefix: str | None) -> Callable[[str], str | None]:
+    """Own module name -> the transformers module name PEFT keys use (None: no transformers counterpart)."""
+    if native_family(model) is None:
+        return lambda name: name
+    table = _native_table(model)
+    if table is None:
+        raise DeltaError(f"no transformers key table for the native {native_family(model)!r} backbone, so its "
+                         f"module names cannot be written in PEFT's format; save with format='promptdelta'.")
+    prefix = hf_prefix if hf_prefix is not None else (
+        table.prefixes[0] if getattr(model, "has_lm_head", False) and table.prefixes else "")
+    return lambda name: (lambda hf: None if hf is None else prefix + hf)(table.to_hf(name))
+
+
+# --------------------------------------------------------------------------------------------- save
+def save_peft(handle: DeltaHandle, path: str | Path, overwrite: bool = False, hf_prefix: str | None = None) -> Path:
+    """Write ``handle`` (a LoRA delta) as a PEFT adapter folder that ``peft.PeftModel.from_pretrained`` and
+    transformers' ``model.load_adapter`` load onto the matching transformers model.
+
+    ``hf_prefix``: the model-class prefix of the transformers model the folder is for (a native backbone
+    defaults to the class its ``to_hf()`` builds: ``"bert."`` with an MLM head, ``""`` without)."""
+    if handle.method != "lora":
+        raise DeltaError(f"delta {handle.name!r} is a {handle.method!r} delta; PEFT's format is written for 'lora' "
+                         f"only ({handle.method} has no PEFT counterpart with the same outputs): save it with "
+                         f"format='promptdelta'.")
+    c = handle.config
+    folder = _prepare_folder(path, overwrite)
+    to_hf = _hf_names(handle.model, hf_prefix)
+    tensors: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}   # GPT-2 c_attn -> part -> (A, B)
+    for (site, w) in handle._method.sites:
+        hf = to_hf(site.name)
+        if hf is None:
+            raise DeltaError(f"module {site.name!r} has no transformers counterpart; save with format='promptdelta'.")
+        m = re.search(r"\.c_attn_(?P<part>[qkv])$", hf)   # GPT-2: the key table's split name of the fused c_attn
+        if m:
+            fused.setdefault(hf[:-2], {})[m.group("part")] = (w.lora_A, w.lora_B)
+            continue
+        tensors[f"{_ROOT}{hf}.lora_A.weight"] = w.lora_A.detach().contiguous()   # (r, in)
+        tensors[f"{_ROOT}{hf}.lora_B.weight"] = w.lora_B.detach().contiguous()   # (out, r)
+    rank_pattern, alpha_pattern = {}, {}
+    for hf, parts in fused.items():
+        a, b = _fuse_qkv(parts)
+        tensors[f"{_ROOT}{hf}.lora_A.weight"], tensors[f"{_ROOT}{hf}.lora_B.weight"] = a, b
+        rank_pattern[hf] = 3 * c.r
+        alpha_pattern[hf] = c.alpha * (math.sqrt(3) if c.rslora else 3)   # alpha'/f(3r) == alpha/f(r)
+    modules = sorted({k[len(_ROOT):].rsplit(".lora_", 1)[0] for k in tensors})
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+              "r": c.r, "lora_alpha": c.alpha, "lora_dropout": c.dropout, "target_modules": modules,
+              "bias": "none", "use_rslora": c.rslora, "use_dora": False, "fan_in_fan_out": _fan_in_fan_out(handle, fused),
+              "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None,
+              "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "peft_version": _peft_version()}
+    atomic_save_safetensors(folder / PEFT_WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+    atomic_write_json(folder / PEFT_CONFIG_FILE, config)
+    logger.info("saved delta %r in PEFT's format (%d modules) to %s", handle.name, len(modules), folder)
+    return folder
+
+
+def _fuse_qkv(parts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """q/k/v LoRAs -> one LoRA on the fused projection: A (3r, in) stacked, B (3 out, 3r) block diagonal
+    (a part without a LoRA gets zeros)."""
+    ref_a, ref_b = next(iter(parts.values()))
+    r, d_in, d_out = ref_a.shape[0], ref_a.shape[1], ref_b.shape[0]
+    a = torch.zeros(3 * r, d_in, dtype=ref_a.dtype)
+    b = torch.zeros(3 * d_out, 3 * r, dtype=ref_b.dtype)
+    for i, part in enumerate("qkv"):
+        if part in parts:
+            a[i * r:(i + 1) * r] = parts[part][0].detach()
+            b[i * d_out:(i + 1) * d_out, i * r:(i + 1) * r] = parts[part][1].detach()
+    return a, b
+
+
+def _fan_in_fan_out(handle: DeltaHandle, fused: dict) -> bool:
+    """PEFT's flag for (in, out) weights: true on GPT-2 (Conv1D), whichever kind of model we hold."""
+    return bool(fused) or native_family(handle.model) == "gpt2" or any(w.fan_in_fan_out for _, w in handle._method.sites)
+
+
+def _peft_version() -> str:
+    try:
+        import peft
+        return str(peft.__version__)
+    except ImportError:
+        return "0.0.0"
+
+
+# --------------------------------------------------------------------------------------------- load
+def read_peft_config(folder: Path) -> dict[str, Any]:
+    """``adapter_config.json`` as a dict; CheckpointError for anything but a readable LoRA config we support."""
+    path = folder / PEFT_CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); save the adapter again.") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a {type(config).__name__}, not an object; save the adapter again.")
+    kind = config.get("peft_type")
+    if kind != "LORA":
+        raise CheckpointError(f"{path}: PEFT method {kind!r} is not one promptdelta reads (only 'LORA'; prompt and "
+                              f"prefix tuning prepend positions in PEFT, see docs/guide/export.md); merge it with "
+                              f"PEFT or train the delta with promptdelta.")
+    for key, unused in _UNSUPPORTED.items():
+        if key in config and config[key] not in unused:
+            raise CheckpointError(f"{path}: PEFT option {key}={config[key]!r:.60} has no promptdelta counterpart; "
+                                  f"save the adapter without it (or merge it with PEFT's merge_and_unload).")
+    if config.get("bias", "none") != "none":
+        raise CheckpointError(f"{path}: PEFT option bias={config['bias']!r} (trained biases) is not supported; "
+                              f"only bias='none' loads.")
+    for key, ok in (("r", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                    ("lora_alpha", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                     and math.isfinite(v) and v > 0),
+                    ("lora_dropout", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1),
+                    ("use_rslora", lambda v: isinstance(v, bool))):
+        if key in config and not ok(config[key]):
+            raise CheckpointError(f"{path}: {key}={config[key]!r:.60} is out of range or of the wrong type; "
+                                  f"save the adapter again.")
+    return config
+
+
+def load_peft(model: nn.Module, path: str | Path, name: str | None = None) -> DeltaHandle:
+    """Attach the LoRA adapter in the PEFT folder ``path`` to ``model`` (native backbone or transformers model)
+    and load its weights. Module names are matched under canonical names, so an adapter trained with PEFT on
+    ``BertModel`` loads onto ``BertForMaskedLM`` or the native BERT with the same weights."""
+    folder = Path(path)
+    if not (folder / PEFT_WEIGHTS_FILE).is_file():
+        raise MissingFileError(f"{folder / PEFT_WEIGHTS_FILE} is missing; a PEFT folder needs {PEFT_CONFIG_FILE} "
+                               f"and {PEFT_WEIGHTS_FILE} (the .bin format is not read: re-save with safetensors).")
+    config = read_peft_config(folder)
+    raw = _read_weights(folder / PEFT_WEIGHTS_FILE)
+    pairs = _scaled(_lora_pairs(raw, folder), config)    # HF module -> (A (r, in), B (out, r), scale)
+    if native_family(model) is not None:
+        canon = table_namer(_native_table(model))
+        pairs = _split_fused(pairs) if native_family(model) == "gpt2" else pairs
+    else:
+        canon = canonical_namer(model)
+    own = {canon(s.name): s.name for s in iter_sites(model)}
+    wanted: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    for hf, abs_ in pairs.items():
+        target = own.get(canon(hf))
+        if target is None:
+            raise CheckpointError(f"{folder}: the adapter adapts {hf!r}, which {type(model).__name__} does not have; "
+                                  f"load it onto the model it was trained for.")
+        wanted[target] = abs_
+    ranks, scales = {a.shape[0] for a, _, _ in wanted.values()}, {sc for _, _, sc in wanted.values()}
+    if len(ranks) != 1 or len(scales) != 1:
+        raise CheckpointError(f"{folder}: the adapter's modules have different ranks {sorted(ranks)} or scales "
+                              f"{sorted(scales)} (rank_pattern / alpha_pattern); promptdelta's LoRA has one rank "
+                              f"and one alpha per delta.")
+    r, rslora = ranks.pop(), bool(config.get("use_rslora", False))
+    alpha = scales.pop() * (math.sqrt(r) if rslora else r)
+    exact = "re:(?:" + "|".join(re.escape(t) for t in wanted) + ")"
+    handle = attach(model, "lora", name=name or "peft", targets=exact, r=r, alpha=alpha,
+                    dropout=float(config.get("lora_dropout", 0.0)), rslora=rslora)
+    try:
+        handle.load_state_dict({f"{t}.{k}": v for t, (a, b, _) in wanted.items()
+                                for k, v in (("lora_A", a), ("lora_B", b))})
+    except BaseException:
+        handle.detach()
+        raise
+    logger.info("loaded PEFT LoRA adapter %s onto %d modules as delta %r", folder, len(wanted), handle.name)
+    return handle
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _scaled(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+            config: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Each module's LoRA with its scale, alpha_m / r_m (alpha_m / sqrt(r_m) with rslora), r_m its A's rows."""
+    alpha = float(config.get("lora_alpha", 8))
+    root = math.sqrt if config.get("use_rslora") else float
+    return {m: (a, b, float(_pattern_value(config.get("alpha_pattern"), m, alpha)) / root(a.shape[0]))
+            for m, (a, b) in pairs.items()}
+
+
+def _lora_pairs(raw: dict[str, torch.Tensor], folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    a_keys: dict[str, torch.Tensor] = {}
+    b_keys: dict[str, torch.Tensor] = {}
+    for key, t in raw.items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight", key)
+        if m is None:
+            what = "LoRA on embeddings" if "lora_embedding" in key else (
+                "DoRA" if "magnitude" in key else "a tensor that is not a LoRA A/B matrix")
+            raise CheckpointError(f"{folder / PEFT_WEIGHTS_FILE}: {key} is {what}, which promptdelta does not load.")
+        (a_keys if m.group("ab") == "A" else b_keys)[m.group("mod")] = t
+    if not a_keys or set(a_keys) != set(b_keys):
+        raise CheckpointError(f"{folder / PEFT_WEIGHTS_FILE}: LoRA A and B matrices do not pair up "
+                              f"({sorted(set(a_keys) ^ set(b_keys))[:3]}); save the adapter again.")
+    return {m: (a_keys[m], b_keys[m]) for m in sorted(a_keys)}
+
+
+def _split_fused(pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """GPT-2's fused c_attn LoRA -> q/k/v LoRAs of the native backbone: B split by output rows, A shared; a
+    block-diagonal B (as ``save_peft`` writes) gives each part its own rows of A and keeps the rank r, and an
+    all-zero part is left out. The scale is unchanged in both cases (our alpha follows the rank)."""
+    out = {}
+    for mod, (a, b, scale) in pairs.items():
+        if not mod.endswith(".c_attn"):
+            out[mod] = (a, b, scale)
+            continue
+        d, rank = b.shape[0] // 3, a.shape[0]
+        blocks = [b[i * d:(i + 1) * d] for i in range(3)]
+        diag = rank % 3 == 0 and all(
+            not blk[:, :i * (rank // 3)].any() and not blk[:, (i + 1) * (rank // 3):].any() for i, blk in enumerate(blocks))
+        for i, part in enumerate("qkv"):
+            if diag:
+                cols = slice(i * (rank // 3), (i + 1) * (rank // 3))
+                pa, pb = a[cols], blocks[i][:, cols]
+                if not pb.any() and not pa.any():
+                    continue
+                out[f"{mod}_{part}"] = (pa, pb, scale)
+            else:
+                out[f"{mod}_{part}"] = (a, blocks[i], scale)
+    return out
