@@ -262,15 +262,16 @@ class LlamaAttention(nn.Module):
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, nkv, S + T, hd)
         present = (k, v)
-        if prefix is not None and prefix[0].shape[1] == self.num_kv_heads:  # prefix shared like k/v heads
+        if prefix is not None:
+            if prefix[0].shape[1] != self.num_kv_heads:  # one prefix per query head: repeat k/v first
+                k, v = self._repeat(k), self._repeat(v)  # (B, nh, S + T, hd)
             k, v = torch.cat([prefix[0].to(k.dtype), k], dim=2), torch.cat([prefix[1].to(v.dtype), v], dim=2)
-            k, v = self._repeat(k), self._repeat(v)
-        else:
-            k, v = self._repeat(k), self._repeat(v)  # (B, nh, S + T, hd)
-            if prefix is not None:                   # one prefix per query head
-                k, v = torch.cat([prefix[0].to(k.dtype), k], dim=2), torch.cat([prefix[1].to(v.dtype), v], dim=2)
+        gqa = k.shape[1] != self.num_heads
+        if gqa and bias is not None:  # SDPA's grouped path is fast only without a mask (as transformers does)
+            k, v, gqa = self._repeat(k), self._repeat(v), False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None and T > 1,
-                                           dropout_p=self.dropout_p if self.training else 0.0)  # (B, nh, T, hd)
+                                           dropout_p=self.dropout_p if self.training else 0.0,
+                                           enable_gqa=gqa)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), present  # (B, T, H)
 
 
