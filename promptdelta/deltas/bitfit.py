@@ -11,9 +11,9 @@ and ``detach()`` writes the pretrained values b0 (copied at attach) back. Choose
 Models without biases (T5): ``add_biases`` gives bias-free ``nn.Linear`` targets a zero-initialised bias
 (so outputs start unchanged), held by a small wrapper ``AddedBias`` (y = W0 x + b, b trainable) so the base
 module and the model fingerprint stay as they were; ``detach()`` removes the wrappers and with them the added
-biases. ``add_biases=None`` (auto) adds them only when a backbone of a known family (native, or a
-``transformers`` model the backbones have a key table for) has no bias at all (T5) and logs so; True adds
-them to every bias-free linear target; False never does.
+biases. ``add_biases=None`` (auto) adds them only when a backbone whose transformer blocks are recognised
+(native, or a ``transformers`` model: see ``sites.canonical_aliases``) has no bias at all (T5, Llama) and logs
+so; True adds them to every bias-free linear target; False never does.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from promptdelta.deltas.base import (DeltaMethod, DeltaWrapper, ModuleSite, hf_key_table, native_family,
-                                     register_delta, unwrap_sites, wrap_site)
+from promptdelta.deltas.base import (DeltaMethod, DeltaWrapper, ModuleSite, canonical_aliases, register_delta,
+                                     unwrap_sites, wrap_site)
 from promptdelta.errors import ConfigError, DeltaError
 
 logger = logging.getLogger(__name__)
@@ -36,8 +36,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class BitFitConfig:
     """targets: modules whose ``bias`` is trained (None = every module with a bias);
-    add_biases: give bias-free linear targets a zero bias (None = only for bias-free backbones of a known
-    family: T5, native or transformers)."""
+    add_biases: give bias-free linear targets a zero bias (None = only for bias-free backbones whose blocks
+    are recognised: T5, Llama, native or transformers)."""
 
     targets: list[str] | str | None = None
     add_biases: bool | None = None
@@ -121,7 +121,7 @@ class BitFit(DeltaMethod):
     def _adds_biases(self, model: nn.Module) -> bool:
         if self.config.add_biases is not None:
             return self.config.add_biases
-        known = native_family(model) is not None or hf_key_table(model) is not None
+        known = bool(canonical_aliases(model))   # a native backbone, or transformer blocks found in it
         return known and not any(_bias(m) is not None for m in model.modules())
 
     def apply(self, sites: list[ModuleSite]) -> None:

@@ -51,10 +51,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptdelta.deltas.base import (DeltaMethod, DeltaWrapper, ModuleSite, canonical_aliases, hf_key_table,
-                                     iter_sites, native_family, register_delta, unwrap_sites, wrap_site)
+from promptdelta.backbones.registry import BlockSpec, Family, family_of, hf_family
+from promptdelta.deltas.base import (DeltaMethod, DeltaWrapper, ModuleSite, canonical_aliases, iter_sites,
+                                     register_delta, unwrap_sites, wrap_site)
 from promptdelta.deltas.side import (SideBlock, SideNetwork, SideSeq2Seq, SideSpec, hidden_dims, prune_into,
-                                     random_init, select_dims, side_attention_bias)
+                                     random_init, select_dims, side_attention_bias, side_norm)
 from promptdelta.errors import ConfigError, DeltaError
 
 logger = logging.getLogger(__name__)
@@ -64,10 +65,8 @@ CROSS_ROLES = ("cross_attn.q_proj", "cross_attn.k_proj", "cross_attn.v_proj", "c
 _STACK = r"^(?:(encoder|decoder)\.)?layers\.(\d+)"
 _ROLE = re.compile(_STACK + r"\.(" + "|".join(re.escape(r) for r in ROLES + CROSS_ROLES + ("mlp.gate",)) + r")$")
 _BLOCK = re.compile(_STACK + "$")
-_NATIVE = ("bert", "roberta", "gpt2", "t5")
-_HF = ("bert", "roberta", "xlm-roberta")   # transformers GPT-2 fuses q/k/v into one Conv1D, T5: load_backbone
 _ACTS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-         "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+         "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "swish": F.silu}
 
 __all__ = ["Ladder", "LadderConfig", "LadderWrapper", "SideNetwork", "SideSeq2Seq", "SideBlock",
            "side_attention_bias", "MemoryReport", "measure_training_memory"]
@@ -133,19 +132,21 @@ class _Arch:
         return [b for blocks in self.stacks.values() for b in blocks]
 
 
-def _family(model: nn.Module) -> str:
-    """The family name; refuses what the ladder cannot run on."""
-    family = native_family(model)
+def _family(model: nn.Module) -> tuple[Family, BlockSpec]:
+    """The model's family record and block spec (backbones/registry.py); refuses what the ladder cannot run on:
+    a model of no registered family, and transformers models of a multi-stack or relative-position family
+    (the ladder needs the native model's position bias: T5)."""
+    family = family_of(model)
     if family is not None:
-        if family not in _NATIVE:
-            raise DeltaError(f"the ladder does not know the native family {family!r}; it supports {_NATIVE}.")
-        return family
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in _HF or hf_key_table(model) is None:
-        raise DeltaError(f"the ladder cannot find the transformer blocks of {type(model).__name__} "
-                         f"(model_type {model_type!r}); convert it with promptdelta.load_backbone(model) first "
-                         f"(native BERT, RoBERTa, GPT-2, T5), or use a transformers BERT/RoBERTa.")
-    return model_type
+        return family, family.block_spec(model.config)
+    family = hf_family(model)
+    spec = family.hf_block_spec(model.config) if family is not None else None
+    if spec is None or family.stack_names != ("",) or spec.positions == "relative":
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise DeltaError(f"the ladder cannot read the block layout of {type(model).__name__} (model_type "
+                         f"{model_type!r}); convert it with promptdelta.load_backbone(model) first, or register a "
+                         f"family for it (docs/guide/families.md).")
+    return family, spec
 
 
 def _find_blocks(model: nn.Module) -> dict[str, list[_Block]]:
@@ -169,36 +170,42 @@ def _find_blocks(model: nn.Module) -> dict[str, list[_Block]]:
     return stacks
 
 
-def _t5_extras(model: nn.Module) -> tuple[dict[str, Callable[[int], torch.Tensor]], nn.Module]:
-    """T5's relative position bias per stack (owned by layer 0's attention) and the encoder's final norm."""
-    by_name = {s.name: s.module for s in iter_sites(model)}
-
-    def bias_of(attn: nn.Module) -> Callable[[int], torch.Tensor]:
-        return lambda T: attn.position_bias(T, T)                                      # (1, nh, T, T)
-    return ({stack: bias_of(by_name[f"{stack}.layers.0.attn"]) for stack in ("encoder", "decoder")},
-            by_name["encoder.final_norm"])
-
-
 def _arch(model: nn.Module, stacks: dict[str, list[_Block]], causal: bool | None) -> _Arch:
-    family = _family(model)
+    family, block = _family(model)
     cfg = model.config
     heads = int(getattr(cfg, "num_heads", None) or getattr(cfg, "num_attention_heads"))
-    eps = getattr(next(iter(stacks.values()))[0].roles["attn_norm"], "eps", 1e-5)
-    if family == "t5":
+    if block.activation not in _ACTS:
+        logger.warning("ladder: activation %r unknown, the side network uses gelu", block.activation)
+    spec = SideSpec(pre_norm=block.pre_norm, act=_ACTS.get(block.activation, F.gelu), rms=block.norm == "rmsnorm",
+                    gated=block.gated, attn_scale=block.attn_scale, eps=block.eps, bias=block.bias)
+    if family.stack_names != ("",):   # encoder-decoder: the stacks fix causality (bidirectional, then causal)
         if causal is not None:
-            raise DeltaError(f"ladder causal={causal!r} does not apply to T5: its side encoder is bidirectional "
-                             f"and its side decoder causal, as the backbone's stacks; leave causal=None.")
-        act = (lambda x: F.gelu(x, approximate="tanh")) if cfg.is_gated else F.relu
-        spec = SideSpec(pre_norm=True, act=act, rms=True, gated=cfg.is_gated, attn_scale=1.0, eps=eps)
-        bias, final_norm = _t5_extras(model)
-        return _Arch(stacks, heads, spec, {"encoder": False, "decoder": True}, bias, final_norm)
-    act_name = getattr(cfg, "hidden_act", None) or getattr(cfg, "activation", None)
-    if act_name not in _ACTS:
-        logger.warning("ladder: activation %r unknown, the side network uses gelu", act_name)
+            raise DeltaError(f"ladder causal={causal!r} does not apply to {type(model).__name__}: its side encoder "
+                             f"is bidirectional and its side decoder causal, as the backbone's stacks; leave "
+                             f"causal=None.")
+        extras = family.ladder_extras(model)
+        return _Arch(stacks, heads, spec, {"encoder": False, "decoder": True}, dict(extras.position_bias),
+                     extras.encoder_final_norm)
     if causal is None:
-        causal = getattr(model, "kind", None) == "clm" or bool(getattr(cfg, "is_decoder", False))
-    spec = SideSpec(pre_norm=family == "gpt2", act=_ACTS.get(act_name, F.gelu), eps=eps)
+        causal = getattr(model, "kind", None) == "clm" or bool(getattr(cfg, "is_decoder", False)) or _generates(model)
     return _Arch(stacks, heads, spec, {"": causal})
+
+
+def _generates(model: nn.Module) -> bool:
+    """A decoder-only transformers model (it generates and has no encoder): causal attention."""
+    can = getattr(model, "can_generate", None)
+    return callable(can) and bool(can()) and not getattr(model.config, "is_encoder_decoder", False)
+
+
+def _check_roles(stacks: dict[str, list[_Block]]) -> None:
+    """The side network is pruned from separate nn.Linear q/k/v/o/fc layers; a fused or Conv1D one cannot be."""
+    for b in (b for blocks in stacks.values() for b in blocks):
+        q, k, v = (b.roles[f"attn.{p}_proj"] for p in "qkv")
+        bad = [r for r, m in b.roles.items() if not isinstance(m, nn.Linear) and not r.endswith("norm")]
+        if bad or q is k or k is v:
+            raise DeltaError(f"the ladder prunes its side network from separate linear q/k/v/o and FFN layers, but "
+                             f"block {b.site.name!r} has {'fused q/k/v' if q is k else type(b.roles[bad[0]]).__name__} "
+                             f"layers; convert the model with promptdelta.load_backbone(model) first.")
 
 
 def _choose(stacks: dict[str, list[_Block]], sites: list[ModuleSite]) -> dict[str, list[_Block]]:
@@ -238,7 +245,7 @@ def build_side_network(arch: _Arch, config: LadderConfig) -> nn.Module:
             prune_into(blk, b.roles, hid, arch.num_heads) if config.init == "pruned" else random_init(blk)
         final_norm = None
         if stack == "encoder":   # a pruned copy of the encoder's final norm (RMSNorm: weight only)
-            final_norm = type(arch.final_norm)(h, arch.spec.eps)
+            final_norm = side_norm(h, arch.spec)
             with torch.no_grad():
                 final_norm.weight.copy_(arch.final_norm.weight.detach().float()[hid])
         sides[stack] = SideNetwork(H, h, side_blocks, arch.causal[stack], config.gate_init, config.gate_temperature,
@@ -332,7 +339,8 @@ class Ladder(DeltaMethod):
         stacks = _find_blocks(model)
         if not stacks:
             raise DeltaError(f"the ladder found no transformer block in {type(model).__name__}; it needs blocks "
-                             f"with {ROLES} (native names or a transformers BERT/RoBERTa).")
+                             f"with {ROLES} (native names, or a transformers model of a registered family).")
+        _check_roles(stacks)
         if self.config.targets is not None:
             stacks = _choose(stacks, sites)
         self.arch = _arch(model, stacks, self.config.causal)

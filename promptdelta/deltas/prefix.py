@@ -44,14 +44,13 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from promptdelta.backbones.registry import AttentionStack, family_of, registered_families
 from promptdelta.deltas.base import DeltaHandle, DeltaMethod, DeltaWrapper, ModuleSite, deltas_of, register_delta
 from promptdelta.errors import ConfigError, DeltaError
 
 logger = logging.getLogger(__name__)
 
 KV = tuple[torch.Tensor, torch.Tensor]   # (k, v), each (1, n_heads, P, head_dim)
-NATIVE_FAMILIES = ("bert", "roberta", "gpt2", "t5")
-T5_PARTS = ("encoder", "decoder", "cross")
 
 
 @dataclass
@@ -76,14 +75,7 @@ class PrefixConfig:
             raise ConfigError(f"prefix init_std={self.init_std!r} must be a positive number; use e.g. 1.0.")
 
 
-@dataclass(frozen=True)
-class _Part:
-    """One set of attention layers that share a prefix_kv entry: ``layers`` count, heads, head size."""
-
-    name: str          # "layers" (BERT, RoBERTa, GPT-2) or "encoder" | "decoder" | "cross" (T5)
-    layers: int
-    heads: int
-    head_dim: int
+_Part = AttentionStack   # one prefix_kv entry: name ("layers" or a dict key), layers, heads, head_dim
 
 
 class PrefixSet(nn.Module):
@@ -168,41 +160,31 @@ class _Owned:
 
 
 class PrefixList(list, _Owned):
-    """A BERT / RoBERTa / GPT-2 ``prefix_kv`` (one (k, v) per layer) that knows which deltas it holds."""
+    """A one-stack ``prefix_kv`` (one (k, v) per layer) that knows which deltas it holds."""
 
 
 class PrefixDict(dict, _Owned):
-    """A T5 ``prefix_kv`` ({"encoder", "decoder", "cross"}) that knows which deltas it holds."""
+    """A multi-stack ``prefix_kv`` (T5: encoder, decoder, cross) that knows which deltas it holds."""
 
 
 def _parts(model: nn.Module) -> list[_Part]:
-    c = model.config
-    if model.family == "t5":
-        n_dec = c.num_decoder_layers
-        return [_Part("encoder", c.num_layers, c.num_heads, c.d_kv), _Part("decoder", n_dec, c.num_heads, c.d_kv),
-                _Part("cross", n_dec, c.num_heads, c.d_kv)]
-    return [_Part("layers", c.num_layers, c.num_heads, c.hidden_size // c.num_heads)]
+    """The model's attention stacks, one prefix set each, from its family record (backbones/registry.py)."""
+    return family_of(model).attention_stacks(model)
 
 
 def _check_native(model: nn.Module) -> None:
-    family = getattr(model, "family", None)
     params = inspect.signature(model.forward).parameters
-    if family not in NATIVE_FAMILIES or "prefix_kv" not in params:
+    if family_of(model) is None or "prefix_kv" not in params:
         raise DeltaError(f"prefix tuning feeds learned keys/values through the native backbones' prefix_kv "
                          f"argument, which a {type(model).__name__} does not have (transformers models keep "
                          f"attention caches in version-dependent formats). Load the model with "
-                         f"promptdelta.load_backbone(...) to get a native backbone ({', '.join(NATIVE_FAMILIES)}), "
+                         f"promptdelta.load_backbone(...) to get a native backbone ({', '.join(registered_families())}), "
                          f"or use the 'adapter' or 'lora' delta on this model.")
 
 
 def _attention_sites(model: nn.Module, sites: list[ModuleSite]) -> list[ModuleSite]:
     """The attention modules that receive a prefix, in prefix_kv order (for the handle's record)."""
-    wanted = [f"layers.{i}.attn" for i in range(model.config.num_layers)]
-    if model.family == "t5":
-        n = model.config.num_decoder_layers
-        wanted = ([f"encoder.layers.{i}.attn" for i in range(model.config.num_layers)]
-                  + [f"decoder.layers.{i}.attn" for i in range(n)]
-                  + [f"decoder.layers.{i}.cross_attn" for i in range(n)])
+    wanted = [name for part in _parts(model) for name in part.modules]
     by_name = {s.name: s for s in sites}
     return [by_name[w] for w in wanted if w in by_name]
 
@@ -333,7 +315,7 @@ def _combine(ours: PrefixList | PrefixDict, given: Any) -> PrefixList | PrefixDi
     owners = ours.owners | getattr(given, "owners", frozenset())
     if isinstance(ours, PrefixDict):
         if not isinstance(given, dict):
-            raise DeltaError(f"T5 prefix_kv must be a dict with keys among {list(T5_PARTS)}, got "
+            raise DeltaError(f"this model's prefix_kv must be a dict with keys among {list(ours)}, got "
                              f"{type(given).__name__}; pass a dict of per-layer (k, v) lists.")
         out: PrefixList | PrefixDict = PrefixDict({p: ours[p] if given.get(p) is None else _cat_pairs(ours[p], given[p])
                                                    for p in ours})

@@ -3,9 +3,12 @@ connections, and the structural pruning that initialises them from the backbone'
 
     s_0 = down_0(h_0);  s_i = mu_i * down_i(h_i) + (1 - mu_i) * block_i(s_{i-1});  out = up(s_L)
 
-A side block copies its backbone block's layout at width h: pre-norm (GPT-2, T5) or post-norm (BERT,
-RoBERTa), LayerNorm or RMSNorm (T5), plain or gated FFN (T5 v1.1), T5's unscaled attention with the relative
-position bias of the heads it kept, and (T5 decoder) cross-attention over the side encoder's output.
+A side block copies its backbone block's layout (the family's ``BlockSpec``, backbones/registry.py) at width
+h: pre-norm (GPT-2, T5, Llama) or post-norm (BERT, RoBERTa), LayerNorm or RMSNorm (T5, Llama), plain or gated
+FFN (T5 v1.1, SwiGLU), biases or none, T5's unscaled attention with the relative position bias of the heads
+it kept, and (T5 decoder) cross-attention over the side encoder's output. Grouped-query attention (fewer
+key/value heads) is pruned as if every query head had its own copy of its key/value head. Rotary positions
+are not applied inside the side network (its heads keep only some of each head's dims).
 Submodule names follow the backbone's canonical roles (``attn.q_proj``, ``mlp.fc1``, ``attn_norm`` ...).
 """
 
@@ -18,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptdelta.backbones.t5 import T5LayerNorm
 
 
 @dataclass(frozen=True)
@@ -27,10 +29,28 @@ class SideSpec:
 
     pre_norm: bool                 # x + f(N(x)) (GPT-2, T5); else N(x + f(x)) (BERT, RoBERTa)
     act: Callable[[torch.Tensor], torch.Tensor]
-    rms: bool = False              # T5: RMSNorm, no biases anywhere
-    gated: bool = False            # T5 v1.1: fc2(act(gate x) * fc1 x)
+    rms: bool = False              # RMSNorm (T5, Llama) instead of LayerNorm
+    gated: bool = False            # T5 v1.1, SwiGLU: fc2(act(gate x) * fc1 x)
     attn_scale: float | None = None  # None: 1 / sqrt(head_dim); T5: 1.0 (folded into its init)
     eps: float = 1e-5
+    bias: bool = True              # linear layers with biases (False: T5, Llama)
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 (Zhang & Sennrich 2019); weight only."""
+
+    def __init__(self, h: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(h)), eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # x: (..., h)
+        var = x.float().square().mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(var + self.eps)).to(self.weight.dtype)
+
+
+def side_norm(h: int, spec: SideSpec) -> nn.Module:
+    """The norm a side block of ``spec`` uses, at width h."""
+    return RMSNorm(h, spec.eps) if spec.rms else nn.LayerNorm(h, eps=spec.eps)
 
 
 def side_attention_bias(attention_mask: torch.Tensor | None, T: int, causal: bool, dtype: torch.dtype,
@@ -92,8 +112,8 @@ class SideBlock(nn.Module):
     def __init__(self, h: int, heads: int, head_dim: int, f: int, spec: SideSpec, dropout: float,
                  cross: bool = False) -> None:
         super().__init__()
-        bias = not spec.rms
-        norm = lambda: T5LayerNorm(h, spec.eps) if spec.rms else nn.LayerNorm(h, eps=spec.eps)  # noqa: E731
+        bias = spec.bias
+        norm = lambda: side_norm(h, spec)  # noqa: E731
         self.pre_norm = spec.pre_norm
         self.attn_norm, self.attn = norm(), SideAttention(h, heads, head_dim, spec.attn_scale, bias)
         self.cross_attn_norm = norm() if cross else None
@@ -186,6 +206,28 @@ def _b(module: nn.Module) -> torch.Tensor:
     return torch.zeros(module.weight.shape[0]) if b is None else b.detach().float()
 
 
+def _expand_kv(roles: dict[str, nn.Module], group: str, heads: int) -> dict[str, nn.Module]:
+    """``roles`` with the k/v projections of a grouped-query attention expanded to one copy per query head."""
+    q_rows = roles[f"{group}.q_proj"].weight.shape[0]
+    hd = q_rows // heads
+    out = dict(roles)
+    for p in "kv":
+        proj = roles[f"{group}.{p}_proj"]
+        kv_rows = proj.weight.shape[0]
+        if kv_rows == q_rows:
+            continue
+        if q_rows % kv_rows:
+            raise ValueError(f"{group}.{p}_proj has {kv_rows} rows, which do not divide the {q_rows} query rows")
+        rep = q_rows // kv_rows
+        lin = nn.Linear(proj.weight.shape[1], q_rows, bias=getattr(proj, "bias", None) is not None)
+        with torch.no_grad():
+            lin.weight.copy_(_w(proj).view(kv_rows // hd, hd, -1).repeat_interleave(rep, 0).reshape(q_rows, -1))
+            if lin.bias is not None:
+                lin.bias.copy_(_b(proj).view(kv_rows // hd, hd).repeat_interleave(rep, 0).reshape(q_rows))
+        out[f"{group}.{p}_proj"] = lin
+    return out
+
+
 def hidden_dims(blocks: Sequence[dict[str, nn.Module]], h: int) -> torch.Tensor:
     """The h residual dims to keep (for every side block): largest squared norms of the weight columns that
     read a dim (q, k, v, fc1, gate) plus the rows that write it (o, fc2), summed over ``blocks`` (role maps)."""
@@ -226,6 +268,7 @@ def prune_into(side: SideBlock, roles: dict[str, nn.Module], hid: torch.Tensor, 
         att = getattr(side, group)
         if att is None:
             continue
+        roles = _expand_kv(roles, group, heads)
         kept, qk, vo = _head_rows(roles, group, heads, att.heads, att.head_dim)
         att.head_index.copy_(kept)
         for p, rows in (("q", qk), ("k", qk), ("v", vo)):

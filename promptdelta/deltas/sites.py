@@ -5,10 +5,12 @@ child is reported under the wrapper's name), so targets, checkpoints and fingerp
 
 Targets: an exact module name, a last-component/suffix match (``"q_proj"`` or ``"attn.q_proj"`` match
 ``layers.0.attn.q_proj``), or a regex (``re.fullmatch``) when the target string starts with ``"re:"``.
-They match the model's own module names and, on a ``transformers`` model of a family the backbones have a
-key table for (BERT, RoBERTa, GPT-2, T5), also the native names its modules stand for, read from that table
-(``bert.encoder.layer.0.attention.self.query`` is ``layers.0.attn.q_proj``). So the methods' default targets,
-written in native names, fit both kinds of model without a per-architecture name map in the delta library.
+They match the model's own module names and, on a ``transformers`` model, also the native names its modules
+stand for: read from the key table of its registered family (``backbones.registry``), and for any model from
+its module structure (``structure.py``: ``model.layers.0.self_attn.o_proj`` is ``layers.0.attn.o_proj``). So
+the methods' default targets, written in native names, fit every kind of model without a per-architecture
+name map in the delta library. ``"all-linear"`` names every linear layer (``nn.Linear`` and transformers'
+``Conv1D``) but the output head.
 """
 
 from __future__ import annotations
@@ -113,26 +115,26 @@ def unwrap_sites(pairs: Sequence[tuple[ModuleSite, DeltaWrapper]]) -> None:
 
 # --------------------------------------------------------------------------------------------- families
 def native_family(model: nn.Module) -> str | None:
-    """"bert" / "roberta" / "gpt2" / "t5" for a native backbone, None for any other module."""
-    family = getattr(model, "family", None)
-    return family if isinstance(family, str) and hasattr(model, "input_embeddings") else None
+    """The registered family name of a native backbone (``backbones.registry``), None for any other module."""
+    from promptdelta.backbones.registry import family_of
+
+    family = family_of(model)
+    return family.name if family is not None else None
 
 
 def hf_key_table(model: nn.Module) -> Any:
-    """The backbones' HF <-> native ``KeyTable`` for a ``transformers`` model of a family we have a native
-    backbone for (read from ``config.model_type``); None for native backbones and other models."""
-    if native_family(model) is not None:
-        return None
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    from promptdelta.backbones.bert import BERT_KEYS
-    from promptdelta.backbones.gpt import GPT2_KEYS
-    from promptdelta.backbones.roberta import ROBERTA_KEYS
-    from promptdelta.backbones.t5 import t5_key_table
+    """The backbones' HF <-> native ``KeyTable`` for a ``transformers`` model of a registered family (read from
+    ``config.model_type``); None for native backbones and other models."""
+    from promptdelta.backbones.registry import hf_family
 
-    if model_type == "t5":   # the rules depend on the FFN kind (v1.1 / Flan-T5: gated)
-        return t5_key_table("gated" in str(getattr(config, "feed_forward_proj", "")), True)
-    return {"bert": BERT_KEYS, "roberta": ROBERTA_KEYS, "xlm-roberta": ROBERTA_KEYS, "gpt2": GPT2_KEYS}.get(model_type)
+    family = hf_family(model)
+    if family is None:
+        return None
+    try:
+        return family.key_table(model.config)
+    except Exception as e:   # a family registered for loading only has no key table: fall back to structure
+        logger.debug("family %s gives no key table for %s (%s)", family.name, type(model).__name__, e)
+        return None
 
 
 def canonical_aliases(model: nn.Module) -> dict[str, list[str]]:
@@ -146,9 +148,11 @@ def canonical_aliases(model: nn.Module) -> dict[str, list[str]]:
     names = [s.name for s in iter_sites(model)]
     if native_family(model) is not None:
         return {n: [n] for n in names}
-    table = hf_key_table(model)
+    from promptdelta.deltas.structure import structural_aliases
+
+    table = hf_key_table(model)           # a registered family's key table, else the module structure
     if table is None:
-        return {}
+        return structural_aliases(model)
     leaves: dict[str, list[str]] = {}
     for n in names:
         own = table.to_native(n)
@@ -214,6 +218,22 @@ def normalise_targets(targets: Any) -> list[str] | None:
     return list(targets)
 
 
+ALL_LINEAR = "all-linear"
+
+
+def _all_linear(model: nn.Module, sites: list[ModuleSite], rest: list[str]) -> list[ModuleSite]:
+    """Every linear layer but the output head, and what the other targets name (``["all-linear", "x"]``)."""
+    from promptdelta.deltas.structure import is_linear, output_head
+
+    head = output_head(model)
+    extra = {id(s.module) for s in match_targets(model, rest)} if rest else set()
+    hits = [s for s in sites if (is_linear(s.module) and s.module is not head) or id(s.module) in extra]
+    if not hits:
+        raise DeltaError(f"targets 'all-linear' match no linear layer of {type(model).__name__} (its output head is "
+                         f"left out); name the modules to adapt instead.")
+    return hits
+
+
 def _module_name_sample(model: nn.Module, k: int = 12) -> str:
     names = [s.name for s in iter_sites(model) if next(s.module.parameters(recurse=False), None) is not None]
     lasts = sorted({n.rsplit(".", 1)[-1] for n in names})
@@ -229,6 +249,8 @@ def match_targets(model: nn.Module, targets: str | Sequence[str] | None,
     sites = list(iter_sites(model))
     if pats is None:
         return sites
+    if ALL_LINEAR in pats:
+        return _all_linear(model, sites, [p for p in pats if p != ALL_LINEAR])
     aliases = canonical_aliases(model)
     names = {s.name: [s.name, *aliases.get(s.name, ())] for s in sites}
     hit = lambda s, p: any(_target_matches(n, p) for n in names[s.name])  # noqa: E731

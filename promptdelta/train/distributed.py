@@ -148,20 +148,19 @@ def _holds_stack_bias(layer: nn.Module) -> bool:
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
     """The modules FSDP shards one by one: every layer of every backbone inside ``model``.
 
-    A native backbone's layers are the items of each ``nn.ModuleList`` called ``layers`` below it (both T5
+    A native backbone's layers are the items of its family's layer stacks (``backbones.registry``; both T5
     stacks; a T5 block holding the stack's position bias stays with the root); a ``transformers`` model's are
     the items of its ``nn.ModuleList`` s whose class it names in ``_no_split_modules``. Raises
     :class:`ConfigError` when there is none."""
-    from promptdelta.backbones.base import GradientCheckpointing
+    from promptdelta.backbones.registry import family_of
 
     units: list[nn.Module] = []
 
     def visit(module: nn.Module) -> None:
-        if isinstance(module, GradientCheckpointing):                       # a native backbone
-            for sub in module.modules():
-                stack = getattr(sub, "layers", None)
-                if isinstance(stack, nn.ModuleList):
-                    units.extend(layer for layer in stack if not _holds_stack_bias(layer))
+        family = family_of(module)
+        if family is not None:                                              # a native backbone
+            for stack in family.layer_stacks(module):
+                units.extend(layer for layer in stack if not _holds_stack_bias(layer))
             return
         names = set(getattr(module, "_no_split_modules", None) or ())      # a transformers model
         if names and hasattr(module, "config"):
@@ -175,7 +174,7 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
     visit(model)
     if not units:
         raise ConfigError(f"train.fsdp=true shards a backbone layer by layer, but {type(model).__name__} holds no "
-                          "backbone with per-layer structure (a native BERT/RoBERTa/GPT-2/T5, or a transformers "
+                          "backbone with per-layer structure (a native backbone of a registered family, or a transformers "
                           "model that names its layer class in _no_split_modules); set train.fsdp=false for "
                           "this model (data parallelism still works)")
     return units

@@ -1,0 +1,175 @@
+"""Native names for the modules of any transformers model, read from its module structure (no name tables).
+
+A model of a registered family is read through the family's key table (``sites.canonical_aliases``); any
+other model (Gemma, Phi-3, DistilBERT, a Llama before its family is registered ...) through its structure:
+
+* layer stacks: ``nn.ModuleList`` s whose items are all of one class and each hold >= 3 linear layers
+  (``nn.Linear`` or transformers' ``Conv1D``); one stack is ``layers.{i}``, two (encoder-decoder) are
+  ``encoder.layers.{i}`` and ``decoder.layers.{i}``;
+* in a block, with H the input width of its first linear layer: the last linear layer is the FFN output
+  ``mlp.fc2`` (I -> H); the linear layers right before it that read H and write I (or 2I, a fused gate/up
+  projection) are the FFN inputs (two: ``mlp.gate`` then ``mlp.fc1``, as in SwiGLU/GEGLU; one: ``mlp.fc1``);
+* every other linear layer belongs to an attention group: the layers under one child of the block (its
+  attention sublayer). In a group the last one that writes H is the output projection ``o_proj`` and the
+  others are q, k, v in order (one fused layer stands for all three, two for q and a fused k/v). The first group is ``attn``, a second ``cross_attn``;
+* containers: the block is ``layers.{i}``; the smallest module holding one group and no other weights (a
+  norm) is ``...attn``, and the one holding exactly the FFN layers is ``...mlp`` (if any does: BERT's
+  attention module also holds a LayerNorm, its FFN is split over two modules, so neither gets a name).
+
+The output head (``get_output_embeddings()``) is never part of a block. Tensor names never change: these
+are aliases that targets may use.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or transformers' Conv1D (GPT-2: y = x W + b with W of shape (in, out))."""
+    if isinstance(module, nn.Linear):
+        return True
+    w = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and isinstance(w, nn.Parameter) and w.dim() == 2
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a linear layer."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.weight.shape[1]   # Conv1D: (in, out)
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output head (LM head), excluded from ``all-linear``: ``get_output_embeddings()`` of a
+    transformers model, ``lm_head`` of a native backbone."""
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        try:
+            head = get()
+        except (AttributeError, NotImplementedError):
+            head = None
+        if isinstance(head, nn.Module):
+            return head
+    head = getattr(model, "lm_head", None)
+    return head if isinstance(head, nn.Module) else None
+
+
+def _linears(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in module.named_modules() if n and is_linear(m)]
+
+
+def layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The outermost ``nn.ModuleList`` s of same-class blocks holding >= 3 linear layers each, in order."""
+    out: list[tuple[str, nn.ModuleList]] = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) == 0 or any(name.startswith(s + ".") for s, _ in out):
+            continue
+        if len({type(b) for b in m}) == 1 and all(len(_linears(b)) >= 3 for b in m):
+            out.append((name, m))
+    return out
+
+
+def _top_child(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+def _smallest_holder(block: nn.Module, names: list[str], others: list[str]) -> str | None:
+    """Relative name of the deepest module in ``block`` that holds every one of ``names`` and none of
+    ``others`` (None when only the block itself would)."""
+    parts = [n.split(".") for n in names]
+    common: list[str] = []
+    for comps in zip(*parts):
+        if len(set(comps)) > 1:
+            break
+        common.append(comps[0])
+    while common:
+        prefix = ".".join(common)
+        if prefix not in names and not any(o == prefix or o.startswith(prefix + ".") for o in others):
+            return prefix
+        common.pop()
+    return None
+
+
+def _attention_groups(names: list[str]) -> list[list[str]]:
+    """Split a block's attention layers into attention sublayers: by the shallowest module level at which
+    they fall into several sets of >= 2 layers each (T5's decoder: ``layer.0`` self-, ``layer.1`` cross-
+    attention); else one group (BERT's q, k, v under ``attention.self`` and o under ``attention.output``)."""
+    depth = max((n.count(".") for n in names), default=0)
+    for d in range(1, depth + 1):
+        sets: dict[str, list[str]] = {}
+        for n in names:
+            sets.setdefault(".".join(n.split(".")[:d]), []).append(n)
+        if len(sets) > 1:
+            return list(sets.values()) if all(len(v) >= 2 for v in sets.values()) else [names]
+    return [names]
+
+
+def block_aliases(block: nn.Module, prefix: str) -> dict[str, list[str]]:
+    """Relative module name -> native names, for one transformer block named ``prefix`` (see module doc)."""
+    lins = _linears(block)
+    dims = {n: linear_dims(m) for n, m in lins}
+    names = [n for n, _ in lins]
+    H = dims[names[0]][0]
+    fc2 = names[-1]
+    if dims[fc2][1] != H:
+        return {}
+    inner = dims[fc2][0]
+    mlp_in: list[str] = []
+    for n in reversed(names[:-1]):
+        if dims[n][0] == H and dims[n][1] in (inner, 2 * inner) and (inner != H or _top_child(n) == _top_child(fc2)):
+            mlp_in.insert(0, n)
+        else:
+            break
+    if not mlp_in:
+        return {}
+    out: dict[str, list[str]] = {"": [prefix], fc2: [f"{prefix}.mlp.fc2"]}
+    if len(mlp_in) == 1:
+        fused = dims[mlp_in[0]][1] == 2 * inner
+        out[mlp_in[0]] = [f"{prefix}.mlp.gate", f"{prefix}.mlp.fc1"] if fused else [f"{prefix}.mlp.fc1"]
+    else:
+        out[mlp_in[-2]], out[mlp_in[-1]] = [f"{prefix}.mlp.gate"], [f"{prefix}.mlp.fc1"]
+    mlp = mlp_in + [fc2]
+    leaves = [n for n, m in block.named_modules()   # a holder holds no other weights (BERT's attention: a norm)
+              if n and not isinstance(m, nn.Embedding) and next(m.parameters(recurse=False), None) is not None]
+    attn = [n for n in names if n not in mlp]
+    groups = _attention_groups(attn)
+    for g, group in zip(("attn", "cross_attn"), groups):
+        writes_h = [n for n in group if dims[n][1] == H]
+        o = writes_h[-1] if writes_h else group[-1]   # Phi-3 registers o_proj before its fused qkv_proj
+        qkv = [n for n in group if n != o]
+        out[o] = [f"{prefix}.{g}.o_proj"]
+        roles = {1: [("q", "k", "v")], 2: [("q",), ("k", "v")], 3: [("q",), ("k",), ("v",)]}.get(len(qkv), [])
+        for n, rs in zip(qkv, roles):
+            out[n] = [f"{prefix}.{g}.{r}_proj" for r in rs]
+        holder = _smallest_holder(block, group, [x for x in leaves if x not in group])
+        if holder is not None:
+            out.setdefault(holder, []).append(f"{prefix}.{g}")
+    holder = _smallest_holder(block, mlp, [x for x in leaves if x not in mlp])
+    if holder is not None:
+        out.setdefault(holder, []).append(f"{prefix}.mlp")
+    return out
+
+
+def structural_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Own module name -> native names, for every block of every layer stack of ``model`` (module doc)."""
+    stacks = layer_stacks(model)
+    if not stacks:
+        return {}
+    if len(stacks) == 2:
+        stack_names = ["encoder.layers", "decoder.layers"]
+    else:
+        stack_names = ["layers"] + [f"stack{k}.layers" for k in range(1, len(stacks))]
+    out: dict[str, list[str]] = {}
+    for (own, stack), native in zip(stacks, stack_names):
+        for i, block in enumerate(stack):
+            for rel, natives in block_aliases(block, f"{native}.{i}").items():
+                out[f"{own}.{i}" + (f".{rel}" if rel else "")] = natives
+    counts = Counter(len(v) for v in out.values())
+    logger.debug("structural aliases for %s: %d modules (%s)", type(model).__name__, len(out), dict(counts))
+    return out
