@@ -88,7 +88,7 @@ def _factors_of(handle: DeltaHandle) -> dict[str, _Factors]:
                          f"only (the multi-adapter kernel computes LoRA updates): serve it on its own.")
     scale = float(handle.config.alpha) / float(handle.config.r)
     state = handle.state_dict()
-    return {key[:-len(".lora_A")]: _Factors(t.clone(), state[key[:-1] + "B"].clone(), scale)
+    return {key[:-len(".lora_A")]: _Factors(t, state[key[:-1] + "B"], scale)    # views: stacking copies
             for key, t in state.items() if key.endswith(".lora_A")}
 
 
@@ -114,7 +114,7 @@ def add_delta(model: nn.Module, source: DeltaHandle | str | Path, name: str | No
         if name in taken:
             raise DeltaError(f"a delta named {name!r} is already served by this model (served: {taken}); pass "
                              f"another name=..., or remove_delta(model, {name!r}) first.")
-        factors = _factors_of(handle)
+        factors = {k: _Factors(f.a.clone(), f.b.clone(), f.scale) for k, f in _factors_of(handle).items()}
     except DeltaError:
         if handle is not source:
             handle.detach()
@@ -261,7 +261,7 @@ def _bank_handles(model: nn.Module, handles: list[DeltaHandle], name: str) -> No
                          f"only: predict with it on its own (one --model).")
     factors: dict[str, _Factors] = {}
     for h in handles:
-        factors.update(_factors_of(h))
+        factors.update({k: _Factors(f.a.clone(), f.b.clone(), f.scale) for k, f in _factors_of(h).items()})
         h.detach()
     bank = _bank(model, create=True)
     bank.entries[name] = factors

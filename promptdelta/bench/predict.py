@@ -1,0 +1,228 @@
+"""Serving benchmark: ``promptdelta bench predict``.
+
+Two tables, each side by side in one run on the embedded MiniLM (or ``--backbone``) with LoRA deltas (r=8 on
+q_proj/v_proj, random factors: timings do not depend on the values):
+
+1. ``clf.predict`` over the SST-2 test texts (``<data root>/sst2/test.jsonl``; the root is $PROMPTDELTA_DATA,
+   else ../shared/data; without it the built-in demo texts, said in the title), merged (the default) and
+   unmerged (one delta name per row: served through ``route_rows``), against what a transformers
+   ``pipeline`` does: a ``BertModel`` with the same weights and the same LoRA (peft's, unmerged), batches of
+   the same size in input order. All three tokenise with the classifier's template and read out with its
+   verbalizer, so they compute the same predictions (the table says how close they are).
+2. One mixed batch of 4 task deltas (row i with delta i mod 4, through ``route_rows``) against 4
+   sequential single-delta passes over the same rows (each delta attached to its own copy of the backbone,
+   unmerged, fused LoRA, running its own rows); rows sorted by length in both, tokenised beforehand.
+
+Variants are interleaved, rounds shuffled (``bench.kernel._time_interleaved``); the table gives median times
+and the median of the per-round ratios with their IQR. Targets (issue 17): predict >= 2x the transformers
+forward (ratio <= 0.5); the mixed batch <= 1.2x one single-delta pass per example.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from promptdelta.bench.kernel import _format, _time_interleaved
+from promptdelta.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("sst2", "agnews", "rte", "boolq")
+TEMPLATE = '{"placeholder":"text_a"} It was {"mask"}.'
+
+
+def _texts(data: str | None, rows: int) -> tuple[list[str], str]:
+    """``rows`` SST-2 test texts (repeated if fewer) and where they came from."""
+    from promptdelta.data.loaders import builtin_path
+
+    root = os.environ.get("PROMPTDELTA_DATA") or os.path.join("..", "shared", "data")
+    path = Path(data) if data else Path(root) / "sst2" / "test.jsonl"
+    source = f"SST-2 test texts ({path})"
+    if not path.is_file():
+        if data:
+            raise DataError(f"--data {data} does not exist; give a JSONL file with a \"text\" field per line, or "
+                            f"no --data (SST-2 test texts from $PROMPTDELTA_DATA, else the built-in demo texts)")
+        path, source = builtin_path("demo") / "test.jsonl", "built-in demo texts (no SST-2 data found)"
+    texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise DataError(f"{path} holds no texts; give a JSONL file of {{\"text\": ...}} lines")
+    return [texts[i % len(texts)] for i in range(rows)], source
+
+
+def _randomise(handle: Any, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in handle.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _classifier(backbone: str) -> tuple[nn.Module, Any, str]:
+    """MiniLM (or ``backbone``) + a manual template + a soft verbalizer (mean readout), LoRA "sst2" attached."""
+    import promptdelta as pd
+
+    model, tok = pd.load_backbone(backbone)
+    model.eval()
+    handle = pd.attach(model, "lora", name="sst2", targets=["q_proj", "v_proj"], r=8, alpha=16)
+    _randomise(handle, 0)
+    template = pd.ManualTemplate(TEMPLATE, tokenizer=tok)
+    verbalizer = pd.SoftVerbalizer(tok, ["negative", "positive"], [["bad"], ["good"]], model)
+    clf = pd.PromptForClassification(model, template, verbalizer, max_length=128, readout="mean").eval()
+    return clf, tok, handle
+
+
+def _hf_model(clf: nn.Module, folder: Path) -> tuple[nn.Module, str]:
+    """transformers BertModel with the classifier's weights and its LoRA: peft's (unmerged) where peft is
+    installed, else folded into the weights (said in the label)."""
+    import transformers
+
+    import promptdelta as pd
+
+    hf = transformers.BertModel.from_pretrained(str(folder), add_pooling_layer=False).eval()
+    factors = {}                                                   # (layer, query|value, A|B) -> factor
+    for key, t in pd.deltas_of(clf.backbone)["sst2"].state_dict().items():   # layers.{i}.attn.{q|v}_proj.lora_{A|B}
+        layer, proj = key.split(".")[1], key.split(".")[3]
+        factors[(int(layer), {"q_proj": "query", "v_proj": "value"}[proj], key[-1])] = t
+    try:
+        import peft
+    except ImportError:
+        with torch.no_grad():
+            for (i, proj, ab), t in factors.items():
+                if ab == "A":
+                    lin = getattr(hf.encoder.layer[i].attention.self, proj)
+                    lin.weight += 2.0 * factors[(i, proj, "B")] @ t
+        return hf, "transformers, LoRA merged (no peft)"
+    hf = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"])).eval()
+    with torch.no_grad():
+        for (i, proj, ab), t in factors.items():
+            lin = getattr(hf.base_model.model.encoder.layer[i].attention.self, proj)
+            getattr(lin, f"lora_{ab}")["default"].weight.copy_(t)
+    return hf, "transformers + peft LoRA"
+
+
+def _hf_predict(clf: nn.Module, hf: nn.Module, texts: list[str], batch_size: int) -> torch.Tensor:
+    """What a pipeline does: batches in input order, template tokenisation, forward, the same readout."""
+    from promptdelta.data.examples import InputExample
+
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            batch = clf.template.tokenize([InputExample(t) for t in texts[i:i + batch_size]], clf.max_length)
+            mask = batch["attention_mask"]
+            hidden = hf(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state   # (B, T, H)
+            keep = mask[..., None].to(hidden.dtype)
+            pooled = (hidden * keep).sum(1) / keep.sum(1).clamp(min=1)                          # (B, H)
+            out.append(clf.verbalizer.process(pooled, None, clf.backbone).float())
+    return torch.cat(out)
+
+
+def _predict_lines(backbone: str, folder: Path, texts: list[str], source: str, batch_size: int,
+                   rounds: int) -> list[str]:
+    clf, _, _ = _classifier(backbone)
+    hf, hf_name = _hf_model(clf, folder)
+    names = ["sst2"] * len(texts)
+    base = f"{hf_name}, input order"
+    fns: dict[str, tuple[Callable[[], object], str]] = {
+        base: (lambda: _hf_predict(clf, hf, texts, batch_size), base),
+        "predict, merged": (lambda: clf.predict(texts, batch_size=batch_size), base),
+        "predict, unmerged (per-row delta)": (lambda: clf.predict(texts, batch_size=batch_size, delta=names), base),
+    }
+    ref = _hf_predict(clf, hf, texts, batch_size).softmax(-1)
+    diffs = {n: float((clf.predict(texts, batch_size=batch_size, **kw).probs - ref).abs().max())
+             for n, kw in (("merged", {}), ("unmerged", {"delta": names}))}
+    title = (f"predict vs transformers: {len(texts)} {source}, batch {batch_size}, {rounds} rounds "
+             f"(max |probs - transformers'|: merged {diffs['merged']:.1e}, unmerged {diffs['unmerged']:.1e})")
+    return _format(title, _time_interleaved(fns, rounds, 0.0))
+
+
+def _mixed_lines(backbone: str, texts: list[str], batch_size: int, rounds: int) -> list[str]:
+    """4 task deltas: one mixed batch through route_rows vs 4 single-delta passes over the same rows."""
+    import promptdelta as pd
+    from promptdelta.deltas.mixed import add_delta, route_rows
+
+    model, tok = pd.load_backbone(backbone)
+    model.eval()
+    copies = []
+    for i, task in enumerate(TASKS):
+        copy_ = copy.deepcopy(model)
+        _randomise(pd.attach(copy_, "lora", name=task, targets=["q_proj", "v_proj"], r=8, alpha=16), i)
+        copies.append(copy_)
+        h = pd.attach(model, "lora", name=task, targets=["q_proj", "v_proj"], r=8, alpha=16)
+        h.load_state_dict(pd.deltas_of(copy_)[task].state_dict())          # the same delta, banked
+        add_delta(model, h)
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))          # longest first, as predict does
+
+    def batches(rows: list[int]) -> list[tuple[list[int], dict]]:
+        out = []
+        for s in range(0, len(rows), batch_size):
+            idx = rows[s:s + batch_size]
+            out.append((idx, dict(tok([texts[i] for i in idx], padding=True, truncation=True, max_length=128,
+                                      return_tensors="pt"))))
+        return out
+
+    mixed = batches(order)
+    single = [batches([i for i in order if i % len(TASKS) == t]) for t in range(len(TASKS))]
+
+    def run_mixed() -> list[torch.Tensor]:
+        with torch.inference_mode():
+            outs = []
+            for idx, enc in mixed:
+                with route_rows(model, [TASKS[i % len(TASKS)] for i in idx]):
+                    outs.append(model(**enc).last_hidden_state[:, 0])
+            return outs
+
+    def run_single() -> list[torch.Tensor]:
+        with torch.inference_mode():
+            return [copies[t](**enc).last_hidden_state[:, 0] for t in range(len(TASKS)) for _, enc in single[t]]
+
+    got = dict(zip([i for idx, _ in mixed for i in idx], torch.cat(run_mixed())))
+    want = dict(zip([i for t in range(len(TASKS)) for idx, _ in single[t] for i in idx], torch.cat(run_single())))
+    diff = max(float((got[i] - want[i]).abs().max()) for i in got)
+    base = "4 single-delta passes"
+    fns = {base: (run_single, base), "mixed batch, 4 deltas": (run_mixed, base)}
+    title = (f"mixed batch vs per-delta passes: {len(texts)} rows, 4 LoRA deltas, batch {batch_size}, "
+             f"{rounds} rounds (max |CLS state difference|: {diff:.1e})")
+    return _format(title, _time_interleaved(fns, rounds, 0.0))
+
+
+def run_predict_bench(rows: int = 256, rounds: int = 5, batch_size: int = 32, backbone: str = "minilm",
+                      data: str | None = None) -> str:
+    """Run both tables and return them as text."""
+    for name, value in (("rows", rows), ("rounds", rounds), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive int, got {value!r}; pass e.g. --{name.replace('_', '-')} 32")
+    from promptdelta.backbones.loading import PRESETS
+
+    folder = PRESETS[backbone]() if backbone in PRESETS else Path(backbone)
+    texts, source = _texts(data, rows)
+    lines = [f"promptdelta bench predict on {backbone} ({torch.get_num_threads()} threads)"]
+    lines += _predict_lines(backbone, folder, texts, source, batch_size, rounds)
+    lines += _mixed_lines(backbone, texts, batch_size, rounds)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``promptdelta bench predict [--rows N] [--rounds R] [--batch-size B] [--backbone B] [--data F]``."""
+    parser = argparse.ArgumentParser(prog="promptdelta bench predict", description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=256, help="texts to classify (repeated if the file has fewer)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians over them)")
+    parser.add_argument("--batch-size", type=int, default=32, dest="batch_size")
+    parser.add_argument("--backbone", default="minilm", help="preset (minilm) or a local BERT checkpoint folder")
+    parser.add_argument("--data", default=None, help="JSONL file with a \"text\" field per line (default: "
+                        "$PROMPTDELTA_DATA/sst2/test.jsonl, else ../shared/data/sst2/test.jsonl, else demo texts)")
+    args = parser.parse_args(argv)
+    print(run_predict_bench(args.rows, args.rounds, args.batch_size, args.backbone, args.data))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
