@@ -340,7 +340,8 @@ class LlamaModel(GradientCheckpointing, nn.Module):
         self.layers = nn.ModuleList(LlamaBlock(config, t == "sliding_attention") for t in config.layer_types)
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if config.has_lm_head else None
-        self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope), persistent=False)
+        # fp32 always, not a buffer: model.to(bfloat16) would round the frequencies and shift every angle
+        self._inv_freq = rope_inv_freq(config.head_dim, config.rope)  # (hd / 2,)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
@@ -391,7 +392,9 @@ class LlamaModel(GradientCheckpointing, nn.Module):
             position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, S:]  # (B, T)
         elif position_ids is None:
             position_ids = torch.arange(S, S + T, device=x.device).expand(B, T)
-        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, hd / 2)
+        if self._inv_freq.device != x.device:
+            self._inv_freq = self._inv_freq.to(x.device)
+        freqs = position_ids[..., None].float() * self._inv_freq  # (B, T, hd / 2), in fp32
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]                  # (B, 1, T, hd)
         rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
         prefixes = self._check_prefix(prefix_kv, B)

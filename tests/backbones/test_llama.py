@@ -457,3 +457,13 @@ def test_generation_loss_matches_transformers_and_generate_matches_the_backbone(
                           pad_token_id=llama_tok.eos_token_id)[0, prompt.shape[1]:]
         assert alone.tolist() == ref.tolist()
         assert together[i, :len(alone)].tolist() == alone.tolist()
+
+
+@torch.no_grad()
+def test_bfloat16_keeps_the_rotary_frequencies_in_fp32():
+    hf = _hf("llama3-rope")
+    model, _ = load_backbone(hf, dtype="bf16")
+    assert model.embed_tokens.weight.dtype == torch.bfloat16 and model._inv_freq.dtype == torch.float32
+    ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(12))
+    ref = hf(ids).logits
+    assert (model(ids).logits.float() - ref).abs().max() < 0.05 * ref.abs().max()   # bf16 rounding only
