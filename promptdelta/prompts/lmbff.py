@@ -236,14 +236,28 @@ def rank_templates(templates: Sequence[str], backbone: nn.Module, tokenizer: Any
     from promptdelta.prompts.template import ManualTemplate
 
     _check_labelled(dev, verbalizer.classes, "dev")
-    labels = torch.tensor([e.label for e in dev])
     out = []
     for text in templates:
         parse_template(text)
         clf = PromptForClassification(backbone, ManualTemplate(text, tokenizer=tokenizer), verbalizer,
                                       readout=readout)
-        out.append((text, float((clf.predict(list(dev)) == labels).float().mean())))
+        out.append((text, accuracy(clf, dev)))
     return sorted(out, key=lambda t: -t[1])
+
+
+@torch.no_grad()
+def accuracy(clf: nn.Module, examples: Sequence[Any], batch_size: int = 32) -> float:
+    """Accuracy of a prompt classifier (``collate`` + forward -> label logits) on labelled examples, in eval
+    mode (the mode is restored)."""
+    was = clf.training
+    clf.eval()
+    try:
+        hits = sum(int((clf(clf.collate(list(examples[i:i + batch_size]))).argmax(-1).cpu()
+                        == torch.tensor([e.label for e in examples[i:i + batch_size]])).sum())
+                   for i in range(0, len(examples), batch_size))
+    finally:
+        clf.train(was)
+    return hits / len(examples)
 
 
 def save_templates(path: str | Path, templates: Sequence[str], overwrite: bool = False) -> Path:
