@@ -27,6 +27,7 @@ CONFIGS = {  # id -> (transformers class, config kwargs)
                                                                          "rope_theta": 10000.0})),
     "qwen2": (transformers.Qwen2ForCausalLM, dict(use_sliding_window=True, sliding_window=3, max_window_layers=1)),
     "mistral": (transformers.MistralForCausalLM, dict(sliding_window=3)),
+    "mistral-wide-heads": (transformers.MistralForCausalLM, dict(sliding_window=None, head_dim=16)),  # 4 x 16 != 32
 }
 
 
