@@ -2,6 +2,8 @@
 
     handle = attach(model, "lora", targets=["q_proj", "v_proj"], r=8, alpha=16)   # freezes the rest
     handle.save("run/lora"); handle.detach(); load_delta(model, "run/lora")
+    handle.save("run/peft", format="peft")    # PEFT's adapter folder; load_delta reads those too
+    merge_and_unload(model)                    # fold the deltas in for good: a plain model again
 """
 
 from promptdelta.deltas.base import (
@@ -21,6 +23,8 @@ from promptdelta.deltas.lora import LoRA, LoRAConfig, LoRALinear
 from promptdelta.deltas.adapter import Adapter, AdapterConfig, AdapterWrapper, Bottleneck
 from promptdelta.deltas.prefix import PrefixConfig, PrefixTuning, prefix_kv
 from promptdelta.deltas.intrinsic import Fastfood, Intrinsic, IntrinsicConfig, IntrinsicWrapper, fwht
+from promptdelta.deltas.merge import base_state_dict, merge_and_unload, register_unload
+from promptdelta.deltas.peft_format import load_peft, read_peft_config, save_peft
 from promptdelta.deltas.ladder import (Ladder, LadderConfig, MemoryReport, SideNetwork, SideSeq2Seq,
                                        measure_training_memory)
 from promptdelta.deltas import ipt, s3delta, unipelt  # noqa: F401  (register "ipt", "s3delta", "unipelt"; issue 21)
@@ -34,3 +38,4 @@ __all__ += ["Intrinsic", "IntrinsicConfig", "IntrinsicWrapper", "Fastfood", "fwh
             "Ladder", "LadderConfig", "SideNetwork", "SideSeq2Seq", "MemoryReport", "measure_training_memory"]
 __all__ += ["AddedBias", "Adapter", "AdapterConfig", "AdapterWrapper", "Bottleneck", "PrefixConfig", "PrefixTuning",
             "prefix_kv"]
+__all__ += ["merge_and_unload", "register_unload", "base_state_dict", "save_peft", "load_peft", "read_peft_config"]
