@@ -468,3 +468,23 @@ def test_bfloat16_keeps_the_rotary_frequencies_in_fp32():
     ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(12))
     ref = hf(ids).logits
     assert (model(ids).logits.float() - ref).abs().max() < 0.05 * ref.abs().max()   # bf16 rounding only
+
+
+@torch.no_grad()
+def test_sampling_equals_hf_from_the_same_seed():
+    hf = _hf("qwen2")
+    model = LlamaModel.from_hf(hf).eval()
+    ids, mask = _left_padded([6, 2], total=6, seed=5)
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20, top_p=0.9, temperature=0.7,
+              pad_token_id=0, eos_token_id=2)
+    torch.manual_seed(3)
+    ref = hf.generate(ids, **kw)
+    torch.manual_seed(3)
+    assert torch.equal(model.generate(ids, **kw), ref)
+
+
+def test_to_hf_refuses_a_layout_transformers_cannot_hold():
+    config = LlamaConfig(model_type="mistral", vocab_size=9, hidden_size=32, intermediate_size=8, num_layers=1,
+                         num_heads=4, qkv_bias=True)
+    with pytest.raises(BackboneError, match="no transformers equivalent"):
+        LlamaModel(config).to_hf()
