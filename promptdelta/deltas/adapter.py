@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptdelta.deltas.base import DeltaWrapper, ModuleSite, WrappingMethod, register_delta
+from promptdelta.deltas.structure import is_linear, linear_dims
 from promptdelta.errors import ConfigError, DeltaError
 
 logger = logging.getLogger(__name__)
@@ -148,10 +149,11 @@ class AdapterWrapper(DeltaWrapper):
             return out
         h = out[0] if isinstance(out, tuple) else out                 # (..., out)
         src = _first_tensor(args, kwargs) if self.parallel else h     # (..., in)
-        if h.shape[-1] != self.adapter.up.out_features:
-            raise DeltaError(f"adapter {self.delta_name!r} gives {self.adapter.up.out_features} features but its "
-                             f"module ({type(self.base).__name__}) outputs {h.shape[-1]}; target a linear layer or "
-                             f"a sublayer that keeps the hidden size (e.g. 'mlp', 'attn.o_proj').")
+        if h.shape[-1] != self.adapter.up.out_features or src.shape[-1] != self.adapter.down.in_features:
+            raise DeltaError(f"adapter {self.delta_name!r} maps {self.adapter.down.in_features} -> "
+                             f"{self.adapter.up.out_features} features but its module ({type(self.base).__name__}) "
+                             f"reads {src.shape[-1]} and outputs {h.shape[-1]}; target a linear layer or a sublayer "
+                             f"that keeps the hidden size (e.g. 'mlp', 'attn.o_proj').")
         h = h + self.adapter(src).to(h.dtype)
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
@@ -165,13 +167,14 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 def _features(module: nn.Module, hidden: int | None) -> tuple[int, int] | None:
-    """(in, out) of a linear layer (nn.Linear, or transformers' Conv1D with weight (in, out)); else the
-    model's hidden size for both (a whole sublayer); None when unknown."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    w = getattr(module, "weight", None)
-    if type(module).__name__ == "Conv1D" and isinstance(w, nn.Parameter) and w.dim() == 2:
-        return w.shape[0], w.shape[1]
+    """(in, out) of a linear layer (nn.Linear, or transformers' Conv1D with weight (in, out)); of a sublayer,
+    the input of its first and the output of its last linear layer (BERT's ``intermediate``: (H, I)), else
+    the model's hidden size for both; None when unknown."""
+    if is_linear(module):
+        return linear_dims(module)
+    inner = [m for m in module.modules() if is_linear(m)]
+    if inner:
+        return linear_dims(inner[0])[0], linear_dims(inner[-1])[1]
     return (hidden, hidden) if hidden else None
 
 

@@ -155,3 +155,50 @@ def assert_same_state(model: nn.Module, snap: tuple[dict[str, torch.Tensor], dic
     for k in sd:
         assert torch.equal(now[k], sd[k]), k
     assert {k: p.requires_grad for k, p in model.named_parameters()} == rg
+
+
+# --------------------------------------------------------------------------------------------- one invariant check
+MERGEABLE_METHODS = {"lora", "bitfit", "intrinsic"}
+
+
+def check_delta_invariants(build: Callable[[], nn.Module], out: Callable[..., torch.Tensor], method: str,
+                           folder, exact_zero_init: bool = True, **attach_kw) -> None:
+    """The delta contract on one model, in one pass (``out(model, grad=False)`` -> logits):
+    a fresh delta leaves the outputs unchanged (prefix: its ``disabled()`` does), only delta parameters get
+    gradients and change, save -> load into a fresh model reproduces the outputs, merge = unmerged (where the
+    method can merge), and detach restores every tensor, requires_grad flag and the outputs exactly."""
+    from promptdelta.deltas import attach, deltas_of, load_delta
+
+    model = build()
+    snap, base = snapshot(model), out(model)
+    handle = attach(model, method, **attach_kw)
+    assert handle.num_parameters() > 0
+    if method == "prefix":                   # attending to extra keys moves the softmax; disabled() must not
+        with handle.disabled():
+            assert torch.equal(out(model), base)
+    elif exact_zero_init and method != "lora":
+        assert torch.equal(out(model), base)
+    else:                                    # LoRA: B = 0, only the fused matmul's rounding may differ
+        torch.testing.assert_close(out(model), base, rtol=1e-5, atol=1e-6)
+    delta = {id(p) for p in handle.parameters()}
+    assert {id(p) for p in model.parameters() if p.requires_grad} == delta
+    perturb(handle.parameters())
+    out(model, grad=True).float().square().mean().backward()
+    assert all(p.grad is None for p in model.parameters() if id(p) not in delta)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in handle.parameters())
+    tuned = out(model)
+    assert not torch.allclose(tuned, base)
+    handle.save(folder)
+    fresh = build()
+    loaded = load_delta(fresh, folder)
+    assert loaded.targets == handle.targets
+    torch.testing.assert_close(out(fresh), tuned, rtol=0, atol=0)
+    if method in MERGEABLE_METHODS:
+        handle.merge()
+        torch.testing.assert_close(out(model), tuned, rtol=1e-4, atol=1e-5)
+        handle.unmerge()
+        assert torch.equal(out(model), tuned)
+    handle.detach()
+    assert deltas_of(model) == {}
+    assert_same_state(model, snap)
+    assert torch.equal(out(model), base)

@@ -160,8 +160,10 @@ def test_parallel_default_on_a_split_ffn_says_what_to_pass():
 def test_nested_and_unsized_targets_are_refused():
     with pytest.raises(DeltaError, match="narrow the targets"):
         attach(FAMILIES["bert"].build(), "adapter", targets=["mlp", "fc2"])
-    with pytest.raises(DeltaError, match="target linear layers"):
-        attach(nn.Sequential(nn.Sequential(nn.Linear(4, 4))), "adapter", targets="0")
+    with pytest.raises(DeltaError, match="target linear layers"):   # no linear inside, no hidden_size
+        attach(nn.Sequential(nn.Sequential(nn.LayerNorm(4))), "adapter", targets="re:0")
+    h = attach(nn.Sequential(nn.Sequential(nn.Linear(4, 6))), "adapter", targets="re:0")   # sized by its linear
+    assert h._method.sites[0][1].adapter.up.out_features == 6
 
 
 def test_adapter_output_size_mismatch_is_explained(ids):
@@ -170,9 +172,12 @@ def test_adapter_output_size_mismatch_is_explained(ids):
     perturb(h.parameters())
     assert FAMILIES["bert"].out(model, ids).shape == (3, 7, 99)
     other = FAMILIES["bert"].build()
-    attach(other, "adapter", targets="lm_head")                 # a sublayer that does not keep the hidden size
-    with pytest.raises(DeltaError, match="keeps the hidden size"):
-        FAMILIES["bert"].out(other, ids)
+    attach(other, "adapter", targets="lm_head")                 # a sublayer sized by its linears: (H, V)
+    assert FAMILIES["bert"].out(other, ids).shape == (3, 7, 99)
+    odd = nn.Sequential(nn.Sequential(nn.Linear(4, 8), nn.Unflatten(-1, (2, 4))))   # outputs 4, not its linear's 8
+    attach(odd, "adapter", targets="re:0")
+    with pytest.raises(DeltaError, match=r"maps 8 -> 8 features but its module \(Sequential\) reads 4 and outputs 4.*keeps the hidden size"):
+        odd(torch.randn(3, 4))
 
 
 def test_bottleneck_module_is_exact_identity_when_up_is_zero():

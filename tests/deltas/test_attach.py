@@ -49,7 +49,7 @@ def test_save_refuses_existing_folder_unless_overwrite(case, method, tmp_path):
     with pytest.raises(CheckpointError, match="overwrite=True"):
         handle.save(tmp_path / "d")
     handle.save(tmp_path / "d", overwrite=True)
-    assert sorted(f.name for f in (tmp_path / "d").iterdir()) == ["delta.json", "delta.safetensors"]
+    assert sorted(f.name for f in (tmp_path / "d").iterdir()) == ["delta.json", "delta.safetensors", "manifest.json"]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -297,6 +297,9 @@ def test_load_with_wrong_tensor_keys_leaves_model_clean(saved):
     tensors = load_file(saved / "delta.safetensors")
     tensors["extra.lora_A"] = torch.zeros(1)
     save_file(tensors, saved / "delta.safetensors")
+    from promptdelta.deltas.base import write_manifest
+
+    write_manifest(saved, ["delta.safetensors", "delta.json"])   # a consistent folder: the key check must catch it
     model = hf_bert()
     snap = snapshot(model)
     with pytest.raises(CheckpointError, match="unexpected"):

@@ -1,0 +1,192 @@
+"""Deltas on live transformers models of ten architectures, unconverted: LoRA, adapter, BitFit and intrinsic
+attach with their *default* targets (found from the module structure or the family's key table), with
+``targets="all-linear"`` and with ``modules_to_save``; each passes the delta contract
+(``delta_helpers.check_delta_invariants``). Tiny random configs: 2 layers, hidden 32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from delta_helpers import V, check_delta_invariants, snapshot, assert_same_state
+from torch import nn
+
+from promptdelta.deltas import attach, deltas_of
+from promptdelta.deltas.sites import canonical_aliases, match_targets
+from promptdelta.deltas.structure import output_head
+from promptdelta.errors import DeltaError
+
+_DEC = dict(vocab_size=V, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+CONFIGS = {   # architecture -> (model class, config)
+    "bert": (tf.BertForMaskedLM, lambda: tf.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                                        num_attention_heads=4, intermediate_size=37,
+                                                        max_position_embeddings=64)),
+    "roberta": (tf.RobertaForMaskedLM, lambda: tf.RobertaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                                                 num_attention_heads=4, intermediate_size=37,
+                                                                 max_position_embeddings=66, pad_token_id=1,
+                                                                 bos_token_id=0, eos_token_id=2)),
+    "distilbert": (tf.DistilBertForMaskedLM, lambda: tf.DistilBertConfig(vocab_size=V, dim=32, n_layers=2, n_heads=4,
+                                                                          hidden_dim=37, max_position_embeddings=64)),
+    "gpt2": (tf.GPT2LMHeadModel, lambda: tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                        bos_token_id=0, eos_token_id=0)),
+    "t5": (tf.T5ForConditionalGeneration, lambda: tf.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                                               num_heads=4, feed_forward_proj="gated-gelu",
+                                                               relative_attention_num_buckets=8,
+                                                               decoder_start_token_id=0, pad_token_id=0,
+                                                               eos_token_id=1)),
+    "llama": (tf.LlamaForCausalLM, lambda: tf.LlamaConfig(**_DEC)),
+    "qwen2": (tf.Qwen2ForCausalLM, lambda: tf.Qwen2Config(**_DEC)),
+    "mistral": (tf.MistralForCausalLM, lambda: tf.MistralConfig(**_DEC, sliding_window=4)),
+    "gemma": (tf.GemmaForCausalLM, lambda: tf.GemmaConfig(**_DEC, head_dim=8)),
+    "phi3": (tf.Phi3ForCausalLM, lambda: tf.Phi3Config(**_DEC)),
+}
+ARCHS = list(CONFIGS)
+METHODS = ["lora", "adapter", "bitfit", "intrinsic"]
+FAST = {("lora", "llama"), ("adapter", "phi3"), ("bitfit", "llama"), ("intrinsic", "gemma"), ("lora", "gpt2"),
+        ("adapter", "distilbert"), ("bitfit", "t5"), ("intrinsic", "qwen2")}   # the default-suite subset
+
+
+def build(arch: str, seed: int = 0, cls: type | None = None) -> nn.Module:
+    model_cls, config = CONFIGS[arch]
+    torch.manual_seed(seed)
+    return (cls or model_cls)(config()).eval()
+
+
+def ids() -> torch.Tensor:
+    return torch.randint(3, V, (3, 7), generator=torch.Generator().manual_seed(1))   # (B, T)
+
+
+def out(model: nn.Module, grad: bool = False) -> torch.Tensor:
+    """Logits of a batch whose first row ends in two pads (T5: 4 decoder positions)."""
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[0, -2:] = 0
+    kw = {"decoder_input_ids": x[:, :4]} if model.config.is_encoder_decoder else {}
+    with torch.set_grad_enabled(grad):
+        return model(input_ids=x, attention_mask=mask, **kw).logits
+
+
+def _cells(methods, archs):
+    return [pytest.param(m, a, marks=() if (m, a) in FAST else pytest.mark.slow, id=f"{m}-{a}")
+            for m in methods for a in archs]
+
+
+@pytest.mark.parametrize("method, arch", _cells(METHODS, ARCHS))
+def test_default_targets_pass_the_delta_contract(method, arch, tmp_path):
+    check_delta_invariants(lambda: build(arch), out, method, tmp_path / "d")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_default_targets_are_found_from_the_structure(arch):
+    """Attention q/k/v/o and the FFN in/out layers of every block get native names; the head gets none."""
+    model = build(arch)
+    aliases = canonical_aliases(model)
+    natives = {a for names in aliases.values() for a in names}
+    stack = "encoder.layers" if model.config.is_encoder_decoder else "layers"
+    for i in range(2):
+        for role in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.fc1", "mlp.fc2"):
+            assert f"{stack}.{i}.{role}" in natives, (arch, i, role)
+    head = output_head(model)
+    assert all(s.module is not head for s in match_targets(model, ["q_proj", "fc1", "fc2", "o_proj"]))
+
+
+@pytest.mark.parametrize("method, arch", _cells(["lora", "bitfit"], ["llama", "gpt2", "t5", "bert"]))
+def test_all_linear(method, arch, tmp_path):
+    model = build(arch)
+    head = output_head(model)
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    handle = attach(model, method, targets="all-linear", add_biases=True) if method == "bitfit" else \
+        attach(model, method, targets="all-linear")
+    assert len(handle.targets) == len([m for m in linear if m is not head]) and head is not None
+    handle.detach()
+    check_delta_invariants(lambda: build(arch), out, "lora", tmp_path / "d", targets="all-linear")
+
+
+SEQ_CLS = {"bert": tf.BertForSequenceClassification, "llama": tf.LlamaForSequenceClassification}
+
+
+@pytest.mark.parametrize("arch", list(SEQ_CLS))
+def test_modules_to_save_trains_and_saves_the_task_head(arch, tmp_path):
+    head = "classifier" if arch == "bert" else "score"
+
+    def make():
+        return build(arch, cls=SEQ_CLS[arch])
+    model = make()
+    original = getattr(model, head)
+    handle = attach(model, "lora", modules_to_save=[head])
+    keys = [k for k, _ in handle.named_parameters() if ".saved." in k]
+    assert keys and all(k.startswith(f"{head}.saved.") for k in keys)
+    check_delta_invariants(make, out, "lora", tmp_path / "d", modules_to_save=[head])
+    handle.detach()
+    assert getattr(model, head) is original and all(p.requires_grad for p in original.parameters())
+
+
+def test_modules_to_save_without_it_the_fresh_head_stays_frozen():
+    model = build("bert", cls=tf.BertForSequenceClassification)
+    attach(model, "lora")
+    assert not model.classifier.weight.requires_grad          # why modules_to_save exists
+    model = build("bert", cls=tf.BertForSequenceClassification)
+    h = attach(model, "lora", modules_to_save=["classifier"])
+    assert model.classifier.copy.weight.requires_grad and not model.classifier.base.weight.requires_grad
+    with h.disabled():
+        base = out(model)
+    with torch.no_grad():
+        model.classifier.copy.weight.add_(1.0)
+    assert not torch.allclose(out(model), base)
+    with h.disabled():
+        assert torch.equal(out(model), base)
+
+
+def test_modules_to_save_refuses_a_module_holding_the_delta_targets():
+    model = build("bert", cls=tf.BertForSequenceClassification)
+    snap = snapshot(model)
+    with pytest.raises(DeltaError, match="modules_to_save names 'bert.encoder.layer.0'.*own targets"):
+        attach(model, "lora", modules_to_save=["bert.encoder.layer.0"])
+    assert deltas_of(model) == {}
+    assert_same_state(model, snap)
+
+
+def test_a_failed_attach_leaves_nothing_attached(monkeypatch):
+    """The adapter fails on its second module: the first wrapper comes out again, flags are restored."""
+    from promptdelta.deltas import adapter as adapter_mod
+
+    model = build("llama")
+    model.model.embed_tokens.weight.requires_grad_(False)
+    snap, base = snapshot(model), out(model)
+    calls = []
+    real = adapter_mod.AdapterWrapper.__init__
+
+    def flaky(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        real(self, *a, **k)
+    monkeypatch.setattr(adapter_mod.AdapterWrapper, "__init__", flaky)
+    with pytest.raises(DeltaError, match=r"adapter could not be attached to LlamaForCausalLM \(RuntimeError: boom\); "
+                                         r"nothing was attached"):
+        attach(model, "adapter")
+    assert len(calls) == 2 and deltas_of(model) == {}
+    assert_same_state(model, snap)
+    assert torch.equal(out(model), base)
+    assert not any(type(m).__name__ == "AdapterWrapper" for m in model.modules())
+
+
+def test_parallel_adapter_on_transformers_bert():
+    """BERT splits its FFN over two modules, so the default 'mlp' target is refused by name; a sublayer that
+    keeps its in/out sizes works, and one that does not is refused at forward with the module named."""
+    model = build("bert")
+    with pytest.raises(DeltaError, match=r"targets \['mlp'\] match no module"):
+        attach(model, "adapter", placement="parallel")
+    assert deltas_of(model) == {}
+    h = attach(model, "adapter", placement="parallel", targets="re:.*layer\\.\\d+\\.intermediate")
+    assert h.targets == ["bert.encoder.layer.0.intermediate", "bert.encoder.layer.1.intermediate"]
+    out(model, grad=True).square().mean().backward()
+    h.detach()
+
+
+def test_bitfit_adds_zero_biases_on_bias_free_llama():
+    model = build("llama")
+    assert not any(n.endswith("bias") for n, _ in model.named_parameters())
+    h = attach(model, "bitfit")
+    assert h.num_parameters() > 0 and all(k.endswith(".bias") for k, _ in h.named_parameters())
