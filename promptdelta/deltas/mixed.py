@@ -212,7 +212,8 @@ def _site_stacks(model: nn.Module, used: list[str], handles: dict[str, DeltaHand
     if cacheable and tuple(used) in bank.stacks:
         return bank.stacks[tuple(used)]
     per_adapter = [_factors_of(handles[n]) if n in handles else bank.entries[n] for n in used]
-    stacks = _stacks(per_adapter, {s: sites[s].module.weight for f in per_adapter for s in f})
+    with torch.inference_mode(False):                     # cached stacks stay usable outside inference mode
+        stacks = _stacks(per_adapter, {s: sites[s].module.weight for f in per_adapter for s in f})
     if cacheable:
         bank.stacks[tuple(used)] = stacks
     return stacks
@@ -225,6 +226,7 @@ def route_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[torch.
 
     Attached LoRA deltas are disabled for the duration (a row that does not name one does not get it); the
     model's modules are put back on exit. A row naming a delta that is not served raises DeltaError.
+    Inference: the factors are used detached, so no gradient reaches a delta under this context.
     """
     served = _check_names(model, names)
     wanted = set(names)

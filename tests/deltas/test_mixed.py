@@ -203,3 +203,17 @@ def test_load_many_refuses_non_lora_and_other_backbones(tiny_bert_dir, tmp_path)
         load_many([tmp_path / "a", tmp_path / "bias"])
     with pytest.raises(DeltaError, match="distinct classifier folders"):
         load_many([tmp_path / "a", tmp_path / "a"])
+
+
+def test_stacks_built_in_inference_mode_serve_later_batches(tmp_path):
+    """predict runs route_rows under torch.inference_mode; the bank's cached stacks must still serve a
+    later batch outside it (inference tensors would refuse), with the same outputs."""
+    model, ids, mask, ref = _banked_model("native", tmp_path)
+    names = ["rte", "sst2"] * 5
+    with torch.inference_mode(), route_rows(model, names):
+        first = _out(model, ids, mask).clone()
+    x = torch.zeros(1, requires_grad=True)
+    with route_rows(model, names):
+        second = _out(model, ids, mask) + x                                 # autograd records through the stacks
+    second.sum().backward()
+    torch.testing.assert_close(second.detach(), first)
