@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Sequence
 
 from promptdelta.errors import ConfigError, PromptDeltaError
 from promptdelta.train.distributed import env_is_main, env_world_size, launch, shutdown_distributed
+from promptdelta.utils.proc import WATCH_ENV, die_with_parent
 
 
 def _seeds(text: str) -> list[int]:
@@ -36,6 +38,8 @@ def _add_run(sub) -> None:
     p.add_argument("--name", help="run folder name under --output-dir (never overwritten)")
     p.add_argument("--backbone", help="preset (minilm), local HF folder, or hub id")
     p.add_argument("--data", help="data folder (train/dev/test.jsonl + labels.txt), CSV, or builtin:demo")
+    p.add_argument("--columns", type=_columns,
+                   help="your column names, e.g. text=sentence,label=y (fields: text, text_b, label)")
     p.add_argument("--template", help="template text or template file")
     p.add_argument("--template-choice", type=int, dest="template_choice")
     p.add_argument("--template-type", dest="template_type", choices=["manual", "mixed", "soft", "ptuning"])
@@ -120,7 +124,7 @@ def _add_bench(sub) -> None:
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="its own options (see --help of each)")
 
 
-_RUN_KEYS = ["name", "backbone", "data", "template", "template_choice", "template_type", "verbalizer",
+_RUN_KEYS = ["name", "backbone", "data", "columns", "template", "template_choice", "template_type", "verbalizer",
              "label_words", "shots", "seeds", "max_length", "output_dir", "train.lr", "train.head_lr", "train.epochs",
              "train.max_steps", "train.batch_size", "train.device", "train.progress", "train.precision",
              "train.grad_accum", "train.gradient_checkpointing", "train.fsdp", "train.checkpoint_dir",
@@ -162,6 +166,7 @@ def _launch_ranks(args: argparse.Namespace, config) -> int:
             raise ConfigError(f"--nproc {args.nproc} with device=cuda needs {args.nproc} GPUs, found "
                               f"{torch.cuda.device_count()}; lower --nproc or use --device cpu (gloo)")
     print(f"promptdelta run: launching {args.nproc} data-parallel processes", flush=True)
+    os.environ[WATCH_ENV] = str(os.getpid())     # the ranks inherit it: they die with this command
     rc = launch(args.nproc, _without_nproc(args.argv))
     if rc != 0:
         print(f"error: a rank of the {args.nproc}-process run failed (exit code {rc}); see its output above",

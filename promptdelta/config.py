@@ -1,11 +1,15 @@
 """Run configuration: one dataclass that YAML files and CLI flags both map onto.
 
-An unknown key or a bad value raises :class:`ConfigError` naming it and the valid choices.
+An unknown key or a bad value raises :class:`ConfigError` naming it and the valid choices. YAML files are
+read strictly: a key given twice in one mapping is an error (PyYAML would keep the last silently), and a
+document whose aliases expand to more than ``MAX_CONFIG_NODES`` values (an alias bomb) is refused before
+anything copies it.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,79 @@ DEFAULT_TEMPLATE = '{"placeholder":"text_a","shortenable":true} It was {"mask"}.
 DEFAULT_SEEDS = [13, 21, 42, 87, 100]
 VERBALIZERS = ("manual", "soft", "proto", "kpt")
 TEMPLATES = ("manual", "mixed", "soft", "ptuning")
+MAX_CONFIG_NODES = 100_000         # values in a config once YAML aliases are expanded (real ones hold < 1,000)
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.+=@,-]+$")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":      # `<<: *base` may be overridden key by key
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise ConfigError(f"key {key!r} is given twice (lines {seen[key]} and {line}) in one mapping; "
+                                      "keep one of them (YAML would silently drop the first)")
+                seen[key] = line
+            except TypeError:          # an unhashable key: SafeLoader's own error names it
+                break
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many values ``node`` stands for once every alias is expanded (shared nodes counted each time)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1                  # a cycle (a recursive alias) counts once
+    if isinstance(node, yaml.SequenceNode):
+        n = 1 + sum(_expanded_nodes(v, memo) for v in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        n = 1 + sum(_expanded_nodes(k, memo) + _expanded_nodes(v, memo) for k, v in node.value)
+    else:
+        n = 1
+    memo[id(node)] = min(n, MAX_CONFIG_NODES + 1)
+    return memo[id(node)]
+
+
+def _count_values(obj: Any, memo: dict[int, int], open_: set[int] | None = None) -> int:
+    """The same count for a Python value (dicts/lists that share children, as YAML aliases make them);
+    a value that contains itself is a ConfigError (nothing could copy or print it)."""
+    if not isinstance(obj, (dict, list, tuple)):
+        return 1
+    open_ = set() if open_ is None else open_
+    if id(obj) in open_:
+        raise ConfigError("the config contains itself (a recursive YAML alias such as `&a [*a]`); write the "
+                          "values out instead")
+    if id(obj) not in memo:
+        open_.add(id(obj))
+        items = [*obj.keys(), *obj.values()] if isinstance(obj, dict) else list(obj)
+        memo[id(obj)] = min(1 + sum(_count_values(v, memo, open_) for v in items), MAX_CONFIG_NODES + 1)
+        open_.discard(id(obj))
+    return memo[id(obj)]
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parse one YAML document strictly (no duplicate keys, no alias bombs); ``where`` names it in errors."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_nodes(node, {}) > MAX_CONFIG_NODES:
+            raise ConfigError(f"{where} expands to more than {MAX_CONFIG_NODES:,} values through YAML aliases "
+                              "(&name / *name), far more than a config holds; write the values out, or use "
+                              "fewer nested aliases")
+        try:
+            return loader.construct_document(node)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    finally:
+        loader.dispose()
 
 
 def _default_delta() -> dict[str, Any]:
@@ -50,6 +127,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs"
     save_delta: bool = True
+    columns: dict = field(default_factory=dict)  # our field -> your column, e.g. {text: sentence, label: y}
 
     def __post_init__(self) -> None:
         check_types(self, _FIELD_TYPES, "", "RunConfig in promptdelta/config.py and examples/configs/*.yaml")
@@ -88,6 +166,13 @@ class RunConfig:
                               "e.g. [13, 21, 42]")
         if self.max_length < 8:
             raise ConfigError(f"max_length={self.max_length} is too small; use at least 8 (typically 128-512)")
+        if len(set(self.seeds)) != len(self.seeds):
+            dup = next(s for s in self.seeds if self.seeds.count(s) > 1)
+            raise ConfigError(f"seeds={self.seeds} names seed {dup} more than once (each seed is one run); "
+                              "list every seed once")
+        if self.name is not None and (not _SAFE_NAME.match(self.name) or self.name in (".", "..")):
+            raise ConfigError(f"name={self.name!r} is not a plain folder name (it must stay inside output_dir); "
+                              "use letters, digits and - _ . + = @ , only, e.g. sst2-lora-16shot")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
@@ -97,6 +182,9 @@ class RunConfig:
         unknown = sorted(set(d) - known, key=str)
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {sorted(known)}")
+        if _count_values(d, {}) > MAX_CONFIG_NODES:        # before deepcopy/asdict would expand shared values
+            raise ConfigError(f"the config holds more than {MAX_CONFIG_NODES:,} values once shared (aliased) "
+                              "parts are counted each time; a run config needs far fewer: remove the repeats")
         return cls(**copy.deepcopy(d))
 
     @classmethod
@@ -106,7 +194,7 @@ class RunConfig:
             raise MissingFileError(f"config file {path} does not exist; pass an existing YAML file "
                                    "(see examples/configs/)")
         try:
-            d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            d = load_yaml(path.read_text(encoding="utf-8"), f"config file {path}") or {}
         except UnicodeDecodeError as e:
             raise ConfigError(f"config file {path} is not UTF-8 text ({e}); save it as UTF-8") from e
         except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as e:
@@ -136,5 +224,5 @@ _FIELD_TYPES: dict[str, tuple] = {
     "label_words": (dict, list, str, None), "multi_token_handler": (str,), "readout": (str,), "verbalizer_init": (str,),
     "delta": (dict, str, None),
     "shots": (int, None), "seeds": (list, int), "max_length": (int,), "train": (TrainConfig, dict, None),
-    "output_dir": (str,), "save_delta": (bool,),
+    "output_dir": (str,), "save_delta": (bool,), "columns": (dict,),
 }

@@ -3,8 +3,19 @@
 For each seed: sample k-shot train/dev from the train pool, copy the backbone, build the template and
 verbalizer, attach the delta, train with dev selection, evaluate on the full test split, and write
 ``runs/<name>/`` (resolved config, metrics.json, one delta checkpoint per seed). An existing run folder
-is never overwritten: a new name with a numeric suffix is chosen -- except with ``train.resume``, which
-continues the named run in its folder.
+is never overwritten: a new name with a numeric suffix is chosen -- except with ``overwrite=True``
+(``--overwrite``), which replaces the named run, and with ``train.resume``, which continues a run.
+
+Resume continues exactly the run it names, or refuses: at its start a run with a checkpoint folder writes
+``run.json`` into both folders (each names the other, plus the config that decides the results), and
+``--resume`` takes the run folder from the checkpoint folder's record, never from ``--name``. It refuses,
+naming both folders, when the records disagree, when the checkpoint folder holds no record, or when any
+setting that changes results (seeds, shots, lr, steps, ...) differs. Seeds already in metrics.json are
+finished: they are taken from it, never retrained or rewritten; metrics.json is merged per seed.
+
+Before anything trains, :func:`preflight` checks what would otherwise fail after training: the devices,
+the output and checkpoint folders (writable folders with free space), the test labels, and sizes
+(max_length, soft tokens, LoRA rank) against the backbone.
 
 Training checkpoints (``train.checkpoint_dir``) go to one subfolder per seed, ``<checkpoint_dir>/seed<N>``,
 so a resumed multi-seed run picks each seed up where it stopped (a finished seed resumes from its final
@@ -16,10 +27,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import logging
+import os
 import platform
-import re
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -28,9 +43,10 @@ import torch
 import yaml
 
 from promptdelta.config import RunConfig
-from promptdelta.errors import ConfigError
+from promptdelta.errors import CheckpointError, ConfigError, DataError, TemplateError
 from promptdelta.train.distributed import env_is_main
-from promptdelta.utils.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from promptdelta.utils.io import atomic_write_json, atomic_write_text
+from promptdelta.utils.checks import check_device
 from promptdelta.utils.seed import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -45,69 +61,26 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def default_label_words(classes: list[str]) -> list[list[str]]:
-    """One label word per class from its name: ``"Sci/Tech"`` -> ``["sci"]``, ``"positive"`` -> ``["positive"]``."""
-    return [[re.split(r"[^0-9a-zA-Z]+", c.strip())[0].lower() or c] for c in classes]
-
-
-def _options(kind: str, cls, options: dict[str, Any]) -> dict[str, Any]:
-    """Check template/verbalizer options against the class's signature; unknown keys are named."""
-    import inspect
-
-    valid = set(inspect.signature(cls).parameters) - {"text", "tokenizer", "backbone", "classes", "label_words"}
-    unknown = sorted(set(options) - valid)
-    if unknown:
-        raise ConfigError(f"unknown {kind} option(s) {unknown} for {cls.__name__}; valid: {sorted(valid)}")
-    return dict(options)
-
-
 def build_template(config: RunConfig, tokenizer, backbone=None):
-    """The template of ``config.template_type`` from inline text or a template file."""
-    from promptdelta.prompts import ManualTemplate, MixedTemplate, PtuningTemplate, SoftTemplate
+    """The template of ``config`` (``template_type``, inline text or a template file, ``template_options``),
+    through the prompt registry (``pd.build_template``)."""
+    from promptdelta.prompts.registry import build_template as build, config_parts
 
-    cls = {"manual": ManualTemplate, "mixed": MixedTemplate, "soft": SoftTemplate,
-           "ptuning": PtuningTemplate}[config.template_type]
-    kw = _options("template", cls, config.template_options)
-    if cls is not ManualTemplate:
-        kw["backbone"] = backbone
-    if Path(config.template).suffix in (".txt", ".tpl") or Path(config.template).is_file():
-        return cls.from_file(config.template, choice=config.template_choice, tokenizer=tokenizer, **kw)
-    return cls(config.template, tokenizer=tokenizer, **kw)
+    (kind, options), _ = config_parts(config)
+    return build(kind, tokenizer, None, options, backbone)
 
 
 def build_verbalizer(config: RunConfig, tokenizer, classes: list[str], backbone):
-    """The verbalizer of ``config.verbalizer``; label words from the config, a file, or the class names."""
-    from promptdelta.prompts import KnowledgeableVerbalizer, ManualVerbalizer, ProtoVerbalizer, SoftVerbalizer
+    """The verbalizer of ``config`` (label words from the config, a file, or the class names), through the
+    prompt registry (``pd.build_verbalizer``); an unknown kind is an error listing the known ones."""
+    from promptdelta.prompts.registry import build_verbalizer as build, config_parts
 
-    opts = config.verbalizer_options
-    if config.verbalizer == "kpt":
-        kw = _options("verbalizer", KnowledgeableVerbalizer, opts)
-        if isinstance(config.label_words, str):
-            return KnowledgeableVerbalizer.from_file(config.label_words, tokenizer=tokenizer, classes=classes, **kw)
-        return KnowledgeableVerbalizer(tokenizer, classes=classes,
-                                       label_words=config.label_words or default_label_words(classes), **kw)
-    if config.verbalizer == "proto":
-        kw = _options("verbalizer", ProtoVerbalizer, opts)
-        return ProtoVerbalizer(classes, hidden_size=backbone.config.hidden_size, **kw)
-
-    words = config.label_words
-    if isinstance(words, str):  # a verbalizer file
-        manual = ManualVerbalizer.from_file(words, tokenizer=tokenizer, classes=classes,
-                                            multi_token_handler=config.multi_token_handler)
-        words = manual.label_words
-    if words is None:
-        words = default_label_words(classes)
-    if config.verbalizer == "manual":
-        return ManualVerbalizer(tokenizer, classes=classes, label_words=words,
-                                multi_token_handler=config.multi_token_handler)
-    return SoftVerbalizer(tokenizer, classes=classes, label_words=words, backbone=backbone)
+    _, (kind, options) = config_parts(config)
+    return build(kind, tokenizer, classes, options, backbone)
 
 
-def _free_run_dir(output_dir: Path, name: str, resume: bool = False) -> Path:
-    """``output_dir/name``, or the first free ``name-2``, ``name-3``...; with ``resume`` the named folder itself."""
-    if resume and (output_dir / name).is_dir():
-        logger.info("resuming run %s in its folder", output_dir / name)
-        return output_dir / name
+def _free_run_dir(output_dir: Path, name: str) -> Path:
+    """``output_dir/name``, or the first free ``name-2``, ``name-3``..."""
     path, i = output_dir / name, 2
     while path.exists():
         path, i = output_dir / f"{name}-{i}", i + 1
@@ -115,6 +88,196 @@ def _free_run_dir(output_dir: Path, name: str, resume: bool = False) -> Path:
         logger.info("run folder %s exists; writing to %s instead (nothing is overwritten)",
                     output_dir / name, path)
     return path
+
+
+# ---- resume: the run folder and the checkpoint folder name each other --------------------------------
+RUN_RECORD = "run.json"
+# Settings that may change on resume: where things go and how they are shown, never what is computed.
+_RESUME_FREE = ("name", "output_dir", "train.resume", "train.progress", "train.device", "train.eval_batch_size",
+                "train.checkpoint_dir", "train.checkpoint_every", "train.keep_checkpoints")
+
+
+def result_settings(config: RunConfig) -> dict[str, Any]:
+    """The config as flat ``key`` / ``train.key`` items, less what may change on resume."""
+    d = config.to_dict()
+    flat = {k: v for k, v in d.items() if k != "train"}
+    flat.update({f"train.{k}": v for k, v in d["train"].items()})
+    return {k: v for k, v in flat.items() if k not in _RESUME_FREE}
+
+
+def config_hash(config: RunConfig) -> str:
+    """SHA-256 of :func:`result_settings` (canonical JSON): equal hashes, equal results."""
+    text = json.dumps(result_settings(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads((path / RUN_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and Path(a).resolve() == Path(b).resolve()
+
+
+def resume_dir(config: RunConfig) -> Path:
+    """The run folder ``--resume`` continues: the one the checkpoint folder's record names, once both records
+    agree with each other and with ``config``. Raises CheckpointError naming both folders otherwise."""
+    ckpt = Path(config.train.checkpoint_dir)
+    record = _read_record(ckpt)
+    if record is None:
+        state = "does not exist" if not ckpt.exists() else "holds no run record (run.json)"
+        raise CheckpointError(f"--resume: checkpoint folder {str(ckpt)!r} {state}, so there is no run to continue; "
+                              "check --checkpoint-dir, or start a new run without --resume")
+    run_dir = Path(str(record.get("run_dir")))
+    if config.name is not None and not _same_path(str(Path(config.output_dir) / config.name), str(run_dir)):
+        raise CheckpointError(f"--resume: checkpoint folder {str(ckpt)!r} belongs to run {str(run_dir)!r}, not to "
+                              f"{str(Path(config.output_dir) / config.name)!r}; drop --name (the checkpoint "
+                              "folder names its run) or pass the checkpoint folder of that run")
+    back = _read_record(run_dir)
+    if back is None or not _same_path(back.get("checkpoint_dir"), str(ckpt)):
+        theirs = "has no run record" if back is None else f"records checkpoint folder {back.get('checkpoint_dir')!r}"
+        raise CheckpointError(f"--resume: checkpoint folder {str(ckpt)!r} names run {str(run_dir)!r}, but that run "
+                              f"{theirs}; they do not belong together: pass the run's own --checkpoint-dir")
+    now, then = result_settings(config), record.get("settings") or {}
+    diffs = [f"{k}: run {then.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(now) | set(then))
+             if now.get(k) != then.get(k)]
+    if diffs or record.get("config_hash") != config_hash(config):
+        raise CheckpointError(f"--resume: run {str(run_dir)!r} (checkpoints {str(ckpt)!r}) was started with other "
+                              f"settings ({'; '.join(diffs[:6]) or 'config hash differs'}); resume with the same "
+                              "settings, or start a new run without --resume")
+    return run_dir
+
+
+def _write_records(config: RunConfig, run_dir: Path) -> None:
+    """``run.json`` in the run folder and, when there is one, in the checkpoint folder."""
+    ckpt = config.train.checkpoint_dir
+    record = {"run_dir": str(run_dir.resolve()), "checkpoint_dir": str(Path(ckpt).resolve()) if ckpt else None,
+              "config_hash": config_hash(config), "settings": result_settings(config)}
+    atomic_write_json(run_dir / RUN_RECORD, record)
+    if ckpt:
+        atomic_write_json(Path(ckpt) / RUN_RECORD, record)
+
+
+def finished_rows(run_dir: Path | None) -> dict[int, dict[str, Any]]:
+    """Seed -> metrics row already in ``run_dir/metrics.json`` (those seeds are finished)."""
+    if run_dir is None:
+        return {}
+    try:
+        rows = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8")).get("rows", [])
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {r["seed"]: r for r in rows if isinstance(r, dict) and isinstance(r.get("seed"), int)}
+
+
+def _write_metrics(run_dir: Path, seeds: list[int], rows: dict[int, dict[str, Any]]) -> None:
+    """metrics.json merged per seed: this run's seeds in order, then any other seed already there."""
+    merged = {**finished_rows(run_dir), **rows}
+    ordered = [merged[s] for s in seeds if s in merged] + [r for s, r in merged.items() if s not in seeds]
+    atomic_write_json(run_dir / "metrics.json", {"rows": ordered, "summary": summarise(ordered),
+                                                  "versions": _versions()})
+
+
+# ---- checks before training ---------------------------------------------------------------------------
+MIN_FREE_BYTES = 64 << 20          # a delta, metrics and checkpoints of a small run fit; less is a full disk
+
+
+def check_writable(folder: Path, what: str, flag: str) -> None:
+    """Raise ConfigError unless ``folder`` is (or can be made) a folder we can write a file into, with free space."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".promptdelta-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+        free = shutil.disk_usage(folder).free
+    except OSError as err:
+        raise ConfigError(f"{what} {str(folder)!r} is not a writable folder ({err.strerror or err}); pass "
+                          f"another {flag}") from None
+    if free < MIN_FREE_BYTES:
+        raise ConfigError(f"{what} {str(folder)!r} has {free >> 20} MiB free, less than the {MIN_FREE_BYTES >> 20} "
+                          f"MiB a run needs; free some space or pass another {flag}")
+
+
+def check_test_labels(test) -> None:
+    """Every test example needs a label: the run scores the test split after training."""
+    missing = [ex for ex in test if getattr(ex, "label", None) is None]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(test)} test examples have no label (first: "
+                        f"{getattr(missing[0], 'guid', '?')!r}); promptdelta run scores the test split, so label "
+                        "it, or train on a labelled split and label new texts with the saved delta")
+
+
+def check_sizes(config: RunConfig, backbone) -> None:
+    """max_length, soft tokens and LoRA rank against the backbone, before anything is allocated for them."""
+    cfg = getattr(backbone, "config", None)
+    positions = getattr(cfg, "max_position_embeddings", None)
+    if isinstance(positions, int) and config.max_length > positions:
+        raise ConfigError(f"max_length={config.max_length} exceeds the backbone's {positions} positions; use "
+                          f"max_length <= {positions}")
+    soft = config.template_options.get("num_tokens")
+    if isinstance(soft, int) and not isinstance(soft, bool) and soft >= config.max_length:
+        raise ConfigError(f"template_options.num_tokens={soft} soft tokens do not fit in max_length="
+                          f"{config.max_length} (the input must fit too); use fewer, e.g. 20")
+    from promptdelta.prompts.dsl import is_template_file, parse_template
+
+    if not is_template_file(config.template):
+        pieces = parse_template(config.template, require_mask=False)
+        n_soft = sum(p.duplicate or 1 for p in pieces if p.kind == "soft")
+        if n_soft >= config.max_length:
+            raise ConfigError(f"the template holds {n_soft} soft tokens, which do not fit in max_length="
+                              f"{config.max_length}; lower 'duplicate' or raise max_length")
+    hidden = getattr(cfg, "hidden_size", None)
+    r = config.delta.get("r") if isinstance(config.delta, dict) else None
+    if isinstance(hidden, int) and isinstance(r, int) and not isinstance(r, bool) and r > hidden:
+        raise ConfigError(f"delta r={r} is larger than the backbone's hidden size {hidden} (a rank above the "
+                          f"layer width adds nothing but memory); use r <= {hidden}, typically 4-64")
+
+
+def check_shows_input(template) -> None:
+    """A template must show each example's text (a placeholder or meta piece), or every input looks alike."""
+    pieces = getattr(template, "pieces", None)
+    if pieces is not None and not any(p.kind in ("placeholder", "meta") for p in pieces):
+        raise TemplateError(f"template {getattr(template, 'text', '')!r} never shows the input, so every example "
+                            'gets the same prediction; add {"placeholder":"text_a"} where the text should go')
+
+
+def preflight(config: RunConfig, write: bool) -> None:
+    """Checks that need neither the backbone nor training: devices, writable folders, the data's test labels."""
+    from promptdelta import data as pdata
+
+    check_device(config.train.device)
+    if write and env_is_main():
+        check_writable(Path(config.output_dir), "output folder", "--output-dir")
+    if config.train.checkpoint_dir and env_is_main():
+        check_writable(Path(config.train.checkpoint_dir), "checkpoint folder", "--checkpoint-dir")
+    _, _, test = pdata.load(config.data, shots=config.shots, seed=config.seeds[0], columns=config.columns or None)
+    check_test_labels(test)
+
+
+def prepare_run_dir(config: RunConfig, overwrite: bool) -> Path:
+    """The run folder, made and recorded: resumed, replaced (``overwrite``) or a fresh free name."""
+    if config.train.resume:
+        run_dir = resume_dir(config)
+        logger.info("resuming run %s (checkpoints in %s)", run_dir, config.train.checkpoint_dir)
+        return run_dir
+    name = config.name or default_run_name(config)
+    run_dir = Path(config.output_dir) / name
+    if overwrite and run_dir.exists():
+        known = {"config.yaml", "metrics.json", RUN_RECORD}
+        if not run_dir.is_dir() or not (known & {p.name for p in run_dir.iterdir()} or not any(run_dir.iterdir())):
+            raise ConfigError(f"--overwrite: {str(run_dir)!r} is not a run folder (no config.yaml, metrics.json or "
+                              "run.json); it is left alone: pick another --name")
+        logger.warning("--overwrite: replacing run %s", run_dir)
+        shutil.rmtree(run_dir)
+    elif not overwrite:
+        run_dir = _free_run_dir(Path(config.output_dir), name)
+    run_dir.mkdir(parents=True)
+    _write_records(config, run_dir)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return run_dir
 
 
 def default_run_name(config: RunConfig) -> str:
@@ -183,16 +346,17 @@ def seed_train_config(config: RunConfig, seed: int):
 def run_one_seed(config: RunConfig, base_model, tokenizer, seed: int, run_dir: Path | None) -> dict[str, Any]:
     """Train and evaluate one seed; returns its metrics row."""
     from promptdelta import data as pdata
-    from promptdelta.prompts import PromptForClassification
+    from promptdelta.prompts.registry import build_classifier
 
-    train, dev, test = pdata.load(config.data, shots=config.shots, seed=seed)
+    train, dev, test = pdata.load(config.data, shots=config.shots, seed=seed, columns=config.columns or None)
     seed_everything(seed)
     model = copy.deepcopy(base_model)
     template = build_template(config, tokenizer, model)
+    check_shows_input(template)
     verbalizer = build_verbalizer(config, tokenizer, list(train.classes), model)
-    handle = apply_delta(model, config.delta)
-    clf = PromptForClassification(model, template, verbalizer, max_length=config.max_length,
-                                   readout=config.readout)
+    apply_delta(model, config.delta)
+    clf = build_classifier(model, tokenizer, list(train.classes), template, verbalizer,
+                           max_length=config.max_length, readout=config.readout)
     trainable, total = count_trainable(clf)
     t0 = time.perf_counter()
     train_config = init_verbalizer(clf, config, train, dev, seed, seed_train_config(config, seed))
@@ -207,19 +371,16 @@ def run_one_seed(config: RunConfig, base_model, tokenizer, seed: int, run_dir: P
     if config.save_delta and (run_dir is not None or trainer.sharded):
         with trainer.consolidated():      # under FSDP every rank gathers the sharded weights; rank 0 writes
             if run_dir is not None:
-                save_seed(run_dir / f"seed{seed}", handle, template, verbalizer, trainer, config.train.resume)
+                save_seed(run_dir / f"seed{seed}", clf, trainer, config.train.resume)
     return row
 
 
-def save_seed(seed_dir: Path, handle, template, verbalizer, trainer, overwrite: bool) -> None:
-    """Write one seed's delta, template/verbalizer tensors and dev history under ``seed_dir``."""
-    if handle is not None:
-        handle.save(seed_dir / "delta", overwrite=overwrite)
-    prompt_state = {f"template.{k}": v for k, v in template.state_dict().items()}
-    prompt_state.update({f"verbalizer.{k}": v for k, v in verbalizer.state_dict().items()})
-    if prompt_state:
-        atomic_save_safetensors(seed_dir / "prompt.safetensors", prompt_state)
-    atomic_write_json(seed_dir / "history.json", trainer.state.history)
+def save_seed(seed_dir: Path, clf, trainer, overwrite: bool) -> None:
+    """Write one seed as a classifier folder (``clf.save_pretrained``: template, verbalizer, deltas, tokenizer,
+    backbone identity), plus its dev history; ``promptdelta predict --model <seed_dir>`` then serves it."""
+    from promptdelta.prompts.registry import save_classifier
+
+    save_classifier(clf, seed_dir, overwrite=overwrite, extra_files={"history.json": trainer.state.history})
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -228,8 +389,20 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
     acc, f1 = stat("accuracy"), stat("macro_f1")
-    return {"accuracy_mean": acc[0], "accuracy_std": acc[1], "macro_f1_mean": f1[0], "macro_f1_std": f1[1],
-            "train_time_s_mean": stat("train_time_s")[0], "seeds": len(rows)}
+    out = {"accuracy_mean": acc[0], "accuracy_std": acc[1], "macro_f1_mean": f1[0], "macro_f1_std": f1[1],
+           "train_time_s_mean": stat("train_time_s")[0], "seeds": len(rows)}
+    return {**out, **best_seed(rows)}
+
+
+def best_seed(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The seed to deploy, chosen on dev (never test): {"best_seed", "best_seed_dir", "best_dev_<metric>"};
+    its folder ``seed<N>`` is a classifier for ``promptdelta predict --model``. Ties go to the first seed."""
+    dev_key = next((k for k in rows[0] if k.startswith("dev_")), None) if rows else None
+    scored = [r for r in rows if dev_key and isinstance(r.get(dev_key), (int, float))]
+    if not scored:
+        return {}
+    best = max(scored, key=lambda r: r[dev_key])
+    return {"best_seed": best["seed"], "best_seed_dir": f"seed{best['seed']}", f"best_{dev_key}": best[dev_key]}
 
 
 def format_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
@@ -245,29 +418,37 @@ def format_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(config: RunConfig, *, write: bool = True, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run(config: RunConfig, *, write: bool = True, echo: Callable[[str], None] | None = None,
+        overwrite: bool = False) -> dict[str, Any]:
     """Run every seed of ``config``; returns ``{"run_dir", "rows", "summary", "table"}``.
 
-    Only the main process writes (rank 0 under torchrun); the others return ``run_dir=None``."""
+    Only the main process writes (rank 0 under torchrun); the others return ``run_dir=None``. ``overwrite``
+    replaces an existing run folder of the same name instead of writing ``<name>-2``."""
     from promptdelta.backbones import load_backbone
 
+    if overwrite and config.train.resume:
+        raise ConfigError("--overwrite and --resume contradict each other: --resume continues a run, --overwrite "
+                          "replaces it; pass one of them")
+    # every rank refuses alike before anything loads (or is made), and skips the same finished seeds
+    done = finished_rows(resume_dir(config)) if config.train.resume else {}
+    preflight(config, write)
     base_model, tokenizer = load_backbone(config.backbone)
-    run_dir = None
-    if write and env_is_main():
-        name = config.name or default_run_name(config)
-        run_dir = _free_run_dir(Path(config.output_dir), name, resume=config.train.resume)
-        run_dir.mkdir(parents=True, exist_ok=config.train.resume)
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-    rows: list[dict[str, Any]] = []
+    check_sizes(config, base_model)
+    run_dir = prepare_run_dir(config, overwrite) if write and env_is_main() else None
+    rows: dict[int, dict[str, Any]] = {}
     for seed in config.seeds:
+        if seed in done:                        # finished: its files are final, never rewritten
+            rows[seed] = done[seed]
+            logger.info("seed %d finished earlier (in %s/metrics.json); kept as it is", seed, run_dir)
+            continue
         row = run_one_seed(config, base_model, tokenizer, seed, run_dir)
-        rows.append(row)
+        rows[seed] = row
         if echo and env_is_main():
             echo(f"seed {seed}: accuracy {row['accuracy']:.4f}  macro-F1 {row['macro_f1']:.4f}  "
                  f"({row['train_time_s']:.1f} s)")
         if run_dir is not None:
-            atomic_write_json(run_dir / "metrics.json", {"rows": rows, "summary": summarise(rows),
-                                                          "versions": _versions()})
-    summary = summarise(rows)
-    return {"run_dir": str(run_dir) if run_dir else None, "rows": rows, "summary": summary,
-            "table": format_table(rows, summary)}
+            _write_metrics(run_dir, config.seeds, rows)
+    ordered = [rows[s] for s in config.seeds]
+    summary = summarise(ordered)
+    return {"run_dir": str(run_dir) if run_dir else None, "rows": ordered, "summary": summary,
+            "table": format_table(ordered, summary)}

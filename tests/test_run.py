@@ -52,7 +52,7 @@ def test_crashed_multi_seed_run_resumes_to_the_uninterrupted_result(tiny_bert_di
     count_steps(monkeypatch, crash_at=steps[13] + 3)              # seed 21 dies in its third step
     with pytest.raises(Crash):
         run(make_config(tiny_bert_dir, tmp_path, "r", **ckpt))
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["seed13", "seed21"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["run.json", "seed13", "seed21"]
 
     calls = count_steps(monkeypatch)
     resumed = run(make_config(tiny_bert_dir, tmp_path, "r", **ckpt, resume=True))

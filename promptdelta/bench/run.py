@@ -6,7 +6,8 @@ Then prints the summary table (``promptdelta bench report RESULTS`` writes it wi
 
 ``--workers N`` checks the suite once, then starts N worker processes on the same results file, each with
 ``cores // N`` torch threads; a worker takes the next run no other worker has claimed (a claim is a file
-made with O_EXCL in a temporary folder next to the results), so the load balances itself.
+made with O_EXCL in a temporary folder next to the results), so the load balances itself. Workers die
+with the parent (:func:`promptdelta.utils.proc.die_with_parent`): killing ``bench run`` stops them all.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from promptdelta.bench.harness import pending, preflight, read_results, run_suite
 from promptdelta.bench.suite import Suite, load_suite
 from promptdelta.errors import ConfigError, PromptDeltaError
+from promptdelta.utils.proc import WATCH_ENV, die_with_parent
 
 
 def default_results(suite_name: str) -> Path:
@@ -47,7 +49,8 @@ def _run_workers(s: Suite, suite: str, path: Path, only: Sequence[str] | None, d
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     path.parent.mkdir(parents=True, exist_ok=True)
     claims = tempfile.mkdtemp(prefix=f".{path.name}.claims-", dir=path.parent)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           WATCH_ENV: str(os.getpid())}
     cmd = [sys.executable, "-m", "promptdelta.bench.run", "--suite", str(suite), "--results", str(path),
            "--claims", claims, "--threads", str(threads)]
     cmd += ["--device", device] if device else []
@@ -109,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--claims", help=argparse.SUPPRESS)                        # set by the parent for workers
     p.add_argument("--dry-run", action="store_true", help="list the runs still to do and exit")
     args = p.parse_args(argv)
+    if args.claims is not None:                  # a worker: never outlive the `bench run` that started it
+        die_with_parent()
     out = run_run_bench(args.suite, args.results, args.only, args.device, args.dry_run, args.workers,
                         args.threads, args.claims)
     if out:

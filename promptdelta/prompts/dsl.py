@@ -49,6 +49,7 @@ OPTION_KEYS = ("shortenable", "soft_id", "post_processing", "duplicate", "same",
 KNOWN_KEYS = KIND_KEYS + OPTION_KEYS
 PLACEHOLDERS = ("text_a", "text_b")
 SOFT_OPTIONS = ("soft_id", "duplicate", "same")
+MAX_DUPLICATE = 4096          # soft tokens one piece may stand for: more than any backbone's positions we run
 
 _FORMAT_HINT = 'e.g. {"placeholder":"text_a"} It was {"mask"}.'
 
@@ -157,10 +158,23 @@ def canonical_post_processing(name: str) -> str:
     return _LAMBDA_ALIASES.get(norm, name)
 
 
+def is_template_file(template: str | Path) -> bool:
+    """Whether a template argument names a file rather than being template text.
+
+    Template text always holds a ``{...}`` piece (at least the mask), a file name never does; so no file
+    system call decides it (an inline template longer than a file name may be is no OSError), and a
+    missing file is reported as missing, never parsed as text."""
+    return isinstance(template, Path) or (isinstance(template, str) and "{" not in template)
+
+
 def read_template_line(path: str | Path, choice: int = 0) -> str:
     """Template number ``choice`` of an OpenPrompt template file (one template per non-empty line)."""
-    text = read_prompt_file(path, "template", TemplateError, "one template per line, OpenPrompt format")
+    text = read_prompt_file(path, "template", TemplateError, "one template per line, OpenPrompt format, or "
+                            'template text with a {"mask"} piece')
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise TemplateError(f"template file {str(path)!r} holds no template; write one template per line, "
+                            f"{_FORMAT_HINT}")
     if isinstance(choice, bool) or not isinstance(choice, int) or not 0 <= choice < len(lines):
         raise TemplateError(f"choice={choice!r} but {str(path)!r} has {len(lines)} template(s); pass "
                             f"choice in 0..{max(len(lines) - 1, 0)}")
@@ -170,13 +184,24 @@ def read_template_line(path: str | Path, choice: int = 0) -> str:
 def read_prompt_file(path: str | Path, what: str, error: type[PromptDeltaError], fmt: str) -> str:
     """The text of a template/verbalizer file; MissingFileError when absent, ``error`` when not UTF-8."""
     path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"{what} file {str(path)!r} does not exist; check the path ({fmt})")
     try:
-        return path.read_text(encoding="utf-8")
+        kind = "folder" if path.is_dir() else "file" if path.is_file() else None
+        text = path.read_text(encoding="utf-8") if kind == "file" else ""
+    except OSError as err:      # a name too long for the file system, a file we may not read
+        raise MissingFileError(f"{what} file {_short(str(path))!r} cannot be read ({err.strerror or err}); "
+                               f"check the path ({fmt})") from None
     except UnicodeDecodeError as err:
         raise error(f"{what} file {str(path)!r} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
                     f"{err.start}); save it as UTF-8") from None
+    if kind == "folder":
+        raise error(f"{what} file {str(path)!r} is a folder; pass a file in it ({fmt})")
+    if kind is None:
+        raise MissingFileError(f"{what} file {_short(str(path))!r} does not exist; check the path ({fmt})")
+    return text
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _outside_strings(text: str) -> Iterator[tuple[int, str]]:
@@ -361,6 +386,9 @@ def _check_soft_options(kind: str, value: Any, data: dict[str, Any], where: str)
             raise TemplateError(f"{key!r} must be a positive integer {where}, got {v!r}; write e.g. "
                                 f'"{key}": 2')
     same, duplicate = data.get("same"), data.get("duplicate")
+    if duplicate is not None and duplicate > MAX_DUPLICATE:
+        raise TemplateError(f"'duplicate': {duplicate} {where} asks for more soft tokens than a prompt can hold "
+                            f"(at most {MAX_DUPLICATE}, and fewer than max_length); use e.g. \"duplicate\": 20")
     if same is not None and not isinstance(same, bool):
         raise TemplateError(f"'same' must be true or false {where}; write \"same\": true")
     if same and duplicate is None:

@@ -127,6 +127,7 @@ class ManualVerbalizer(Verbalizer):
         self._word_mode = False
         if token_ids is None:
             token_ids = [[tokenize_word(tokenizer, w, prefix) for w in ws] for ws in words]
+            check_label_word_ids(self.classes, words, token_ids, getattr(tokenizer, "unk_token_id", None))
         self._set_words(words, [[list(t) for t in ws] for ws in token_ids])
 
     def _set_words(self, words: list[list[str]], ids: list[list[list[int]]]) -> None:
@@ -240,9 +241,11 @@ class SoftVerbalizer(Verbalizer):
         self.label_words = words
         emb = backbone.input_embeddings().weight.detach()                    # (V, H)
         self.head = nn.Linear(emb.shape[1], len(classes), device=emb.device, dtype=emb.dtype)
+        word_ids = [[tokenize_word(tokenizer, w, prefix, warn=False) for w in ws] for ws in words]
+        check_label_word_ids(self.classes, words, word_ids, getattr(tokenizer, "unk_token_id", None))
         with torch.no_grad():
-            for c, ws in enumerate(words):
-                ids = [i for w in ws for i in tokenize_word(tokenizer, w, prefix, warn=False)]
+            for c, ws in enumerate(word_ids):
+                ids = [i for t in ws for i in t]
                 self.head.weight[c] = emb[ids].mean(0)
             self.head.bias.zero_()
 
@@ -320,6 +323,31 @@ def normalise_label_words(classes: Sequence[str] | None,
             raise VerbalizerError(f"class {c!r} has no usable label words ({ws!r}); give at least one "
                                   f"non-empty word per class")
     return list(map(str, classes)), words
+
+
+def check_label_word_ids(classes: Sequence[str], words: Sequence[Sequence[str]],
+                         ids: Sequence[Sequence[Sequence[int]]], unk_id: int | None) -> None:
+    """Label words the model cannot use: a class whose every word is the unknown token, or two classes with
+    the same words, is a VerbalizerError (it could never be predicted apart); a single such word warns."""
+    unknown = [[w for w, t in zip(ws, ts) if unk_id is not None and unk_id in t] for ws, ts in zip(words, ids)]
+    for c, ws, bad in zip(classes, words, unknown):
+        if bad and len(bad) == len(ws):
+            raise VerbalizerError(f"every label word of class {c!r} ({bad}) is the unknown token to this "
+                                  "tokenizer, so the class can never be scored; choose words in its vocabulary")
+        if bad:
+            logger.warning("label word(s) %s of class %r are the unknown token to this tokenizer; they score "
+                           "like any unknown word: replace them", bad, c)
+    sets = [frozenset(map(tuple, ts)) for ts in ids]
+    for i in range(len(sets)):
+        for j in range(i + 1, len(sets)):
+            if sets[i] == sets[j]:
+                raise VerbalizerError(f"classes {classes[i]!r} and {classes[j]!r} have the same label words "
+                                      f"({list(words[i])}), so they can never be told apart; give each class "
+                                      "its own words")
+            shared = sets[i] & sets[j]
+            if shared:
+                logger.warning("classes %r and %r share label word(s) %s; a shared word scores for both",
+                               classes[i], classes[j], [w for w, t in zip(words[i], ids[i]) if tuple(t) in shared])
 
 
 def tokenize_word(tokenizer: Any, word: str, prefix: str = " ", warn: bool = True) -> list[int]:

@@ -120,6 +120,26 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return load_file(str(path / TENSORS)), state
 
 
+# Training settings a resumed run must share with its checkpoint: any change would continue the run with a
+# mix of the old and the new settings (the optimizer, scheduler and data order come from the checkpoint).
+RESUME_KEYS = ("lr", "head_lr", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "warmup_ratio",
+               "weight_decay", "max_grad_norm", "precision", "metric", "eval_every", "patience")
+
+
+def check_resume(path: str | Path, state: Mapping[str, Any], config: Mapping[str, Any], n_train: int) -> None:
+    """Raise :class:`CheckpointError` when ``config`` (a TrainConfig as a dict) or the training-set size differ
+    from what the checkpoint at ``path`` was written with, naming every difference."""
+    saved = state.get("config") or {}
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in RESUME_KEYS
+             if k in saved and saved.get(k) != config.get(k)]
+    order = state.get("order") or []
+    if order and len(order) != n_train:
+        diffs.append(f"training examples: checkpoint {len(order)}, now {n_train} (shots or data changed)")
+    if diffs:
+        raise CheckpointError(f"cannot resume from {str(path)!r}: the settings differ ({'; '.join(diffs)}); "
+                              "resume with the settings the run started with, or start a new run without resume")
+
+
 # ---- optimizer / RNG state <-> (tensors, JSON) -------------------------------------------------------
 def optimizer_to_flat(opt_state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``optimizer.state_dict()`` -> tensors ``optim.<idx>.<key>`` + JSON (param groups, non-tensor state)."""

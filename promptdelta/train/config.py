@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -10,6 +11,7 @@ from promptdelta.errors import ConfigError
 from promptdelta.utils.checks import check_types
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps|xpu(:\d+)?)$")   # what torch.device takes that we can train on
 
 
 @dataclass
@@ -61,6 +63,9 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r} is out of range; "
                                   f"see TrainConfig in promptdelta/train/config.py for valid values")
+        if not DEVICE.match(self.device):
+            raise ConfigError(f"train.device={self.device!r} is not a device name; use cpu, cuda, cuda:<index> "
+                              "(e.g. cuda:0), mps or xpu")
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ConfigError(f"train.checkpoint_every={self.checkpoint_every} needs train.checkpoint_dir: set it to "
                               "the folder the checkpoints should go to (--checkpoint-dir)")

@@ -32,6 +32,7 @@ from promptdelta.errors import CheckpointError, ConfigError, PromptDeltaError
 from promptdelta.train import checkpoint as ckpt
 from promptdelta.train import distributed as ddp
 from promptdelta.train.config import TrainConfig
+from promptdelta.utils.checks import check_device
 from promptdelta.utils.seed import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ class Trainer:
         base.update(overrides)
         self.config = TrainConfig.from_dict(base)
         self.device = ddp.resolve_device(self.config.device)
+        check_device(self.device)                 # a clear error for cuda on a CPU build, cuda:7 of 2 GPUs
         # under FSDP the whole model never goes to the device at once: fully_shard moves one layer at a time
         self._unplaced = self.config.fsdp and ddp.env_world_size() > 1
         self.model = model if self._unplaced else model.to(self.device)
@@ -266,7 +268,7 @@ class Trainer:
         seed_everything(cfg.seed)
         run = self._new_run(len(train))
         if cfg.resume:
-            self._resume(run)
+            self._resume(run, len(train))
         t0 = time.perf_counter()
         if cfg.eval_at_start and dev and self.state.step == 0 and not self.state.history:
             if self._evaluate_dev(dev, float("nan")):                 # e.g. a linear-probe-initialised head
@@ -451,12 +453,13 @@ class Trainer:
         ddp.barrier(self.dist)
         return path
 
-    def _resume(self, run: _Run) -> None:
+    def _resume(self, run: _Run, n_train: int) -> None:
         path = ckpt.latest_checkpoint(self.config.checkpoint_dir)
         if path is None:
             self._info("no complete checkpoint in %s; starting from scratch", self.config.checkpoint_dir)
             return
         tensors, state = ckpt.load_checkpoint(path)
+        ckpt.check_resume(path, state, asdict(self.config), n_train)
         self._load_params({k[6:]: v for k, v in tensors.items() if k.startswith("param.")}, path)
         params = dict(self.model.named_parameters())           # _load_params checked the names
         run.best = {k[5:]: ddp.shard_like(v.to(self.device), params[k[5:]])

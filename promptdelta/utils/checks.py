@@ -44,3 +44,22 @@ def check_types(obj: Any, kinds_of: Mapping[str, tuple], prefix: str, see: str) 
         if not has_kind(value, kinds):
             raise ConfigError(f"{prefix}{name}={_short(value)} has the wrong type; it must be {type_name(kinds)} "
                               f"(see {see})")
+
+
+def check_device(device: str) -> None:
+    """Raise :class:`ConfigError` unless ``device`` (``cpu``, ``cuda[:i]``, ``mps``, ``xpu[:i]``) exists here."""
+    import torch
+
+    kind, _, index = str(device).partition(":")
+    if kind == "cpu":
+        return
+    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None),
+               "xpu": getattr(torch, "xpu", None)}.get(kind)
+    if backend is None or not backend.is_available():
+        build = "this torch build" if kind != "cuda" or torch.version.cuda is None else "this machine"
+        raise ConfigError(f"device={device!r}, but {build} has no {kind.upper()} device (torch "
+                          f"{torch.__version__}); use --device cpu, or run where {kind} is available")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if index and int(index) >= count:
+        raise ConfigError(f"device={device!r}, but only {count} {kind} device(s) exist (indices 0..{count - 1}); "
+                          "pick one of those")
