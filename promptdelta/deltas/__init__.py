@@ -24,7 +24,8 @@ from promptdelta.deltas.adapter import Adapter, AdapterConfig, AdapterWrapper, B
 from promptdelta.deltas.prefix import PrefixConfig, PrefixTuning, prefix_kv
 from promptdelta.deltas.intrinsic import Fastfood, Intrinsic, IntrinsicConfig, IntrinsicWrapper, fwht
 from promptdelta.deltas.merge import base_state_dict, merge_and_unload, register_unload
-from promptdelta.deltas.peft_format import load_peft, read_peft_config, save_peft
+from promptdelta.deltas.peft_format import (export_prompt_tuning, import_prompt_tuning, load_peft, read_peft_config,
+                                           save_peft)
 from promptdelta.deltas.ladder import (Ladder, LadderConfig, MemoryReport, SideNetwork, SideSeq2Seq,
                                        measure_training_memory)
 from promptdelta.deltas import ipt, s3delta, unipelt  # noqa: F401  (register "ipt", "s3delta", "unipelt"; issue 21)
@@ -38,4 +39,5 @@ __all__ += ["Intrinsic", "IntrinsicConfig", "IntrinsicWrapper", "Fastfood", "fwh
             "Ladder", "LadderConfig", "SideNetwork", "SideSeq2Seq", "MemoryReport", "measure_training_memory"]
 __all__ += ["AddedBias", "Adapter", "AdapterConfig", "AdapterWrapper", "Bottleneck", "PrefixConfig", "PrefixTuning",
             "prefix_kv"]
-__all__ += ["merge_and_unload", "register_unload", "base_state_dict", "save_peft", "load_peft", "read_peft_config"]
+__all__ += ["merge_and_unload", "register_unload", "base_state_dict", "save_peft", "load_peft", "read_peft_config",
+            "export_prompt_tuning", "import_prompt_tuning"]

@@ -13,10 +13,12 @@ written as one LoRA on ``c_attn`` of rank 3r (``A = [A_q; A_k; A_v]``, ``B = dia
 scaled so alpha'/r' = alpha/r) through PEFT's ``rank_pattern`` / ``alpha_pattern``; a PEFT LoRA on
 ``c_attn`` loads onto the native q/k/v as ``A`` shared and ``B`` split by rows (exact both ways).
 
-Covered: LoRA (r, alpha, dropout, targets, rslora, bias "none"). Not covered, refused with a one-line
-CheckpointError naming the option: DoRA, LoRA bias, LoRA on embeddings, ``modules_to_save``, per-module
-alphas, every other PEFT method (prompt and prefix tuning feed the model differently in PEFT: both prepend
-positions, which shifts position ids, so outputs would not match ours; see docs/guide/export.md).
+Covered: LoRA (r, alpha, dropout, targets, rslora, bias "none"), and prompt tuning (a SoftTemplate's soft
+prompt <-> PEFT PROMPT_TUNING: ``export_prompt_tuning`` / ``import_prompt_tuning``). Not covered, refused with
+a one-line CheckpointError naming the option: DoRA, LoRA bias, LoRA on embeddings, ``modules_to_save``,
+different ranks or alphas per module, and every other PEFT method. Prefix tuning is not converted: PEFT passes
+its prefixes as a past key/value cache, so the model numbers the input's positions after them, while our
+prefix delta leaves positions as they are; the outputs would differ (docs/guide/export.md).
 PEFT folders carry no fingerprint of the base model: only module names and shapes are checked on load.
 """
 
@@ -167,10 +169,13 @@ def read_peft_config(folder: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} holds a {type(config).__name__}, not an object; save the adapter again.")
     kind = config.get("peft_type")
+    if kind == "PROMPT_TUNING":
+        raise CheckpointError(f"{path}: PEFT method 'PROMPT_TUNING' is a soft prompt, not a delta on the model; "
+                              f"load it into a SoftTemplate with promptdelta.import_prompt_tuning(template, folder).")
     if kind != "LORA":
-        raise CheckpointError(f"{path}: PEFT method {kind!r} is not one promptdelta reads (only 'LORA'; prompt and "
-                              f"prefix tuning prepend positions in PEFT, see docs/guide/export.md); merge it with "
-                              f"PEFT or train the delta with promptdelta.")
+        raise CheckpointError(f"{path}: PEFT method {kind!r} is not one promptdelta reads (LoRA deltas, and "
+                              f"PROMPT_TUNING through import_prompt_tuning; see docs/guide/export.md); merge it "
+                              f"with PEFT or train the delta with promptdelta.")
     for key, unused in _UNSUPPORTED.items():
         if key in config and config[key] not in unused:
             raise CheckpointError(f"{path}: PEFT option {key}={config[key]!r:.60} has no promptdelta counterpart; "
@@ -290,3 +295,70 @@ def _split_fused(pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
             else:
                 out[f"{mod}_{part}"] = (a, blocks[i], scale)
     return out
+
+
+# --------------------------------------------------------------------------------------------- prompt tuning
+_TASK_BY_KIND = {"mlm": "FEATURE_EXTRACTION", "clm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
+
+
+def _prompt_rows(template: Any) -> torch.Tensor:
+    """The n prompt-tuning vectors of a SoftTemplate: the first ``num_tokens`` rows of ``soft_embeds``."""
+    n = getattr(template, "num_tokens", None)
+    embeds = getattr(template, "soft_embeds", None)
+    if not isinstance(n, int) or not isinstance(embeds, torch.Tensor) or embeds.dim() != 2:
+        raise DeltaError(f"{type(template).__name__} is not a SoftTemplate (prompt tuning: num_tokens soft vectors "
+                         f"before the text); only a SoftTemplate has PEFT's PROMPT_TUNING format.")
+    return embeds[:n]   # (n, H)
+
+
+def export_prompt_tuning(template: Any, path: str | Path, task_type: str | None = None,
+                         overwrite: bool = False) -> Path:
+    """Write a SoftTemplate's soft prompt (Lester et al. 2021) as PEFT's PROMPT_TUNING adapter folder:
+    ``prompt_embeddings`` (n, H) and a config with ``num_virtual_tokens`` = n, ``token_dim`` = H.
+
+    PEFT puts the n vectors before the whole input, special tokens included (``p_1..p_n [CLS] x [SEP]``);
+    our SoftTemplate puts them after a leading special token (``[CLS] p_1..p_n x [SEP]``): the same for
+    models without one (GPT-2, Llama, T5's encoder), one position apart for BERT / RoBERTa.
+    ``task_type`` defaults from the template's kind (mlm: FEATURE_EXTRACTION, clm: CAUSAL_LM, seq2seq:
+    SEQ_2_SEQ_LM)."""
+    rows = _prompt_rows(template).detach().to("cpu").contiguous()
+    folder = _prepare_folder(path, overwrite)
+    kind = getattr(template, "kind", None)
+    config = {"peft_type": "PROMPT_TUNING", "task_type": task_type or _TASK_BY_KIND.get(kind, "FEATURE_EXTRACTION"),
+              "num_virtual_tokens": int(rows.shape[0]), "token_dim": int(rows.shape[1]),
+              "num_transformer_submodules": 2 if kind == "seq2seq" else 1, "num_attention_heads": None,
+              "num_layers": None, "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,
+              "tokenizer_name_or_path": None, "tokenizer_kwargs": None, "base_model_name_or_path": None,
+              "inference_mode": True, "modules_to_save": None, "peft_version": _peft_version()}
+    atomic_save_safetensors(folder / PEFT_WEIGHTS_FILE, {"prompt_embeddings": rows}, metadata={"format": "pt"})
+    atomic_write_json(folder / PEFT_CONFIG_FILE, config)
+    return folder
+
+
+def import_prompt_tuning(template: Any, path: str | Path) -> Any:
+    """Copy the soft prompt of a PEFT PROMPT_TUNING folder into a SoftTemplate with the same ``num_tokens``
+    and width (in place; returns the template)."""
+    folder = Path(path)
+    if not (folder / PEFT_CONFIG_FILE).is_file() or not (folder / PEFT_WEIGHTS_FILE).is_file():
+        raise MissingFileError(f"{folder} is not a PEFT folder: it needs {PEFT_CONFIG_FILE} and {PEFT_WEIGHTS_FILE}.")
+    try:
+        config = json.loads((folder / PEFT_CONFIG_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{folder / PEFT_CONFIG_FILE} is not valid JSON ({exc}); save the adapter again.") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "PROMPT_TUNING":
+        kind = config.get("peft_type") if isinstance(config, dict) else None
+        raise CheckpointError(f"{folder}: PEFT method {kind!r} is not PROMPT_TUNING; load LoRA folders with "
+                              f"load_delta(model, folder).")
+    if config.get("num_transformer_submodules", 1) not in (1, None):
+        raise CheckpointError(f"{folder}: num_transformer_submodules={config['num_transformer_submodules']} "
+                              f"(an encoder-decoder prompt); promptdelta's SoftTemplate holds one prompt.")
+    prompt = _read_weights(folder / PEFT_WEIGHTS_FILE).get("prompt_embeddings")
+    rows = _prompt_rows(template)
+    if prompt is None or tuple(prompt.shape) != tuple(rows.shape):
+        got = None if prompt is None else tuple(prompt.shape)
+        raise CheckpointError(f"{folder}: prompt_embeddings has shape {got}, the template's prompt "
+                              f"{tuple(rows.shape)}; build the SoftTemplate with num_tokens={config.get('num_virtual_tokens')}"
+                              f" on the backbone the prompt was trained for.")
+    with torch.no_grad():
+        rows.copy_(prompt.to(rows.dtype))
+    return template

@@ -184,7 +184,7 @@ def test_minilm_shaped_native_bert_to_peft_bert_for_masked_lm(tmp_path: Path, id
     ("use_dora", True, "use_dora=True has no promptdelta counterpart"),
     ("modules_to_save", ["pooler"], "modules_to_save"),
     ("bias", "all", "bias='all'"),
-    ("peft_type", "PROMPT_TUNING", "PEFT method 'PROMPT_TUNING' is not one promptdelta reads"),
+    ("peft_type", "PROMPT_TUNING", "import_prompt_tuning"),
     ("peft_type", "IA3", "'IA3'"),
     ("lora_alpha", float("nan"), "lora_alpha=nan"),
     ("r", "4", "r='4'"),
@@ -215,3 +215,51 @@ def test_only_lora_has_a_peft_format(tmp_path: Path):
     with pytest.raises(DeltaError, match="'lora' only"):
         handle.save(tmp_path / "a", format="peft")
     assert not (tmp_path / "a").exists()
+
+
+# ----------------------------------------------------------------------------------------- prompt tuning
+def _soft_template_on_gpt2(num_tokens: int = 3):
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "prompts"))
+    from prompt_helpers import gpt2_tokenizer
+
+    from promptdelta.prompts import SoftTemplate
+
+    hf = _base("gpt2")
+    native = load_backbone(copy.deepcopy(hf))[0].eval()
+    template = SoftTemplate(tokenizer=gpt2_tokenizer(), backbone=native, num_tokens=num_tokens, init="random")
+    with torch.no_grad():
+        template.soft_embeds.normal_(0, 0.5)
+    return template, native, hf
+
+
+def test_prompt_tuning_export_matches_peft_on_gpt2(tmp_path: Path, ids):
+    from promptdelta.deltas import export_prompt_tuning
+
+    template, native, hf = _soft_template_on_gpt2()
+    export_prompt_tuning(template, tmp_path / "pt")
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "pt").eval()
+    rows = template.soft_embeds[:3].detach()
+    assert torch.equal(pm.prompt_encoder["default"].embedding.weight, rows)
+    with torch.no_grad():                       # PEFT: the prompt before the input; ours on the native backbone
+        theirs = pm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -ids.shape[1]:]
+        embeds = torch.cat([rows.expand(ids.shape[0], -1, -1), native.input_embeddings()(ids)], dim=1)
+        ours = native(inputs_embeds=embeds).logits[:, -ids.shape[1]:]
+    _close(ours, theirs)
+
+
+def test_prompt_tuning_import_from_peft(tmp_path: Path):
+    from promptdelta.deltas import import_prompt_tuning
+
+    pm = peft.get_peft_model(_base("gpt2"), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with torch.no_grad():
+        pm.prompt_encoder["default"].embedding.weight.normal_()
+    pm.save_pretrained(tmp_path / "pt")
+    template, _, _ = _soft_template_on_gpt2()
+    import_prompt_tuning(template, tmp_path / "pt")
+    assert torch.equal(template.soft_embeds[:3], pm.prompt_encoder["default"].embedding.weight)
+    wrong, _, _ = _soft_template_on_gpt2(num_tokens=5)
+    with pytest.raises(CheckpointError, match="num_tokens=3"):
+        import_prompt_tuning(wrong, tmp_path / "pt")
+    with pytest.raises(CheckpointError, match=r"a soft prompt, not a delta.*import_prompt_tuning"):
+        load_delta(_base("gpt2"), tmp_path / "pt")   # a prompt is not a delta on the model: named error
