@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: demo test test-all venv clean
+.PHONY: demo test test-all docs venv clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,5 +28,9 @@ test: $(STAMP)
 test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m '' --timeout=1800
 
+# the guide + references into site/ (warnings fail the build)
+docs: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info
