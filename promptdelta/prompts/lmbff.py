@@ -61,15 +61,18 @@ class LabelWordSearch:
 
 @torch.no_grad()
 def mask_log_probs(backbone: nn.Module, template: Template, examples: Sequence[Any], batch_size: int = 32,
-                   max_length: int = 256) -> torch.Tensor:
+                   max_length: int = 256, readout: str = "mask") -> torch.Tensor:
     """log P(w | T(x)) at the mask over the whole vocabulary: (N, V).
 
     Uses the LM head's logits; a backbone without one is scored through its input embeddings (hidden @ E^T),
-    as ManualVerbalizer does."""
+    as ManualVerbalizer does. ``readout="mean"`` scores the mean hidden state instead of the mask's (through
+    the embeddings; for sentence encoders without MLM head, as PromptForClassification's readout)."""
     kind = getattr(backbone, "kind", "mlm")
     if kind == "seq2seq":
         raise ConfigError("label-word search reads one mask output of a masked or causal LM; use a BERT/RoBERTa/"
                           "GPT-2 style backbone (T5 is for generate_templates)")
+    if readout not in ("mask", "mean"):
+        raise ConfigError(f"readout={readout!r} is unknown; use 'mask' or 'mean'")
     device = next(backbone.parameters()).device
     out_rows = []
     for i in range(0, len(examples), batch_size):
@@ -79,7 +82,11 @@ def mask_log_probs(backbone: nn.Module, template: Template, examples: Sequence[A
                        token_type_ids=batch.get("token_type_ids"))
         rows = torch.arange(embeds.shape[0], device=device)
         at = batch["mask_pos"][:, 0]
-        if out.logits is not None:
+        if readout == "mean":
+            keep = batch["attention_mask"][..., None].to(out.last_hidden_state.dtype)      # (B, T, 1)
+            hidden = (out.last_hidden_state * keep).sum(1) / keep.sum(1).clamp(min=1)      # (B, H)
+            logits = hidden @ backbone.input_embeddings().weight.T                         # (B, V)
+        elif out.logits is not None:
             logits = out.logits[rows, at]                                                  # (B, V)
         else:
             logits = out.last_hidden_state[rows, at] @ backbone.input_embeddings().weight.T   # (B, V)
@@ -89,7 +96,7 @@ def mask_log_probs(backbone: nn.Module, template: Template, examples: Sequence[A
 
 def search_label_words(backbone: nn.Module, tokenizer: Any, template: Template, train: Sequence[Any],
                        dev: Sequence[Any], classes: Sequence[str], k: int = 10, n_best: int = 5,
-                       max_combos: int = 10000, batch_size: int = 32) -> LabelWordSearch:
+                       max_combos: int = 10000, batch_size: int = 32, readout: str = "mask") -> LabelWordSearch:
     """Top-``k`` words per class by summed train log-likelihood, combinations re-ranked by zero-shot dev
     accuracy; returns the ``n_best`` combinations. Candidate words are whole words of the vocabulary."""
     _check_labelled(train, classes, "train")
@@ -100,12 +107,12 @@ def search_label_words(backbone: nn.Module, tokenizer: Any, template: Template, 
         raise ConfigError(f"k={k} over {len(classes)} classes gives {k ** len(classes)} combinations "
                           f"(> max_combos={max_combos}); lower k or raise max_combos")
     allowed = trigger_vocabulary(tokenizer)
-    lp_train = mask_log_probs(backbone, template, train, batch_size)                     # (N, V)
+    lp_train = mask_log_probs(backbone, template, train, batch_size, readout=readout)                     # (N, V)
     labels = torch.tensor([e.label for e in train])
     per_class = torch.stack([lp_train[labels == c].sum(0) for c in range(len(classes))])   # (C, V)
     per_class[:, ~allowed] = -float("inf")
     top = per_class.topk(k, dim=-1).indices                                               # (C, k)
-    lp_dev = mask_log_probs(backbone, template, dev, batch_size)                           # (M, V)
+    lp_dev = mask_log_probs(backbone, template, dev, batch_size, readout=readout)                           # (M, V)
     dev_y = torch.tensor([e.label for e in dev])
     scored = []
     for combo in itertools.product(*top.tolist()):
