@@ -6,7 +6,8 @@ Every attention layer gets P learned key/value vectors that all queries attend t
     Attn(q, K, V) = softmax(q [K_p; K]^T) [V_p; V]       K_p, V_p: (n_heads, P, head_dim) per layer
 
 They reach the model through the native backbones' ``prefix_kv`` argument (a forward pre-hook fills it in),
-so no base module is wrapped. The prefix parameters live in a child ``prefix_<name>`` of the backbone (a
+or, on a live transformers model, through its own key/value cache (``prefix_hf.py``: decoder-only models and
+the decoder of encoder-decoders), so no base module is wrapped. The prefix parameters live in a child ``prefix_<name>`` of the backbone (a
 ``PrefixHolder``), so optimisers over ``model.parameters()``, ``model.to()`` and ``model.train()`` see them.
 T5 has three kinds of attention and gets three prefix sets: ``encoder`` and ``decoder`` self-attention and
 decoder ``cross`` attention.
@@ -44,8 +45,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from promptdelta.backbones.registry import AttentionStack, family_of, registered_families
-from promptdelta.deltas.base import DeltaHandle, DeltaMethod, DeltaWrapper, ModuleSite, deltas_of, register_delta
+from promptdelta.backbones.registry import AttentionStack, family_of
+from promptdelta.deltas.base import (DeltaHandle, DeltaMethod, DeltaWrapper, ModuleSite, canonical_aliases, deltas_of,
+                                     register_delta)
+from promptdelta.deltas.prefix_hf import hf_stacks
+from promptdelta.deltas.prefix_hf import inject as inject_hf
 from promptdelta.errors import ConfigError, DeltaError
 
 logger = logging.getLogger(__name__)
@@ -167,19 +171,17 @@ class PrefixDict(dict, _Owned):
     """A multi-stack ``prefix_kv`` (T5: encoder, decoder, cross) that knows which deltas it holds."""
 
 
+def _native(model: nn.Module) -> bool:
+    """A native backbone of a registered family with a prefix_kv argument (else: a transformers model)."""
+    return family_of(model) is not None and "prefix_kv" in inspect.signature(model.forward).parameters
+
+
 def _parts(model: nn.Module) -> list[_Part]:
-    """The model's attention stacks, one prefix set each, from its family record (backbones/registry.py)."""
-    return family_of(model).attention_stacks(model)
-
-
-def _check_native(model: nn.Module) -> None:
-    params = inspect.signature(model.forward).parameters
-    if family_of(model) is None or "prefix_kv" not in params:
-        raise DeltaError(f"prefix tuning feeds learned keys/values through the native backbones' prefix_kv "
-                         f"argument, which a {type(model).__name__} does not have (transformers models keep "
-                         f"attention caches in version-dependent formats). Load the model with "
-                         f"promptdelta.load_backbone(...) to get a native backbone ({', '.join(registered_families())}), "
-                         f"or use the 'adapter' or 'lora' delta on this model.")
+    """The model's attention stacks, one prefix set each: from its family record (backbones/registry.py) on
+    a native backbone, from its config on a transformers model (prefix_hf.py; raises where it cannot)."""
+    if _native(model):
+        return family_of(model).attention_stacks(model)
+    return hf_stacks(model, canonical_aliases(model))
 
 
 def _attention_sites(model: nn.Module, sites: list[ModuleSite]) -> list[ModuleSite]:
@@ -203,7 +205,7 @@ class PrefixTuning(DeltaMethod):
         self._arg_index = -1   # position of prefix_kv among forward's positional parameters
 
     def select(self, model: nn.Module, sites: list[ModuleSite]) -> list[ModuleSite]:
-        _check_native(model)
+        _parts(model)   # refuses a model it cannot feed
         for other in deltas_of(model).values():
             if isinstance(other._method, PrefixTuning):
                 logger.info("prefix %r joins prefix delta %r: their prefixes are concatenated", self.name, other.name)
@@ -221,6 +223,9 @@ class PrefixTuning(DeltaMethod):
         self.holder.delta_name = self.name
         self.holder.train(model.training)
         model.add_module(self._attr, self.holder)
+        if not _native(model):   # a transformers model: through its own KV cache
+            self._hook = model.register_forward_pre_hook(self._inject_cache, with_kwargs=True)
+            return
         names = list(inspect.signature(model.forward).parameters)
         self._arg_index = names.index("prefix_kv")
         self._hook = model.register_forward_pre_hook(self._inject, with_kwargs=True)
@@ -263,6 +268,18 @@ class PrefixTuning(DeltaMethod):
         else:
             kwargs = {**kwargs, "prefix_kv": new}
         return args, kwargs
+
+    def _inject_cache(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Forward pre-hook on a transformers model: the prefixes go in as its KV cache (prefix_hf.py)."""
+        if not self.enabled:
+            return args, kwargs
+        others = [h._method for h in deltas_of(module).values()
+                  if isinstance(h._method, PrefixTuning) and h._method is not self]
+        if others:
+            raise DeltaError(f"prefix delta {self.name!r} shares {type(module).__name__} with prefix delta "
+                             f"{others[0].name!r}; on a transformers model only one prefix can fill the cache. "
+                             f"Detach one, or load the model with promptdelta.load_backbone(model).")
+        return inject_hf(module, self.sets["layers"].layer_pairs(), args, kwargs)
 
     # ------------------------------------------------------------------------------------- merge etc.
     def merge(self) -> None:

@@ -1,7 +1,7 @@
 """The invariant matrix: every delta method x every family it applies to (native BERT, RoBERTa, GPT-2, T5,
 T5 v1.1 and the transformers BERT/RoBERTa/GPT-2/T5), each attached with its *default* targets and config.
 
-Where a method does not apply, the refusal is tested here too (prefix on transformers models, the ladder on
+Where a method does not apply, the refusal is tested here too (prefix on transformers encoders, the ladder on
 transformers GPT-2 and T5, which load_backbone converts). Method-specific exceptions to an invariant are named in the
 test and explained in the method's module doc (a fresh prefix changes outputs; adapters and the ladder cannot
 be merged); each method's own maths lives in its own test file.
@@ -22,7 +22,7 @@ from promptdelta.errors import CheckpointError, DeltaError
 METHODS = ["lora", "adapter", "bitfit", "prefix", "intrinsic", "ladder"]
 MERGEABLE = {"lora", "bitfit", "prefix", "intrinsic"}   # prefix: merge folds the MLP; bitfit: a no-op
 NOT_APPLICABLE = {   # (method, family) -> the words the refusal must contain
-    **{("prefix", f): "prefix_kv" for f in ("hf_bert", "hf_roberta", "hf_gpt2", "hf_t5")},
+    **{("prefix", f): "prefix_kv" for f in ("hf_bert", "hf_roberta")},   # encoder-only: no KV cache
     ("ladder", "hf_gpt2"): "load_backbone", ("ladder", "hf_t5"): "load_backbone",
 }
 CELLS = [(m, f) for m in METHODS for f in FAMILIES if (m, f) not in NOT_APPLICABLE]

@@ -190,3 +190,53 @@ def test_bitfit_adds_zero_biases_on_bias_free_llama():
     assert not any(n.endswith("bias") for n, _ in model.named_parameters())
     h = attach(model, "bitfit")
     assert h.num_parameters() > 0 and all(k.endswith(".bias") for k, _ in h.named_parameters())
+
+
+# --------------------------------------------------------------------------------------------- prefix through the cache
+PREFIX_ARCHS = ["llama", "gpt2", "t5", "qwen2", "phi3", "gemma", "mistral"]
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=() if a in ("llama", "t5") else pytest.mark.slow)
+                                  for a in PREFIX_ARCHS])
+def test_prefix_through_the_models_own_cache_equals_real_prefix_tokens(arch):
+    """Prefixes set to the keys/values the model computes for P real tokens give the logits of the full
+    sequence at the remaining positions: the prefix reaches every layer's attention, masked in, with the
+    positions after it (decoder-only; T5: the decoder's self-attention)."""
+    model = build(arch)
+    x = ids()
+    P = 3
+    enc_dec = model.config.is_encoder_decoder
+    with torch.no_grad():
+        if enc_dec:
+            full = model(input_ids=x, decoder_input_ids=x[:, :6]).logits[:, P:]
+            cache = model(input_ids=x, decoder_input_ids=x[:, :P], use_cache=True).past_key_values.self_attention_cache
+        else:
+            full = model(input_ids=x).logits[:, P:]
+            cache = model(input_ids=x[:, :P], use_cache=True).past_key_values
+    handle = attach(model, "prefix", num_tokens=P, reparam=False)
+    sets = handle._method.sets["layers"]
+    with torch.no_grad():   # batch row 0's prefix for everyone: compare row 0
+        sets.keys.copy_(torch.stack([layer.keys[0] for layer in cache.layers]))
+        sets.values.copy_(torch.stack([layer.values[0] for layer in cache.layers]))
+        kw = {"input_ids": x, "decoder_input_ids": x[:, P:6]} if enc_dec else {"input_ids": x[:, P:]}
+        got = model(**kw).logits
+    torch.testing.assert_close(got[0], full[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=() if a == "gpt2" else pytest.mark.slow)
+                                  for a in ["gpt2", "t5", "llama", "phi3"]])
+def test_prefix_on_transformers_models_passes_the_delta_contract(arch, tmp_path):
+    check_delta_invariants(lambda: build(arch), out, "prefix", tmp_path / "d")
+
+
+def test_prefix_refuses_encoders_and_cached_decoding():
+    for arch in ("bert", "distilbert"):
+        model = build(arch)
+        with pytest.raises(DeltaError, match="keeps none.*load_backbone"):
+            attach(model, "prefix")
+        assert deltas_of(model) == {}
+    model = build("llama")
+    attach(model, "prefix", num_tokens=2)
+    cache = model(input_ids=ids()[:, :2], use_cache=True).past_key_values
+    with pytest.raises(DeltaError, match="cache that already holds tokens"):
+        model(input_ids=ids()[:, 2:3], past_key_values=cache)
