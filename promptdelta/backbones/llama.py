@@ -67,7 +67,7 @@ class LlamaConfig:
     attn_dropout: float = 0.0
     pad_token_id: int | None = None
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None  # Llama 3 ends a turn at any of several ids
     tie_word_embeddings: bool = False
     has_lm_head: bool = True
 
@@ -99,10 +99,14 @@ class LlamaConfig:
         _require("sliding_attention" not in self.layer_types or self.sliding_window is not None, "sliding_window",
                  self.sliding_window, "a positive int (layer_types has sliding layers)")
         _require(0.0 <= self.attn_dropout < 1.0, "attn_dropout", self.attn_dropout, "a float in [0, 1)")
+        if isinstance(self.eos_token_id, list):
+            self.eos_token_id = tuple(self.eos_token_id)
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
-            _require(value is None or (isinstance(value, int) and 0 <= value < self.vocab_size), name, value,
-                     f"None or an int in [0, vocab_size={self.vocab_size})")
+            ids = value if isinstance(value, tuple) and name == "eos_token_id" else (value,)
+            _require(value is None or all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids), name,
+                     value, f"None or an int in [0, vocab_size={self.vocab_size})" + (" or a tuple of them" if
+                                                                                    name == "eos_token_id" else ""))
 
     @classmethod
     def from_hf(cls, hf_config: Any, **overrides: Any) -> LlamaConfig:
@@ -131,12 +135,15 @@ class LlamaConfig:
                       tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)))
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(hf_config, name, None)
-            if isinstance(value, (list, tuple)):
-                value = value[0] if value else None
-            if value is not None and not 0 <= value < hf_config.vocab_size:
-                logger.warning("%s=%s is outside the vocabulary (%d); using None", name, value, hf_config.vocab_size)
-                value = None
-            values[name] = value
+            given = list(value) if isinstance(value, (list, tuple)) else [] if value is None else [value]
+            kept = [i for i in given if 0 <= i < hf_config.vocab_size]
+            if len(kept) < len(given):
+                logger.warning("%s=%s is outside the vocabulary (%d); using %s", name, value, hf_config.vocab_size,
+                               kept or None)
+            if name == "eos_token_id" and len(kept) > 1:
+                values[name] = tuple(kept)
+            else:
+                values[name] = kept[0] if kept else None
         return cls(**{**values, **overrides})
 
     def to_hf(self) -> Any:
@@ -149,14 +156,15 @@ class LlamaConfig:
                       max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.rms_norm_eps,
                       rope_parameters=dict(self.rope), hidden_act=self.activation, attention_dropout=self.attn_dropout,
                       pad_token_id=self.pad_token_id, bos_token_id=self.bos_token_id,
-                      eos_token_id=self.eos_token_id, tie_word_embeddings=self.tie_word_embeddings)
+                      eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else
+                      self.eos_token_id, tie_word_embeddings=self.tie_word_embeddings)
         sliding = "sliding_attention" in self.layer_types
         if self.model_type == "llama" and not sliding and self.qkv_bias == self.o_bias:
             return transformers.LlamaConfig(head_dim=self.head_dim, attention_bias=self.qkv_bias,
                                             mlp_bias=self.mlp_bias, **common)
         if self.model_type == "qwen2" and self.qkv_bias and not (self.o_bias or self.mlp_bias) and \
                 self.head_dim * self.num_heads == self.hidden_size:
-            return transformers.Qwen2Config(use_sliding_window=sliding, sliding_window=self.sliding_window,
+            return transformers.Qwen2Config(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
                                             layer_types=list(self.layer_types), **common)
         if self.model_type == "mistral" and not (self.qkv_bias or self.o_bias or self.mlp_bias) and \
                 set(self.layer_types) == {"sliding_attention" if sliding else "full_attention"}:

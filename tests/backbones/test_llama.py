@@ -483,6 +483,22 @@ def test_sampling_equals_hf_from_the_same_seed():
     assert torch.equal(model.generate(ids, **kw), ref)
 
 
+@torch.no_grad()
+def test_several_eos_ids_survive_the_round_trip_and_all_end_a_row():
+    hf = _hf("llama")
+    hf.config.eos_token_id = [2, 3, 500]   # Llama 3 style; 500 is outside the vocabulary: dropped with a warning
+    model = LlamaModel.from_hf(hf).eval()
+    assert model.config.eos_token_id == (2, 3)
+    assert model.to_hf().config.eos_token_id == [2, 3]
+    ids, mask = _left_padded([5, 3], total=5, seed=13)
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[], pad_token_id=0)
+    eos = [int(free[0, 5 + 1]), int(free[1, 5 + 3])]   # tokens the rows really produce
+    model.config.eos_token_id = tuple(eos)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0)
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(out, ref)
+
+
 def test_to_hf_refuses_a_layout_transformers_cannot_hold():
     config = LlamaConfig(model_type="mistral", vocab_size=9, hidden_size=32, intermediate_size=8, num_layers=1,
                          num_heads=4, qkv_bias=True)
