@@ -196,7 +196,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print()
         print(result["table"])
     if result["run_dir"]:
-        print(f"\nwrote {result['run_dir']}/ (config.yaml, metrics.json, per-seed delta checkpoints)")
+        best = result["summary"].get("best_seed_dir")
+        print(f"\nwrote {result['run_dir']}/ (config.yaml, metrics.json, one classifier folder per seed)")
+        if best:
+            print(f"best seed on dev: {best}; predict with: promptdelta predict --model {result['run_dir']}/{best} "
+                  f"--input FILE")
     return 0
 
 

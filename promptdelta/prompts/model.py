@@ -17,6 +17,10 @@ Label words of several tokens (clm, seq2seq) are scored by their full sequence l
 then sent through the ManualVerbalizer's normalise -> calibrate -> aggregate steps. When every label word
 is one token this equals the verbalizer's usual path, so that cheaper path is taken. On masked LMs the
 verbalizer's ``multi_token_handler`` (first/mean/max) applies unchanged.
+
+A classifier leaves the library as a folder (``save_pretrained`` / ``from_pretrained``, built in
+``prompts/registry.py``) and answers new inputs through ``predict`` (``promptdelta/predict.py``: labels and
+class probabilities, length-sorted batches, deltas merged for the call).
 """
 
 from __future__ import annotations

@@ -191,3 +191,25 @@ def test_user_post_processing_cannot_be_saved(backbone_dir, tmp_path):
     with pytest.raises(TemplateError, match="user functions and cannot be saved"):
         clf.save_pretrained(tmp_path / "clf")
     assert not (tmp_path / "clf").exists()
+
+
+@pytest.mark.parametrize("family", ["roberta", "gpt2", "t5"])
+def test_other_families_round_trip_onto_a_given_backbone(tmp_path, family):
+    """Causal (mask at the end, multi-token words by sequence score) and T5 (sentinel) prompts; a live model
+    has no recorded path, so backbone= is required, and a backbone with the same weights is accepted."""
+    from prompt_helpers import gpt2_tokenizer, roberta_tokenizer, t5_tokenizer, tiny_backbone
+
+    tok = {"roberta": roberta_tokenizer, "gpt2": gpt2_tokenizer, "t5": t5_tokenizer}[family]()
+    model = tiny_backbone(family, len(tok))
+    pd.attach(model, "lora", targets=["q_proj", "v_proj"], r=2, alpha=4)
+    clf = pd.build_classifier(model, tok, CLASSES, "manual", "manual", max_length=32,
+                              template_options={"text": '{"placeholder":"text_a"} It was {"mask"}'},
+                              verbalizer_options={"label_words": [["terrible", "bad"], ["wonderful", "good"]]})
+    _perturb(clf)
+    clf.save_pretrained(tmp_path / "clf")
+    with pytest.raises(BackboneError, match="no recorded name or path; pass backbone="):
+        pd.PromptForClassification.from_pretrained(tmp_path / "clf")
+    loaded = pd.PromptForClassification.from_pretrained(tmp_path / "clf", backbone=tiny_backbone(family, len(tok)))
+    assert loaded.kind == clf.kind and loaded.uses_sequence_scoring == clf.uses_sequence_scoring
+    texts = ["the movie was great", "awful film", "I loved the plot"]
+    assert torch.equal(loaded.predict(texts).probs, clf.predict(texts).probs)
