@@ -25,6 +25,14 @@ def _seeds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, e.g. 13,21,42; got {text!r}")
 
 
+def _columns(text: str) -> dict[str, str]:
+    pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+    if not pairs or any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise argparse.ArgumentTypeError(f"--columns takes field=column pairs, e.g. text=sentence,label=y; "
+                                         f"got {text!r}")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
 def _delta_names() -> list[str]:
     """The registered delta methods, for --help (the registry fills on importing promptdelta.deltas)."""
     from promptdelta.info import _deltas
@@ -86,6 +94,8 @@ BENCHES = {
     "run": "run a suite of (task, method, shots, seed) few-shot runs, resumable; prints the summary table",
     "report": "summary table (markdown, CSV) and plots from a suite's results file",
     "train": "full fine-tuning with/without activation checkpointing; LoRA throughput on 1 vs N gloo processes",
+    "predict": "predict (merged, unmerged) vs a transformers forward in input order; 4-delta mixed batch vs "
+               "4 single-delta passes",
 }
 
 
