@@ -13,12 +13,13 @@ written as one LoRA on ``c_attn`` of rank 3r (``A = [A_q; A_k; A_v]``, ``B = dia
 scaled so alpha'/r' = alpha/r) through PEFT's ``rank_pattern`` / ``alpha_pattern``; a PEFT LoRA on
 ``c_attn`` loads onto the native q/k/v as ``A`` shared and ``B`` split by rows (exact both ways).
 
-Covered: LoRA (r, alpha, dropout, targets, rslora, bias "none"), and prompt tuning (a SoftTemplate's soft
-prompt <-> PEFT PROMPT_TUNING: ``export_prompt_tuning`` / ``import_prompt_tuning``). Not covered, refused with
-a one-line CheckpointError naming the option: DoRA, LoRA bias, LoRA on embeddings, ``modules_to_save``,
-different ranks or alphas per module, and every other PEFT method. Prefix tuning is not converted: PEFT passes
-its prefixes as a past key/value cache, so the model numbers the input's positions after them, while our
-prefix delta leaves positions as they are; the outputs would differ (docs/guide/export.md).
+Covered: LoRA (r, alpha, dropout, targets, rslora, bias "none"); prefix tuning (our plain prefixes <-> PEFT
+PREFIX_TUNING without projection, one-stack models; PEFT numbers the input positions after the P prefix
+positions and we from 0, so outputs agree when our model gets ``position_ids`` from P: said in a warning);
+prompt tuning (a SoftTemplate's soft prompt <-> PROMPT_TUNING: ``export_prompt_tuning`` /
+``import_prompt_tuning``). Not covered, refused with a one-line CheckpointError naming the option: DoRA,
+LoRA bias, LoRA on embeddings, ``modules_to_save``, different ranks or alphas per module, PEFT's prefix MLP
+(``prefix_projection``), encoder-decoder prefixes, and every other PEFT method.
 PEFT folders carry no fingerprint of the base model: only module names and shapes are checked on load.
 """
 
@@ -94,10 +95,12 @@ def save_peft(handle: DeltaHandle, path: str | Path, overwrite: bool = False, hf
 
     ``hf_prefix``: the model-class prefix of the transformers model the folder is for (a native backbone
     defaults to the class its ``to_hf()`` builds: ``"bert."`` with an MLM head, ``""`` without)."""
+    if handle.method == "prefix":
+        return _save_prefix(handle, _prepare_folder(path, overwrite))
     if handle.method != "lora":
         raise DeltaError(f"delta {handle.name!r} is a {handle.method!r} delta; PEFT's format is written for 'lora' "
-                         f"only ({handle.method} has no PEFT counterpart with the same outputs): save it with "
-                         f"format='promptdelta'.")
+                         f"and 'prefix' only ({handle.method} has no PEFT counterpart with the same outputs): save it "
+                         f"with format='promptdelta'.")
     c = handle.config
     folder = _prepare_folder(path, overwrite)
     to_hf = _hf_names(handle.model, hf_prefix)
@@ -159,21 +162,28 @@ def _peft_version() -> str:
 
 
 # --------------------------------------------------------------------------------------------- load
-def read_peft_config(folder: Path) -> dict[str, Any]:
-    """``adapter_config.json`` as a dict; CheckpointError for anything but a readable LoRA config we support."""
-    path = folder / PEFT_CONFIG_FILE
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); save the adapter again.") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} holds a {type(config).__name__}, not an object; save the adapter again.")
+    return config
+
+
+def read_peft_config(folder: Path) -> dict[str, Any]:
+    """``adapter_config.json`` as a dict; CheckpointError for anything but a LoRA or prefix config we support."""
+    path = folder / PEFT_CONFIG_FILE
+    config = _read_json(path)
     kind = config.get("peft_type")
+    if kind == "PREFIX_TUNING":
+        return _check_prefix_config(config, path)
     if kind == "PROMPT_TUNING":
         raise CheckpointError(f"{path}: PEFT method 'PROMPT_TUNING' is a soft prompt, not a delta on the model; "
                               f"load it into a SoftTemplate with promptdelta.import_prompt_tuning(template, folder).")
     if kind != "LORA":
-        raise CheckpointError(f"{path}: PEFT method {kind!r} is not one promptdelta reads (LoRA deltas, and "
+        raise CheckpointError(f"{path}: PEFT method {kind!r} is not one promptdelta reads (LORA, PREFIX_TUNING, and "
                               f"PROMPT_TUNING through import_prompt_tuning; see docs/guide/export.md); merge it "
                               f"with PEFT or train the delta with promptdelta.")
     for key, unused in _UNSUPPORTED.items():
@@ -204,6 +214,8 @@ def load_peft(model: nn.Module, path: str | Path, name: str | None = None) -> De
                                f"and {PEFT_WEIGHTS_FILE} (the .bin format is not read: re-save with safetensors).")
     config = read_peft_config(folder)
     raw = _read_weights(folder / PEFT_WEIGHTS_FILE)
+    if config["peft_type"] == "PREFIX_TUNING":
+        return _load_prefix(model, folder, config, raw, name)
     pairs = _scaled(_lora_pairs(raw, folder), config)    # HF module -> (A (r, in), B (out, r), scale)
     if native_family(model) is not None:
         canon = table_namer(_native_table(model))
@@ -341,12 +353,9 @@ def import_prompt_tuning(template: Any, path: str | Path) -> Any:
     folder = Path(path)
     if not (folder / PEFT_CONFIG_FILE).is_file() or not (folder / PEFT_WEIGHTS_FILE).is_file():
         raise MissingFileError(f"{folder} is not a PEFT folder: it needs {PEFT_CONFIG_FILE} and {PEFT_WEIGHTS_FILE}.")
-    try:
-        config = json.loads((folder / PEFT_CONFIG_FILE).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{folder / PEFT_CONFIG_FILE} is not valid JSON ({exc}); save the adapter again.") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "PROMPT_TUNING":
-        kind = config.get("peft_type") if isinstance(config, dict) else None
+    config = _read_json(folder / PEFT_CONFIG_FILE)
+    if config.get("peft_type") != "PROMPT_TUNING":
+        kind = config.get("peft_type")
         raise CheckpointError(f"{folder}: PEFT method {kind!r} is not PROMPT_TUNING; load LoRA folders with "
                               f"load_delta(model, folder).")
     if config.get("num_transformer_submodules", 1) not in (1, None):
@@ -362,3 +371,68 @@ def import_prompt_tuning(template: Any, path: str | Path) -> Any:
     with torch.no_grad():
         rows.copy_(prompt.to(rows.dtype))
     return template
+
+
+# --------------------------------------------------------------------------------------------- prefix tuning
+_POSITIONS = ("PEFT feeds prefixes as a key/value cache, so transformers numbers the input's positions from P "
+              "(the prefix length); promptdelta's prefix delta numbers them from 0. Outputs agree when the "
+              "native model gets position_ids starting at P")
+
+
+def _save_prefix(handle: DeltaHandle, folder: Path) -> Path:
+    """A prefix delta (plain prefixes) as PEFT PREFIX_TUNING without projection: ``prompt_embeddings``
+    (P, 2 L nh hd), laid out as PEFT's view(P, 2L, nh, hd).permute(2, 0, 1, 3) expects (layer l's keys
+    at 2l, values at 2l + 1)."""
+    config, tensors = handle._method.export_state()
+    parts = sorted({k.split(".")[1] for k in tensors})
+    if parts != ["layers"]:
+        raise DeltaError(f"prefix delta {handle.name!r} has the parts {parts} (an encoder-decoder); PEFT's prefix "
+                         f"format holds one prefix for every attention layer: save it with format='promptdelta'.")
+    keys, values = tensors["prefix.layers.keys"], tensors["prefix.layers.values"]   # (L, nh, P, hd) each
+    L, nh, P, hd = keys.shape
+    kv = torch.stack([keys, values], dim=1).reshape(2 * L, nh, P, hd)               # (2L, nh, P, hd)
+    rows = kv.permute(2, 0, 1, 3).reshape(P, 2 * L * nh * hd).contiguous()          # (P, 2L nh hd)
+    kind = getattr(handle.model, "kind", None)
+    peft_config = {"peft_type": "PREFIX_TUNING", "task_type": _TASK_BY_KIND.get(kind, "FEATURE_EXTRACTION"),
+                   "num_virtual_tokens": P, "token_dim": nh * hd, "num_layers": L, "num_attention_heads": nh,
+                   "num_transformer_submodules": 1, "encoder_hidden_size": nh * hd, "prefix_projection": False,
+                   "base_model_name_or_path": None, "inference_mode": True, "modules_to_save": None,
+                   "peft_version": _peft_version()}
+    atomic_save_safetensors(folder / PEFT_WEIGHTS_FILE, {"prompt_embeddings": rows}, metadata={"format": "pt"})
+    atomic_write_json(folder / PEFT_CONFIG_FILE, peft_config)
+    logger.warning("saved prefix delta %r in PEFT's format to %s. %s.", handle.name, folder, _POSITIONS)
+    return folder
+
+
+def _check_prefix_config(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    if config.get("prefix_projection"):
+        raise CheckpointError(f"{path}: PEFT option prefix_projection=True (the prefix MLP) is not read; save the "
+                              f"adapter with prefix_projection=False.")
+    if config.get("num_transformer_submodules", 1) not in (1, None):
+        raise CheckpointError(f"{path}: num_transformer_submodules={config['num_transformer_submodules']} (an "
+                              f"encoder-decoder prefix) is not read; promptdelta's T5 prefix has its own parts.")
+    for key in ("num_virtual_tokens", "num_layers", "num_attention_heads", "token_dim"):
+        v = config.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise CheckpointError(f"{path}: {key}={v!r:.40} should be a positive integer; save the adapter again.")
+    return config
+
+
+def _load_prefix(model: nn.Module, folder: Path, config: dict[str, Any], raw: dict[str, torch.Tensor],
+                 name: str | None) -> DeltaHandle:
+    P, L, nh = config["num_virtual_tokens"], config["num_layers"], config["num_attention_heads"]
+    hd = config["token_dim"] // nh
+    rows = raw.get("prompt_embeddings")
+    if rows is None or tuple(rows.shape) != (P, 2 * L * nh * hd):
+        got = None if rows is None else tuple(rows.shape)
+        raise CheckpointError(f"{folder / PEFT_WEIGHTS_FILE}: prompt_embeddings has shape {got}, its config says "
+                              f"{(P, 2 * L * nh * hd)}; save the adapter again.")
+    kv = rows.view(P, 2 * L, nh, hd).permute(1, 2, 0, 3)                             # (2L, nh, P, hd)
+    handle = attach(model, "prefix", name=name or "peft", num_tokens=P, reparam=False)
+    try:
+        handle.load_state_dict({"prefix.layers.keys": kv[0::2], "prefix.layers.values": kv[1::2]})
+    except BaseException:
+        handle.detach()
+        raise
+    logger.warning("loaded PEFT prefix adapter %s as prefix delta %r. %s.", folder, handle.name, _POSITIONS)
+    return handle

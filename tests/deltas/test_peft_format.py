@@ -210,9 +210,9 @@ def test_peft_folder_for_another_model_is_refused(tmp_path: Path):
     assert deltas_of(model) == {}
 
 
-def test_only_lora_has_a_peft_format(tmp_path: Path):
+def test_only_lora_and_prefix_have_a_peft_format(tmp_path: Path):
     handle = attach(_base("bert"), "adapter")
-    with pytest.raises(DeltaError, match="'lora' only"):
+    with pytest.raises(DeltaError, match="'lora' and 'prefix' only"):
         handle.save(tmp_path / "a", format="peft")
     assert not (tmp_path / "a").exists()
 
@@ -263,3 +263,48 @@ def test_prompt_tuning_import_from_peft(tmp_path: Path):
         import_prompt_tuning(wrong, tmp_path / "pt")
     with pytest.raises(CheckpointError, match=r"a soft prompt, not a delta.*import_prompt_tuning"):
         load_delta(_base("gpt2"), tmp_path / "pt")   # a prompt is not a delta on the model: named error
+
+
+# ----------------------------------------------------------------------------------------- prefix tuning
+def _shifted(model, ids: torch.Tensor, P: int) -> torch.Tensor:
+    """Native logits with positions numbered from P, as transformers numbers them after PEFT's prefix cache."""
+    pos = torch.arange(P, P + ids.shape[1]).expand_as(ids)
+    with torch.no_grad():
+        return model(input_ids=ids, position_ids=pos).logits
+
+
+def test_prefix_to_peft_and_back_on_gpt2(tmp_path: Path, ids, caplog):
+    native, hf = _native_and_hf("gpt2")
+    handle = attach(native, "prefix", num_tokens=2, reparam=True, reparam_hidden=8)   # the MLP is folded on save
+    perturb(handle.parameters())
+    want = _shifted(native, ids, 2)
+    handle.save(tmp_path / "p", format="peft")
+    assert "position_ids" in caplog.text
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "p").eval()
+    _close(_out(pm, ids), want)
+    back, _ = _native_and_hf("gpt2")
+    loaded = load_delta(back, tmp_path / "p")
+    assert loaded.method == "prefix"
+    _close(_shifted(back, ids, 2), want)
+
+
+def test_peft_prefix_onto_native_gpt2(tmp_path: Path, ids):
+    native, hf = _native_and_hf("gpt2")
+    pm = peft.get_peft_model(hf, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    with torch.no_grad():
+        pm.prompt_encoder["default"].embedding.weight.normal_()
+    want = _out(pm, ids)
+    pm.save_pretrained(tmp_path / "p")
+    load_delta(native, tmp_path / "p")
+    _close(_shifted(native, ids, 3), want)
+    assert (_out(native, ids) - want).abs().max() > 1e-3   # positions from 0: not PEFT's numbering
+
+
+def test_peft_prefix_with_projection_is_refused(tmp_path: Path):
+    pm = peft.get_peft_model(_base("gpt2"), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2,
+                                                                     prefix_projection=True, encoder_hidden_size=8))
+    pm.save_pretrained(tmp_path / "p")
+    native, _ = _native_and_hf("gpt2")
+    with pytest.raises(CheckpointError, match="prefix_projection=True"):
+        load_delta(native, tmp_path / "p")
+    assert deltas_of(native) == {}
