@@ -54,6 +54,7 @@ from torch import nn
 from promptdelta.backbones.registry import BlockSpec, Family, family_of, hf_family
 from promptdelta.deltas.base import (DeltaMethod, DeltaWrapper, ModuleSite, canonical_aliases, iter_sites,
                                      register_delta, unwrap_sites, wrap_site)
+from promptdelta.deltas.structure import infer_block_spec
 from promptdelta.deltas.side import (SideBlock, SideNetwork, SideSeq2Seq, SideSpec, hidden_dims, prune_into,
                                      random_init, select_dims, side_attention_bias, side_norm)
 from promptdelta.errors import ConfigError, DeltaError
@@ -132,16 +133,20 @@ class _Arch:
         return [b for blocks in self.stacks.values() for b in blocks]
 
 
-def _family(model: nn.Module) -> tuple[Family, BlockSpec]:
-    """The model's family record and block spec (backbones/registry.py); refuses what the ladder cannot run on:
-    a model of no registered family, and transformers models of a multi-stack or relative-position family
-    (the ladder needs the native model's position bias: T5)."""
+def _family(model: nn.Module) -> tuple[Family | None, BlockSpec]:
+    """The model's family record (None for a transformers model of no registered family) and block spec
+    (backbones/registry.py; else read from the model, ``structure.infer_block_spec``); refuses what the
+    ladder cannot run on (a transformers encoder-decoder or relative-position model needs the native
+    model's position bias: T5)."""
     family = family_of(model)
     if family is not None:
         return family, family.block_spec(model.config)
     family = hf_family(model)
-    spec = family.hf_block_spec(model.config) if family is not None else None
-    if spec is None or family.stack_names != ("",) or spec.positions == "relative":
+    spec = family.hf_block_spec(model.config) if family is not None and family.config_from_hf else None
+    one_stack = family is None or family.stack_names == ("",)
+    if spec is None and one_stack:
+        family, spec = None, infer_block_spec(model)
+    if spec is None or not one_stack or spec.positions == "relative":
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         raise DeltaError(f"the ladder cannot read the block layout of {type(model).__name__} (model_type "
                          f"{model_type!r}); convert it with promptdelta.load_backbone(model) first, or register a "
@@ -178,7 +183,7 @@ def _arch(model: nn.Module, stacks: dict[str, list[_Block]], causal: bool | None
         logger.warning("ladder: activation %r unknown, the side network uses gelu", block.activation)
     spec = SideSpec(pre_norm=block.pre_norm, act=_ACTS.get(block.activation, F.gelu), rms=block.norm == "rmsnorm",
                     gated=block.gated, attn_scale=block.attn_scale, eps=block.eps, bias=block.bias)
-    if family.stack_names != ("",):   # encoder-decoder: the stacks fix causality (bidirectional, then causal)
+    if family is not None and family.stack_names != ("",):   # encoder-decoder: the stacks fix causality (bidirectional, then causal)
         if causal is not None:
             raise DeltaError(f"ladder causal={causal!r} does not apply to {type(model).__name__}: its side encoder "
                              f"is bidirectional and its side decoder causal, as the backbone's stacks; leave "
@@ -205,7 +210,8 @@ def _check_roles(stacks: dict[str, list[_Block]]) -> None:
         if bad or q is k or k is v:
             raise DeltaError(f"the ladder prunes its side network from separate linear q/k/v/o and FFN layers, but "
                              f"block {b.site.name!r} has {'fused q/k/v' if q is k else type(b.roles[bad[0]]).__name__} "
-                             f"layers; convert the model with promptdelta.load_backbone(model) first.")
+                             f"layers; convert the model with promptdelta.load_backbone(model) first (a registered "
+                             f"family), or use the 'adapter' or 'lora' delta.")
 
 
 def _choose(stacks: dict[str, list[_Block]], sites: list[ModuleSite]) -> dict[str, list[_Block]]:

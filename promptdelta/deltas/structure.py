@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from typing import Any
 
+import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -153,6 +155,23 @@ def block_aliases(block: nn.Module, prefix: str) -> dict[str, list[str]]:
     holder = _smallest_holder(block, mlp, [x for x in leaves if x not in mlp])
     if holder is not None:
         out.setdefault(holder, []).append(f"{prefix}.mlp")
+    norms = block_norms(block, H)
+    if len(norms) == len(groups[:2]) + 1:   # one norm per sublayer, in order: attn, (cross_attn,) mlp
+        for n, role in zip(norms, [f"{g}_norm" for g in ("attn", "cross_attn")[:len(groups)]] + ["mlp_norm"]):
+            out[n] = [f"{prefix}.{role}"]
+    return out
+
+
+def block_norms(block: nn.Module, hidden: int) -> list[str]:
+    """Relative names of a block's norm layers: leaves whose only weight is a (hidden,) vector (a bias too
+    for LayerNorm), in registration order."""
+    out = []
+    for n, m in block.named_modules():
+        own = dict(m.named_parameters(recurse=False))
+        w = own.get("weight")
+        if n and not list(m.children()) and w is not None and w.dim() == 1 and w.numel() == hidden \
+                and set(own) <= {"weight", "bias"} and not is_linear(m):
+            out.append(n)
     return out
 
 
@@ -173,3 +192,43 @@ def structural_aliases(model: nn.Module) -> dict[str, list[str]]:
     counts = Counter(len(v) for v in out.values())
     logger.debug("structural aliases for %s: %d modules (%s)", type(model).__name__, len(out), dict(counts))
     return out
+
+
+def infer_block_spec(model: nn.Module) -> Any:
+    """A ``BlockSpec`` read from a one-stack transformers model itself (no registered family): norm kind
+    (a norm without bias is RMSNorm), pre/post norm (one probe forward records whether the first norm runs
+    before the query projection), gating (two FFN inputs), biases, activation and eps from the config.
+    None when the model has not exactly one layer stack of recognised blocks."""
+    from promptdelta.backbones.registry import BlockSpec
+
+    stacks = layer_stacks(model)
+    if len(stacks) != 1 or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    block = stacks[0][1][0]
+    aliases = block_aliases(block, "layers.0")
+    role = {a.rsplit(".", 1)[-1] if "norm" in a else a.split(".", 2)[-1]: n for n, al in aliases.items() for a in al}
+    if not {"attn_norm", "mlp_norm", "attn.q_proj"} <= set(role):
+        return None
+    mods = dict(block.named_modules())
+    norm, q = mods[role["attn_norm"]], mods[role["attn.q_proj"]]
+    order: list[str] = []
+    hooks = [norm.register_forward_hook(lambda *a: order.append("norm")),
+             q.register_forward_hook(lambda *a: order.append("q"))]
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.ones(1, 2, dtype=torch.long, device=q.weight.device))
+    except Exception as e:   # a model that needs other inputs: the spec stays unknown
+        logger.debug("probe forward of %s failed: %s", type(model).__name__, e)
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+    c = model.config
+    act = next((v for k in ("hidden_act", "hidden_activation", "activation_function", "activation")
+                if isinstance(v := getattr(c, k, None), str)), "gelu")
+    eps = next((v for v in (getattr(norm, "eps", None), getattr(norm, "variance_epsilon", None),
+                            getattr(c, "rms_norm_eps", None), getattr(c, "layer_norm_eps", None)) if v), 1e-6)
+    positions = "rotary" if any(hasattr(c, k) for k in ("rope_theta", "rope_parameters", "rope_scaling")) else "absolute"
+    return BlockSpec(pre_norm=order[:1] == ["norm"], norm="layernorm" if getattr(norm, "bias", None) is not None
+                     else "rmsnorm", activation=act, gated="mlp.gate" in role, positions=positions, eps=float(eps),
+                     bias=getattr(q, "bias", None) is not None)

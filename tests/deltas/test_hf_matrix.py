@@ -240,3 +240,37 @@ def test_prefix_refuses_encoders_and_cached_decoding():
     cache = model(input_ids=ids()[:, :2], use_cache=True).past_key_values
     with pytest.raises(DeltaError, match="cache that already holds tokens"):
         model(input_ids=ids()[:, 2:3], past_key_values=cache)
+
+
+# --------------------------------------------------------------------------------------------- ladder
+LADDER_ARCHS = ["llama", "qwen2", "mistral", "gemma", "distilbert", "bert", "roberta"]
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=() if a in ("llama", "distilbert") else pytest.mark.slow)
+                                  for a in LADDER_ARCHS])
+def test_ladder_on_transformers_models_passes_the_delta_contract(arch, tmp_path):
+    check_delta_invariants(lambda: build(arch), out, "ladder", tmp_path / "d")
+
+
+def test_ladder_side_network_copies_the_block_layout():
+    """Llama: pre-norm, RMSNorm, SwiGLU, no biases, causal; DistilBERT: post-norm LayerNorm, bidirectional."""
+    from promptdelta.deltas.side import RMSNorm
+
+    side = attach(build("llama"), "ladder")._method.wrapper.side
+    block = side.blocks[0]
+    assert block.pre_norm and isinstance(block.attn_norm, RMSNorm) and block.mlp.gate is not None and side.causal
+    assert block.attn.q_proj.bias is None
+    side = attach(build("distilbert"), "ladder")._method.wrapper.side
+    block = side.blocks[0]
+    assert not block.pre_norm and isinstance(block.attn_norm, nn.LayerNorm) and block.mlp.gate is None
+    assert not side.causal
+
+
+@pytest.mark.parametrize("arch", ["phi3", "gpt2", "t5"])
+def test_ladder_refuses_fused_or_encoder_decoder_transformers_models(arch):
+    model = build(arch)
+    snap = snapshot(model)
+    with pytest.raises(DeltaError, match="load_backbone"):
+        attach(model, "ladder")
+    assert deltas_of(model) == {}
+    assert_same_state(model, snap)
