@@ -28,7 +28,7 @@ from torch import nn
 from promptdelta.deltas.sites import (DeltaWrapper, ModuleSite, base_named_parameters, canonical_aliases,
                                       hf_key_table, iter_sites, match_targets, native_family, unwrap_sites,
                                       wrap_site)
-from promptdelta.errors import CheckpointError, ConfigError, DeltaError, MissingFileError
+from promptdelta.errors import CheckpointError, ConfigError, DeltaError, MissingFileError, PromptDeltaError
 from promptdelta.utils.io import atomic_save_safetensors, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -418,6 +418,8 @@ class DeltaHandle:
         for p, flag in st.requires_grad.values():
             p.requires_grad_(flag)
         del self.model.__dict__[_STATE_ATTR]
+        from promptdelta.deltas.merge import remove_save_guard
+        remove_save_guard(self.model)
 
     def save(self, path: str | Path, overwrite: bool = False, format: str = "promptdelta") -> Path:
         """Write the delta in its inference form (``DeltaMethod.export_state``) to the folder ``path``.
@@ -521,8 +523,10 @@ def attach(model: nn.Module, method: str, targets: str | Sequence[str] | None = 
     keys (unknown keys raise ConfigError). Several deltas may coexist under different ``name``s.
     """
     cls = get_delta_method(method)
+    saved = cfg.pop("modules_to_save", None)   # whole modules trained and saved with the delta (saved.py)
     if targets is not None:
         cfg["targets"] = targets
+    family_default = targets is None and "targets" not in cfg and _family_targets(model, method, cls, cfg)
     config = build_config(cls.config_cls, cfg, method)
     name = name or method
     st = _state(model)
@@ -530,18 +534,58 @@ def attach(model: nn.Module, method: str, targets: str | Sequence[str] | None = 
         raise DeltaError(f"a delta named {name!r} is already attached to this model "
                          f"(attached: {sorted(st.deltas)}); pass another name=..., or detach it first.")
     impl = cls(config, name)
+    if saved:
+        from promptdelta.deltas.saved import SavedModules
+        impl = SavedModules(impl, saved)
     sites = impl.select(model, match_targets(model, getattr(config, "targets", None),
-                                             warn_unused=not _default_targets(cls, cfg, config)))
+                                             warn_unused=not (family_default or _default_targets(cls, cfg, config))))
     _check_not_owned(model, impl, sites)
     known = _delta_param_ids(st) if st is not None else set()
     before = [(p, p.requires_grad) for p in model.parameters() if id(p) not in known]   # base params only
-    impl.apply(sites)
+    _apply_or_roll_back(model, impl, sites, method, before)
     st = _state(model, create=True)
     handle = DeltaHandle(model, method, impl, [s.name for s in sites])
     st.deltas[name] = handle
     _freeze_rest(model, st, before)
+    from promptdelta.deltas.merge import install_save_guard
+    install_save_guard(model)   # save_pretrained writes the base model + the deltas beside it, never wrapper keys
     logger.info("attached delta %r (%s) to %d modules", name, method, len(sites))
     return handle
+
+
+def _family_targets(model: nn.Module, method: str, cls: type[DeltaMethod], cfg: dict[str, Any]) -> bool:
+    """Put the default targets of the model's family (``backbones.registry``; native backbones and
+    transformers models of a registered family) for ``method`` into ``cfg``; True when it did."""
+    from promptdelta.backbones.registry import family_of, hf_family
+
+    family = family_of(model) or hf_family(model)
+    if family is None or "targets" not in {f.name for f in dataclasses.fields(cls.config_cls)}:
+        return False
+    placement = cfg.get("placement", getattr(cls.config_cls, "placement", None))
+    found = family.targets_for(method, placement if isinstance(placement, str) else None)
+    if found is None:
+        return False
+    cfg["targets"] = list(found)
+    return True
+
+
+def _apply_or_roll_back(model: nn.Module, impl: DeltaMethod, sites: list[ModuleSite], method: str,
+                        before: list[tuple[nn.Parameter, bool]]) -> None:
+    """``impl.apply(sites)``; if it fails, undo what it did (every wrapped site, hooks, added modules) and put
+    the requires_grad flags back, so nothing stays attached; a non-promptdelta error becomes a DeltaError."""
+    try:
+        impl.apply(sites)
+    except BaseException as exc:
+        try:
+            impl.remove()
+        except Exception as undo:   # the method's own state was too broken to undo: say so, keep the cause
+            logger.error("rolling back the failed %s attach also failed: %s", method, undo)
+        for p, flag in before:
+            p.requires_grad_(flag)
+        if isinstance(exc, PromptDeltaError) or not isinstance(exc, Exception):
+            raise
+        raise DeltaError(f"{method} could not be attached to {type(model).__name__} ({type(exc).__name__}: "
+                         f"{exc}); nothing was attached. Choose other targets or another delta method.") from exc
 
 
 def _default_targets(cls: type[DeltaMethod], cfg: dict[str, Any], config: Any) -> bool:
@@ -610,6 +654,11 @@ def _config_from_meta(cls: type[DeltaMethod], cfg: dict[str, Any], where: Path) 
     list) and that numbers are finite, before the config's own range checks run."""
     fields = {f.name: f for f in dataclasses.fields(cls.config_cls)}
     for key, value in cfg.items():
+        if key == "modules_to_save":   # not a method key: attach() takes it for every method (deltas/saved.py)
+            if not (isinstance(value, list) and all(isinstance(x, str) for x in value)):
+                raise CheckpointError(f"{where}: config modules_to_save={value!r:.60} should be a list of module "
+                                      f"names; fix delta.json or save the delta again.")
+            continue
         f = fields.get(key)
         if f is None:
             raise CheckpointError(f"{where}: config key {key!r} is unknown to delta method {cls.__name__} "

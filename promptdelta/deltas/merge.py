@@ -65,6 +65,9 @@ def _unload_bitfit(impl: DeltaMethod) -> None:
 
 def _cannot_unload(handle: DeltaHandle) -> str | None:
     """Why ``handle`` cannot be folded into the base weights, or None."""
+    if getattr(handle._method, "inner", None) is not None:   # modules_to_save (saved.py): trained copies of modules
+        return (f"delta {handle.name!r} ({handle.method}) trains copies of whole modules (modules_to_save), which "
+                f"merge_and_unload does not swap in")
     if handle.method not in _UNLOADERS:
         return (f"delta {handle.name!r} ({handle.method}) adds computation that does not fold into the base "
                 f"weights (mergeable: {sorted(_UNLOADERS)})")

@@ -95,6 +95,9 @@ def save_peft(handle: DeltaHandle, path: str | Path, overwrite: bool = False, hf
 
     ``hf_prefix``: the model-class prefix of the transformers model the folder is for (a native backbone
     defaults to the class its ``to_hf()`` builds: ``"bert."`` with an MLM head, ``""`` without)."""
+    if getattr(handle._method, "inner", None) is not None:   # modules_to_save (saved.py)
+        raise DeltaError(f"delta {handle.name!r} carries modules_to_save (trained copies of whole modules), which "
+                         f"save(format='peft') does not write; save it with format='promptdelta'.")
     if handle.method == "prefix":
         return _save_prefix(handle, _prepare_folder(path, overwrite))
     if handle.method != "lora":

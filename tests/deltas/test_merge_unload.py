@@ -119,3 +119,15 @@ def test_trainer_save_model_with_deltas(tmp_path: Path, ids):
     trainer = transformers.Trainer(model=model, args=args)
     trainer.save_model(str(tmp_path / "t"))
     _check_base_and_deltas(tmp_path / "t", base_logits, delta_logits, ids)
+
+
+def test_modules_to_save_is_refused_by_name(tmp_path: Path):
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=64)).eval()
+    handle = attach(model, "lora", modules_to_save=["classifier"])
+    with pytest.raises(DeltaError, match="modules_to_save"):
+        merge_and_unload(model)
+    with pytest.raises(DeltaError, match="modules_to_save"):
+        handle.save(tmp_path / "p", format="peft")
+    assert sorted(deltas_of(model)) == ["lora"]
