@@ -12,8 +12,8 @@ expected number of trainable parameters (c_i: the parameters candidate i would a
     L = L_task + lam * relu(sum_i g_i c_i - budget) / budget
 
 The search then emits a plain delta configuration (``emit_plan``): the candidates by gate, highest first,
-kept while the total stays within the budget (and the gate above ``min_gate``), with at most one wrapping
-method (LoRA or adapter) per module. The plan is a JSON list of ``attach`` calls; ``apply_plan`` attaches
+kept while the total stays within the budget (and the gate at least ``min_gate``, default 0), with at most
+one wrapping method (LoRA or adapter) per module. The plan is a JSON list of ``attach`` calls; ``apply_plan`` attaches
 them to a fresh model, which is then trained and saved as usual (each entry is an ordinary delta).
 
 The super-network itself is the registered delta "s3delta" (so attach, freezing and detach are the usual
@@ -240,11 +240,18 @@ class S3DeltaPlan:
         return cls(data["attach"], int(data["cost"]), int(data["budget"]))
 
 
-def emit_plan(handle: DeltaHandle, budget: int, min_gate: float = 0.5) -> S3DeltaPlan:
-    """Greedy by gate: keep candidates (gate >= min_gate) while the total cost stays <= budget."""
+def emit_plan(handle: DeltaHandle, budget: int, min_gate: float = 0.0) -> S3DeltaPlan:
+    """Greedy by gate: keep candidates (gate >= min_gate) while the total cost stays <= budget.
+
+    The default keeps the ranking only (the budget penalty lowers every gate, so an absolute threshold
+    such as 0.5 can leave nothing); raise min_gate to drop candidates the search switched off."""
     cfg = _search(handle).config
+    ranked = candidates(handle)
+    if ranked and min(c.cost for c in ranked) > budget:
+        raise ConfigError(f"budget={budget} is below the cheapest candidate ({min(c.cost for c in ranked)} "
+                          f"parameters); raise the budget or lower r / bottleneck")
     chosen, cost, wrapped = [], 0, set()
-    for c in candidates(handle):
+    for c in ranked:
         if c.gate < min_gate or cost + c.cost > budget or (c.method in WRAPPING and c.site in wrapped):
             continue
         chosen.append(c)

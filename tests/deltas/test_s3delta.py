@@ -71,6 +71,8 @@ def test_named_errors(tmp_path):
     h = pd.attach(model, "s3delta")
     with pytest.raises(DeltaError, match="cannot be merged"):
         h.merge()
+    with pytest.raises(ConfigError, match="cheapest candidate"):
+        emit_plan(h, budget=10)
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ConfigError, match="not an s3delta plan"):
         S3DeltaPlan.load(tmp_path / "bad.json")
