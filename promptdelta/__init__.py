@@ -11,6 +11,7 @@ from promptdelta import data
 from promptdelta.backbones import load_backbone
 from promptdelta.config import RunConfig
 from promptdelta.deltas import DeltaHandle, attach, deltas_of, load_delta
+from promptdelta.deltas import export_prompt_tuning, import_prompt_tuning, merge_and_unload  # PEFT format, merge
 from promptdelta.errors import (BackboneError, CheckpointError, ConfigError, DataError, DeltaError,
                                 MissingFileError, PromptDeltaError, TemplateError, VerbalizerError)
 from promptdelta.prompts import (KnowledgeableVerbalizer, ManualTemplate, ManualVerbalizer, MixedTemplate,
@@ -23,6 +24,7 @@ from promptdelta.prompts.registry import (build_classifier, build_template, buil
 from promptdelta.train import Trainer, TrainConfig
 
 __all__ = [
+    "merge_and_unload", "export_prompt_tuning", "import_prompt_tuning",
     "build_classifier", "build_template", "build_verbalizer", "register_template", "register_verbalizer",
     "registered_templates", "registered_verbalizers", "Prediction", "Predictions",
     "__version__", "data", "load_backbone", "attach", "load_delta", "deltas_of", "DeltaHandle",
