@@ -41,7 +41,10 @@ from promptdelta.errors import BackboneError, ConfigError
 logger = logging.getLogger(__name__)
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_KEYS = {"default": ("rope_theta",), "linear": ("rope_theta", "factor"),  # rope_type -> keys it reads
+             "llama3": ("rope_theta", "factor", "low_freq_factor", "high_freq_factor",
+                        "original_max_position_embeddings")}
+ROPE_TYPES = tuple(ROPE_KEYS)
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
@@ -88,8 +91,10 @@ class LlamaConfig:
                  f"a divisor of num_heads={self.num_heads}")
         _require(self.head_dim % 2 == 0, "head_dim", self.head_dim, "an even int (rotary pairs)")
         _require(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "a positive float")
-        _require(self.rope.get("rope_type", "default") in ROPE_TYPES, "rope", self.rope,
-                 f"a dict with rope_type in {ROPE_TYPES}")
+        kind = self.rope.get("rope_type", "default")
+        _require(kind in ROPE_TYPES, "rope", self.rope, f"a dict with rope_type in {ROPE_TYPES}")
+        _require(all(k in self.rope for k in ROPE_KEYS[kind]), "rope", self.rope,
+                 f"a dict with the keys {ROPE_KEYS[kind]} (rope_type {kind!r})")
         _require(self.activation in ACTIVATIONS, "activation", self.activation, f"one of {sorted(ACTIVATIONS)}")
         _require(self.sliding_window is None or (isinstance(self.sliding_window, int) and self.sliding_window > 0),
                  "sliding_window", self.sliding_window, "None or a positive int")
@@ -203,10 +208,15 @@ _UNTIED_KEYS = dataclasses.replace(LLAMA_KEYS, tied={})
 
 
 def rope_inv_freq(head_dim: int, rope: Mapping[str, Any]) -> torch.Tensor:
-    """(head_dim / 2,) inverse frequencies theta^(-2j/d), with linear or Llama-3 scaling applied."""
+    """(head_dim / 2,) inverse frequencies f_j = theta^(-2j/d), scaled by the rope_type:
+
+    linear (Chen et al., 2023, position interpolation):  f_j / s
+    llama3 (Llama 3.1), with wavelength w_j = 2 pi / f_j and the original context L:
+        w_j < L / high: f_j;   w_j > L / low: f_j / s;   else (1 - a) f_j / s + a f_j,  a = (L / w_j - low) / (high - low)
+    """
     inv = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     kind = rope.get("rope_type", "default")
-    if kind == "linear":  # Chen et al., 2023 (position interpolation): pos / factor == inv_freq / factor
+    if kind == "linear":  # pos / s and f / s give the same angles
         return inv / rope["factor"]
     if kind == "llama3":  # long wavelengths / factor, short ones kept, a smooth blend between
         factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]

@@ -210,6 +210,9 @@ def test_bad_configs_name_the_field():
     with pytest.raises(ConfigError, match="sliding_window"):
         LlamaConfig(hidden_size=32, num_heads=4, num_layers=1, intermediate_size=8, vocab_size=9,
                     layer_types=("sliding_attention",))
+    with pytest.raises(ConfigError, match="low_freq_factor"):
+        LlamaConfig(hidden_size=32, num_heads=4, num_layers=1, intermediate_size=8, vocab_size=9,
+                    rope={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0})
     hf = _hf_config("llama")
     hf.rope_parameters = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}
     with pytest.raises(BackboneError, match="rope_type"):
