@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from delta_helpers import V, hf_bert, native_bert
+from delta_helpers import V, _hf_gpt2, hf_bert, native_bert
 
 from promptdelta.data.examples import InputExample
 from promptdelta.deltas import attach, deltas_of
@@ -18,7 +18,15 @@ TASKS = {"sst2": dict(r=4, alpha=8, targets=["q_proj", "v_proj"]),
          "agnews": dict(r=2, alpha=4, targets=["q_proj", "v_proj"]),
          "rte": dict(r=8, alpha=8, targets=["q_proj", "fc1"]),
          "boolq": dict(r=4, alpha=16, targets=["v_proj", "o_proj"])}
-MODELS = {"native": native_bert, "hf": hf_bert}
+
+
+def hf_gpt2() -> torch.nn.Module:
+    """transformers GPT-2: its projections are Conv1D (weight (in, out)); q/v/o name the fused c_attn/c_proj."""
+    torch.manual_seed(0)
+    return _hf_gpt2(32).eval()
+
+
+MODELS = {"native": native_bert, "hf": hf_bert, "hf-gpt2": hf_gpt2}
 
 
 def _out(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
