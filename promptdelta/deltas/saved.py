@@ -19,7 +19,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from promptdelta.deltas.sites import DeltaWrapper, ModuleSite, match_targets, normalise_targets, unwrap_sites, wrap_site
+from promptdelta.deltas.sites import (ALL_LINEAR, DeltaWrapper, ModuleSite, match_targets, normalise_targets,
+                                      unwrap_sites, wrap_site)
 from promptdelta.errors import DeltaError
 
 KEY = "modules_to_save"
@@ -84,9 +85,12 @@ class SavedModules:
         return self.inner.merged
 
     def select(self, model: nn.Module, sites: list[ModuleSite]) -> list[ModuleSite]:
-        chosen = self.inner.select(model, sites)
         found = match_targets(model, self.names)
         found = [s for s in found if not any(s.name.startswith(o.name + ".") for o in found)]   # outermost
+        if ALL_LINEAR in (normalise_targets(getattr(self.inner.config, "targets", None)) or []):
+            # "all-linear" means the linear layers outside the saved modules (a saved head is trained whole)
+            sites = [c for c in sites if not any(c.name == s.name or c.name.startswith(s.name + ".") for s in found)]
+        chosen = self.inner.select(model, sites)
         for s in found:
             inside = [c.name for c in chosen if c.name == s.name or c.name.startswith(s.name + ".")]
             if inside or isinstance(s.parent, DeltaWrapper) or next(s.module.parameters(), None) is None:

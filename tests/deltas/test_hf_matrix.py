@@ -274,3 +274,10 @@ def test_ladder_refuses_fused_or_encoder_decoder_transformers_models(arch):
         attach(model, "ladder")
     assert deltas_of(model) == {}
     assert_same_state(model, snap)
+
+
+def test_all_linear_leaves_the_saved_modules_to_modules_to_save(tmp_path):
+    make = lambda: build("bert", cls=tf.BertForSequenceClassification)   # noqa: E731
+    h = attach(make(), "lora", targets="all-linear", modules_to_save=["classifier"])
+    assert "classifier" not in h.targets and "bert.pooler.dense" in h.targets
+    check_delta_invariants(make, out, "lora", tmp_path / "d", targets="all-linear", modules_to_save=["classifier"])
