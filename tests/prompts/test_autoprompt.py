@@ -66,3 +66,23 @@ def test_bad_inputs_raise_named_errors(sharp_mlm, tok):
         AutoPrompt(sharp_mlm, tok, _verbalizer(tok), '{"placeholder":"text_a"} {"mask"}.')
     with pytest.raises(ConfigError, match="init_token"):
         AutoPrompt(sharp_mlm, tok, _verbalizer(tok), TEXT, init_token="unbelievably")
+
+
+@pytest.mark.parametrize("family", ["roberta", "gpt2", "t5"])
+def test_other_families_search_and_reproduce(family):
+    """Causal and encoder-decoder backbones (and BPE tokenizers): the search lowers the NLL and the written
+    manual template scores exactly as searched."""
+    from prompt_helpers import gpt2_tokenizer, roberta_tokenizer, t5_tokenizer, tiny_backbone
+
+    tok = {"roberta": roberta_tokenizer, "gpt2": gpt2_tokenizer, "t5": t5_tokenizer}[family]()
+    wide = {"initializer_factor": 5.0} if family == "t5" else {"initializer_range": 0.5}
+    model = tiny_backbone(family, len(tok), **wide)
+    verb = ManualVerbalizer(tok, classes=["negative", "positive"], label_words=[["bad"], ["good"]])
+    examples = [InputExample("the movie was great", label=1), InputExample("a terrible film", label=0),
+                InputExample("I loved the plot", label=1), InputExample("I hated the acting", label=0)]
+    result = AutoPrompt(model, tok, verb, '{"placeholder":"text_a"} [T] [T] {"mask"}', num_candidates=5) \
+        .search(examples, iters=3, batch_size=4)
+    assert result.final_loss < result.initial_loss
+    clf = PromptForClassification(model, ManualTemplate(result.template, tokenizer=tok), verb).eval()
+    with torch.no_grad():
+        assert float(clf.loss(clf.collate(examples))[0]) == pytest.approx(result.final_loss, abs=1e-5)
