@@ -13,7 +13,8 @@ expected number of trainable parameters (c_i: the parameters candidate i would a
 
 The search then emits a plain delta configuration (``emit_plan``): the candidates by gate, highest first,
 kept while the total stays within the budget (and the gate at least ``min_gate``, default 0), with at most
-one wrapping method (LoRA or adapter) per module. The plan is a JSON list of ``attach`` calls; ``apply_plan`` attaches
+one wrapping method (LoRA or adapter) per module, and one method of any kind on a bias-free module (BitFit
+adds its bias there by wrapping too). The plan is a JSON list of ``attach`` calls; ``apply_plan`` attaches
 them to a fresh model, which is then trained and saved as usual (each entry is an ordinary delta).
 
 The super-network itself is the registered delta "s3delta" (so attach, freezing and detach are the usual
@@ -250,12 +251,16 @@ def emit_plan(handle: DeltaHandle, budget: int, min_gate: float = 0.0) -> S3Delt
     if ranked and min(c.cost for c in ranked) > budget:
         raise ConfigError(f"budget={budget} is below the cheapest candidate ({min(c.cost for c in ranked)} "
                           f"parameters); raise the budget or lower r / bottleneck")
-    chosen, cost, wrapped = [], 0, set()
+    # a bias-free layer (T5, Llama) gets BitFit's bias by wrapping, so it takes one method of any kind
+    biasless = {s.name for s, w in _search(handle).sites if w.base.bias is None}
+    chosen, cost, wrapped, used = [], 0, set(), set()
     for c in ranked:
-        if c.gate < min_gate or cost + c.cost > budget or (c.method in WRAPPING and c.site in wrapped):
+        clash = (c.method in WRAPPING and c.site in wrapped) or (c.site in biasless and c.site in used)
+        if c.gate < min_gate or cost + c.cost > budget or clash:
             continue
         chosen.append(c)
         cost += c.cost
+        used.add(c.site)
         if c.method in WRAPPING:
             wrapped.add(c.site)
     extra = {"lora": {"r": cfg.r, "alpha": cfg.alpha}, "adapter": {"bottleneck": cfg.bottleneck}, "bitfit": {}}

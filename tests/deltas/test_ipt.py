@@ -97,3 +97,24 @@ def test_named_errors(tmp_path):
         pd.load_delta(model, tmp_path / "delta")
     with pytest.raises(DeltaError, match="'prefix' delta"):
         prompt_vector(pd.attach(model, "ipt", subspace=str(folder), name="again"))
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "t5", "t5v11"])
+def test_task_prompt_in_the_subspace_gives_the_prefix_deltas_outputs(family, ids, tmp_path):
+    """On every native family: three trained-looking prefix prompts span the subspace, and "ipt" at a task's z
+    gives exactly the outputs of that task's own prefix delta (T5: encoder, decoder and cross prefixes)."""
+    from delta_helpers import FAMILIES
+
+    fam = FAMILIES[family]
+    model = fam.build()
+    prompts, outs = [], []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        h = pd.attach(model, "prefix", num_tokens=2, reparam=False)
+        prompts.append(prompt_vector(h))
+        outs.append(fam.out(model, ids))
+        h.detach()
+    sub, z = fit_subspace(torch.stack(prompts), prompt_layout(model, 2), dim=2)
+    handle = pd.attach(model, "ipt", subspace=str(sub.save(tmp_path / "s")), init=z[1].tolist())
+    torch.testing.assert_close(fam.out(model, ids), outs[1], atol=1e-4, rtol=1e-4)
+    handle.detach()

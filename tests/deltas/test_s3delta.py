@@ -76,3 +76,23 @@ def test_named_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ConfigError, match="not an s3delta plan"):
         S3DeltaPlan.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "t5v11", "hf_bert", "hf_t5"])
+def test_fresh_supernet_is_identity_and_plan_attaches_on_every_family(family, ids):
+    """Zero-initialised candidates leave the outputs unchanged; the plan attaches on native and transformers
+    models alike (GPT-2 HF's Conv1D is not a candidate, so hf_gpt2 is not in this list)."""
+    from delta_helpers import FAMILIES
+
+    fam = FAMILIES[family]
+    model = fam.build()
+    base = fam.out(model, ids)
+    h = pd.attach(model, "s3delta", r=2, bottleneck=4)
+    torch.testing.assert_close(fam.out(model, ids), base, atol=0, rtol=0)
+    plan = emit_plan(h, budget=500)
+    h.detach()
+    handles = apply_plan(model, plan)
+    assert 0 < sum(x.num_parameters() for x in handles) == plan.cost <= 500
+    for x in handles:
+        x.detach()
+    torch.testing.assert_close(fam.out(model, ids), base, atol=0, rtol=0)

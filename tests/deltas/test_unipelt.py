@@ -88,3 +88,22 @@ def test_named_errors():
         pd.attach(native_bert(), "unipelt", num_tokens=-1)
     with pytest.raises(DeltaError, match="nn.Linear"):
         pd.attach(native_bert(), "unipelt", lora_targets=["attn_norm"], num_tokens=0)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "t5", "t5v11", "hf_roberta", "hf_t5"])
+def test_lora_adapter_form_is_identity_at_init_on_every_family(family, ids):
+    from delta_helpers import FAMILIES
+
+    fam = FAMILIES[family]
+    model = fam.build()
+    base = fam.out(model, ids)
+    h = pd.attach(model, "unipelt", num_tokens=0, r=2, bottleneck=4)
+    assert h.num_parameters() > 0
+    torch.testing.assert_close(fam.out(model, ids), base, atol=0, rtol=0)
+    h.detach()
+    if fam.native:                                                                 # with the gated prefix
+        h = pd.attach(model, "unipelt", num_tokens=2, r=2, bottleneck=4)
+        with h.disabled():
+            torch.testing.assert_close(fam.out(model, ids), base, atol=0, rtol=0)
+        assert not torch.allclose(fam.out(model, ids), base)
+        h.detach()
