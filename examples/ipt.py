@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
         h.detach()
     subspace, z = fit_subspace(torch.stack(prompts), prompt_layout(model, NUM_TOKENS), dim=args.dim)
     folder = subspace.save(out / "subspace")
-    print(f"subspace: d={args.dim} over {len(prompts)} prompts of {subspace.prompt_size} numbers; tasks' z = {z.tolist()}")
+    print(f"subspace: d={args.dim} over {len(prompts)} prompts of {subspace.prompt_size} numbers; "
+          f"tasks' z = {[[round(v, 3) for v in row] for row in z.tolist()]}")
 
     new_train, new_dev = word_task(["red", "blue"], ["big", "small"], 16, 4), word_task(["green"], ["tiny"], 8, 5)
     handle = pd.attach(model, "ipt", subspace=str(folder))

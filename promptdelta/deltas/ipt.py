@@ -55,7 +55,6 @@ class IntrinsicSubspace(nn.Module):
         self.register_buffer("b2", b2.detach().clone())          # (D,)
         self.register_buffer("w1", None if w1 is None else w1.detach().clone())   # (h, d)
         self.register_buffer("b1", None if b1 is None else b1.detach().clone())   # (h,)
-        self._encode_pinv: torch.Tensor | None = None
 
     @property
     def dim(self) -> int:

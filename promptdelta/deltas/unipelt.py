@@ -143,7 +143,8 @@ class UniPELT(PrefixTuning):
         gated = {part: [(k, v * torch.sigmoid(self.holder.gates[part][i]))
                         for i, (k, v) in enumerate(pairs)]
                  for part, pairs in (plain.items() if isinstance(plain, dict) else [("layers", plain)])}
-        out: PrefixList | PrefixDict = PrefixList(gated["layers"]) if isinstance(plain, PrefixList) else PrefixDict(gated)
+        out: PrefixList | PrefixDict = (PrefixList(gated["layers"]) if isinstance(plain, PrefixList)
+                                        else PrefixDict(gated))
         out.owners = plain.owners
         return out
 
