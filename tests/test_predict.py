@@ -73,8 +73,11 @@ def test_results_keep_input_order_and_match_one_at_a_time(clf):
     assert row.label == preds.labels[0] and list(row.probs) == CLASSES
 
 
-def test_predict_merges_for_the_call_and_restores_state(clf):
+def test_predict_merges_for_the_call_and_restores_state(clf, monkeypatch):
     handle = pd.deltas_of(clf.backbone)["lora"]
+    seen = []
+    real_merge = handle.merge
+    monkeypatch.setattr(handle, "merge", lambda: (real_merge(), seen.append(handle.merged)))
     clf.train()
     batch = clf.collate([InputExample(t) for t in TEXTS[:3]])
     clf.eval()
@@ -82,7 +85,8 @@ def test_predict_merges_for_the_call_and_restores_state(clf):
         unmerged = clf(batch).softmax(-1)
     clf.train()
     got = clf.predict(TEXTS[:3])
-    assert clf.training and not handle.merged                         # mode and merge state put back
+    assert seen == [True]                                             # merged for the call ...
+    assert clf.training and not handle.merged                         # ... mode and merge state put back
     assert not torch.equal(got.probs, clf.predict(TEXTS[:3]).probs * 0)
     torch.testing.assert_close(got.probs, unmerged, rtol=0, atol=1e-5)   # merged weights: same answer
     with handle.disabled():

@@ -373,6 +373,11 @@ def read_classifier_config(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path / CONFIG_FILE} is not a {FORMAT} file (missing {missing or 'nothing'}, "
                               f"format {config.get('format') if isinstance(config, dict) else None!r}); save the "
                               f"classifier again")
+    for d in config["deltas"]:                 # only folders inside the classifier are ever read
+        folder = Path(str(d.get("folder", "")))
+        if not d.get("folder") or folder.is_absolute() or ".." in folder.parts:
+            raise CheckpointError(f"{path / CONFIG_FILE} lists delta folder {d.get('folder')!r}; a classifier's "
+                                  f"deltas live in its own delta/ or deltas/<name>/: save the classifier again")
     embedded = [config["backbone"]["embedded"]] if config["backbone"].get("embedded") else []
     for name in (TENSORS_FILE, TOKENIZER_DIR, *embedded, *(d["folder"] for d in config["deltas"])):
         if not (path / name).exists():

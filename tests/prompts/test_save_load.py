@@ -178,6 +178,12 @@ def test_folder_that_is_not_a_classifier_names_what_is_missing(backbone_dir, tmp
     with pytest.raises(MissingFileError, match="delta folder: load it with pd.load_delta"):
         pd.PromptForClassification.from_pretrained(tmp_path / "delta")
     _build(backbone_dir, "manual", "manual").save_pretrained(tmp_path / "clf")
+    cfg_path = tmp_path / "clf" / "classifier.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "deltas": [{**cfg["deltas"][0], "folder": "../delta"}]}))
+    with pytest.raises(CheckpointError, match="lists delta folder '../delta'"):
+        pd.PromptForClassification.from_pretrained(tmp_path / "clf")
+    cfg_path.write_text(json.dumps(cfg))
     (tmp_path / "clf" / "prompt.safetensors").unlink()
     with pytest.raises(MissingFileError, match="missing prompt.safetensors"):
         pd.PromptForClassification.from_pretrained(tmp_path / "clf")
