@@ -267,8 +267,10 @@ class LlamaAttention(nn.Module):
 
     def _repeat(self, x: torch.Tensor) -> torch.Tensor:
         """(B, n_kv, S, hd) -> (B, n_heads, S, hd): each k/v head serves num_heads / num_kv_heads queries."""
-        rep = self.num_heads // x.shape[1]
-        return x if rep == 1 else x.repeat_interleave(rep, dim=1)
+        B, n, S, hd = x.shape
+        rep = self.num_heads // n
+        # expand + reshape, not repeat_interleave: its backward is a plain sum over the copies
+        return x if rep == 1 else x[:, :, None].expand(B, n, rep, S, hd).reshape(B, n * rep, S, hd)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None,
                 prefix: KV | None, past: KV | None) -> tuple[torch.Tensor, KV]:
