@@ -67,7 +67,9 @@ class Predictions:
     def __len__(self) -> int:
         return len(self.label_ids)
 
-    def __getitem__(self, i: int) -> Prediction:
+    def __getitem__(self, i: int | slice) -> Prediction | list[Prediction]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
         probs = dict(zip(self.classes, self.probs[i].tolist()))
         if self.top_k is not None:
             probs = dict(sorted(probs.items(), key=lambda kv: -kv[1])[:self.top_k])

@@ -71,6 +71,7 @@ def test_results_keep_input_order_and_match_one_at_a_time(clf):
     assert preds.tolist() == preds.label_ids.tolist() and preds.shape == (len(TEXTS),) and preds.dtype == torch.long
     row = preds[0]
     assert row.label == preds.labels[0] and list(row.probs) == CLASSES
+    assert preds[-2:] == [preds[len(TEXTS) - 2], preds[len(TEXTS) - 1]]
 
 
 def test_predict_merges_for_the_call_and_restores_state(clf, monkeypatch):
