@@ -87,8 +87,9 @@ class SavedModules:
     def select(self, model: nn.Module, sites: list[ModuleSite]) -> list[ModuleSite]:
         found = match_targets(model, self.names)
         found = [s for s in found if not any(s.name.startswith(o.name + ".") for o in found)]   # outermost
-        if ALL_LINEAR in (normalise_targets(getattr(self.inner.config, "targets", None)) or []):
-            # "all-linear" means the linear layers outside the saved modules (a saved head is trained whole)
+        targets = normalise_targets(getattr(self.inner.config, "targets", None))
+        if targets is None or ALL_LINEAR in targets:
+            # every module / "all-linear" means those outside the saved modules (a saved head is trained whole)
             sites = [c for c in sites if not any(c.name == s.name or c.name.startswith(s.name + ".") for s in found)]
         chosen = self.inner.select(model, sites)
         for s in found:

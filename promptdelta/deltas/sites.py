@@ -223,11 +223,11 @@ ALL_LINEAR = "all-linear"
 
 def _all_linear(model: nn.Module, sites: list[ModuleSite], rest: list[str]) -> list[ModuleSite]:
     """Every linear layer but the output head, and what the other targets name (``["all-linear", "x"]``)."""
-    from promptdelta.deltas.structure import is_linear, output_head
+    from promptdelta.deltas.structure import is_linear, output_heads
 
-    head = output_head(model)
+    heads = {id(m) for m in output_heads(model)}
     extra = {id(s.module) for s in match_targets(model, rest)} if rest else set()
-    hits = [s for s in sites if (is_linear(s.module) and s.module is not head) or id(s.module) in extra]
+    hits = [s for s in sites if (is_linear(s.module) and id(s.module) not in heads) or id(s.module) in extra]
     if not hits:
         raise DeltaError(f"targets 'all-linear' match no linear layer of {type(model).__name__} (its output head is "
                          f"left out); name the modules to adapt instead.")

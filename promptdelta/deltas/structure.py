@@ -47,9 +47,11 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     return module.weight.shape[0], module.weight.shape[1]   # Conv1D: (in, out)
 
 
-def output_head(model: nn.Module) -> nn.Module | None:
-    """The model's output head (LM head), excluded from ``all-linear``: ``get_output_embeddings()`` of a
-    transformers model, ``lm_head`` of a native backbone."""
+def output_heads(model: nn.Module) -> list[nn.Module]:
+    """The model's output (LM) head linear layers, which ``all-linear`` leaves out: ``get_output_embeddings()``
+    of a transformers model, and any linear layer that shares its weight with the input embeddings or
+    writes ``config.vocab_size`` logits (a native backbone's ``lm_head``, BERT's tied MLM decoder)."""
+    heads: list[nn.Module] = []
     get = getattr(model, "get_output_embeddings", None)
     if callable(get):
         try:
@@ -57,9 +59,23 @@ def output_head(model: nn.Module) -> nn.Module | None:
         except (AttributeError, NotImplementedError):
             head = None
         if isinstance(head, nn.Module):
-            return head
-    head = getattr(model, "lm_head", None)
-    return head if isinstance(head, nn.Module) else None
+            heads.append(head)
+    embed = getattr(model, "input_embeddings", None) or getattr(model, "get_input_embeddings", None)
+    try:
+        tied = embed().weight if callable(embed) else None
+    except (AttributeError, NotImplementedError):
+        tied = None
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    for m in model.modules():
+        if is_linear(m) and m not in heads and (m.weight is tied or (vocab and linear_dims(m)[1] == vocab)):
+            heads.append(m)
+    return heads
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The first of ``output_heads`` (None when the model has none)."""
+    heads = output_heads(model)
+    return heads[0] if heads else None
 
 
 def _linears(module: nn.Module) -> list[tuple[str, nn.Module]]:

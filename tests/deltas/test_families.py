@@ -200,3 +200,20 @@ def test_methods_refuse_families_they_do_not_apply_to_and_say_why(method, fam):
     assert "use" in str(err.value) or "load_backbone" in str(err.value)
     assert deltas_of(model) == {} and _hooks(model) == hooks
     assert_same_state(model, snap)
+
+
+# --------------------------------------------------------------------------------------------- all-linear, modules_to_save
+@pytest.mark.parametrize("fam", ["bert", "gpt2", "t5v11"])
+def test_all_linear_and_modules_to_save_on_native_families(fam, tmp_path: Path):
+    from delta_helpers import check_delta_invariants
+
+    family = FAMILIES[fam]
+    out = lambda m, grad=False: family.out(m, ids_(), grad=grad)   # noqa: E731
+    handle = attach(family.build(), "lora", targets="all-linear")
+    assert all(t != "lm_head" and not t.endswith("decoder") and "embed" not in t for t in handle.targets)
+    check_delta_invariants(family.build, out, "lora", tmp_path / "a", targets="all-linear")
+    check_delta_invariants(family.build, out, "bitfit", tmp_path / "b", modules_to_save=["lm_head"])
+
+
+def ids_() -> torch.Tensor:
+    return torch.randint(3, 99, (3, 7), generator=torch.Generator().manual_seed(1))

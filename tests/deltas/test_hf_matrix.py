@@ -13,7 +13,7 @@ from torch import nn
 
 from promptdelta.deltas import attach, deltas_of
 from promptdelta.deltas.sites import canonical_aliases, match_targets
-from promptdelta.deltas.structure import output_head
+from promptdelta.deltas.structure import output_head, output_heads
 from promptdelta.errors import DeltaError
 
 _DEC = dict(vocab_size=V, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
@@ -95,10 +95,11 @@ def test_default_targets_are_found_from_the_structure(arch):
 def test_all_linear(method, arch, tmp_path):
     model = build(arch)
     head = output_head(model)
+    heads = output_heads(model)
     linear = [m for m in model.modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
     handle = attach(model, method, targets="all-linear", add_biases=True) if method == "bitfit" else \
         attach(model, method, targets="all-linear")
-    assert len(handle.targets) == len([m for m in linear if m is not head]) and head is not None
+    assert heads == [head] and len(handle.targets) == len([m for m in linear if m is not head]) == len(linear) - 1
     handle.detach()
     check_delta_invariants(lambda: build(arch), out, "lora", tmp_path / "d", targets="all-linear")
 
@@ -281,3 +282,12 @@ def test_all_linear_leaves_the_saved_modules_to_modules_to_save(tmp_path):
     h = attach(make(), "lora", targets="all-linear", modules_to_save=["classifier"])
     assert "classifier" not in h.targets and "bert.pooler.dense" in h.targets
     check_delta_invariants(make, out, "lora", tmp_path / "d", targets="all-linear", modules_to_save=["classifier"])
+
+
+def test_intrinsic_and_adapter_defaults_cover_attention_and_the_mlp_on_llama():
+    """What failed before item 4: the adapter's 'attn.o_proj'/'mlp.fc2' matched nothing, intrinsic skipped the MLP."""
+    ends = lambda h: {t.rsplit(".", 1)[-1] for t in h.targets}   # noqa: E731
+    assert ends(attach(build("llama"), "intrinsic")) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                         "up_proj", "down_proj"}
+    assert ends(attach(build("llama"), "adapter")) == {"o_proj", "down_proj"}
+    assert ends(attach(build("phi3"), "intrinsic")) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}

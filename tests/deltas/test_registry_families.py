@@ -201,3 +201,8 @@ def test_family_defaults_come_from_the_record(toy_family):
     registry.register_family(custom, overwrite=True)
     model = build()
     assert attach(model, "lora").targets == ["layers.0.mlp.fc1", "layers.1.mlp.fc1"]
+
+
+def test_all_linear_and_modules_to_save_on_the_toy_family(tmp_path):
+    check_delta_invariants(build, out, "lora", tmp_path / "a", targets="all-linear")
+    check_delta_invariants(build, out, "adapter", tmp_path / "b", modules_to_save=["lm_head"])
