@@ -164,7 +164,8 @@ def load_task(suite: Suite, task: str, shots: int, seed: int) -> Data:
 
     t = suite.tasks[task]
     train, dev, test = pdata.load(t["data"], shots=shots, seed=seed, columns=t.get("columns"),
-                                  split_names=t.get("split_names"), classes=t.get("classes"))
+                                  dev_shots=t.get("dev_shots"), split_names=t.get("split_names"),
+                                  classes=t.get("classes"))
     n = t.get("test_subset")
     if n and int(n) < len(test):
         # one fixed random subset (seed 0, original order) for every method and seed: a time budget

@@ -15,6 +15,8 @@ A suite file::
         template: '{"placeholder":"text_a"} It was {"mask"}.'
         label_words: {negative: [bad], positive: [good]}
         columns: {text: sentence}  # optional, as promptdelta.data.load
+        shots: 8                   # optional: this task's shots (int or list) instead of the suite's
+        dev_shots: 4               # optional: dev examples per class (default: shots)
     methods:
       lora-manual:                 # kind: prompt (the default) = template x verbalizer x delta
         verbalizer: manual
@@ -44,7 +46,8 @@ from promptdelta.errors import ConfigError, MissingFileError
 from promptdelta.train.config import TrainConfig
 
 SUITE_KEYS = {"name", "backbone", "shots", "seeds", "max_length", "device", "train", "tasks", "methods", "note"}
-TASK_KEYS = {"data", "template", "label_words", "columns", "split_names", "classes", "test_subset", "note"}
+TASK_KEYS = {"data", "template", "label_words", "columns", "split_names", "classes", "test_subset", "note", "shots",
+             "dev_shots"}
 KINDS = ("prompt", "finetune", "head", "logreg")
 _COMMON = {"kind", "note"}
 METHOD_KEYS = {
@@ -87,6 +90,11 @@ class Suite:
     device: str = "cpu"
     train: dict[str, Any] = field(default_factory=dict)
     source: str = "<dict>"
+    data_as_written: dict[str, str] = field(default_factory=dict)  # task -> its data: as the YAML says
+
+    def task_shots(self, task: str) -> list[int]:
+        """The task's own shots when it sets them, else the suite's."""
+        return self.tasks[task].get("shots", self.shots)
 
     def method_train(self, method: str, lr: float | None = None) -> dict[str, Any]:
         """TrainConfig keys for ``method``: suite defaults, then the method's, then ``lr`` when given."""
@@ -116,15 +124,19 @@ class Suite:
         return str(here) if here is not None and not Path(path).is_absolute() and here.exists() else path
 
     def config_hash(self, task: str, method: str) -> str:
-        """Hash of everything that decides a run's result besides shots and seed (not the device)."""
-        blob = json.dumps({"task": self.tasks[task], "method": self.methods[method], "backbone": self.backbone,
+        """Hash of everything that decides a run's result besides shots and seed (not the device). The task's
+        data counts as written in the suite, not where it resolved on this machine, so the hash is the same on
+        every machine and a report can select the current rows without the data."""
+        t = {**self.tasks[task], "data": self.data_as_written.get(task, self.tasks[task]["data"])}
+        t.pop("shots", None)  # in the run key already; a per-task shots must not re-hash the other shot counts
+        blob = json.dumps({"task": t, "method": self.methods[method], "backbone": self.backbone,
                            "max_length": self.max_length, "train": self.train}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def expand(self, only: Sequence[str] | None = None) -> list[RunSpec]:
         """Every run, ordered task > shots > seed > method (so one data split serves all methods)."""
         specs = [RunSpec(t, m, k, s, self.config_hash(t, m))
-                 for t in self.tasks for k in self.shots for s in self.seeds for m in self.methods]
+                 for t in self.tasks for k in self.task_shots(t) for s in self.seeds for m in self.methods]
         return select(specs, only, self) if only else specs
 
 
@@ -144,8 +156,9 @@ def select(specs: list[RunSpec], only: Sequence[str], suite: Suite) -> list[RunS
 # --------------------------------------------------------------------------------------------- loading
 
 
-def load_suite(path: str | Path) -> Suite:
-    """Read and validate a suite YAML file; relative data/backbone paths resolve next to the file, else cwd."""
+def load_suite(path: str | Path, check_data: bool = True) -> Suite:
+    """Read and validate a suite YAML file; relative data/backbone paths resolve next to the file, else cwd.
+    ``check_data=False`` (reports) accepts data paths that do not exist here."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"suite file {path} does not exist; pass an existing YAML file "
@@ -154,10 +167,10 @@ def load_suite(path: str | Path) -> Suite:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"suite file {path} is not valid YAML: {e}; fix the syntax") from e
-    return suite_from_dict(raw, source=str(path), base_dir=path.parent)
+    return suite_from_dict(raw, source=str(path), base_dir=path.parent, check_data=check_data)
 
 
-def suite_from_dict(raw: Any, source: str = "<dict>", base_dir: Path | None = None) -> Suite:
+def suite_from_dict(raw: Any, source: str = "<dict>", base_dir: Path | None = None, check_data: bool = True) -> Suite:
     """Validate a suite mapping (see the module docstring) and return a :class:`Suite`."""
     if not isinstance(raw, dict):
         raise ConfigError(f"suite {source} must be a mapping with tasks: and methods:, got {type(raw).__name__}")
@@ -166,7 +179,8 @@ def suite_from_dict(raw: Any, source: str = "<dict>", base_dir: Path | None = No
         if not isinstance(raw.get(key), dict) or not raw[key]:
             raise ConfigError(f"suite {source} needs a non-empty '{key}:' mapping of names to options "
                               f"(see examples/bench/tiny.yaml)")
-    tasks = {str(n): _check_task(str(n), t, source, base_dir) for n, t in raw["tasks"].items()}
+    tasks = {str(n): _check_task(str(n), t, source, base_dir, check_data) for n, t in raw["tasks"].items()}
+    as_written = {str(n): str(t["data"] if isinstance(t, dict) else t) for n, t in raw["tasks"].items()}
     methods = {str(n): _check_method(str(n), m, source) for n, m in raw["methods"].items()}
     train = dict(raw.get("train") or {})
     suite = Suite(name=str(raw.get("name") or Path(source).stem), tasks=tasks, methods=methods,
@@ -174,7 +188,7 @@ def suite_from_dict(raw: Any, source: str = "<dict>", base_dir: Path | None = No
                   shots=_int_list(raw.get("shots", 16), "shots", source),
                   seeds=_int_list(raw.get("seeds", DEFAULT_SEEDS), "seeds", source),
                   max_length=int(raw.get("max_length", 128)), device=str(raw.get("device", "cpu")),
-                  train=train, source=source)
+                  train=train, source=source, data_as_written=as_written)
     _check_combinations(suite)
     return suite
 
@@ -205,7 +219,7 @@ def _looks_like_path(value: str) -> bool:
     return value.startswith((".", "/", "~")) or value.endswith((".csv", ".jsonl", ".json"))
 
 
-def _check_task(name: str, task: Any, source: str, base_dir: Path | None) -> dict[str, Any]:
+def _check_task(name: str, task: Any, source: str, base_dir: Path | None, check_data: bool = True) -> dict[str, Any]:
     if isinstance(task, str):
         task = {"data": task}
     if not isinstance(task, dict) or "data" not in task:
@@ -213,8 +227,17 @@ def _check_task(name: str, task: Any, source: str, base_dir: Path | None) -> dic
                           f"datasets name or builtin:demo), e.g. {name}: {{data: ../shared/data/{name}}}")
     _unknown(task, TASK_KEYS, f"task {name!r} of suite {source}")
     task = copy.deepcopy(task)
+    for key in ("shots", "dev_shots"):
+        if key in task:
+            task[key] = _int_list(task[key], key, f"{source} (task {name!r})")
+            if key == "dev_shots" and len(task[key]) != 1:
+                raise ConfigError(f"task {name!r}: dev_shots must be one integer (dev examples per class), got "
+                                  f"{task[key]}")
+    task["dev_shots"] = task["dev_shots"][0] if "dev_shots" in task else None
+    if task["dev_shots"] is None:
+        del task["dev_shots"]
     task["data"] = _resolve(str(task["data"]), base_dir)
-    if _looks_like_path(task["data"]) and not Path(task["data"]).expanduser().exists():
+    if check_data and _looks_like_path(task["data"]) and not Path(task["data"]).expanduser().exists():
         raise MissingFileError(f"task {name!r}: data {task['data']!r} does not exist (relative paths are "
                                f"tried next to the suite file, then from the current folder); fix the path")
     return task

@@ -138,11 +138,13 @@ def test_report_numbers_equal_the_raw_lines(finished, tmp_path):
         assert float(row["macro_f1_mean"]) == pytest.approx(sum(f1s) / 2, abs=1e-12)
         assert float(row["macro_f1_std"]) == pytest.approx(statistics.stdev(f1s), abs=1e-12)
         assert float(row["train_time_s_mean"]) == pytest.approx(sum(r["train_time_s"] for r in mine) / 2)
-        best[row["method"]] = (float(row["accuracy_mean"]), row["best"] == "True")
-    top = max(v[0] for v in best.values())
-    assert all(flag == (acc == top) for acc, flag in best.values())
-    winner = next(m for m, (_, flag) in best.items() if flag)
-    assert f"**{winner}** (best)" in out["markdown"]
+        dev = sum(r["dev_score"] for r in mine) / 2
+        assert float(row["dev_score_mean"]) == pytest.approx(dev, abs=1e-12)
+        best[row["method"]] = (float(row["accuracy_mean"]), dev, row["best"] == "True")
+    top = max(v[1] for v in best.values())
+    assert all(flag == (dev == pytest.approx(top, abs=1e-12)) for _, dev, flag in best.values())  # chosen on dev
+    winner = next(m for m, (_, _, flag) in best.items() if flag)
+    assert f"**{winner}** (best on dev)" in out["markdown"]
     md_acc = f"{100 * best[winner][0]:.2f}"
     assert md_acc in (tmp_path / "rep" / "report.md").read_text()
 
@@ -193,7 +195,8 @@ def test_report_with_suite_counts_only_rows_of_its_current_config(finished, tmp_
     current = report_mod.summarise(report_mod.current_rows(read_results(path), suite_file))
     assert current == report_mod.summarise(rows) and plain != current
     out = report_mod.report(path, tmp_path / "rep", with_plots=False, suite=suite_file)
-    assert out["summary"] == current
+    assert out["summary"] == report_mod._order(current, load_suite(suite_file))    # in the suite's method order
+    assert [s["method"] for s in out["summary"]] == list(load_suite(suite_file).methods)
     moved = tmp_path / "moved.jsonl"                  # the key's first row is of an old config: same order
     for row in [dict(rows[0], config_hash="old-config")] + rows[1:] + [rows[0]]:
         append_result(moved, row)
