@@ -271,12 +271,14 @@ def read_rows(path: str, fmt: str | None = None) -> list[Any]:
 
 
 def output_rows(examples: Sequence[InputExample], results: Mapping[str, Predictions], fmt: str) -> list[dict]:
-    """One dict per input: its text(s), then per model the label and the probabilities (keys prefixed
-    ``<model>.`` when several models answer). JSONL: ``probs`` is a {class: p} dict (the top_k most probable
-    first, when set); CSV: one ``prob_<class>`` column per class, or ``top<i>`` / ``top<i>_prob`` under top_k."""
+    """One dict per input: its id (when it has one), text(s), then per model the label and the probabilities
+    (keys prefixed ``<model>.`` when several models answer). JSONL: ``probs`` is a {class: p} dict (the top_k
+    most probable first, when set); CSV: one ``prob_<class>`` column per class, or ``top<i>`` / ``top<i>_prob``
+    under top_k."""
     rows = []
     for i, ex in enumerate(examples):
-        row: dict[str, Any] = {"text": ex.text, **({"text_b": ex.text_b} if ex.text_b is not None else {})}
+        row: dict[str, Any] = {"id": ex.guid} if ex.guid else {}          # an input's id/guid column, to join on
+        row.update({"text": ex.text, **({"text_b": ex.text_b} if ex.text_b is not None else {})})
         for name, preds in results.items():
             p, pre = preds[i], (f"{name}." if len(results) > 1 else "")
             row[pre + "label"] = p.label

@@ -169,7 +169,7 @@ def test_cli_csv_with_columns_and_top_k(clf, saved, tmp_path):
                     "--top-k", "1") == 0
     rows = list(csv.DictReader(out.open()))
     want = clf.predict(TEXTS)
-    assert list(rows[0]) == ["text", "label", "top1", "top1_prob"]
+    assert list(rows[0]) == ["id", "text", "label", "top1", "top1_prob"] and rows[2]["id"] == "2"
     assert [r["label"] for r in rows] == want.labels == [r["top1"] for r in rows]
     assert _predict("--model", str(saved), "--input", str(src), "--output", str(tmp_path / "o2.csv")) == 2
 
