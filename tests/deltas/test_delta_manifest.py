@@ -186,3 +186,24 @@ def test_transformers_delta_refused_on_other_weights(tmp_path: Path):
     handle.save(tmp_path / "d")
     other = load_backbone(_hf_bert_model(seed=1))[0]
     _refused(other, tmp_path / "d", "other pretrained weights")
+
+
+@pytest.mark.parametrize("family, targets", [("gpt2", ["fc1", "o_proj"]), ("t5", ["q_proj", "v_proj"]),
+                                             ("llama", ["q_proj", "v_proj"]), ("qwen2", ["q_proj", "fc2"]),
+                                             ("roberta", ["q_proj", "fc1"])])
+def test_native_delta_onto_transformers_model_every_family(family: str, targets: list[str], tmp_path: Path):
+    import copy
+
+    from test_peft_format import _base, _out     # the tiny transformers models of the PEFT tests
+
+    ids = torch.randint(3, 99, (2, 7), generator=torch.Generator().manual_seed(6))
+    hf = _base(family)
+    native = load_backbone(copy.deepcopy(hf))[0].eval()
+    before = _out(native, ids)
+    handle = attach(native, "lora", targets=targets)
+    perturb(handle.parameters())
+    want = _out(native, ids)
+    assert (want - before).abs().max() > 1e-3
+    handle.save(tmp_path / "d")
+    load_delta(hf, tmp_path / "d")                 # Conv1D weights (GPT-2) are fingerprinted transposed
+    torch.testing.assert_close(_out(hf, ids), want, rtol=1e-5, atol=1e-5)
