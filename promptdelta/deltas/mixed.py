@@ -23,7 +23,6 @@ scored by sequence likelihood) run as their own routed batch.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from promptdelta.deltas.base import META_FILE, DeltaHandle, deltas_of, load_delta
+from promptdelta.deltas.base import DeltaHandle, deltas_of, load_delta
 from promptdelta.deltas.sites import DeltaWrapper, iter_sites
 from promptdelta.errors import DeltaError
 from promptdelta.kernels import lora_linear_multi
@@ -105,11 +104,14 @@ def add_delta(model: nn.Module, source: DeltaHandle | str | Path, name: str | No
             raise DeltaError(f"delta {source.name!r} is not attached to this model; pass a handle attached to "
                              f"it, or the delta's folder.")
         handle, name = source, name or source.name
-        taken = [n for n in served_deltas(model) if n != source.name]
     else:
-        taken = served_deltas(model)
-        handle = load_delta(model, source, name=f"_mixed_loading_{len(taken)}", strict=strict)
-        name = name or json.loads((Path(source) / META_FILE).read_text(encoding="utf-8"))["name"]
+        if name is not None and name in served_deltas(model):
+            raise DeltaError(f"a delta named {name!r} is already served by this model (served: "
+                             f"{served_deltas(model)}); pass another name=..., or remove_delta(model, {name!r}) first.")
+        handle = load_delta(model, source, name=name, strict=strict)   # any folder load_delta reads
+        name = handle.name
+    bank = _bank(model)
+    taken = [*(bank.entries if bank else ()), *(n for n in _lora_handles(model) if n != handle.name)]
     try:
         if name in taken:
             raise DeltaError(f"a delta named {name!r} is already served by this model (served: {taken}); pass "
@@ -120,7 +122,7 @@ def add_delta(model: nn.Module, source: DeltaHandle | str | Path, name: str | No
             handle.detach()
         raise
     handle.detach()
-    bank = _bank(model, create=True)
+    bank = bank or _bank(model, create=True)
     bank.entries[name] = factors
     bank.stacks.clear()
     logger.info("banked LoRA delta %r (%d modules)", name, len(factors))
@@ -165,6 +167,9 @@ def _check_names(model: nn.Module, names: Sequence[str | None]) -> list[str]:
         raise DeltaError(f"route_rows takes a non-empty list of delta names, one per row (None = base only); "
                          f"got {names!r}.")
     served = served_deltas(model)
+    twice = sorted({n for n in served if served.count(n) > 1})
+    if twice:
+        raise DeltaError(f"deltas {twice} are both banked and attached; detach one, or remove_delta(model, name).")
     for i, n in enumerate(names):
         if n is not None and n not in served:
             raise DeltaError(f"row {i} names delta {n!r}, which is not attached to this model; attached: "

@@ -137,6 +137,11 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(DeltaError, match="already served"):
         add_delta(model, tmp_path / "agnews")
     assert deltas_of(model) == {}                                           # a refused folder is not kept
+    twin = attach(model, "lora", name="rte", targets=["k_proj"])            # attach does not see the bank
+    with pytest.raises(DeltaError, match=r"deltas \['rte'\] are both banked and attached"):
+        with route_rows(model, ["rte"]):
+            pass
+    twin.detach()
     bitfit = attach(model, "bitfit", name="bias")
     with pytest.raises(DeltaError, match=r"non-LoRA deltas \['bias \(bitfit\)'\]"):
         with route_rows(model, ["sst2"]):
