@@ -18,19 +18,12 @@ When dropout gives the LoRA branch its own input x_l, dx = g W and the branch's 
 On fp32 CPU tensors of rank 1/2/4/8/16, ``fused_lora_linear`` runs the native layer instead
 (``native.py``: the same algebra, C++ kernels that fuse the skinny products in pairs, one thread per row
 range, a C++ autograd node); this function is the path for other dtypes, ranks and devices, and the
-comparison in the benchmark. ``promptdelta bench kernel`` (2 threads, fp32, 101 shuffled rounds,
-2026-12-06, two hosts), ratio to the frozen layer's forward+backward at M=2048, K=N=768, r=8: plain LoRA
-1.21-1.36, this function 1.13-1.19, the native layer 1.04-1.07 (see docs/architecture.md for the runs). What
-this function leaves is the six skinny products (x A^T, xa B^T, g B, gb A, gb^T x, xa^T g), each a full MKL
-pass over an (M, K) or (M, N) matrix; per-thread bmm blocks, r-major layouts, row-chunking the backward or
-folding B A into W for dx all measured within noise of this layout or worse.
+comparison in the benchmark (``promptdelta bench kernel``). What this function leaves is the six skinny
+products (x A^T, xa B^T, g B, gb A, gb^T x, xa^T g), each a full MKL pass over an (M, K) or (M, N) matrix.
 
 Inference (no gradient, fp32, M (K + N) >= 2 N K) on this function's path takes the exact shortcut
-y = x (W + s B A)^T + b (``merge_on_the_fly``): one pass over W instead of two over x; 1.04-1.05x the frozen
-forward at M=2048, against 1.11x for this function's forward. Where the native layer runs, it runs for
-inference too: with its prefetching its forward measured 1.00-1.05x the frozen one against the merge's
-1.03-1.11x (no gradient, 2 threads, M=512-2048, K=N=768 r=8 and K=N=1024 r=16, 101 interleaved rounds,
-2026-12-06).
+y = x (W + s B A)^T + b (``merge_on_the_fly``): one pass over W instead of two over x. Where the native layer
+runs, it runs for inference too. Why these choices: the dated measurements are in docs/results/kernels.md.
 """
 
 from __future__ import annotations
@@ -43,12 +36,8 @@ from .native import RANKS, native_applies, native_error, native_ops
 from .reference import merged_weight
 
 
-# Native path: from this many rows per thread, each thread runs the layer on its own rows, base GEMM included.
-# Each thread then packs all of W for its GEMM, which MKL's threaded GEMM shares out; below 512 rows per thread
-# the threaded GEMM measured as fast or faster at every shape tried (2 threads, fwd+bwd over the frozen layer:
-# M=512, K=N=1024, r=16 1.091 against 1.121 for the pipeline; M=1024 1.084 against 1.095; M=512-1024 at
-# K=N=768 or 1024, r=8, within 1%), while from 1,024 rows per thread the pipeline wins at K=N=768 (M=2048
-# 1.030 against 1.050, M=4096 1.036 against 1.059) and ties at K=N=512 / 1024 / 2048 (2026-12-06).
+# Native path: from this many rows per thread, each thread runs the layer on its own rows, base GEMM included
+# (each thread then packs all of W); below it MKL's threaded GEMM measured as fast or faster (docs/results/kernels.md).
 PIPELINE_ROWS = 512
 
 

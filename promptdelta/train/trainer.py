@@ -230,6 +230,12 @@ class Trainer:
         with ddp.full_parameters(self.model) as model:
             yield model
 
+    def _examples(self, items: Any) -> Sequence:
+        """InputExamples from strings, dicts, a datasets.Dataset or a DataFrame (pd.data.as_examples)."""
+        from promptdelta.data.examples import as_examples
+
+        return as_examples(items, getattr(getattr(self.model, "verbalizer", None), "classes", None))
+
     def _check_labels(self, examples: Sequence) -> None:
         check = getattr(getattr(self.model, "verbalizer", None), "check_labels", None)
         if check is not None:
@@ -258,6 +264,7 @@ class Trainer:
     def fit(self, train: Sequence, dev: Sequence | None = None) -> "Trainer":
         """Train on ``train``; evaluate on ``dev`` each epoch (or every ``eval_every`` steps) and keep the best."""
         cfg = self.config
+        train, dev = self._examples(train), (self._examples(dev) if dev is not None else None)
         self._validate(train, dev)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
@@ -491,6 +498,7 @@ class Trainer:
     @torch.no_grad()
     def predict(self, examples: Sequence) -> torch.Tensor:
         """Predicted class index for each example, (N,). Under torchrun each rank predicts a share."""
+        examples = self._examples(examples)
         self._place()
         self.model.eval()
         ctx, bs = self.dist, self.config.eval_batch_size
@@ -526,6 +534,7 @@ class Trainer:
 
     def evaluate(self, examples: Sequence) -> dict[str, float]:
         """Accuracy, macro-F1 and evaluation throughput on labelled ``examples``."""
+        examples = self._examples(examples)
         if len(examples) == 0:
             raise ConfigError("cannot evaluate on an empty set of examples")
         t0 = time.perf_counter()

@@ -3,18 +3,17 @@
 torch's CPU allocator hands large buffers to glibc ``malloc``. glibc gives a freed buffer at the top of
 the heap back to the kernel once more than ``M_TRIM_THRESHOLD`` bytes are free there, and serves large
 requests with fresh ``mmap`` s (its threshold adapts, up to 32 MiB); either way the next step's buffers
-arrive as untouched pages, and the first write to each 4 KiB page is a minor page fault. Measured on the
-2-core CI machine (2026-12-06): a LoRA linear layer's forward+backward at M=2048, K=N=768 took about 2,000
-faults per call, 10% of its time, while the frozen layer took ~200; which call pays depends on the heap's
-history, so it also made timings jump between runs. Raising both thresholds (what PyTorch's CUDA caching
-allocator does on the GPU, and what jemalloc/tcmalloc, the allocators Intel recommends for PyTorch on
-CPU, do in their own way) keeps the memory in the heap for reuse: steady-state steps then fault ~0 times.
+arrive as untouched pages, and the first write to each 4 KiB page is a minor page fault (about 10% of a
+LoRA layer's step, and timings that jump with the heap's history: docs/results/kernels.md). Raising both
+thresholds (what PyTorch's CUDA caching allocator does on the GPU, and what jemalloc/tcmalloc, the
+allocators Intel recommends for PyTorch on CPU, do in their own way) keeps the memory in the heap for
+reuse: steady-state steps then fault ~0 times.
 The cost: the process's resident size stays at its peak instead of shrinking between steps.
 
 It is opt-in. ``promptdelta bench kernel`` applies it (``--default-malloc`` measures without), so its
-ratios compare kernels rather than heap histories. A whole MiniLM LoRA training step (~1 s) went from
-~25,000 faults to ~700 with it, but its time did not move beyond this machine's noise, so ``promptdelta
-run`` leaves glibc alone. A no-op returning False off glibc or with ``PROMPTDELTA_KEEP_FREED_MEMORY=0``.
+ratios compare kernels rather than heap histories; ``promptdelta run`` leaves glibc alone, because a whole
+training step's time did not move with it (docs/results/kernels.md). A no-op returning False off glibc or
+with ``PROMPTDELTA_KEEP_FREED_MEMORY=0``.
 """
 
 from __future__ import annotations
