@@ -14,8 +14,9 @@ scaled so alpha'/r' = alpha/r) through PEFT's ``rank_pattern`` / ``alpha_pattern
 ``c_attn`` loads onto the native q/k/v as ``A`` shared and ``B`` split by rows (exact both ways).
 
 Covered: LoRA (r, alpha, dropout, targets, rslora, bias "none"); prefix tuning (our plain prefixes <-> PEFT
-PREFIX_TUNING without projection, one-stack models; PEFT numbers the input positions after the P prefix
-positions and we from 0, so outputs agree when our model gets ``position_ids`` from P: said in a warning);
+PREFIX_TUNING without projection, one-stack models: exact on a transformers model, where both are a KV
+cache; on a native backbone PEFT's numbering of the input positions after the P prefix positions differs
+from ours (from 0), so outputs agree when it gets ``position_ids`` from P: said in a warning);
 prompt tuning (a SoftTemplate's soft prompt <-> PROMPT_TUNING: ``export_prompt_tuning`` /
 ``import_prompt_tuning``). Not covered, refused with a one-line CheckpointError naming the option: DoRA,
 LoRA bias, LoRA on embeddings, ``modules_to_save``, different ranks or alphas per module, PEFT's prefix MLP
@@ -403,7 +404,8 @@ def _save_prefix(handle: DeltaHandle, folder: Path) -> Path:
                    "peft_version": _peft_version()}
     atomic_save_safetensors(folder / PEFT_WEIGHTS_FILE, {"prompt_embeddings": rows}, metadata={"format": "pt"})
     atomic_write_json(folder / PEFT_CONFIG_FILE, peft_config)
-    logger.warning("saved prefix delta %r in PEFT's format to %s. %s.", handle.name, folder, _POSITIONS)
+    if native_family(handle.model) is not None:   # on a transformers model ours is a KV cache too: no shift
+        logger.warning("saved prefix delta %r in PEFT's format to %s. %s.", handle.name, folder, _POSITIONS)
     return folder
 
 
@@ -437,5 +439,6 @@ def _load_prefix(model: nn.Module, folder: Path, config: dict[str, Any], raw: di
     except BaseException:
         handle.detach()
         raise
-    logger.warning("loaded PEFT prefix adapter %s as prefix delta %r. %s.", folder, handle.name, _POSITIONS)
+    if native_family(model) is not None:
+        logger.warning("loaded PEFT prefix adapter %s as prefix delta %r. %s.", folder, handle.name, _POSITIONS)
     return handle

@@ -308,3 +308,17 @@ def test_peft_prefix_with_projection_is_refused(tmp_path: Path):
     with pytest.raises(CheckpointError, match="prefix_projection=True"):
         load_delta(native, tmp_path / "p")
     assert deltas_of(native) == {}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_prefix_on_transformers_model_is_exact_both_ways(family: str, tmp_path: Path, ids, caplog):
+    hf = _base(family)
+    theirs_base, back = copy.deepcopy(hf), copy.deepcopy(hf)
+    handle = attach(hf, "prefix", num_tokens=2, reparam=False)   # the model's own KV cache: same positions as PEFT
+    perturb(handle.parameters())
+    want = _out(hf, ids)
+    handle.save(tmp_path / "p", format="peft")
+    assert "position_ids" not in caplog.text
+    _close(_out(peft.PeftModel.from_pretrained(theirs_base, tmp_path / "p").eval(), ids), want)
+    load_delta(back, tmp_path / "p")
+    _close(_out(back, ids), want)
