@@ -9,7 +9,7 @@ is put in one super-network, each behind a gate g = sigmoid(a) (a: one learned l
 The delta weights and the gate logits train together on the task loss plus a budget penalty on the
 expected number of trainable parameters (c_i: the parameters candidate i would add):
 
-    L = L_task + lam * relu(sum_i g_i c_i - budget) / budget
+    L = L_task + lam * relu(sum_i g_i c_i - budget) / budget        (delta weights under weight decay)
 
 The search then emits a plain delta configuration (``emit_plan``): the candidates by gate, highest first,
 kept while the total stays within the budget (and the gate at least ``min_gate``, default 0), with at most
@@ -194,12 +194,16 @@ def candidates(handle: DeltaHandle) -> list[Candidate]:
 
 
 def search(handle: DeltaHandle, loss_fn: Callable[[Any], torch.Tensor], batches: Iterable[Any], budget: int,
-           lr: float = 1e-3, gate_lr: float = 1e-1, penalty: float = 1.0) -> list[float]:
+           lr: float = 1e-3, gate_lr: float = 1e-1, penalty: float = 1.0, weight_decay: float = 0.1) -> list[float]:
     """Train the super-network: AdamW on ``loss_fn(batch) + penalty * budget_penalty`` over ``batches``
-    (delta weights at ``lr``, gate logits at ``gate_lr``). Returns the loss per step."""
+    (delta weights at ``lr`` with ``weight_decay``, gate logits at ``gate_lr`` without). Returns the loss per step.
+
+    Why the weight decay: a gate and its delta's weights are redundant (g * B equals 1 * gB), so without it
+    the weights absorb any gate change and the gates carry no ranking. Decay makes large weights costly: a
+    useful candidate then keeps its gate open against the budget penalty, a useless one lets it close."""
     if budget < 1:
         raise ConfigError(f"budget={budget} must be a positive number of trainable parameters")
-    opt = torch.optim.AdamW([{"params": weight_parameters(handle), "lr": lr, "weight_decay": 0.0},
+    opt = torch.optim.AdamW([{"params": weight_parameters(handle), "lr": lr, "weight_decay": weight_decay},
                              {"params": gate_parameters(handle), "lr": gate_lr, "weight_decay": 0.0}])
     history = []
     for batch in batches:

@@ -12,29 +12,33 @@ from promptdelta.errors import CheckpointError, ConfigError, DeltaError
 PLANTED = "layers.1.attn.v_proj"
 
 
-def _teacher_targets(ids):
+def _teacher_targets(ids, seed):
     """Outputs of the base model with a rank-2 change planted in one projection (the useful site)."""
     teacher = native_bert()
-    g = torch.Generator().manual_seed(3)
-    w = teacher.layers[1].attn.v_proj.weight
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        w += 0.5 * torch.randn(32, 2, generator=g) @ torch.randn(2, 32, generator=g)
+        teacher.layers[1].attn.v_proj.weight += 0.5 * torch.randn(32, 2, generator=g) @ torch.randn(2, 32, generator=g)
         return teacher(input_ids=ids).last_hidden_state
 
 
-def test_gates_train_and_rank_the_planted_site_first():
-    ids = torch.randint(1, 99, (8, 10), generator=torch.Generator().manual_seed(1))
-    want = _teacher_targets(ids)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_gates_train_and_rank_the_planted_site_first(seed):
+    ids = torch.randint(1, 99, (8, 10), generator=torch.Generator().manual_seed(seed))
+    want = _teacher_targets(ids, seed + 2)
     model = native_bert()
+    with torch.no_grad():
+        scale = float((model(input_ids=ids).last_hidden_state - want).pow(2).mean())
     handle = pd.attach(model, "s3delta", methods=["lora"], targets=["q_proj", "k_proj", "v_proj", "o_proj"], r=2)
     assert len(candidates(handle)) == 8 and all(c.gate == 0.5 for c in candidates(handle))
-    loss_fn = lambda b: (model(input_ids=b).last_hidden_state - want).pow(2).mean()   # noqa: E731
-    budget = 2 * 64 * 2                                                             # room for two LoRAs
-    hist = search(handle, loss_fn, [ids] * 60, budget=budget, lr=1e-2, gate_lr=5e-2, penalty=1.0)
-    assert hist[-1] < hist[0]
+    loss_fn = lambda b: (model(input_ids=b).last_hidden_state - want).pow(2).mean() / scale   # noqa: E731 (~1 at start)
+    budget = 2 * 64 * 2                                                             # room for two of the 8 LoRAs
+    hist = search(handle, loss_fn, [ids] * 100, budget=budget, lr=1e-2, gate_lr=5e-2, penalty=0.3, weight_decay=2.0)
+    assert hist[-1] < 0.2 * hist[0]
     ranked = candidates(handle)
-    assert all(abs(c.gate - 0.5) > 1e-3 for c in ranked)                            # every gate moved
-    assert ranked[0].site == PLANTED                                                # the useful site wins
+    assert all(abs(c.gate - 0.5) > 1e-2 for c in ranked)                            # every gate moved
+    assert ranked[0].site == PLANTED and ranked[0].gate > ranked[2].gate + 0.02     # the useful site wins
+    plan = emit_plan(handle, budget)
+    assert PLANTED in plan.calls[0]["targets"] and plan.cost <= budget
 
 
 def test_plan_respects_budget_and_attaches_plain_deltas(tmp_path):
