@@ -169,7 +169,8 @@ class LlamaConfig:
                                             mlp_bias=self.mlp_bias, **common)
         if self.model_type == "qwen2" and self.qkv_bias and not (self.o_bias or self.mlp_bias) and \
                 self.head_dim * self.num_heads == self.hidden_size:
-            return transformers.Qwen2Config(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
+            return transformers.Qwen2Config(use_sliding_window=self.sliding_window is not None,
+                                            sliding_window=self.sliding_window,
                                             layer_types=list(self.layer_types), **common)
         if self.model_type == "mistral" and not (self.qkv_bias or self.o_bias or self.mlp_bias) and \
                 set(self.layer_types) == {"sliding_attention" if sliding else "full_attention"}:
@@ -212,7 +213,8 @@ def rope_inv_freq(head_dim: int, rope: Mapping[str, Any]) -> torch.Tensor:
 
     linear (Chen et al., 2023, position interpolation):  f_j / s
     llama3 (Llama 3.1), with wavelength w_j = 2 pi / f_j and the original context L:
-        w_j < L / high: f_j;   w_j > L / low: f_j / s;   else (1 - a) f_j / s + a f_j,  a = (L / w_j - low) / (high - low)
+        w_j < L / high: f_j;   w_j > L / low: f_j / s;   else (1 - a) f_j / s + a f_j,
+        a = (L / w_j - low) / (high - low)
     """
     inv = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     kind = rope.get("rope_type", "default")
@@ -480,8 +482,8 @@ class LlamaModel(GradientCheckpointing, nn.Module):
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                top_k=top_k, top_p=top_p, eos_token_id=eos, pad_token_id=pad)
         B = input_ids.shape[0]
-        state: dict[str, Any] = {"past": None,
-                                 "mask": torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()}
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()  # (B, T)
+        state: dict[str, Any] = {"past": None, "mask": mask}
 
         def step(new: torch.Tensor | None) -> torch.Tensor:
             if new is not None:

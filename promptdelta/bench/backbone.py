@@ -110,7 +110,7 @@ def make_batch(family: str, hf: nn.Module, batch: int, seq: int, device: str) ->
 
 
 def _output(family: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The tensor both models return: logits (B, T or T_dec, V) for GPT-2, T5, Llama, else last_hidden_state (B, T, H)."""
+    """What both models return: logits (B, T or T_dec, V) for GPT-2, T5, Llama, else last_hidden_state (B, T, H)."""
     out = model(**batch)
     return out.logits if family in ("gpt2", "t5", "llama") else out.last_hidden_state
 

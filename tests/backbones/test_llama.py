@@ -15,7 +15,8 @@ from promptdelta.errors import BackboneError, ConfigError
 TOL = dict(atol=1e-5, rtol=0)
 V = 99
 _BASE = dict(vocab_size=V, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+             num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3, bos_token_id=1, eos_token_id=2,
+             pad_token_id=0)
 _LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 CONFIGS = {  # id -> (transformers class, config kwargs)
