@@ -178,3 +178,158 @@ def test_run_config_yaml_found_cases(tmp_path, text):
 def test_train_config_wrong_types_name_the_field():
     with pytest.raises(ConfigError, match="train.lr=None has the wrong type; it must be float"):
         RunConfig.from_dict({"train": {"lr": None}})
+
+
+# ---- issue 19: every input works or raises a PromptDeltaError, in bounded time -----------------------------
+from datetime import timedelta  # noqa: E402
+
+import json  # noqa: E402
+
+# a per-example deadline: a hang (an alias bomb, an exponential parse) fails the test instead of stalling it
+BOUNDED = settings(max_examples=60, deadline=timedelta(seconds=10), suppress_health_check=list(HealthCheck))
+
+yaml_hostile = st.one_of(
+    yaml_text,
+    st.lists(st.sampled_from(["train:\n", "  lr: 0.1\n", "shots: 4\n", "shots: 8\n", "template_options:\n",
+                              "  a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n", "  b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n",
+                              "  c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n", "  d: [*c, *c, *c, *c, *c, *c, *c, *c]\n",
+                              "  e: &e [*e]\n", "<<: {shots: 2}\n", "seeds: [13, 13]\n", "name: ../x\n",
+                              "train: {device: gpu0}\n", "delta: {method: lora, r: 100000000}\n", "\t", "%YAML 1.1\n",
+                              "--- \n", "!!binary aGk=\n", "? [a]\n: 1\n"]),
+             max_size=12).map("".join))
+
+
+@BOUNDED
+@given(yaml_hostile)
+def test_run_config_hostile_yaml_is_bounded_and_documented(text):
+    """Duplicate keys, alias bombs, recursive aliases, merge keys, bad devices: a config or a PromptDeltaError."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "run.yaml"
+        path.write_text(text, encoding="utf-8")
+        try:
+            RunConfig.from_yaml(path).to_dict()
+        except PromptDeltaError:
+            pass
+
+
+template_args = st.one_of(template_text, st.text(max_size=300),
+                          st.sampled_from(["x" * 300, "a/b/c", ".", "..", "/", "prompts/sst2", "t.txt", "\x00"]))
+
+
+@BOUNDED
+@given(template_args, st.integers(-1, 3))
+def test_template_argument_as_text_or_file_is_documented(arg, choice):
+    """A template argument is read as a file (missing, folder, overlong name, empty) or parsed as text."""
+    from promptdelta.prompts.dsl import is_template_file, read_template_line
+
+    try:
+        if is_template_file(arg):
+            read_template_line(arg, choice)
+        else:
+            parse_template(arg)
+    except PromptDeltaError:
+        pass
+
+
+suite_dicts = st.dictionaries(
+    st.sampled_from(["name", "backbone", "tasks", "methods", "shots", "seeds", "device", "train", "bogus"]),
+    json_values | st.dictionaries(st.text(max_size=5), json_values, max_size=3), max_size=6)
+
+
+@BOUNDED
+@given(suite_dicts)
+def test_suite_from_dict_raises_only_documented_errors(raw):
+    from promptdelta.bench.suite import suite_from_dict
+
+    try:
+        suite_from_dict(raw, check_data=False)
+    except PromptDeltaError:
+        pass
+
+
+@BOUNDED
+@given(yaml_text)
+def test_suite_file_raises_only_documented_errors(text):
+    from promptdelta.bench.suite import load_suite
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "suite.yaml"
+        path.write_text(text, encoding="utf-8")
+        try:
+            load_suite(path, check_data=False)
+        except PromptDeltaError:
+            pass
+
+
+_DELTA = {}
+
+
+def saved_delta():
+    """A tiny BERT and a LoRA delta folder saved from it (built once)."""
+    if not _DELTA:
+        import torch
+        import transformers
+
+        from promptdelta.deltas.base import attach
+
+        cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=37, max_position_embeddings=64)
+        torch.manual_seed(0)
+        model = transformers.BertModel(cfg)
+        handle = attach(model, "lora", r=2)
+        folder = Path(tempfile.mkdtemp(prefix="fuzz-delta-")) / "delta"
+        handle.save(folder)
+        handle.detach()
+        _DELTA.update(model=model, meta=json.loads((folder / "delta.json").read_text()), folder=folder)
+    return _DELTA
+
+
+def _mutate(meta, path, value, delete):
+    """meta with the field at ``path`` (a list of keys) replaced by ``value`` or deleted."""
+    meta = json.loads(json.dumps(meta))
+    node = meta
+    for key in path[:-1]:
+        if not isinstance(node, dict) or key not in node:
+            return meta
+        node = node[key]
+    if isinstance(node, dict):
+        if delete:
+            node.pop(path[-1], None)
+        else:
+            node[path[-1]] = value
+    return meta
+
+
+_FIELDS = [["format"], ["method"], ["name"], ["targets"], ["config"], ["fingerprint"], ["versions"],
+           ["config", "r"], ["config", "alpha"], ["config", "dropout"], ["config", "targets"], ["config", "impl"],
+           ["config", "rslora"], ["config", "fan_in_fan_out"], ["fingerprint", "model_class"],
+           ["fingerprint", "weights"], ["fingerprint", "structure"], ["config", "bogus"]]
+_ODD = st.one_of(json_values, st.sampled_from([float("nan"), float("inf"), -1, 0, 10 ** 12, "lora", "nan",
+                                               [], {}, ["q_proj"], "1e9"]))
+
+
+@pytest.fixture(scope="module")
+def delta_folder():
+    return saved_delta()
+
+
+@BOUNDED
+@given(st.sampled_from(_FIELDS), _ODD, st.booleans())
+def test_delta_json_fields_raise_only_documented_errors(delta_folder, path, value, delete):
+    """A delta.json with any field of any type (its manifest rewritten, so the field checks are reached)."""
+    import copy as copy_mod
+    import shutil
+
+    from promptdelta.deltas.base import load_delta, write_manifest
+
+    saved = delta_folder
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d) / "delta"
+        shutil.copytree(saved["folder"], folder)
+        text = json.dumps(_mutate(saved["meta"], path, value, delete), allow_nan=True)
+        (folder / "delta.json").write_text(text)
+        write_manifest(folder, ["delta.safetensors", "delta.json"])
+        try:
+            load_delta(copy_mod.deepcopy(saved["model"]), folder).detach()
+        except PromptDeltaError:
+            pass
