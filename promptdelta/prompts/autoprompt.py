@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,11 +59,29 @@ class AutoPromptResult:
         return atomic_write_text(path, self.template + "\n")
 
 
+_VOCAB_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()    # tokenizer -> (len, mask)
+
+
 def trigger_vocabulary(tokenizer: Any) -> torch.Tensor:
     """(V,) bool: tokens usable as triggers: alphabetic whole words that tokenise back to themselves alone.
 
     Why: a sub-word piece (``##ing``) or a token that re-tokenises differently would make the written manual
-    template differ from the prompt that was scored."""
+    template differ from the prompt that was scored. Cached per tokenizer (a few seconds on a 30k vocabulary)."""
+    try:
+        cached = _VOCAB_CACHE.get(tokenizer)
+    except TypeError:                                   # an object without weak references: no cache
+        cached = None
+    if cached is not None and cached[0] == len(tokenizer):
+        return cached[1].clone()
+    keep = _whole_words(tokenizer)
+    try:
+        _VOCAB_CACHE[tokenizer] = (len(tokenizer), keep)
+    except TypeError:
+        pass
+    return keep.clone()
+
+
+def _whole_words(tokenizer: Any) -> torch.Tensor:
     vocab = len(tokenizer)
     special = set(tokenizer.all_special_ids)
     words = [tokenizer.decode([i]).strip() for i in range(vocab)]
