@@ -120,16 +120,21 @@ yaml_text = st.one_of(
              max_size=10).map("".join))
 
 
+def load_yaml_text(text: str, load) -> None:
+    """Write ``text`` to a temporary YAML file and ``load`` it; a PromptDeltaError is a fine outcome."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "file.yaml"
+        path.write_text(text, encoding="utf-8")
+        try:
+            load(path)
+        except PromptDeltaError:
+            pass
+
+
 @FUZZ
 @given(yaml_text)
 def test_run_config_from_yaml_raises_only_documented_errors(text):
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "run.yaml"
-        path.write_text(text, encoding="utf-8")
-        try:
-            RunConfig.from_yaml(path)
-        except PromptDeltaError:
-            pass
+    load_yaml_text(text, RunConfig.from_yaml)
 
 
 @pytest.mark.parametrize("text,suffix,choice,problem", [
@@ -203,13 +208,7 @@ yaml_hostile = st.one_of(
 @given(yaml_hostile)
 def test_run_config_hostile_yaml_is_bounded_and_documented(text):
     """Duplicate keys, alias bombs, recursive aliases, merge keys, bad devices: a config or a PromptDeltaError."""
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "run.yaml"
-        path.write_text(text, encoding="utf-8")
-        try:
-            RunConfig.from_yaml(path).to_dict()
-        except PromptDeltaError:
-            pass
+    load_yaml_text(text, lambda path: RunConfig.from_yaml(path).to_dict())
 
 
 template_args = st.one_of(template_text, st.text(max_size=300),
@@ -252,13 +251,7 @@ def test_suite_from_dict_raises_only_documented_errors(raw):
 def test_suite_file_raises_only_documented_errors(text):
     from promptdelta.bench.suite import load_suite
 
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "suite.yaml"
-        path.write_text(text, encoding="utf-8")
-        try:
-            load_suite(path, check_data=False)
-        except PromptDeltaError:
-            pass
+    load_yaml_text(text, lambda path: load_suite(path, check_data=False))
 
 
 _DELTA = {}
