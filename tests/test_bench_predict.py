@@ -16,7 +16,7 @@ def test_bench_predict_tiny(tiny_bert_dir, tmp_path, monkeypatch, capsys):
     assert main(["--rows", "12", "--rounds", "1", "--batch-size", "5", "--backbone", str(tiny_bert_dir)]) == 0
     out = capsys.readouterr().out
     assert "12 built-in demo texts (no SST-2 data found), batch 5" in out
-    for variant in ("transformers + peft LoRA, input order", "predict, merged", "predict, unmerged (per-row delta)",
+    for variant in ("transformers+peft LoRA, input order", "predict, merged", "predict, unmerged (per-row delta)",
                     "4 single-delta passes", "mixed batch, 4 deltas"):
         assert re.search(rf"^  {re.escape(variant)} +\d+\.\d+ +\d+\.\d+", out, re.M), variant
     merged, unmerged = map(float, re.search(r"merged ([\d.e+-]+), unmerged ([\d.e+-]+)\)", out).groups())

@@ -106,7 +106,7 @@ def _hf_model(clf: nn.Module, folder: Path) -> tuple[nn.Module, str]:
         for (i, proj, ab), t in factors.items():
             lin = getattr(hf.base_model.model.encoder.layer[i].attention.self, proj)
             getattr(lin, f"lora_{ab}")["default"].weight.copy_(t)
-    return hf, "transformers + peft LoRA"
+    return hf, "transformers+peft LoRA"
 
 
 def _hf_predict(clf: nn.Module, hf: nn.Module, texts: list[str], batch_size: int) -> torch.Tensor:
@@ -190,7 +190,7 @@ def _mixed_lines(backbone: str, texts: list[str], batch_size: int, rounds: int) 
     base = "4 single-delta passes"
     fns = {base: (run_single, base), "mixed batch, 4 deltas": (run_mixed, base)}
     title = (f"mixed batch vs per-delta passes: {len(texts)} rows, 4 LoRA deltas, batch {batch_size}, "
-             f"{rounds} rounds (max |CLS state difference|: {diff:.1e})")
+             f"{rounds} rounds; same rows, so the ratio is per example (max |CLS state difference|: {diff:.1e})")
     return _format(title, _time_interleaved(fns, rounds, 0.0))
 
 
