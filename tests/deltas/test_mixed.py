@@ -230,3 +230,19 @@ def test_stacks_built_in_inference_mode_serve_later_batches(tmp_path):
         second = _out(model, ids, mask) + x                                 # autograd records through the stacks
     second.sum().backward()
     torch.testing.assert_close(second.detach(), first)
+
+
+def test_clf_predict_with_a_delta_per_row(tiny_bert_dir, tmp_path):
+    """clf.predict(texts, delta=[...]) (length-sorted batches, each routed) gives each row the delta it names."""
+    import promptdelta as pdl
+
+    _classifier(tmp_path / "a", tiny_bert_dir, "manual", 0)
+    clf = pdl.PromptForClassification.from_pretrained(tmp_path / "a")
+    with_delta = clf.predict(TEXTS, batch_size=2).probs
+    with deltas_of(clf.backbone)["lora"].disabled():
+        base = clf.predict(TEXTS, batch_size=2).probs
+    assert (with_delta - base).abs().max() > 1e-3                           # the delta matters
+    names = ["lora", None, None, "lora", None]
+    got = clf.predict(TEXTS, batch_size=2, delta=names).probs
+    for i, n in enumerate(names):
+        torch.testing.assert_close(got[i], (with_delta if n else base)[i], rtol=1e-5, atol=1e-5)
