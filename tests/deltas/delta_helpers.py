@@ -104,8 +104,16 @@ class Family:
             return model(input_ids=ids, attention_mask=mask, **kw).logits
 
 
+def _llama(hidden: int) -> nn.Module:   # the native Llama family, loaded from a transformers Llama (GQA)
+    backbones = pytest.importorskip("promptdelta.backbones")
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=V, hidden_size=hidden, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    return backbones.load_backbone(hf)[0]
+
+
 NATIVE = [Family("bert", _bert), Family("roberta", _roberta), Family("gpt2", _gpt2),
-          Family("t5", _t5, seq2seq=True), Family("t5v11", _t5v11, seq2seq=True)]
+          Family("t5", _t5, seq2seq=True), Family("t5v11", _t5v11, seq2seq=True), Family("llama", _llama)]
 HF = [Family("hf_bert", _hf_bert, native=False), Family("hf_roberta", _hf_roberta, native=False),
       Family("hf_gpt2", _hf_gpt2, native=False), Family("hf_t5", _hf_t5, seq2seq=True, native=False)]
 FAMILIES = {f.id: f for f in NATIVE + HF}
