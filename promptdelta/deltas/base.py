@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -28,6 +27,8 @@ from torch import nn
 from promptdelta.deltas.sites import (DeltaWrapper, ModuleSite, base_named_parameters, canonical_aliases,
                                       hf_key_table, iter_sites, match_targets, native_family, unwrap_sites,
                                       wrap_site)
+from promptdelta.deltas.fingerprint import (MANIFEST_FILE, canonical_namer, legacy_fingerprint, table_namer,
+                                            verify_manifest, weights_fingerprint, write_manifest)
 from promptdelta.errors import CheckpointError, ConfigError, DeltaError, MissingFileError, PromptDeltaError
 from promptdelta.utils.io import atomic_save_safetensors, atomic_write_json
 
@@ -37,9 +38,6 @@ WEIGHTS_FILE = "delta.safetensors"
 META_FILE = "delta.json"
 FORMAT_VERSION = 2   # 2: canonical names, full-weight fingerprint, manifest.json; 1 still loads (warning)
 _STATE_ATTR = "_promptdelta_state"
-_SAMPLES_PER_PARAM = 16
-_FP_CACHE_ATTR = "_promptdelta_fingerprint_cache"
-MANIFEST_FILE = "manifest.json"
 PEFT_CONFIG_FILE = "adapter_config.json"
 __all__ = ["DeltaWrapper", "ModuleSite", "base_named_parameters", "canonical_aliases", "hf_key_table", "iter_sites",
            "match_targets", "native_family", "DeltaMethod", "WrappingMethod", "DeltaHandle", "attach", "load_delta",
@@ -213,92 +211,14 @@ def _original_overrides(model: nn.Module) -> dict[int, torch.Tensor]:
     return out
 
 
-def canonical_namer(model: nn.Module) -> Callable[[str], str]:
-    """``name -> canonical name`` for module and parameter names of ``model``: the native name on a
-    ``transformers`` model of a family with a key table (``bert.encoder.layer.0.attention.self.query.lora_A``
-    -> ``layers.0.attn.q_proj.lora_A``), the name itself otherwise. Checkpoints and fingerprints use these
-    names so a delta moves between a native backbone and the transformers model with the same weights."""
-    return table_namer(hf_key_table(model))
-
-
-def table_namer(table: Any) -> Callable[[str], str]:
-    """``HF name -> native name`` through a backbone ``KeyTable`` (identity without one): the longest module
-    prefix the table knows is renamed, the rest (``lora_A``, ``adapter.down.weight``) carried over."""
-    if table is None:
-        return lambda key: key
-
-    def name(key: str) -> str:
-        parts = key.split(".")
-        for i in range(len(parts), 0, -1):   # longest module prefix the table knows; the rest is carried over
-            native = table.to_native(".".join(parts[:i]))
-            if native is not None:
-                return ".".join([native, *parts[i:]])
-        return key
-    return name
-
-
-def _transposed_ids(model: nn.Module) -> set[int]:
-    """Weights stored (in, out) (transformers' Conv1D, GPT-2): hashed transposed, as the native (out, in)."""
-    return {id(s.module.weight) for s in iter_sites(model)
-            if type(s.module).__name__ == "Conv1D" and isinstance(getattr(s.module, "weight", None), torch.Tensor)}
-
-
-def _tensor_digest(t: torch.Tensor, transpose: bool = False) -> str:
-    """sha256 of every value (fp32, contiguous, row-major; 2-D ``t`` transposed first if asked)."""
-    t = t.detach().t() if transpose else t.detach()
-    a = t.to("cpu", torch.float32).contiguous()
-    return hashlib.sha256(a.numpy().tobytes()).hexdigest()
-
-
-def _cached_digest(cache: dict[int, tuple[tuple, str]], t: torch.Tensor, transpose: bool) -> str:
-    """Per-tensor digest, reused while the tensor's storage, version counter and a 16-value sample are
-    unchanged (the sample catches writes through ``.data``, which bypass the version counter)."""
-    flat = t.detach().reshape(-1)
-    idx = torch.linspace(0, max(flat.numel() - 1, 0), min(_SAMPLES_PER_PARAM, flat.numel())).round().long()
-    key = (t.data_ptr(), t._version, tuple(t.shape), t.dtype, transpose, flat[idx.to(flat.device)].to("cpu").tolist())
-    hit = cache.get(id(t))
-    if hit is None or hit[0] != key:
-        hit = (key, _tensor_digest(t, transpose))
-        cache[id(t)] = hit
-    return hit[1]
-
-
 def model_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """Identify the base model by its weights under canonical names (native names; see ``canonical_namer``).
-
-    tensors   = {canonical name: [shape, sha256 of every value (fp32)]}, delta parameters excluded, each
-                delta's recorded pre-attach values used where it changed a parameter in place (BitFit, merged
-                LoRA), Conv1D weights hashed transposed (so native and transformers GPT-2 agree);
-    structure = sha256 of the sorted (name, shape) pairs;  weights = sha256 of the sorted (name, digest) pairs.
-    Digests are cached on the model and recomputed when a tensor changes (data pointer, version counter).
-    """
-    namer, overrides, transposed = canonical_namer(model), _original_overrides(model), _transposed_ids(model)
-    cache = model.__dict__.setdefault(_FP_CACHE_ATTR, {})
-    tensors: dict[str, list] = {}
-    for own, p in base_named_parameters(model):
-        t = overrides.get(id(p), p)
-        flip = id(p) in transposed and t.dim() == 2
-        tensors[namer(own)] = [list(t.shape)[::-1] if flip else list(t.shape), _cached_digest(cache, t, flip)]
-    h_struct, h_weights = hashlib.sha256(), hashlib.sha256()
-    for name in sorted(tensors):
-        h_struct.update(f"{name}:{tuple(tensors[name][0])};".encode())
-        h_weights.update(f"{name}:{tensors[name][1]};".encode())
-    return {"model_class": type(model).__name__, "structure": h_struct.hexdigest(),
-            "weights": h_weights.hexdigest(), "tensors": tensors}
+    """The base model's weights under canonical names (``fingerprint.weights_fingerprint``), each delta's
+    pre-attach values used where it changed a parameter in place (BitFit, merged LoRA)."""
+    return weights_fingerprint(model, _original_overrides(model))
 
 
 def _legacy_fingerprint(model: nn.Module) -> dict[str, str]:
-    """The format-1 fingerprint (own names, 16 sampled values per tensor), to check folders saved before
-    format 2 against."""
-    overrides = _original_overrides(model)
-    h_struct, h_weights = hashlib.sha256(), hashlib.sha256()
-    for name, p in sorted(base_named_parameters(model), key=lambda kv: kv[0]):
-        h_struct.update(f"{name}:{tuple(p.shape)};".encode())
-        if p.numel():
-            flat = overrides.get(id(p), p).detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLES_PER_PARAM, flat.numel())).round().long()
-            h_weights.update(flat[idx.to(flat.device)].to("cpu", torch.float32).numpy().tobytes())
-    return {"structure": h_struct.hexdigest(), "weights": h_weights.hexdigest()}
+    return legacy_fingerprint(model, _original_overrides(model))
 
 
 # --------------------------------------------------------------------------------------------- handle
@@ -444,7 +364,7 @@ class DeltaHandle:
                                  f"(lower the learning rate or check the loss).")
         atomic_save_safetensors(folder / WEIGHTS_FILE, tensors, metadata={"method": self.method, "name": self.name})
         atomic_write_json(folder / META_FILE, self._meta(config, namer))
-        write_manifest(folder, [WEIGHTS_FILE, META_FILE])
+        write_manifest(folder, [WEIGHTS_FILE, META_FILE], FORMAT_VERSION)
         logger.info("saved delta %r (%d tensors) to %s", self.name, len(tensors), folder)
         return folder
 
@@ -468,41 +388,6 @@ def _prepare_folder(path: str | Path, overwrite: bool) -> Path:
         raise CheckpointError(f"{folder} already exists; pass overwrite=True to replace the delta there, "
                               f"or choose another path.")
     return folder
-
-
-def _digest_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def write_manifest(folder: Path, names: Sequence[str]) -> Path:
-    """``manifest.json``: size and sha256 of each file in ``names`` (written last, atomically)."""
-    files = {n: {"bytes": (folder / n).stat().st_size, "sha256": _digest_file(folder / n)} for n in names}
-    return atomic_write_json(folder / MANIFEST_FILE, {"format": FORMAT_VERSION, "files": files})
-
-
-def verify_manifest(folder: Path, names: Sequence[str], required: bool) -> None:
-    """Check every file in ``names`` against ``manifest.json``; a missing manifest raises when ``required``,
-    else logs a warning (folders written before the manifest existed)."""
-    path = folder / MANIFEST_FILE
-    if not path.is_file():
-        if required:
-            raise CheckpointError(f"{path} is missing, so the delta's files cannot be verified; save the "
-                                  f"delta again with handle.save().")
-        logger.warning("%s has no %s (saved by an older promptdelta): loading it without a checksum check; "
-                       "save it again to add one", folder, MANIFEST_FILE)
-        return
-    try:
-        files = json.loads(path.read_text(encoding="utf-8"))["files"]
-        entries = {n: (int(files[n]["bytes"]), str(files[n]["sha256"])) for n in names}
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not a valid manifest ({type(exc).__name__}: {exc}); save the delta "
-                              f"again.") from None
-    for n, (size, sha) in entries.items():
-        f = folder / n
-        if f.stat().st_size != size or _digest_file(f) != sha:
-            raise CheckpointError(f"{f} does not match its sha256 in {MANIFEST_FILE} (edited, truncated or "
-                                  f"corrupted); save the delta again, or restore the original file.")
 
 
 # --------------------------------------------------------------------------------------------- attach
