@@ -1,7 +1,7 @@
 """What every native backbone returns, and the attributes every native backbone has.
 
 Contract (all families):
-    model.family: str              # "bert", "roberta", "gpt2", "t5"
+    model.family: str              # the name of its registered Family (registry.py): "bert", "llama" ...
     model.kind: str                # "mlm" (masked LM), "clm" (causal LM), "seq2seq"
     model.config                   # a dataclass; model.config.hidden_size, vocab_size, pad_token_id
     model.input_embeddings()       # -> nn.Embedding (word embeddings; shared with a tied head)
