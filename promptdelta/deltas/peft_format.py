@@ -50,8 +50,9 @@ _FUSED_QKV = re.compile(r"^(?P<layer>h\.\d+\.attn)\.c_attn_(?P<part>[qkv])$")   
 _UNSUPPORTED = {"use_dora": (False, None), "lora_bias": (False, None), "modules_to_save": (None, []),
                 "layer_replication": (None, []), "target_parameters": (None, []), "trainable_token_indices": (None,),
                 "use_qalora": (False, None), "alora_invocation_tokens": (None,), "use_bdlora": (None, False),
-                "megatron_config": (None,), "loftq_config": ({}, None), "arrow_config": (None,),
-                "exclude_modules": (None, [])}
+                "megatron_config": (None,), "arrow_config": (None,)}
+# (target_modules, exclude_modules, layers_to_transform and the init options only decide where PEFT put LoRAs
+# and how it started them: the saved tensors name every adapted module, so they need no counterpart)
 
 
 # --------------------------------------------------------------------------------------------- names

@@ -322,3 +322,18 @@ def test_prefix_on_transformers_model_is_exact_both_ways(family: str, tmp_path: 
     _close(_out(peft.PeftModel.from_pretrained(theirs_base, tmp_path / "p").eval(), ids), want)
     load_delta(back, tmp_path / "p")
     _close(_out(back, ids), want)
+
+
+def test_peft_lora_on_some_layers_only(tmp_path: Path, ids):
+    base = _base("llama")
+    mine = copy.deepcopy(base)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"],
+                                                   layers_to_transform=[1], exclude_modules=["o_proj"])).eval()
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.3)
+    pm.save_pretrained(tmp_path / "p")
+    handle = load_delta(mine, tmp_path / "p")
+    assert handle.targets == ["model.layers.1.self_attn.q_proj"]
+    _close(_out(mine, ids), _out(pm, ids))
