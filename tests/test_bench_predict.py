@@ -19,7 +19,8 @@ def test_bench_predict_tiny(tiny_bert_dir, tmp_path, monkeypatch, capsys):
     for variant in ("transformers+peft LoRA, input order", "predict, merged", "predict, unmerged (per-row delta)",
                     "4 single-delta passes", "mixed batch, 4 deltas"):
         assert re.search(rf"^  {re.escape(variant)} +\d+\.\d+ +\d+\.\d+", out, re.M), variant
-    merged, unmerged = map(float, re.search(r"merged ([\d.e+-]+), unmerged ([\d.e+-]+)\)", out).groups())
+    merged, unmerged = map(float, re.search(r"merged ([\d.e+-]+), unmerged ([\d.e+-]+);", out).groups())
+    assert 0 < float(re.search(r"sorted / input order: ([\d.]+)\)", out).group(1)) <= 1
     mixed = float(re.search(r"max \|CLS state difference\|: ([\d.e+-]+)\)", out).group(1))
     assert max(merged, unmerged, mixed) < 1e-4                               # the same predictions, timed
 
