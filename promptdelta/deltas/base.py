@@ -594,8 +594,11 @@ def _check_fingerprint(model: nn.Module, saved: dict[str, Any], folder: Path, st
     else:
         here = model_fingerprint(model)
         want, have = saved["tensors"], here["tensors"]
-        if not isinstance(want, dict):
-            raise CheckpointError(f"{folder / META_FILE}: fingerprint.tensors is not an object; save the delta again.")
+        if not isinstance(want, dict) or not all(
+                isinstance(v, list) and len(v) == 2 and isinstance(v[0], list) and isinstance(v[1], str)
+                for v in want.values()):
+            raise CheckpointError(f"{folder / META_FILE}: fingerprint.tensors is not an object of [shape, sha256] "
+                                  f"entries; save the delta again.")
         common = [n for n in want if n in have]
         needed = [n for n in want if any(n.startswith(t + ".") for t in targets)]
         differ = (not common or any(n not in have for n in needed)

@@ -93,6 +93,7 @@ def test_nan_tensor_is_refused(saved: Path):
     (lambda m: m.update(format=99), "format 99 is not one this promptdelta reads"),
     (lambda m: m.update(format="2"), "format '2' is not one"),
     (lambda m: m["fingerprint"].update(tensors=[]), "fingerprint.tensors is not an object"),
+    (lambda m: m["fingerprint"].update(tensors={"embeddings.word_embeddings.weight": 5}), "fingerprint.tensors"),
 ])
 def test_bad_field_is_one_line_checkpoint_error(saved: Path, edit, match: str):
     _edit_meta(saved, edit)
