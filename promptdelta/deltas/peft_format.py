@@ -206,6 +206,12 @@ def read_peft_config(folder: Path) -> dict[str, Any]:
         if key in config and not ok(config[key]):
             raise CheckpointError(f"{path}: {key}={config[key]!r:.60} is out of range or of the wrong type; "
                                   f"save the adapter again.")
+    pattern = config.get("alpha_pattern") or {}
+    if not isinstance(pattern, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and v > 0 for k, v in pattern.items()):
+        raise CheckpointError(f"{path}: alpha_pattern={pattern!r:.60} should map module names to positive "
+                              f"numbers; save the adapter again.")
     return config
 
 
@@ -281,6 +287,9 @@ def _lora_pairs(raw: dict[str, torch.Tensor], folder: Path) -> dict[str, tuple[t
             what = "LoRA on embeddings" if "lora_embedding" in key else (
                 "DoRA" if "magnitude" in key else "a tensor that is not a LoRA A/B matrix")
             raise CheckpointError(f"{folder / PEFT_WEIGHTS_FILE}: {key} is {what}, which promptdelta does not load.")
+        if t.dim() != 2 or not t.is_floating_point():
+            raise CheckpointError(f"{folder / PEFT_WEIGHTS_FILE}: {key} has shape {tuple(t.shape)} ({t.dtype}); a "
+                                  f"LoRA matrix is a 2-D float tensor: save the adapter again.")
         (a_keys if m.group("ab") == "A" else b_keys)[m.group("mod")] = t
     if not a_keys or set(a_keys) != set(b_keys):
         raise CheckpointError(f"{folder / PEFT_WEIGHTS_FILE}: LoRA A and B matrices do not pair up "

@@ -188,6 +188,8 @@ def test_minilm_shaped_native_bert_to_peft_bert_for_masked_lm(tmp_path: Path, id
     ("peft_type", "IA3", "'IA3'"),
     ("lora_alpha", float("nan"), "lora_alpha=nan"),
     ("r", "4", "r='4'"),
+    ("alpha_pattern", {"query": "x"}, "alpha_pattern="),
+    ("alpha_pattern", [1], "alpha_pattern="),
 ])
 def test_unsupported_peft_options_are_one_line_errors(field, value, words, tmp_path: Path):
     base = _base("bert")
