@@ -20,7 +20,6 @@ from promptdelta.errors import (CheckpointError, ConfigError, DataError, Missing
                                 TemplateError, VerbalizerError)
 from promptdelta.run import run
 from promptdelta.train import Trainer
-from promptdelta.utils.proc import pid_alive
 from test_run import Crash, count_steps
 
 SEEDS = [13, 21]
@@ -409,6 +408,8 @@ time.sleep(60)
 @pytest.mark.parametrize("kill", ["parent", "watched ancestor"])
 def test_workers_die_with_their_parent(tmp_path, kill):
     """A worker (grandchild here) ends when its parent, or the ancestor named in PROMPTDELTA_WATCH_PID, is killed."""
+    from promptdelta.utils.proc import pid_alive
+
     pidfile = tmp_path / "worker.pid"
     ancestor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     import promptdelta.utils.proc as proc
