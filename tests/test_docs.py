@@ -160,13 +160,6 @@ def test_info_prints_versions_kernels_registries_and_gpu(capsys):
     assert not any(str(v).startswith("error:") for v in info.values()), info
 
 
-def test_info_text_runs_as_a_command():
-    out = subprocess.run([sys.executable, "-m", "promptdelta.cli", "info"], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "deltas: " in out.stdout and "lora" in out.stdout and "native_cpu_kernels:" in out.stdout
-
-
 def test_run_help_lists_every_registered_delta(capsys):
     from promptdelta.info import _deltas
 
