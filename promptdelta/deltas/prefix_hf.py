@@ -12,8 +12,9 @@ the attention mask gets P leading ones so every query sees them. Positions conti
   ``load_backbone`` has encoder and cross-attention prefixes too);
 * encoder-only models (BERT, RoBERTa, DistilBERT) keep no cache: refused, with the fix (``load_backbone``).
 
-Cached decoding (a cache that already holds tokens, as in ``generate``) is refused: the positions of the
-generated tokens would not count the prefix.
+``generate(..., use_cache=False)`` works (each step runs the whole sequence after a fresh prefix); cached
+decoding (a cache that already holds tokens, ``generate``'s default) is refused: the cache positions
+``generate`` keeps would not count the prefix.
 """
 
 from __future__ import annotations
@@ -89,18 +90,22 @@ def inject(model: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]], arg
 
     name = next((k for k in ("cache", "past_key_values") if kwargs.get(k) is not None), cache_argument(model))
     given = kwargs.get(name)
+    enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+    B, T, device = _batch(args, kwargs, enc_dec)
+    P = pairs[0][0].shape[2]
+    if getattr(given, "_promptdelta_prefix", False) and T > given.get_seq_length() - P:
+        given = None   # ours, handed back with the whole sequence again (generate(use_cache=False)): rebuild
     if given is not None and given.get_seq_length() > 0:
         raise DeltaError(f"a prefix delta on {type(model).__name__} cannot run with a cache that already holds "
                          f"tokens (cached decoding): its positions would not count the prefix. Call the model "
                          f"without a cache (generate(..., use_cache=False)), or use a native backbone from "
                          f"promptdelta.load_backbone, whose generate takes prefix_kv.")
-    enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
-    B, T, device = _batch(args, kwargs, enc_dec)
-    P = pairs[0][0].shape[2]
     cache = DynamicCache()
     for i, (k, v) in enumerate(pairs):
         cache.update(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), i)    # (B, n_kv, P, hd)
-    kwargs = {**kwargs, name: EncoderDecoderCache(cache, DynamicCache()) if enc_dec else cache}
+    full = EncoderDecoderCache(cache, DynamicCache()) if enc_dec else cache
+    full._promptdelta_prefix = True
+    kwargs = {**kwargs, name: full}
     key = "decoder_attention_mask" if enc_dec else "attention_mask"
     positional = not enc_dec and len(args) > 1
     mask = args[1] if positional else kwargs.get(key)

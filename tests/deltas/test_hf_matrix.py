@@ -291,3 +291,20 @@ def test_intrinsic_and_adapter_defaults_cover_attention_and_the_mlp_on_llama():
                                                          "up_proj", "down_proj"}
     assert ends(attach(build("llama"), "adapter")) == {"o_proj", "down_proj"}
     assert ends(attach(build("phi3"), "intrinsic")) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+
+
+@pytest.mark.parametrize("arch", ["llama", pytest.param("t5", marks=pytest.mark.slow)])
+def test_prefix_generate_without_cache_equals_greedy_forward_and_cached_generate_is_refused(arch):
+    model = build(arch)
+    attach(model, "prefix", num_tokens=3)
+    x = ids()[:2, :5]
+    got = model.generate(x, max_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=0)
+    enc_dec = model.config.is_encoder_decoder
+    seq = torch.zeros(2, 1, dtype=torch.long) if enc_dec else x
+    with torch.no_grad():
+        for _ in range(4):
+            logits = model(input_ids=x, decoder_input_ids=seq).logits if enc_dec else model(input_ids=seq).logits
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert got.tolist() == seq.tolist()
+    with pytest.raises(DeltaError, match="cache that already holds tokens"):
+        model.generate(x, max_new_tokens=2, do_sample=False, pad_token_id=0)
