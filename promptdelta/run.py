@@ -266,8 +266,8 @@ def prepare_run_dir(config: RunConfig, overwrite: bool) -> Path:
     name = config.name or default_run_name(config)
     run_dir = Path(config.output_dir) / name
     if overwrite and run_dir.exists():
-        known = {"config.yaml", "metrics.json", RUN_RECORD}
-        if not run_dir.is_dir() or not (known & {p.name for p in run_dir.iterdir()} or not any(run_dir.iterdir())):
+        names = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else None
+        if names is None or (names and not names & {"config.yaml", "metrics.json", RUN_RECORD}):
             raise ConfigError(f"--overwrite: {str(run_dir)!r} is not a run folder (no config.yaml, metrics.json or "
                               "run.json); it is left alone: pick another --name")
         logger.warning("--overwrite: replacing run %s", run_dir)
