@@ -82,8 +82,10 @@ def _add_run(sub) -> None:
     g.add_argument("--checkpoint-every", type=int, dest="train.checkpoint_every",
                    help="also checkpoint every N optimizer steps (always at the end)")
     g.add_argument("--resume", action="store_true", default=None, dest="train.resume",
-                   help="continue each seed from its newest complete checkpoint in --checkpoint-dir, in the "
-                        "run's existing folder")
+                   help="continue the run whose checkpoints are in --checkpoint-dir, in its own folder; refuses "
+                        "when any setting that changes results differs; finished seeds are kept as they are")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run folder --name if it exists (default: write <name>-2, never overwrite)")
 
 
 BENCHES = {
@@ -192,12 +194,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--nproc {args.nproc} must be >= 1 (the number of local processes)")
     if args.nproc > 1 and env_world_size() == 1:
         return _launch_ranks(args, config)
+    if env_world_size() > 1:                     # a torchrun rank: never outlive the agent or the command
+        die_with_parent()
     is_main = env_is_main()
     if is_main:
         print(f"promptdelta run: backbone={config.backbone} data={config.data} verbalizer={config.verbalizer} "
               f"delta={config.delta} shots={config.shots} seeds={config.seeds}", flush=True)
     try:
-        result = run(config, echo=lambda s: print(s, flush=True))
+        result = run(config, echo=lambda s: print(s, flush=True), overwrite=args.overwrite)
     except BaseException:
         shutdown_distributed(wait=False)
         raise
