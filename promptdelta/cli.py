@@ -98,6 +98,7 @@ BENCHES = {
     "train": "full fine-tuning with/without activation checkpointing; LoRA throughput on 1 vs N gloo processes",
     "predict": "predict (merged, unmerged) vs a transformers forward in input order; 4-delta mixed batch vs "
                "4 single-delta passes",
+    "peers": "promptdelta vs PEFT, method by method: step and inference time, peak memory, one process per row",
 }
 
 
