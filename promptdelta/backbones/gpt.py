@@ -525,4 +525,4 @@ register_family(Family(
                                    positions="absolute", eps=c.layer_norm_eps),
     config_from_hf=GPT2Config.from_hf,
     attention_stacks=lambda m: single_stack(m, m.config.num_heads, m.config.head_dim),
-    layer_stacks=lambda m: [m.layers], default_targets=STANDARD_TARGETS))
+    layer_stacks=lambda m: [m.layers], default_targets=STANDARD_TARGETS, hf_fused_qkv=True))

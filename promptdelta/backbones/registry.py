@@ -104,6 +104,7 @@ class Family:
     config_from_hf: Callable[[Any], Any] | None = None   # HF config -> native config (block_spec of a live model)
     ladder_extras: Callable[[nn.Module], LadderExtras] = _no_extras
     stack_names: tuple[str, ...] = ("",)   # ("encoder", "decoder") for encoder-decoder families
+    hf_fused_qkv: bool = False   # the transformers checkpoint keeps q|k|v in one (in, out) Conv1D (GPT-2's c_attn)
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):

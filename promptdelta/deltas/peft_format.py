@@ -57,24 +57,19 @@ _UNSUPPORTED = {"use_dora": (False, None), "lora_bias": (False, None), "modules_
 
 # --------------------------------------------------------------------------------------------- names
 def _native_table(model: nn.Module) -> Any:
-    """The HF <-> native key table of a native backbone's family (via the family registry where present)."""
-    family = native_family(model)
-    try:
-        from promptdelta.backbones.registry import family_of   # the family registry (issue 18)
-        record = family_of(model)
-        if record is not None:
-            return record.key_table(model.config)
-    except (ImportError, AttributeError, TypeError):
-        pass
-    from promptdelta.backbones.bert import BERT_KEYS
-    from promptdelta.backbones.gpt import GPT2_KEYS
-    from promptdelta.backbones.roberta import ROBERTA_KEYS
-    from promptdelta.backbones.t5 import t5_key_table
+    """The HF <-> native key table of a native backbone's family (from the family registry)."""
+    from promptdelta.backbones.registry import family_of
 
-    if family == "t5":
-        c = model.config
-        return t5_key_table("gated" in str(getattr(c, "feed_forward_proj", "")), bool(getattr(c, "tie_word_embeddings", True)))
-    return {"bert": BERT_KEYS, "roberta": ROBERTA_KEYS, "gpt2": GPT2_KEYS}.get(family)
+    record = family_of(model)
+    return None if record is None else record.key_table(model.config)
+
+
+def _hf_fuses_qkv(model: nn.Module) -> bool:
+    """Whether the native backbone's transformers checkpoint keeps q|k|v in one Conv1D (GPT-2's c_attn)."""
+    from promptdelta.backbones.registry import family_of
+
+    record = family_of(model)
+    return record is not None and record.hf_fused_qkv
 
 
 def _hf_names(model: nn.Module, hf_prefix: str | None) -> Callable[[str], str | None]:
@@ -155,7 +150,7 @@ def _fuse_qkv(parts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torc
 
 def _fan_in_fan_out(handle: DeltaHandle, fused: dict) -> bool:
     """PEFT's flag for (in, out) weights: true on GPT-2 (Conv1D), whichever kind of model we hold."""
-    return bool(fused) or native_family(handle.model) == "gpt2" or any(w.fan_in_fan_out for _, w in handle._method.sites)
+    return bool(fused) or _hf_fuses_qkv(handle.model) or any(w.fan_in_fan_out for _, w in handle._method.sites)
 
 
 def _peft_version() -> str:
@@ -230,7 +225,7 @@ def load_peft(model: nn.Module, path: str | Path, name: str | None = None) -> De
     pairs = _scaled(_lora_pairs(raw, folder), config)    # HF module -> (A (r, in), B (out, r), scale)
     if native_family(model) is not None:
         canon = table_namer(_native_table(model))
-        pairs = _split_fused(pairs) if native_family(model) == "gpt2" else pairs
+        pairs = _split_fused(pairs) if _hf_fuses_qkv(model) else pairs
     else:
         canon = canonical_namer(model)
     own = {canon(s.name): s.name for s in iter_sites(model)}
