@@ -276,6 +276,8 @@ def run_spec(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any,
     """Run one cell of the grid and return its results row."""
     kind = suite.methods[spec.method]["kind"]
     runner = run_logreg_spec if kind == "logreg" else run_trained
+    if kind in ("setfit", "peft"):                            # the peers, through their own packages
+        from promptdelta.bench.peers_harness import run_peer_spec as runner
     t0 = time.perf_counter()
     metrics = runner(suite, spec, base, tokenizer, data)
     metrics["wall_time_s"] = time.perf_counter() - t0         # the whole run: build, memory count, train, test
@@ -349,6 +351,8 @@ def run_suite(suite: Suite | str | Path, results: str | Path, *, only: Sequence[
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
     read_results(results, repair=True)
     todo, finished = pending(suite, results, only)
+    from promptdelta.bench.peers_harness import skip_missing_peers
+    todo = skip_missing_peers(suite, todo, echo or (lambda s: logger.warning("%s", s)))
     say = echo or (lambda s: logger.info("%s", s))
     say(f"suite {suite.name}: {finished + len(todo)} runs, {finished} already in {results}, {len(todo)} to run")
     if not todo:

@@ -48,7 +48,7 @@ from promptdelta.train.config import TrainConfig
 SUITE_KEYS = {"name", "backbone", "shots", "seeds", "max_length", "device", "train", "tasks", "methods", "note"}
 TASK_KEYS = {"data", "template", "label_words", "columns", "split_names", "classes", "test_subset", "note", "shots",
              "dev_shots"}
-KINDS = ("prompt", "finetune", "head", "logreg")
+KINDS = ("prompt", "finetune", "head", "logreg", "setfit", "peft")   # setfit/peft: bench/peers_harness.py
 _COMMON = {"kind", "note"}
 METHOD_KEYS = {
     "prompt": _COMMON | {"template", "template_type", "template_options", "verbalizer", "verbalizer_options",
@@ -57,6 +57,8 @@ METHOD_KEYS = {
     "finetune": _COMMON | {"train", "lr_grid", "pooling", "dropout"},
     "head": _COMMON | {"train", "lr_grid", "pooling", "dropout"},
     "logreg": _COMMON | {"C", "C_grid", "max_iter", "batch_size"},
+    "setfit": _COMMON | {"num_iterations", "num_epochs", "batch_size", "body_lr", "head_C", "max_iter"},
+    "peft": _COMMON | {"r", "alpha", "dropout", "target_modules", "lr", "epochs", "batch_size", "weight_decay"},
 }
 POOLINGS = ("cls", "mean")
 
