@@ -9,6 +9,7 @@ from promptdelta.prompts.soft import MixedTemplate, PtuningTemplate, SoftTemplat
 from promptdelta.prompts.verbalizer import ManualVerbalizer, MultiMaskVerbalizer, SoftVerbalizer, Verbalizer
 from promptdelta.prompts.kpt import KnowledgeableVerbalizer, expand_label_words, refine_with_support
 from promptdelta.prompts.proto import ProtoVerbalizer
+from promptdelta.prompts.similarity import SimilarityVerbalizer
 from promptdelta.prompts.calibration import (calibrate_content_free, calibrate_contextual, content_free_prior,
                                              contextual_prior, word_log_probs)
 
