@@ -43,6 +43,8 @@ def _delta_names() -> list[str]:
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="few-shot prompt-based classification over seeds; writes runs/<name>/")
     p.add_argument("--config", help="YAML run config (see examples/configs/)")
+    p.add_argument("--recipe", choices=["auto"], help="auto: try a bounded set of methods, keep the best on dev "
+                                                      "(promptdelta/recipe.py)")
     p.add_argument("--name", help="run folder name under --output-dir (never overwritten)")
     p.add_argument("--backbone", help="preset (minilm), local HF folder, or hub id")
     p.add_argument("--data", help="data folder (train/dev/test.jsonl + labels.txt), CSV, or builtin:demo")
@@ -191,6 +193,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from promptdelta.run import run
 
     config = run_config_from_args(args)
+    if getattr(args, "recipe", None) == "auto":             # the automatic recipe, chosen on dev (recipe.py)
+        from promptdelta.recipe import run_recipe
+
+        run_recipe(config, echo=lambda s: print(s, flush=True))
+        return 0
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc} must be >= 1 (the number of local processes)")
     if args.nproc > 1 and env_world_size() == 1:

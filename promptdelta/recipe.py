@@ -147,3 +147,31 @@ def auto_recipe(base: Any, tokenizer: Any, train: Sequence[Any], dev: Sequence[A
             best = (name, score, predict)
     echo(f"recipe auto: chose {best[0]} (dev accuracy {best[1]:.4f})")
     return RecipeResult(best[0], best[1], best[2], table, budget_s)
+
+
+def run_recipe(config: Any, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """``promptdelta run --recipe auto``: per seed of ``config``, the auto recipe chosen on dev, then scored on
+    test once; returns {"seeds": [{seed, chosen, dev, test, table}], "mean_test": float}."""
+    from promptdelta import data as pdata
+    from promptdelta.backbones import load_backbone
+    from promptdelta.prompts.registry import label_words_option
+
+    base, tok = load_backbone(config.backbone)
+    rows = []
+    for seed in config.seeds:
+        train, dev, test = pdata.load(config.data, shots=config.shots, seed=seed, columns=config.columns or None)
+        words = None
+        if config.label_words is not None:
+            words = label_words_option({"label_words": config.label_words}, tok, list(train.classes))
+        echo(f"seed {seed}:")
+        out = auto_recipe(base, tok, train, dev, seed=seed, label_words=words, max_length=config.max_length,
+                          template=config.template if "{" in str(config.template) else DEFAULT_TEMPLATE,
+                          budget_s=float(getattr(config, "recipe_budget_s", 1800.0)), echo=echo)
+        test_acc = _acc(out.predict(list(test)), test)
+        echo(f"seed {seed}: chose {out.chosen}, dev {out.dev_score:.4f}, test accuracy {test_acc:.4f}")
+        rows.append({"seed": seed, "chosen": out.chosen, "dev": out.dev_score, "test": test_acc,
+                     "table": out.table})
+    mean = float(np.mean([r["test"] for r in rows]))
+    std = float(np.std([r["test"] for r in rows], ddof=1)) if len(rows) > 1 else 0.0
+    echo(f"recipe auto: test accuracy {100 * mean:.1f} ± {100 * std:.1f} over {len(rows)} seed(s)")
+    return {"seeds": rows, "mean_test": mean, "std_test": std}
