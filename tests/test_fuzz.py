@@ -328,12 +328,9 @@ def test_delta_json_fields_raise_only_documented_errors(delta_folder, path, valu
             pass
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, UnicodeDecodeError, AssertionError),
-                   reason="bench/suite.py (DOCSENG) reads YAML with yaml.safe_load: impossible dates raise "
-                          "ValueError, non-UTF-8 UnicodeDecodeError, duplicate keys pass; fix: config.load_yaml")
 @pytest.mark.parametrize("text", [b"name: 2001-13-45\n", b"name: \xff\n", b"name: a\nname: b\n"])
 def test_suite_yaml_found_cases(tmp_path, text):
-    """The inputs fuzzing found in suite files: each must be a ConfigError (today they are not)."""
+    """The inputs fuzzing found in suite files: each must be a ConfigError."""
     from promptdelta.bench.suite import load_suite
 
     (tmp_path / "suite.yaml").write_bytes(text)

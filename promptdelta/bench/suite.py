@@ -41,14 +41,14 @@ from typing import Any, Sequence
 
 import yaml
 
-from promptdelta.config import DEFAULT_SEEDS, DEFAULT_TEMPLATE, RunConfig
+from promptdelta.config import DEFAULT_SEEDS, DEFAULT_TEMPLATE, RunConfig, load_yaml
 from promptdelta.errors import ConfigError, MissingFileError
 from promptdelta.train.config import TrainConfig
 
 SUITE_KEYS = {"name", "backbone", "shots", "seeds", "max_length", "device", "train", "tasks", "methods", "note"}
 TASK_KEYS = {"data", "template", "label_words", "columns", "split_names", "classes", "test_subset", "note", "shots",
              "dev_shots"}
-KINDS = ("prompt", "finetune", "head", "logreg", "setfit", "peft")   # setfit/peft: bench/peers_harness.py
+KINDS = ("prompt", "finetune", "head", "logreg", "setfit", "peft", "recipe")   # the last 3: bench/peers_harness.py
 _COMMON = {"kind", "note"}
 METHOD_KEYS = {
     "prompt": _COMMON | {"template", "template_type", "template_options", "verbalizer", "verbalizer_options",
@@ -59,6 +59,7 @@ METHOD_KEYS = {
     "logreg": _COMMON | {"C", "C_grid", "max_iter", "batch_size"},
     "setfit": _COMMON | {"num_iterations", "num_epochs", "batch_size", "body_lr", "head_C", "max_iter"},
     "peft": _COMMON | {"r", "alpha", "dropout", "target_modules", "lr", "epochs", "batch_size", "weight_decay"},
+    "recipe": _COMMON | {"budget_s", "candidates"},
 }
 POOLINGS = ("cls", "mean")
 
@@ -165,10 +166,13 @@ def load_suite(path: str | Path, check_data: bool = True) -> Suite:
     if not path.is_file():
         raise MissingFileError(f"suite file {path} does not exist; pass an existing YAML file "
                                "(see examples/bench/)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"suite file {path} is not valid YAML: {e}; fix the syntax") from e
+    try:  # strict: duplicate keys and alias bombs are ConfigErrors too
+        raw = load_yaml(path.read_text(encoding="utf-8"), f"suite file {path}")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"suite file {path} is not UTF-8 (byte {e.start}); save it as UTF-8") from None
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"suite file {path} is not valid YAML: {first}; fix the syntax") from None
     return suite_from_dict(raw, source=str(path), base_dir=path.parent, check_data=check_data)
 
 
