@@ -276,7 +276,7 @@ def run_spec(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any,
     """Run one cell of the grid and return its results row."""
     kind = suite.methods[spec.method]["kind"]
     runner = run_logreg_spec if kind == "logreg" else run_trained
-    if kind in ("setfit", "peft"):                            # the peers, through their own packages
+    if kind in ("setfit", "peft", "recipe"):                  # the peers (own packages) and the auto recipe
         from promptdelta.bench.peers_harness import run_peer_spec as runner
     t0 = time.perf_counter()
     metrics = runner(suite, spec, base, tokenizer, data)

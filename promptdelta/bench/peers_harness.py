@@ -29,7 +29,7 @@ from torch import nn
 from promptdelta.errors import BackboneError, ConfigError
 from promptdelta.utils.seed import seed_everything
 
-PEER_KINDS = ("setfit", "peft")
+PEER_KINDS = ("setfit", "peft", "recipe")        # recipe: promptdelta's own auto recipe, run the same way
 REQUIRES = {"setfit": ("setfit", "sentence_transformers", "datasets"), "peft": ("peft",)}
 SETFIT_KEYS = {"num_iterations", "num_epochs", "batch_size", "body_lr", "head_C", "max_iter"}
 PEFT_KEYS = {"r", "alpha", "dropout", "target_modules", "lr", "epochs", "batch_size", "weight_decay"}
@@ -215,7 +215,32 @@ def run_peft(base: nn.Module, tokenizer: Any, data: tuple, max_length: int, opti
                      "args": {**args, **fit, "pooling": "mean", "pair_sep": sep}}}
 
 
-RUNNERS = {"setfit": run_setfit, "peft": run_peft}
+def run_recipe_cell(base: nn.Module, tokenizer: Any, data: tuple, max_length: int, options: dict[str, Any],
+                    seed: int, task: dict[str, Any]) -> dict[str, Any]:
+    """``kind: recipe``: promptdelta's auto recipe (recipe.py) with the task's template and label words."""
+    from promptdelta.recipe import CANDIDATES, DEFAULT_TEMPLATE, auto_recipe
+
+    train, dev, test = data
+    words = task.get("label_words")
+    if isinstance(words, dict):                        # {class: [words]} -> one list per class, in class order
+        words = [words[c] for c in train.classes]
+    candidates = list(options.get("candidates") or CANDIDATES)
+    t0 = time.perf_counter()
+    out = auto_recipe(base, tokenizer, train, dev, budget_s=float(options.get("budget_s", 1800)), seed=seed,
+                      template=task.get("template") or DEFAULT_TEMPLATE, label_words=words,
+                      candidates=candidates, max_length=max_length, echo=lambda s: None)
+    train_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    preds = out.predict(list(test))
+    n = sum(p.numel() for p in base.parameters())
+    return {"preds": preds, "dev_score": out.dev_score, "chosen": {"candidate": out.chosen},
+            "grid_dev": {r["name"]: r["dev"] for r in out.table}, "train_time_s": train_s,
+            "eval_time_s": time.perf_counter() - t1, "steps": 0, "trainable_params": 0, "total_params": n,
+            "peer": {"package": "promptdelta.recipe", "args": {"candidates": candidates, "budget_s": out.budget_s,
+                                                              "table": out.table}}}
+
+
+RUNNERS = {"setfit": run_setfit, "peft": run_peft, "recipe": run_recipe_cell}
 
 
 def run_peer_spec(suite: Any, spec: Any, base: nn.Module, tokenizer: Any, data: tuple) -> dict[str, Any]:
@@ -228,7 +253,8 @@ def run_peer_spec(suite: Any, spec: Any, base: nn.Module, tokenizer: Any, data: 
     if message:
         raise ConfigError(message)
     with PeakMemory(suite.device) as mem:
-        out = RUNNERS[kind](base, tokenizer, data, suite.max_length, dict(options), spec.seed)
+        extra = {"task": suite.tasks[spec.task]} if kind == "recipe" else {}
+        out = RUNNERS[kind](base, tokenizer, data, suite.max_length, dict(options), spec.seed, **extra)
     return {**_test_metrics(out["preds"], data[2], out["eval_time_s"]), "dev_score": out["dev_score"],
             "dev_metric": "accuracy", "chosen": out["chosen"], "grid_dev": out["grid_dev"],
             "trainable_params": out["trainable_params"], "total_params": out["total_params"],

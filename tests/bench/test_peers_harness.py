@@ -61,3 +61,14 @@ def test_missing_extra_is_skipped_with_a_message(tiny_bert_nohead_dir, tmp_path,
 def test_unknown_peer_option_is_a_config_error():
     with pytest.raises(ConfigError, match="num_iterations"):
         suite_from_dict(peer_suite("x", {"s": {"kind": "setfit", "num_iteration": 3}}))
+
+
+def test_recipe_kind_records_its_choice_and_table(tiny_bert_nohead_dir, tmp_path):
+    methods = {"auto": {"kind": "recipe", "budget_s": 600, "candidates": ["logreg", "similarity"]}}
+    results = tmp_path / "r.jsonl"
+    run_suite(suite_from_dict(peer_suite(tiny_bert_nohead_dir, methods)), results)
+    (row,) = read_results(results)
+    assert row["kind"] == "recipe" and set(row["grid_dev"]) == {"logreg", "similarity"}
+    assert row["dev_score"] == max(row["grid_dev"].values())
+    assert row["chosen"]["candidate"] == max(row["grid_dev"], key=lambda k: (row["grid_dev"][k], k == "logreg"))
+    assert [r["name"] for r in row["peer"]["args"]["table"]] == ["logreg", "similarity"]
