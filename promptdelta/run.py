@@ -44,7 +44,7 @@ import yaml
 
 from promptdelta.config import RunConfig
 from promptdelta.errors import CheckpointError, ConfigError, DataError, TemplateError
-from promptdelta.train.distributed import env_is_main
+from promptdelta.train.distributed import env_is_main, mark_run_written
 from promptdelta.utils.io import atomic_write_json, atomic_write_text
 from promptdelta.utils.checks import check_device
 from promptdelta.utils.seed import seed_everything
@@ -450,5 +450,7 @@ def run(config: RunConfig, *, write: bool = True, echo: Callable[[str], None] | 
             _write_metrics(run_dir, config.seeds, rows)
     ordered = [rows[s] for s in config.seeds]
     summary = summarise(ordered)
+    if run_dir is not None:                     # under `run --nproc N`: the launcher may check the run is whole
+        mark_run_written(run_dir, config.seeds)
     return {"run_dir": str(run_dir) if run_dir else None, "rows": ordered, "summary": summary,
             "table": format_table(ordered, summary)}

@@ -33,9 +33,13 @@ Design (the simplest correct thing for delta tuning):
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
+import tempfile
+import warnings
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -44,6 +48,8 @@ import torch.distributed as dist
 from torch import nn
 
 from promptdelta.errors import ConfigError
+
+RUN_DONE_ENV = "PROMPTDELTA_RUN_DONE"   # a folder: rank 0 records the finished run, every rank its clean exit
 
 
 @dataclass(frozen=True)
@@ -282,9 +288,36 @@ def shutdown_distributed(*, wait: bool = True) -> None:
     exits with the group alive can abort in C++ ("terminate called without an active exception"), which
     torchrun reports as a failed run although the work was done."""
     if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
         if wait:
             dist.barrier()
         dist.destroy_process_group()
+        if wait and os.environ.get(RUN_DONE_ENV):      # left cleanly: the launcher knows who died late
+            (Path(os.environ[RUN_DONE_ENV]) / f"rank{rank}.left").touch()
+
+
+def mark_run_written(run_dir: str | os.PathLike, seeds: Sequence[int]) -> None:
+    """Rank 0, after the last write of a launched run: record ``run_dir`` and its seeds for :func:`launch`."""
+    folder = os.environ.get(RUN_DONE_ENV)
+    if folder and Path(folder).is_dir():
+        from promptdelta.utils.io import atomic_write_json
+
+        atomic_write_json(Path(folder) / "run.json", {"run_dir": str(run_dir), "seeds": list(seeds)})
+
+
+def finished_despite_failure(folder: str | os.PathLike, nproc: int) -> tuple[str, list[int]] | None:
+    """``(run_dir, ranks that died late)`` when rank 0 recorded a complete run in ``folder`` (metrics.json holds
+    a row for every seed), else None. A rank killed in shutdown fails torchrun although nothing was lost."""
+    try:
+        record = json.loads((Path(folder) / "run.json").read_text(encoding="utf-8"))
+        rows = json.loads((Path(record["run_dir"]) / "metrics.json").read_text(encoding="utf-8"))["rows"]
+        written = {r.get("seed") for r in rows if isinstance(r, dict)}
+        if not record["seeds"] or not set(record["seeds"]) <= written:
+            return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None                                  # no record or an unfinished run: a real failure
+    late = [r for r in range(nproc) if not (Path(folder) / f"rank{r}.left").exists()]
+    return str(record["run_dir"]), late
 
 
 def launch(nproc: int, argv: Sequence[str], *, module: str | None = "promptdelta.cli",
@@ -292,10 +325,27 @@ def launch(nproc: int, argv: Sequence[str], *, module: str | None = "promptdelta
     """Run ``python -m <module> <argv>`` (or ``python <script> <argv>``) on ``nproc`` local ranks via torchrun.
 
     Returns the exit code (non-zero when any rank failed). ``promptdelta run --nproc N ...`` maps onto
-    ``launch(N, ["run", ...])``."""
+    ``launch(N, ["run", ...])``. A failure after rank 0 wrote the whole run (metrics.json with every seed, see
+    :func:`mark_run_written`) is a success with a warning naming the rank(s) that died late."""
     if nproc < 1:
         raise ConfigError(f"nproc={nproc} must be >= 1; pass the number of local processes, e.g. --nproc 2")
     target = [script] if script is not None else ["-m", module]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            *target, *argv]
-    return subprocess.run(cmd, env={**os.environ, **(env or {})}, check=False).returncode
+    with tempfile.TemporaryDirectory(prefix="promptdelta-ranks-") as folder:
+        rc = _run_launcher(cmd, {**os.environ, **(env or {}), RUN_DONE_ENV: folder})
+        done = finished_despite_failure(folder, nproc) if rc != 0 else None
+    if done is None:
+        return rc
+    run_dir, late = done
+    who = f"rank(s) {', '.join(map(str, late))}" if late else "a rank"
+    msg = (f"{who} of the {nproc}-process run died late (launcher exit code {rc}) after rank 0 wrote the whole "
+           f"run {run_dir} (metrics.json has every seed); the run is complete, treated as a success")
+    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+    return 0
+
+
+def _run_launcher(cmd: list[str], env: dict[str, str]) -> int:
+    """The torchrun agent's exit code (its own function so tests can stand in for the launcher)."""
+    return subprocess.run(cmd, env=env, check=False).returncode
