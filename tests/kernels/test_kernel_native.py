@@ -189,3 +189,15 @@ def test_default_threshold_takes_the_pipeline_for_many_rows(ops, monkeypatch, tw
 
 def test_trainable_weight_and_bias_get_their_gradients_on_native(ops, path):
     check_trainable_weight_and_bias(lambda *args: fused_lora_linear(*args, native=True))
+
+
+def test_native_layer_runs_under_inference_mode(ops, path, two_threads):
+    """torch.inference_mode: the OpenMP worker threads write rows of an inference tensor, so they must run
+    in inference mode too (they do not inherit the caller's thread-local state); then training still works."""
+    x, w, b, a, bb = operands(64, 24, 40, 8, bias=True)
+    want = lora_linear(x, w, b, a, bb, 2.0, impl="plain")
+    with torch.inference_mode():
+        got = lora_linear(x, w, b, a, bb, 2.0, impl="native")
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    lora_linear(x, w, b, a, bb, 2.0, impl="native").sum().backward()
+    assert a.grad is not None

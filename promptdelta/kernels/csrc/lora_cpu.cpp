@@ -264,8 +264,12 @@ std::vector<torch::Tensor> forward_r(const torch::Tensor& x, const torch::Tensor
   auto out = torch::empty({M, N}, x.options());
   auto xa = torch::empty({M, R}, x.options());
   const auto w_t = w.t();
+  const bool inference = c10::InferenceMode::is_enabled();   // out is an inference tensor under it
   at::parallel_for(0, M, min_rows, [&](int64_t b, int64_t e) {
-    at::NoGradGuard no_grad;                                  // worker threads start with grad mode on
+    // OpenMP worker threads start with the default thread-local state (grad mode on, inference mode off):
+    // without the caller's inference mode, the in-place GEMM into rows of an inference tensor throws
+    c10::InferenceMode infer(inference);
+    at::NoGradGuard no_grad;
     forward_rows<R>(x, x_l, w_t, bias, a.data_ptr<float>(), bt.data_ptr<float>(), static_cast<float>(s), xa,
                     out, gemm, b, e);
   });
@@ -311,7 +315,9 @@ std::vector<torch::Tensor> backward_r(const torch::Tensor& g, const torch::Tenso
   auto gb = torch::empty({M, R}, g.options());
   auto part_a = partials(R, K, g);
   auto part_b = partials(R, N, g);
+  const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, M, min_rows, [&](int64_t b, int64_t e) {
+    c10::InferenceMode infer(inference);                      // as in forward_r: the caller's mode
     at::NoGradGuard no_grad;
     const int64_t t = at::get_thread_num();
     backward_rows<R>(g, x_l, w, a.data_ptr<float>(), bt.data_ptr<float>(), xa.data_ptr<float>(),
