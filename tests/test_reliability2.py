@@ -62,3 +62,126 @@ def test_mark_run_written_only_inside_a_launch(tmp_path, monkeypatch):
     monkeypatch.setenv(RUN_DONE_ENV, str(tmp_path))
     ddp.mark_run_written(tmp_path / "run", [1, 2])
     assert json.loads((tmp_path / "run.json").read_text()) == {"run_dir": str(tmp_path / "run"), "seeds": [1, 2]}
+
+
+# ------------------------------------------------------------------ bench run: claims across processes
+def _spec(seed: int = 13):
+    from promptdelta.bench.suite import RunSpec
+
+    return RunSpec("demo", "logreg", 2, seed, "abc")
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def _write_claim(folder: Path, spec, pid: int, host: str | None = None) -> Path:
+    import socket
+
+    from promptdelta.bench.harness import _claim_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = _claim_path(folder, spec)
+    path.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname()}))
+    return path
+
+
+def test_claim_holds_pid_and_host_and_is_exclusive(tmp_path):
+    import os
+    import socket
+
+    from promptdelta.bench.harness import _claim_path, claim_run, release_claim
+
+    assert claim_run(tmp_path, _spec()) is True
+    held = json.loads(_claim_path(tmp_path, _spec()).read_text())
+    assert (held["pid"], held["host"]) == (os.getpid(), socket.gethostname())
+    assert claim_run(tmp_path, _spec()) is False
+    release_claim(tmp_path, _spec())
+    assert claim_run(tmp_path, _spec()) is True
+
+
+def test_claim_of_a_live_process_holds_and_of_a_dead_pid_is_taken_over(tmp_path):
+    import os
+
+    from promptdelta.bench.harness import claim_run
+
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        _write_claim(tmp_path, _spec(13), live.pid)
+        assert claim_run(tmp_path, _spec(13)) is False            # another live process runs it
+    finally:
+        live.kill()
+        live.wait()
+    assert claim_run(tmp_path, _spec(13)) is True                 # its holder died: stale, taken over
+    _write_claim(tmp_path, _spec(21), _dead_pid())
+    assert claim_run(tmp_path, _spec(21)) is True
+    _write_claim(tmp_path, _spec(42), os.getpid(), host="another-host")
+    assert claim_run(tmp_path, _spec(42)) is False                # cannot be checked from here: held
+    (tmp_path / (_spec(87).key.replace("/", "__") + ".claim")).write_text("")
+    assert claim_run(tmp_path, _spec(87)) is True                 # torn (writer died mid-write): stale
+
+
+def _logreg_suite(tmp_path: Path, backbone) -> Path:
+    import yaml
+
+    raw = {"name": "claims", "backbone": str(backbone), "shots": 2, "seeds": [13, 21, 42, 87, 100, 7],
+           "max_length": 32,
+           "tasks": {"demo": {"data": "builtin:demo", "label_words": {"negative": ["bad"], "positive": ["good"]}}},
+           "methods": {"logreg": {"kind": "logreg", "C_grid": [1.0]}}}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_run_suite_skips_a_run_another_process_finished_after_it_started(tmp_path, tiny_bert_dir):
+    """The results file is re-read just before each run: a row appended meanwhile is not run again."""
+    from promptdelta.bench import harness
+    from promptdelta.bench.suite import load_suite
+
+    suite = load_suite(_logreg_suite(tmp_path, tiny_bert_dir))
+    results = tmp_path / "results.jsonl"
+    specs = suite.expand()
+    real = harness.run_spec
+    ran = []
+
+    def run_spec(suite_, spec, *a):
+        row = real(suite_, spec, *a)
+        ran.append(spec.key)
+        if len(ran) == 1:                           # meanwhile, "another process" finishes the last run
+            other = real(suite_, specs[-1], *a)
+            harness.append_result(results, other)
+        return row
+
+    harness.run_spec = run_spec
+    try:
+        harness.run_suite(suite, results, check=False)
+    finally:
+        harness.run_spec = real
+    keys = [r["key"] for r in harness.read_results(results)]
+    assert sorted(keys) == sorted(s.key for s in specs) and len(keys) == len(set(keys))
+    assert specs[-1].key not in ran
+    assert not [p for p in harness.claims_dir(results).iterdir() if p.suffix == ".claim"]   # all released
+
+
+@pytest.mark.slow
+def test_two_independent_bench_processes_share_one_results_file(tmp_path, tiny_bert_dir):
+    """Two `promptdelta bench run` processes (not workers of one parent) on one results file: each run once."""
+    import os
+    import sys
+
+    from promptdelta.bench.harness import read_results
+    from promptdelta.bench.suite import load_suite
+
+    suite_file = _logreg_suite(tmp_path, tiny_bert_dir)
+    results = tmp_path / "results.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "promptdelta.bench.run", "--suite", str(suite_file), "--results", str(results)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    keys = [r["key"] for r in read_results(results)]
+    assert len(keys) == len(set(keys)), f"duplicated runs: {keys}"
+    assert sorted(keys) == sorted(s.key for s in load_suite(suite_file).expand())

@@ -12,13 +12,16 @@ run whose key and config hash are already in the file: an interrupted suite resu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
+import fcntl
 import json
 import logging
 import os
 import platform
 import random
+import socket
 import threading
 import time
 from pathlib import Path
@@ -325,15 +328,81 @@ def pending(suite: Suite, results: str | Path, only: Sequence[str] | None = None
     return todo, len(specs) - len(todo)
 
 
-def claim_run(claims: str | Path, spec: RunSpec) -> bool:
-    """Claim ``spec`` for this process among workers sharing the ``claims`` folder: True for exactly one of
-    them (an ``O_CREAT | O_EXCL`` file per run key; the parent removes the folder when all have exited)."""
-    name = spec.key.replace("/", "__") + ".claim"
+def claims_dir(results: str | Path) -> Path:
+    """The claims folder of a results file: ``.<name>.claims`` beside it, shared by every process using it."""
+    results = Path(results)
+    return results.parent / f".{results.name}.claims"
+
+
+def _claim_path(claims: str | Path, spec: RunSpec) -> Path:
+    return Path(claims) / (spec.key.replace("/", "__") + ".claim")
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (a zombie counts as dead: it does no more work)."""
     try:
-        os.close(os.open(Path(claims) / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-    except FileExistsError:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
+    except PermissionError:
+        return True                                  # someone else's live process
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] != "Z"
+    except (OSError, ValueError, IndexError):
+        return True
+
+
+def claim_holder(claims: str | Path, spec: RunSpec) -> dict[str, Any] | None:
+    """The live claim on ``spec`` (``{"pid", "host", ...}``), or None when it is free or its holder died."""
+    try:
+        held = json.loads(_claim_path(claims, spec).read_text(encoding="utf-8"))
+        pid, host = int(held["pid"]), str(held["host"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None                                  # torn: its writer died between create and write
+    if host == socket.gethostname() and not _pid_alive(pid):
+        return None
+    return held                                      # alive here, or on another host (cannot be checked)
+
+
+def claim_run(claims: str | Path, spec: RunSpec) -> bool:
+    """Claim ``spec`` for this process among every process sharing the ``claims`` folder (workers of one
+    ``bench run --workers`` or independent ``bench run`` commands on one results file): True for exactly one.
+
+    A claim is a file per run key made with ``O_CREAT | O_EXCL`` holding ``{"pid", "host"}``; a claim whose
+    pid is dead on this host is stale and taken over. An ``flock`` on ``claims/.lock`` serialises the
+    check-and-take, so two processes can never both take over one stale claim."""
+    folder = Path(claims)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = _claim_path(folder, spec)
+    with open(folder / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)             # released when the file closes
+        if path.exists():
+            held = claim_holder(folder, spec)
+            if held is not None:
+                return False
+            with contextlib.suppress(OSError):       # (it may have just been released)
+                logger.warning("%s: taking over the stale claim of a dead process (%s)", spec.key,
+                               path.read_text(encoding="utf-8", errors="replace").strip() or "empty")
+            path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "config_hash": spec.config_hash,
+                       "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}, f)
     return True
+
+
+def release_claim(claims: str | Path, spec: RunSpec) -> None:
+    """Drop this process's claim on ``spec`` (after its row is in the results file, or when it failed)."""
+    with contextlib.suppress(FileNotFoundError):
+        _claim_path(claims, spec).unlink()
+
+
+def _finished(results: str | Path, spec: RunSpec) -> bool:
+    """Whether ``spec`` (same key and config) is in ``results`` now: another process may have just done it."""
+    return any(r.get("key") == spec.key and r.get("config_hash") == spec.config_hash for r in read_results(results))
 
 
 def run_suite(suite: Suite | str | Path, results: str | Path, *, only: Sequence[str] | None = None,
@@ -343,8 +412,10 @@ def run_suite(suite: Suite | str | Path, results: str | Path, *, only: Sequence[
     """Run every unfinished run of ``suite``, appending a line to ``results`` after each; returns the new rows.
 
     ``after_run(row)`` is called after each line is written (progress, or a test's simulated crash).
-    ``claims``: a folder shared by parallel workers (``bench run --workers``); each run is done by the first
-    worker to claim it. ``check=False`` skips the preflight (the parent of the workers did it once).
+    ``claims``: the folder of run claims shared by every process on ``results`` (default
+    :func:`claims_dir`); each run is done by the first process to claim it, and skipped when the results
+    file, re-read just before it starts, already holds it. ``check=False`` skips the preflight (the parent
+    of the workers did it once).
     """
     from promptdelta.backbones import load_backbone
 
@@ -361,14 +432,22 @@ def run_suite(suite: Suite | str | Path, results: str | Path, *, only: Sequence[
     if check:
         preflight(suite, todo, base, tokenizer)
     rows, cached = [], (None, None)
+    claims = Path(claims) if claims is not None else claims_dir(results)
     for i, spec in enumerate(todo, 1):
-        if claims is not None and not claim_run(claims, spec):
+        if not claim_run(claims, spec):
+            held = claim_holder(claims, spec) or {}
+            say(f"[{i}/{len(todo)}] {spec.key}: being run by pid {held.get('pid')} on {held.get('host')}; skipped")
             continue
-        split = (spec.task, spec.shots, spec.seed)
-        if cached[0] != split:
-            cached = (split, load_task(suite, *split))
-        row = run_spec(suite, spec, base, tokenizer, cached[1])
-        append_result(results, row)
+        try:
+            if _finished(results, spec):              # done by another process since this one started
+                continue
+            split = (spec.task, spec.shots, spec.seed)
+            if cached[0] != split:
+                cached = (split, load_task(suite, *split))
+            row = run_spec(suite, spec, base, tokenizer, cached[1])
+            append_result(results, row)
+        finally:
+            release_claim(claims, spec)
         rows.append(row)
         say(f"[{i}/{len(todo)}] {spec.key}: accuracy {row['accuracy']:.4f} macro-F1 {row['macro_f1']:.4f} "
             f"({row['grid_train_time_s']:.1f} s)")

@@ -5,8 +5,10 @@ the results file (default ``bench_results/<suite name>.jsonl``); re-running resu
 Then prints the summary table (``promptdelta bench report RESULTS`` writes it with plots).
 
 ``--workers N`` checks the suite once, then starts N worker processes on the same results file, each with
-``cores // N`` torch threads; a worker takes the next run no other worker has claimed (a claim is a file
-made with O_EXCL in a temporary folder next to the results), so the load balances itself. Workers die
+``cores // N`` torch threads; a worker takes the next run no other process has claimed (a claim is a file
+per run made with O_EXCL in ``.<results name>.claims/`` next to the results, holding pid and host; claims of
+dead pids are taken over), so the load balances itself, and independent ``bench run`` commands on one
+results file share the work too. Workers die
 with the parent (:func:`promptdelta.utils.proc.die_with_parent`): killing ``bench run`` stops them all.
 """
 
@@ -14,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from promptdelta.bench.harness import pending, preflight, read_results, run_suite
+from promptdelta.bench.harness import claims_dir, pending, preflight, read_results, run_suite
 from promptdelta.bench.suite import Suite, load_suite
 from promptdelta.errors import ConfigError, PromptDeltaError
 from promptdelta.utils.proc import WATCH_ENV, die_with_parent
@@ -48,7 +48,7 @@ def _run_workers(s: Suite, suite: str, path: Path, only: Sequence[str] | None, d
     del base, tokenizer
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     path.parent.mkdir(parents=True, exist_ok=True)
-    claims = tempfile.mkdtemp(prefix=f".{path.name}.claims-", dir=path.parent)
+    claims = str(claims_dir(path))                # shared with any other `bench run` on this results file
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            WATCH_ENV: str(os.getpid())}
     cmd = [sys.executable, "-m", "promptdelta.bench.run", "--suite", str(suite), "--results", str(path),
@@ -63,7 +63,6 @@ def _run_workers(s: Suite, suite: str, path: Path, only: Sequence[str] | None, d
         for p in procs:
             if p.poll() is None:
                 p.terminate()
-        shutil.rmtree(claims, ignore_errors=True)
     failed = [i for i, c in enumerate(codes) if c != 0]
     if failed:
         raise PromptDeltaError(f"bench worker(s) {failed} exited with codes {[codes[i] for i in failed]}; the "
