@@ -22,11 +22,16 @@ from promptdelta.predict import Prediction, Predictions
 from promptdelta.prompts.registry import (build_classifier, build_template, build_verbalizer, register_template,
                                           register_verbalizer, registered_templates, registered_verbalizers)
 from promptdelta.train import Trainer, TrainConfig
+from promptdelta.train.contrastive import train_contrastive          # SetFit pairs / SupCon on any delta
+from promptdelta.prompts.similarity import SimilarityVerbalizer
+from promptdelta.prompts.ensemble import TemplateEnsemble
+from promptdelta.recipe import auto_recipe
 
 __all__ = [
     "merge_and_unload", "export_prompt_tuning", "import_prompt_tuning",
     "build_classifier", "build_template", "build_verbalizer", "register_template", "register_verbalizer",
     "registered_templates", "registered_verbalizers", "Prediction", "Predictions",
+    "train_contrastive", "SimilarityVerbalizer", "TemplateEnsemble", "auto_recipe",
     "__version__", "data", "load_backbone", "attach", "load_delta", "deltas_of", "DeltaHandle",
     "ManualTemplate", "MixedTemplate", "SoftTemplate", "PtuningTemplate", "Template", "ManualVerbalizer",
     "SoftVerbalizer", "KnowledgeableVerbalizer", "ProtoVerbalizer", "MultiMaskVerbalizer", "Verbalizer",
