@@ -30,8 +30,9 @@ Side weights are the backbone weights sliced to the kept indices (norms too); ``
 selection of the kept residual dims, so the side network begins as a pruned copy of the backbone.
 
 Works on the native BERT/RoBERTa/GPT-2/T5 and on ``transformers`` BERT/RoBERTa models, whose blocks are
-recognised through their canonical names (``sites.canonical_aliases``); transformers GPT-2 (fused q/k/v)
-and T5 are converted with ``load_backbone`` first. The side network keeps no KV cache, so cached decoding
+recognised through their canonical names (``sites.canonical_aliases``), fused layers included (GPT-2's
+Conv1D ``c_attn``, Phi-3's ``qkv_proj`` / ``gate_up_proj``: the pruning init reads (out, in) slices of them,
+``_split_fused``); transformers T5 is converted with ``load_backbone`` first. The side network keeps no KV cache, so cached decoding
 (``past_key_values``) is refused, and T5 needs its encoder to run in the same call (no ``encoder_outputs``).
 Deltas inside the backbone blocks (LoRA, prefix) get no gradient while a ladder is attached. ``merge()`` is
 impossible (the side network is not a weight update).
@@ -54,7 +55,7 @@ from torch import nn
 from promptdelta.backbones.registry import BlockSpec, Family, family_of, hf_family
 from promptdelta.deltas.base import (DeltaMethod, DeltaWrapper, ModuleSite, canonical_aliases, iter_sites,
                                      register_delta, unwrap_sites, wrap_site)
-from promptdelta.deltas.structure import infer_block_spec
+from promptdelta.deltas.structure import infer_block_spec, is_linear
 from promptdelta.deltas.side import (SideBlock, SideNetwork, SideSeq2Seq, SideSpec, hidden_dims, prune_into,
                                      random_init, select_dims, side_attention_bias, side_norm)
 from promptdelta.errors import ConfigError, DeltaError
@@ -202,16 +203,50 @@ def _generates(model: nn.Module) -> bool:
     return callable(can) and bool(can()) and not getattr(model.config, "is_encoder_decoder", False)
 
 
-def _check_roles(stacks: dict[str, list[_Block]]) -> None:
-    """The side network is pruned from separate nn.Linear q/k/v/o/fc layers; a fused or Conv1D one cannot be."""
-    for b in (b for blocks in stacks.values() for b in blocks):
-        q, k, v = (b.roles[f"attn.{p}_proj"] for p in "qkv")
-        bad = [r for r, m in b.roles.items() if not isinstance(m, nn.Linear) and not r.endswith("norm")]
-        if bad or q is k or k is v:
-            raise DeltaError(f"the ladder prunes its side network from separate linear q/k/v/o and FFN layers, but "
-                             f"block {b.site.name!r} has {'fused q/k/v' if q is k else type(b.roles[bad[0]]).__name__} "
-                             f"layers; convert the model with promptdelta.load_backbone(model) first (a registered "
-                             f"family), or use the 'adapter' or 'lora' delta.")
+class _View:
+    """One projection's weight (out, in) and bias, sliced out of a fused or Conv1D layer: all that the pruning
+    init reads (``side.prune_into``); the backbone's modules stay as they are."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight, self.bias = weight, bias
+
+
+def _split_fused(b: _Block, cfg: Any, heads: int) -> dict[str, Any]:
+    """``b.roles`` with every projection as (out, in) weights: Conv1D transposed (GPT-2), a fused q/k/v layer cut
+    into q (heads * hd rows), k and v (kv_heads * hd rows each; GPT-2: thirds, Phi-3: grouped-query), a fused
+    k/v layer into halves, a fused gate/up layer (Phi-3: ``gate, up = chunk(2)``) into gate then fc1."""
+    roles: dict[str, Any] = dict(b.roles)
+    for role, m in b.roles.items():
+        if not role.endswith("norm") and not isinstance(m, nn.Linear):
+            if not is_linear(m):
+                raise DeltaError(f"the ladder prunes its side network from linear layers, but {role} of block "
+                                 f"{b.site.name!r} is a {type(m).__name__}; use the 'adapter' or 'lora' delta.")
+            roles[role] = _View(m.weight.t(), m.bias)     # Conv1D weight (in, out) -> (out, in)
+
+    def cut(names: list[str], sizes: list[int]) -> None:
+        m = roles[names[0]]
+        if sum(sizes) != m.weight.shape[0]:
+            raise DeltaError(f"the ladder cannot split the fused layer {names} of block {b.site.name!r}: "
+                             f"{m.weight.shape[0]} output rows, expected {sizes}; use the 'adapter' or 'lora' delta.")
+        ws = m.weight.split(sizes, 0)
+        bs = m.bias.split(sizes, 0) if m.bias is not None else [None] * len(sizes)
+        for n, w, bias in zip(names, ws, bs):
+            roles[n] = _View(w, bias)
+
+    for g in ("attn", "cross_attn"):
+        if f"{g}.q_proj" not in roles:
+            continue
+        q, k, v = (b.roles[f"{g}.{p}_proj"] for p in "qkv")
+        H = roles[f"{g}.o_proj"].weight.shape[0]
+        hd = getattr(cfg, "head_dim", None) or H // heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        if q is k:
+            cut([f"{g}.q_proj", f"{g}.k_proj", f"{g}.v_proj"], [heads * hd, kv * hd, kv * hd])
+        elif k is v:
+            cut([f"{g}.k_proj", f"{g}.v_proj"], [roles[f"{g}.k_proj"].weight.shape[0] // 2] * 2)
+    if b.roles.get("mlp.gate") is b.roles["mlp.fc1"]:
+        cut(["mlp.gate", "mlp.fc1"], [roles["mlp.fc1"].weight.shape[0] // 2] * 2)
+    return roles
 
 
 def _choose(stacks: dict[str, list[_Block]], sites: list[ModuleSite]) -> dict[str, list[_Block]]:
@@ -346,10 +381,11 @@ class Ladder(DeltaMethod):
         if not stacks:
             raise DeltaError(f"the ladder found no transformer block in {type(model).__name__}; it needs blocks "
                              f"with {ROLES} (native names, or a transformers model of a registered family).")
-        _check_roles(stacks)
         if self.config.targets is not None:
             stacks = _choose(stacks, sites)
         self.arch = _arch(model, stacks, self.config.causal)
+        for b in self.arch.blocks:   # pruning reads separate (out, in) weights: unfuse views of GPT-2 / Phi-3 layers
+            b.roles = _split_fused(b, model.config, self.arch.num_heads)
         self.model = model
         return [b.site for b in self.arch.blocks]
 

@@ -266,10 +266,10 @@ def test_prefix_refuses_encoders_and_cached_decoding():
 
 
 # --------------------------------------------------------------------------------------------- ladder
-LADDER_ARCHS = ["llama", "qwen2", "mistral", "gemma", "distilbert", "bert", "roberta"]
+LADDER_ARCHS = ["llama", "qwen2", "mistral", "gemma", "distilbert", "bert", "roberta", "gpt2", "phi3"]
 
 
-@pytest.mark.parametrize("arch", [pytest.param(a, marks=() if a in ("llama", "distilbert") else pytest.mark.slow)
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=() if a in ("llama", "distilbert", "gpt2") else pytest.mark.slow)
                                   for a in LADDER_ARCHS])
 def test_ladder_on_transformers_models_passes_the_delta_contract(arch, tmp_path):
     check_delta_invariants(lambda: build(arch), out, "ladder", tmp_path / "d")
@@ -289,8 +289,42 @@ def test_ladder_side_network_copies_the_block_layout():
     assert not side.causal
 
 
-@pytest.mark.parametrize("arch", ["phi3", "gpt2", "t5"])
-def test_ladder_refuses_fused_or_encoder_decoder_transformers_models(arch):
+def test_ladder_full_width_side_block_is_the_gpt2_block_through_its_fused_conv1d():
+    """reduction=1 keeps every dim, head and unit: the side block pruned from GPT-2's fused c_attn (Conv1D,
+    (in, 3H)) computes the backbone block exactly, which fails if the q/k/v thirds or the transpose are wrong."""
+    model = build("gpt2")
+    seen = []   # (input, output) of each block, (B, T, H)
+    hooks = [blk.register_forward_hook(lambda m, a, o: seen.append((a[0], o[0] if isinstance(o, tuple) else o)))
+             for blk in model.transformer.h]
+    with torch.no_grad():
+        model(input_ids=ids())
+    for h in hooks:
+        h.remove()
+    side = attach(model, "ladder", reduction=1)._method.wrapper.side
+    for block, (x, y) in zip(side.blocks, seen):
+        with torch.no_grad():
+            torch.testing.assert_close(block(x, None, True), y, rtol=1e-5, atol=1e-5)
+
+
+def test_ladder_full_width_side_block_slices_phi3_fused_qkv_and_gate_up():
+    """Phi-3 fuses q/k/v (grouped-query: 4 query heads, 2 key/value heads) and gate/up: at reduction=1 the side
+    block's q is the first 4*hd rows, k/v the next 2*hd each (one copy per query head), and its MLP computes
+    Phi-3's (silu(gate) * up, gate the first half) exactly."""
+    model = build("phi3")
+    side = attach(model, "ladder", reduction=1)._method.wrapper.side
+    layer, block = model.model.layers[0], side.blocks[0]
+    w, hd = layer.self_attn.qkv_proj.weight, 8
+    rep = lambda t: t.view(2, hd, -1).repeat_interleave(2, 0).reshape(4 * hd, -1)   # noqa: E731
+    assert torch.equal(block.attn.q_proj.weight, w[:4 * hd])
+    assert torch.equal(block.attn.k_proj.weight, rep(w[4 * hd:6 * hd]))
+    assert torch.equal(block.attn.v_proj.weight, rep(w[6 * hd:]))
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(block.mlp(x), layer.mlp(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["t5"])
+def test_ladder_refuses_encoder_decoder_transformers_models(arch):
     model = build(arch)
     snap = snapshot(model)
     with pytest.raises(DeltaError, match="load_backbone"):
