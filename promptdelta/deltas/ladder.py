@@ -32,7 +32,10 @@ selection of the kept residual dims, so the side network begins as a pruned copy
 Works on the native BERT/RoBERTa/GPT-2/T5 and on ``transformers`` BERT/RoBERTa models, whose blocks are
 recognised through their canonical names (``sites.canonical_aliases``), fused layers included (GPT-2's
 Conv1D ``c_attn``, Phi-3's ``qkv_proj`` / ``gate_up_proj``: the pruning init reads (out, in) slices of them,
-``_split_fused``); transformers T5 is converted with ``load_backbone`` first. The side network keeps no KV cache, so cached decoding
+``_split_fused``), and transformers T5 (``T5ForConditionalGeneration``: side encoder and decoder;
+``T5EncoderModel``: one bidirectional stack), whose relative position bias comes from the first block's
+attention (transformers' ``compute_bias``) and whose block modules are the parents of the key table's
+``block.i.layer`` lists (``_find_blocks``, ``_hf_extras``). The side network keeps no KV cache, so cached decoding
 (``past_key_values``) is refused, and T5 needs its encoder to run in the same call (no ``encoder_outputs``).
 Deltas inside the backbone blocks (LoRA, prefix) get no gradient while a ladder is attached. ``merge()`` is
 impossible (the side network is not a weight update).
@@ -52,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptdelta.backbones.registry import BlockSpec, Family, family_of, hf_family
+from promptdelta.backbones.registry import BlockSpec, Family, LadderExtras, family_of, hf_family
 from promptdelta.deltas.base import (DeltaMethod, DeltaWrapper, ModuleSite, canonical_aliases, iter_sites,
                                      register_delta, unwrap_sites, wrap_site)
 from promptdelta.deltas.structure import infer_block_spec, is_linear
@@ -147,7 +150,7 @@ def _family(model: nn.Module) -> tuple[Family | None, BlockSpec]:
     one_stack = family is None or family.stack_names == ("",)
     if spec is None and one_stack:
         family, spec = None, infer_block_spec(model)
-    if spec is None or not one_stack or spec.positions == "relative":
+    if spec is None or (one_stack and spec.positions == "relative"):
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         raise DeltaError(f"the ladder cannot read the block layout of {type(model).__name__} (model_type "
                          f"{model_type!r}); convert it with promptdelta.load_backbone(model) first, or register a "
@@ -161,13 +164,15 @@ def _find_blocks(model: nn.Module) -> dict[str, list[_Block]]:
     aliases = canonical_aliases(model)
     roles: dict[tuple[str, int], dict[str, nn.Module]] = {}
     sites: dict[tuple[str, int], ModuleSite] = {}
-    for s in iter_sites(model):
+    by_name = {s.name: s for s in iter_sites(model)}
+    for s in by_name.values():
         for canonical in aliases.get(s.name, ()):
             m, b = _ROLE.match(canonical), _BLOCK.match(canonical)
             if m:
                 roles.setdefault((m.group(1) or "", int(m.group(2))), {})[m.group(3)] = s.module
-            elif b:
-                sites[(b.group(1) or "", int(b.group(2)))] = s
+            elif b:   # a ModuleList never runs (transformers T5's ``block.i.layer``): hook the block holding it
+                sites[(b.group(1) or "", int(b.group(2)))] = by_name.get(s.name.rpartition(".")[0], s) \
+                    if isinstance(s.module, nn.ModuleList) else s
     stacks: dict[str, list[_Block]] = {}
     for (stack, i), r in sorted(roles.items(), key=lambda kv: (kv[0][0] != "encoder", kv[0])):
         need = ROLES + (CROSS_ROLES if stack == "decoder" else ())
@@ -189,12 +194,37 @@ def _arch(model: nn.Module, stacks: dict[str, list[_Block]], causal: bool | None
             raise DeltaError(f"ladder causal={causal!r} does not apply to {type(model).__name__}: its side encoder "
                              f"is bidirectional and its side decoder causal, as the backbone's stacks; leave "
                              f"causal=None.")
-        extras = family.ladder_extras(model)
-        return _Arch(stacks, heads, spec, {"encoder": False, "decoder": True}, dict(extras.position_bias),
-                     extras.encoder_final_norm)
+        extras = family.ladder_extras(model) if family_of(model) is not None else _hf_extras(model, stacks)
+        causal_of = {"encoder": False, "decoder": True}
+        if set(stacks) == {"encoder"}:   # an encoder alone (T5EncoderModel): one bidirectional stack, + up(s_L)
+            return _Arch({"": stacks["encoder"]}, heads, spec, {"": False},
+                         {"": extras.position_bias["encoder"]})
+        return _Arch(stacks, heads, spec, causal_of, dict(extras.position_bias), extras.encoder_final_norm)
     if causal is None:
         causal = getattr(model, "kind", None) == "clm" or bool(getattr(cfg, "is_decoder", False)) or _generates(model)
     return _Arch(stacks, heads, spec, {"": causal})
+
+
+def _hf_extras(model: nn.Module, stacks: dict[str, list[_Block]]) -> LadderExtras:
+    """A live transformers relative-position model's ladder extras, read from its modules: per stack the bias
+    of its first block's attention (transformers' ``compute_bias(T, T)`` -> (1, n, T, T), shared by every
+    block) and the module named ``encoder.final_norm`` by the family's key table."""
+    natives = {a: name for name, names in canonical_aliases(model).items() for a in names}
+    bias = {}
+    for stack in stacks:
+        attn = [model.get_submodule(natives[f"{stack}.layers.{i}.attn"]) if f"{stack}.layers.{i}.attn" in natives
+                else None for i in range(len(stacks[stack]))]
+        own = [a for a in attn[1:] if getattr(a, "has_relative_attention_bias", False)]
+        if not callable(getattr(attn[0], "compute_bias", None)) or own:
+            raise DeltaError(f"the ladder cannot read the relative position bias of {type(model).__name__} "
+                             f"({'one per layer' if own else 'no compute_bias on its first attention'}); convert "
+                             f"it with promptdelta.load_backbone(model) first, or use the 'adapter' or 'lora' delta.")
+        bias[stack] = (lambda a: lambda T: a.compute_bias(T, T, device=a.relative_attention_bias.weight.device))(attn[0])
+    norm = model.get_submodule(natives["encoder.final_norm"]) if "encoder.final_norm" in natives else None
+    if "decoder" in stacks and norm is None:
+        raise DeltaError(f"the ladder found no encoder final norm in {type(model).__name__} (the side decoder reads "
+                         f"the side encoder through a copy of it); convert it with promptdelta.load_backbone(model).")
+    return LadderExtras(bias, norm)
 
 
 def _generates(model: nn.Module) -> bool:

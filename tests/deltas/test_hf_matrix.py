@@ -266,10 +266,10 @@ def test_prefix_refuses_encoders_and_cached_decoding():
 
 
 # --------------------------------------------------------------------------------------------- ladder
-LADDER_ARCHS = ["llama", "qwen2", "mistral", "gemma", "distilbert", "bert", "roberta", "gpt2", "phi3"]
+LADDER_ARCHS = ["llama", "qwen2", "mistral", "gemma", "distilbert", "bert", "roberta", "gpt2", "phi3", "t5"]
 
 
-@pytest.mark.parametrize("arch", [pytest.param(a, marks=() if a in ("llama", "distilbert", "gpt2") else pytest.mark.slow)
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=() if a in ("llama", "distilbert", "gpt2", "t5") else pytest.mark.slow)
                                   for a in LADDER_ARCHS])
 def test_ladder_on_transformers_models_passes_the_delta_contract(arch, tmp_path):
     check_delta_invariants(lambda: build(arch), out, "ladder", tmp_path / "d")
@@ -323,14 +323,45 @@ def test_ladder_full_width_side_block_slices_phi3_fused_qkv_and_gate_up():
         torch.testing.assert_close(block.mlp(x), layer.mlp(x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["t5"])
-def test_ladder_refuses_encoder_decoder_transformers_models(arch):
-    model = build(arch)
-    snap = snapshot(model)
-    with pytest.raises(DeltaError, match="load_backbone"):
-        attach(model, "ladder")
-    assert deltas_of(model) == {}
-    assert_same_state(model, snap)
+def test_ladder_full_width_side_blocks_are_the_t5_blocks_with_their_relative_position_bias():
+    """Transformers T5 through hidden states: at reduction=1 each side encoder block, with the bias read from
+    the first block's ``compute_bias``, computes the backbone's encoder block; each side decoder block (causal,
+    cross-attending to the encoder's normed output) the decoder block."""
+    from promptdelta.deltas.side import side_attention_bias
+
+    model = build("t5")
+    seen: dict[str, list] = {"encoder": [], "decoder": []}   # (input, output) per block, (B, T, H)
+    hooks = [blk.register_forward_hook(lambda m, a, o, k=k: seen[k].append((a[0], o[0])))
+             for k in seen for blk in getattr(model, k).block]
+    x = ids()
+    with torch.no_grad():
+        memory = model(input_ids=x, decoder_input_ids=x[:, :4], output_hidden_states=True).encoder_last_hidden_state
+    for h in hooks:
+        h.remove()
+    side = attach(model, "ladder", reduction=1)._method.wrapper.side
+    for stack, causal in (("encoder", False), ("decoder", True)):
+        attn = getattr(model, stack).block[0].layer[0].SelfAttention
+        for block, (inp, y) in zip(getattr(side, stack).blocks, seen[stack]):
+            T = inp.shape[1]
+            with torch.no_grad():
+                bias = side_attention_bias(None, T, causal, inp.dtype, attn.compute_bias(T, T)[:, block.attn.head_index])
+                got = block(inp, bias, causal, memory if causal else None)
+            torch.testing.assert_close(got, y, rtol=1e-5, atol=1e-5)
+
+
+def test_ladder_on_the_transformers_t5_encoder_alone(tmp_path):
+    """T5EncoderModel: one bidirectional stack with the encoder's bias; the contract on its hidden states."""
+    make = lambda: build("t5", cls=tf.T5EncoderModel)   # noqa: E731
+
+    def hidden(model: nn.Module, grad: bool = False) -> torch.Tensor:   # (B, T, H), row 0 ends in two pads
+        x = ids()
+        mask = torch.ones_like(x)
+        mask[0, -2:] = 0
+        with torch.set_grad_enabled(grad):
+            return model(input_ids=x, attention_mask=mask).last_hidden_state
+    side = attach(make(), "ladder")._method.wrapper.side
+    assert not side.causal and side.up is not None and side.final_norm is None
+    check_delta_invariants(make, hidden, "ladder", tmp_path / "d")
 
 
 def test_all_linear_leaves_the_saved_modules_to_modules_to_save(tmp_path):

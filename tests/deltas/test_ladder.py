@@ -264,9 +264,9 @@ def test_t5_options_that_do_not_apply_are_refused():
 
 
 def test_unsupported_transformers_model_names_the_fix():
-    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=37,
-                                                                       num_layers=1, num_heads=4))
-    with pytest.raises(DeltaError, match="load_backbone"):   # transformers GPT-2 works since its c_attn is split
+    hf = transformers.UMT5ForConditionalGeneration(transformers.UMT5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=37,
+                                                                           num_layers=1, num_heads=4))
+    with pytest.raises(DeltaError, match="load_backbone"):   # no family, two stacks: no block layout to copy
         attach(hf, "ladder")
 
 
