@@ -62,7 +62,9 @@ def test_prefix_shapes_per_attention(family):
         assert isinstance(prefix_kv(handle), PrefixDict)
     else:
         assert handle.targets == ["layers.0.attn", "layers.1.attn"]
-        assert shapes["prefix.layers.keys"] == (2, c.num_heads, 3, c.hidden_size // c.num_heads)
+        kv_heads = getattr(c, "num_kv_heads", None) or c.num_heads      # grouped-query attention: k/v heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_heads
+        assert shapes["prefix.layers.keys"] == (2, kv_heads, 3, head_dim)
         assert isinstance(prefix_kv(handle), PrefixList)
 
 
