@@ -19,14 +19,14 @@ TEXT = '{"placeholder":"text_a"} It was {"mask"}.'
 
 def test_every_builtin_kind_is_registered():
     assert pd.registered_templates() == ["manual", "mixed", "ptuning", "soft"]
-    assert pd.registered_verbalizers() == ["kpt", "manual", "multi_mask", "proto", "soft"]
+    assert pd.registered_verbalizers() == ["kpt", "manual", "multi_mask", "proto", "similarity", "soft"]
 
 
 def test_unknown_names_list_the_known_ones(tok, mlm_backbone):
     with pytest.raises(ConfigError, match="unknown template 'manuel'; known templates: manual, mixed, ptuning, soft"):
         pd.build_template("manuel", tok, CLASSES, {"text": TEXT})
     with pytest.raises(ConfigError, match="unknown verbalizer 'sfot'; known verbalizers: kpt, manual, multi_mask, "
-                                          "proto, soft"):
+                                          "proto, similarity, soft"):
         pd.build_verbalizer("sfot", tok, CLASSES, {"label_words": WORDS}, mlm_backbone)
     with pytest.raises(ConfigError, match="unknown verbalizer"):
         pd.build_classifier(mlm_backbone, tok, CLASSES, "manual", "sfot", template_options={"text": TEXT})
