@@ -89,3 +89,25 @@ def call_layer(layer: torch.nn.Module, *args, checkpoint: bool = False, **kwargs
 
         return run_checkpointed(layer, *args, use_reentrant=False, **kwargs)
     return layer(*args, **kwargs)
+
+
+def causal_attention_bias(key_mask: torch.Tensor | None, T: int, S: int, P: int, window: int | None,
+                          batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """Additive SDPA mask (B, 1, T, P + S + T): query i (cache position S + i) sees every prefix key and the
+    real keys j with S + i - window < j <= S + i (no lower bound when window is None). None (SDPA's own causal
+    mask) when only causality applies. Masked entries get dtype-min, not -inf, so a padding query that sees no
+    key stays finite instead of NaN. Shared by the causal decoders (GPT-2, Llama family)."""
+    if key_mask is None and S == 0 and P == 0 and (window is None or window >= T):
+        return None
+    q_pos = torch.arange(S, S + T, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S + T, device=device)[None, :]     # (1, S + T)
+    allowed = k_pos <= q_pos                                 # (T, S + T)
+    if window is not None:
+        allowed = allowed & (k_pos > q_pos - window)
+    allowed = allowed.expand(batch, T, S + T)
+    if key_mask is not None:
+        allowed = allowed & key_mask.to(device).bool()[:, None, :]  # (B, T, S + T)
+    if P:
+        allowed = torch.cat([allowed.new_ones(batch, T, P), allowed], dim=-1)  # (B, T, P + S + T)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptdelta.backbones.base import BackboneOutput, GradientCheckpointing, call_layer, check_prefix_kv
+from promptdelta.backbones.base import (BackboneOutput, GradientCheckpointing, call_layer, causal_attention_bias,
+                                        check_prefix_kv)
 from promptdelta.backbones.generation import GenerationConfig, decode_loop
 from promptdelta.backbones.keymap import KeyTable, load_hf_state
 from promptdelta.errors import BackboneError, ConfigError
@@ -294,26 +295,6 @@ class GPT2Block(nn.Module):
         return x + self.dropout(self.mlp(self.mlp_norm(x))), present
 
 
-def _causal_bias(key_mask: torch.Tensor | None, T: int, S: int, P: int, batch: int, dtype: torch.dtype,
-                 device: torch.device) -> torch.Tensor | None:
-    """Additive SDPA mask (B, 1, T, P + S + T): query i sees prefix keys, and real keys at or before S + i.
-
-    None (SDPA's own causal mask) when nothing but causality applies. Masked entries get dtype-min, not
-    -inf, so a padding query that sees no key yields finite values instead of NaN.
-    """
-    if key_mask is None and S == 0 and P == 0:
-        return None
-    q_pos = torch.arange(S, S + T, device=device)[:, None]          # (T, 1)
-    allowed = torch.arange(S + T, device=device)[None, :] <= q_pos  # (T, S + T)
-    allowed = allowed.expand(batch, T, S + T)
-    if key_mask is not None:
-        allowed = allowed & key_mask.to(device).bool()[:, None, :]  # (B, T, S + T)
-    if P:
-        allowed = torch.cat([allowed.new_ones(batch, T, P), allowed], dim=-1)  # (B, T, P + S + T)
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-
-
 class GPT2Model(GradientCheckpointing, nn.Module):
     """Native GPT-2 decoder with a tied LM head, KV cache, prefix_kv and ``generate``."""
 
@@ -387,7 +368,7 @@ class GPT2Model(GradientCheckpointing, nn.Module):
         for layer, prefix, layer_past in zip(self.layers, prefixes, pasts):
             P = 0 if prefix is None else prefix[0].shape[2]
             if P not in biases:
-                biases[P] = _causal_bias(attention_mask, T, S, P, B, x.dtype, x.device)
+                biases[P] = causal_attention_bias(attention_mask, T, S, P, None, B, x.dtype, x.device)
             x, kv = call_layer(layer, x, biases[P], prefix, layer_past, checkpoint=ckpt)  # (B, T, H)
             hidden.append(x)
             present.append(kv if use_cache else None)  # an unused cache would hold every layer's k, v

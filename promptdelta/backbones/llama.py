@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptdelta.backbones.base import GradientCheckpointing, call_layer, check_prefix_kv
+from promptdelta.backbones.base import GradientCheckpointing, call_layer, causal_attention_bias, check_prefix_kv
 from promptdelta.backbones.generation import GenerationConfig, decode_loop
 from promptdelta.backbones.gpt import KV, CausalLMOutput, KVCache, PrefixKV
 from promptdelta.backbones.keymap import KeyTable, load_hf_state, load_into_hf
@@ -328,27 +328,6 @@ class LlamaBlock(nn.Module):
         return x + self.mlp(self.mlp_norm(x)), present
 
 
-def _attention_bias(key_mask: torch.Tensor | None, T: int, S: int, P: int, window: int | None, batch: int,
-                    dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    """Additive SDPA mask (B, 1, T, P + S + T): query i (cache position S + i) sees every prefix key and the
-    real keys j with S + i - window < j <= S + i. None (SDPA's causal mask) when only causality applies.
-    Masked entries get dtype-min, so a padding query that sees no key stays finite."""
-    if key_mask is None and S == 0 and P == 0 and (window is None or window >= T):
-        return None
-    q_pos = torch.arange(S, S + T, device=device)[:, None]  # (T, 1)
-    k_pos = torch.arange(S + T, device=device)[None, :]     # (1, S + T)
-    allowed = k_pos <= q_pos                                 # (T, S + T)
-    if window is not None:
-        allowed = allowed & (k_pos > q_pos - window)
-    allowed = allowed.expand(batch, T, S + T)
-    if key_mask is not None:
-        allowed = allowed & key_mask.to(device).bool()[:, None, :]  # (B, T, S + T)
-    if P:
-        allowed = torch.cat([allowed.new_ones(batch, T, P), allowed], dim=-1)  # (B, T, P + S + T)
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-
-
 class LlamaModel(GradientCheckpointing, nn.Module):
     """Native Llama / Qwen2 / Mistral decoder with an LM head, KV cache, prefix_kv and ``generate``."""
 
@@ -426,7 +405,7 @@ class LlamaModel(GradientCheckpointing, nn.Module):
             P = 0 if prefix is None else prefix[0].shape[2]
             window = self.config.sliding_window if layer.sliding else None
             if (P, window) not in biases:
-                biases[P, window] = _attention_bias(attention_mask, T, S, P, window, B, x.dtype, x.device)
+                biases[P, window] = causal_attention_bias(attention_mask, T, S, P, window, B, x.dtype, x.device)
             x, kv = call_layer(layer, x, rope, biases[P, window], prefix, layer_past, checkpoint=ckpt)
             hidden.append(x)
             present.append(kv if use_cache else None)  # an unused cache would hold every layer's k, v

