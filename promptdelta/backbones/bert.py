@@ -184,15 +184,18 @@ class BertAttention(nn.Module):
         return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None,
-                prefix: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+                prefix: tuple[torch.Tensor, torch.Tensor] | None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention over x (B, T, H); with ``rows`` (B, k) only those queries: (B, k, H)."""
         B, T, H = x.shape
-        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        xq = x if rows is None else _gather_rows(x, rows)  # (B, Tq, H), Tq = T or k
+        q, k, v = self._heads(self.q_proj(xq)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         if prefix is not None:
             k = torch.cat([prefix[0].to(k.dtype), k], dim=2)  # (B, nh, P + T, hd)
             v = torch.cat([prefix[1].to(v.dtype), v], dim=2)  # (B, nh, P + T, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                           dropout_p=self.dropout_p if self.training else 0.0)  # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H))  # (B, T, H)
+                                           dropout_p=self.dropout_p if self.training else 0.0)  # (B, nh, Tq, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, xq.shape[1], H))  # (B, Tq, H)
 
 
 class BertMLP(nn.Module):
@@ -216,9 +219,14 @@ class BertLayer(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None,
-                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = self.attn_norm(x + self.dropout(self.attn(x, bias, prefix)))  # (B, T, H), post-LN
-        return self.mlp_norm(x + self.dropout(self.mlp(x)))               # (B, T, H)
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, H) -> (B, T, H); with ``rows`` (B, k) only those positions come out: (B, k, H)."""
+        a = self.attn(x, bias, prefix, rows)                               # (B, Tq, H)
+        if rows is not None:  # the residual and everything after it are per-token: keep the kept rows only
+            x = _gather_rows(x, rows)                                      # (B, k, H)
+        x = self.attn_norm(x + self.dropout(a))                            # (B, Tq, H), post-LN
+        return self.mlp_norm(x + self.dropout(self.mlp(x)))               # (B, Tq, H)
 
 
 class BertPooler(nn.Module):
@@ -242,6 +250,11 @@ class BertLMHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.norm(self.act(self.dense(x))))  # (B, T, V)
+
+
+def _gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H) at the positions rows (B, k) -> (B, k, H)."""
+    return x.gather(1, rows[:, :, None].expand(-1, -1, x.shape[-1]))
 
 
 def _attention_bias(attention_mask: torch.Tensor | None, prefix_len: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -291,25 +304,32 @@ class BertModel(GradientCheckpointing, nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, prefix_kv: PrefixKV | None = None,
-                output_hidden_states: bool = False) -> BackboneOutput:
+                output_hidden_states: bool = False, keep_positions: torch.Tensor | None = None) -> BackboneOutput:
+        """keep_positions (B, k): compute the last layer's queries, attention output, MLP and norms only at
+        these token positions (its keys/values still cover every token): exact, and the outputs
+        (last_hidden_state, the last hidden state, logits) hold those k rows: (B, k, H) / (B, k, V); no pooler
+        output then. For readouts that read a few positions ([MASK], [CLS]), it saves most of the last layer."""
         x = self._embed(input_ids, inputs_embeds, token_type_ids, position_ids)  # (B, T, H)
         B, T, _ = x.shape
         if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
             raise BackboneError(f"attention_mask has shape {tuple(attention_mask.shape)} but the input is "
                                 f"{(B, T)}. Fix: pass a (batch, seq_len) mask with 1 = keep, 0 = pad.")
+        _check_keep_positions(keep_positions, B, T)
+        keep_positions = None if keep_positions is None else keep_positions.to(torch.long)  # gather wants int64
         prefixes = self._check_prefix(prefix_kv, B)
-        hidden, biases, ckpt = [x], {}, self._checkpoint_layers()
-        for layer, prefix in zip(self.layers, prefixes):
+        hidden, biases, ckpt, last = [x], {}, self._checkpoint_layers(), len(self.layers) - 1
+        for i, (layer, prefix) in enumerate(zip(self.layers, prefixes)):
             P = 0 if prefix is None else prefix[0].shape[2]
             if P not in biases:
                 biases[P] = _attention_bias(attention_mask, P, x.dtype)
-            x = call_layer(layer, x, biases[P], prefix, checkpoint=ckpt)  # (B, T, H)
+            rows = keep_positions if i == last else None
+            x = call_layer(layer, x, biases[P], prefix, rows, checkpoint=ckpt)  # (B, T, H); (B, k, H) pruned
             hidden.append(x)
         return BackboneOutput(
             last_hidden_state=x,
             hidden_states=tuple(hidden) if output_hidden_states else None,
             logits=self.lm_head(x) if self.lm_head is not None else None,
-            pooler_output=self.pooler(x) if self.pooler is not None else None)
+            pooler_output=self.pooler(x) if self.pooler is not None and keep_positions is None else None)
 
     def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                token_type_ids: torch.Tensor | None, position_ids: torch.Tensor | None) -> torch.Tensor:
@@ -350,6 +370,19 @@ class BertModel(GradientCheckpointing, nn.Module):
             hf = transformers.BertModel(hf_config, add_pooling_layer=self.pooler is not None)
         load_into_hf(hf, self.state_dict(), BERT_KEYS)
         return hf.to(self.embeddings.word_embeddings.weight.dtype).train(self.training)
+
+
+def _check_keep_positions(keep: torch.Tensor | None, batch: int, length: int) -> None:
+    if keep is None:
+        return
+    if not isinstance(keep, torch.Tensor) or keep.dim() != 2 or keep.shape[0] != batch or keep.shape[1] < 1 \
+            or keep.dtype not in (torch.int64, torch.int32):
+        what = f"shape {tuple(keep.shape)}, {keep.dtype}" if isinstance(keep, torch.Tensor) else type(keep).__name__
+        raise BackboneError(f"keep_positions is {what}. Fix: pass a LongTensor of shape (batch={batch}, k >= 1) "
+                            "holding token positions, or None.")
+    if int(keep.min()) < 0 or int(keep.max()) >= length:
+        raise BackboneError(f"keep_positions holds positions in [{int(keep.min())}, {int(keep.max())}] but the "
+                            f"input has {length} tokens. Fix: pass positions in [0, {length}).")
 
 
 def bert_from_hf(hf_config: Any, hf_state: Mapping[str, torch.Tensor]) -> BertModel:
