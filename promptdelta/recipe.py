@@ -1,15 +1,22 @@
 """An automatic recipe: try a small, bounded set of candidates, keep the best by DEV accuracy only.
 
 The candidates are chosen for robustness on an embedding backbone (no task was tuned on; test is never
-read here), cheapest first, so a short budget still gets the strong cheap ones:
+read here), cheapest first, so the budget guard never skips a default on a normal machine:
 
-    logreg       logistic regression on the frozen mean embeddings, C in {0.1, 1, 10} on dev
-    similarity   zero-shot: cosine between the text's mean readout and each class's label words
-    setfit-lora  LoRA (r=8) trained contrastively on SetFit pairs, then a logistic head (parameter-efficient SetFit)
-    lora-soft    LoRA + soft verbalizer on the mean readout, probe-initialised (LP-FT), 20 epochs, best dev epoch
+    logreg       logistic regression on the frozen mean embeddings, C in {0.01, 0.1, 1, 10} on dev
+    setfit       SetFit (Tunstall et al. 2022) in our own code: the whole body trained on same/other-class
+                 pairs of the plain texts (cosine regression, lr 2e-5, 20 pair rounds, 1 epoch), then the
+                 same logistic head on the tuned embeddings
+    lora-soft    LoRA (q,v, r=8) + soft verbalizer on the mean readout of the task's template, probe-initialised
+                 (LP-FT), 20 epochs, best dev epoch
+    ensemble     the mean of the class probabilities of every trained candidate that ran,
+                     P(y | x) = 1/K sum_k P_k(y | x)
+                 kept only when its dev accuracy is strictly above the best single candidate's
+    (optional)   similarity (zero-shot label-word similarity), setfit-lora (LoRA trained on SetFit pairs)
 
-``auto_recipe`` prints the budget, each candidate's dev score and seconds, and what it chose; a candidate
-that would start after the budget is spent is skipped (and listed so). Ties go to the cheaper candidate.
+``auto_recipe`` prints the budget, each candidate's dev score and seconds, and what it chose. Ties go to the
+earlier (cheaper) candidate; the budget is a guard: a candidate that would start after it is spent is
+skipped and listed so, but the defaults fit far inside it, so the choice does not depend on machine load.
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ from promptdelta.errors import ConfigError
 from promptdelta.utils.seed import seed_everything
 
 DEFAULT_TEMPLATE = '{"placeholder":"text_a"} It was {"mask"}.'
-CANDIDATES = ("logreg", "similarity", "setfit-lora", "lora-soft")
+CANDIDATES = ("logreg", "setfit", "lora-soft", "ensemble")
+C_GRID = (0.01, 0.1, 1.0, 10.0)
+Proba = Callable[[Sequence[Any]], np.ndarray]          # examples -> class probabilities (N, C)
 
 
 @dataclass
@@ -39,27 +48,49 @@ class RecipeResult:
     predict: Callable[[Sequence[Any]], list[int]]
     table: list[dict[str, Any]] = field(default_factory=list)   # {name, dev, seconds, status}
     budget_s: float = 0.0
+    proba: Proba | None = None
 
 
 def _acc(preds: Sequence[int], examples: Sequence[Any]) -> float:
     return float(np.mean(np.asarray(preds) == np.asarray([ex.label for ex in examples]))) if len(examples) else 0.0
 
 
-def _logreg(base: Any, tok: Any, train: Sequence[Any], dev: Sequence[Any], seed: int, max_length: int,
-            template: str, label_words: Any) -> tuple:
+def _head(embed_fn: Callable[[Sequence[Any]], np.ndarray], train: Sequence[Any], dev: Sequence[Any],
+          seed: int) -> Proba:
+    """A logistic head on ``embed_fn``'s vectors, C chosen on dev (the smallest C of the best on ties)."""
     from sklearn.linear_model import LogisticRegression
 
-    from promptdelta.bench.baselines import embed
-
-    x_tr, x_dev = embed(base, tok, train, max_length), embed(base, tok, dev, max_length)
+    x_tr, x_dev, y_tr = embed_fn(train), embed_fn(dev), [ex.label for ex in train]
     best = None
-    for c in (0.1, 1.0, 10.0):
-        clf = LogisticRegression(C=c, max_iter=1000, random_state=seed).fit(x_tr, [ex.label for ex in train])
+    for c in C_GRID:
+        clf = LogisticRegression(C=c, max_iter=1000, random_state=seed).fit(x_tr, y_tr)
         score = _acc(clf.predict(x_dev), dev)
         if best is None or score > best[0]:
             best = (score, clf)
-    head = best[1]
-    return best[0], lambda ex: head.predict(embed(base, tok, list(ex), max_length)).tolist()
+    head, n_classes = best[1], len(train.classes)
+
+    def proba(examples: Sequence[Any]) -> np.ndarray:
+        out = np.zeros((len(examples), n_classes))
+        out[:, head.classes_] = head.predict_proba(embed_fn(list(examples)))   # classes absent from train: 0
+        return out
+    return proba
+
+
+def _logreg(base, tok, train, dev, seed, max_length, template, label_words) -> Proba:
+    from promptdelta.bench.baselines import embed
+
+    return _head(lambda ex: embed(base, tok, list(ex), max_length), train, dev, seed)
+
+
+def _setfit(base, tok, train, dev, seed, max_length, template, label_words) -> Proba:
+    from promptdelta.bench.baselines import embed
+    from promptdelta.train.contrastive import train_body_pairs
+
+    seed_everything(seed)
+    body = copy.deepcopy(base)
+    train_body_pairs(body, tok, train, max_length=max_length, num_iterations=20, lr=2e-5, batch_size=16, seed=seed)
+    body.requires_grad_(False)
+    return _head(lambda ex: embed(body, tok, list(ex), max_length), train, dev, seed)
 
 
 def _prompt_model(base: Any, tok: Any, classes: list[str], verbalizer: str, options: dict, template: str,
@@ -77,34 +108,33 @@ def _prompt_model(base: Any, tok: Any, classes: list[str], verbalizer: str, opti
                             verbalizer_options=options, readout="mean", max_length=max_length)
 
 
-def _predictor(clf: Any) -> Callable[[Sequence[Any]], list[int]]:
+def _softmax_of(clf: Any) -> Proba:
     @torch.no_grad()
-    def predict(examples: Sequence[Any]) -> list[int]:
+    def proba(examples: Sequence[Any]) -> np.ndarray:
         clf.eval()
         ex = list(examples)
-        return [p for i in range(0, len(ex), 64) for p in clf(clf.collate(ex[i:i + 64])).argmax(-1).tolist()]
-    return predict
+        parts = [clf(clf.collate(ex[i:i + 64])).float().softmax(-1).cpu().numpy() for i in range(0, len(ex), 64)]
+        return np.concatenate(parts) if parts else np.zeros((0, len(clf.verbalizer.classes)))
+    return proba
 
 
-def _similarity(base, tok, train, dev, seed, max_length, template, label_words) -> tuple:
+def _similarity(base, tok, train, dev, seed, max_length, template, label_words) -> Proba:
     opts = {} if label_words is None else {"label_words": label_words}
-    clf = _prompt_model(base, tok, list(train.classes), "similarity", opts, template, False, max_length, seed)
-    predict = _predictor(clf)
-    return _acc(predict(dev), dev), predict
+    return _softmax_of(_prompt_model(base, tok, list(train.classes), "similarity", opts, template, False,
+                                     max_length, seed))
 
 
-def _setfit_lora(base, tok, train, dev, seed, max_length, template, label_words) -> tuple:
+def _setfit_lora(base, tok, train, dev, seed, max_length, template, label_words) -> Proba:
     from promptdelta.train.contrastive import train_contrastive
 
     opts = {} if label_words is None else {"label_words": label_words}
     clf = _prompt_model(base, tok, list(train.classes), "soft", opts, template, True, max_length, seed)
-    out = train_contrastive(clf, train, dev, objective="pairs", epochs=1, num_iterations=20, lr=1e-3,
-                            batch_size=16, head="logistic", seed=seed)
-    predict = _predictor(clf)
-    return _acc(predict(dev), dev), predict
+    train_contrastive(clf, train, dev, objective="pairs", epochs=1, num_iterations=20, lr=1e-3,
+                      batch_size=16, head="logistic", seed=seed)
+    return _softmax_of(clf)
 
 
-def _lora_soft(base, tok, train, dev, seed, max_length, template, label_words) -> tuple:
+def _lora_soft(base, tok, train, dev, seed, max_length, template, label_words) -> Proba:
     from promptdelta.prompts.probe import probe_init
     from promptdelta.train import Trainer, TrainConfig
 
@@ -112,26 +142,36 @@ def _lora_soft(base, tok, train, dev, seed, max_length, template, label_words) -
     clf = _prompt_model(base, tok, list(train.classes), "soft", opts, template, True, max_length, seed)
     probe_init(clf, train, dev, seed=seed)
     cfg = TrainConfig(lr=1e-3, epochs=20, batch_size=8, seed=seed, progress=False, eval_at_start=True)
-    trainer = Trainer(clf, cfg, seed=seed).fit(train, dev)
-    return trainer.state.best_score, lambda ex: trainer.predict(list(ex)).tolist()
+    Trainer(clf, cfg, seed=seed).fit(train, dev)        # ends on the best dev epoch's weights
+    return _softmax_of(clf)
 
 
-RUNNERS = {"logreg": _logreg, "similarity": _similarity, "setfit-lora": _setfit_lora, "lora-soft": _lora_soft}
+RUNNERS: dict[str, Callable[..., Proba]] = {"logreg": _logreg, "setfit": _setfit, "lora-soft": _lora_soft,
+                                            "similarity": _similarity, "setfit-lora": _setfit_lora}
+ZERO_SHOT = {"similarity"}          # never averaged: an untrained scorer is not calibrated like the others
+KNOWN = tuple(RUNNERS) + ("ensemble",)
 
 
-def auto_recipe(base: Any, tokenizer: Any, train: Sequence[Any], dev: Sequence[Any], *, budget_s: float = 1800.0,
+def _mean_proba(members: list[Proba]) -> Proba:
+    return lambda examples: np.mean([p(examples) for p in members], axis=0)
+
+
+def auto_recipe(base: Any, tokenizer: Any, train: Sequence[Any], dev: Sequence[Any], *, budget_s: float = 3600.0,
                 seed: int = 13, template: str = DEFAULT_TEMPLATE, label_words: Any = None,
                 candidates: Sequence[str] = CANDIDATES, max_length: int = 128,
                 echo: Callable[[str], None] = print) -> RecipeResult:
-    """Run ``candidates`` in order within ``budget_s`` seconds; the best dev accuracy wins (never test)."""
-    unknown = [c for c in candidates if c not in RUNNERS]
+    """Run ``candidates`` in order within ``budget_s`` seconds; the best dev accuracy wins (never test).
+
+    ``ensemble`` (when listed) averages the probabilities of the trained candidates that ran before it and
+    replaces the best single one only if its dev accuracy is strictly higher."""
+    unknown = [c for c in candidates if c not in KNOWN]
     if unknown or not candidates:
-        raise ConfigError(f"unknown recipe candidate(s) {unknown}; choose from {list(CANDIDATES)}")
+        raise ConfigError(f"unknown recipe candidate(s) {unknown}; choose from {list(KNOWN)}")
     if not len(dev):
         raise ConfigError("the auto recipe chooses on dev, and dev is empty; give dev_shots > 0")
     echo(f"recipe auto: {len(candidates)} candidates ({', '.join(candidates)}), budget {budget_s:.0f} s, "
          f"chosen on dev ({len(dev)} examples)")
-    start, table, best = time.perf_counter(), [], None
+    start, table, best, members = time.perf_counter(), [], None, []
     for name in candidates:
         spent = time.perf_counter() - start
         if table and spent >= budget_s:                     # the first candidate always runs
@@ -139,16 +179,32 @@ def auto_recipe(base: Any, tokenizer: Any, train: Sequence[Any], dev: Sequence[A
             echo(f"  {name:12s} skipped (budget of {budget_s:.0f} s spent)")
             continue
         t0 = time.perf_counter()
-        score, predict = RUNNERS[name](base, tokenizer, train, dev, seed, max_length, template, label_words)
+        if name == "ensemble":
+            if len(members) < 2:
+                table.append({"name": name, "dev": None, "seconds": 0.0, "status": "skipped: < 2 members"})
+                echo(f"  {name:12s} skipped (fewer than 2 trained candidates ran)")
+                continue
+            dev_probs = np.mean([p for _, p, _ in members], axis=0)                    # (N_dev, C)
+            proba = _mean_proba([f for _, _, f in members])
+            member_names = [m for m, _, _ in members]
+        else:
+            proba = RUNNERS[name](base, tokenizer, train, dev, seed, max_length, template, label_words)
+            dev_probs = proba(list(dev))                                               # (N_dev, C)
+            if name not in ZERO_SHOT:
+                members.append((name, dev_probs, proba))
+        score = _acc(dev_probs.argmax(-1), dev)
         secs = time.perf_counter() - t0
-        table.append({"name": name, "dev": score, "seconds": secs, "status": "ran"})
+        row = {"name": name, "dev": score, "seconds": secs, "status": "ran"}
+        if name == "ensemble":
+            row["members"] = member_names
+        table.append(row)
         echo(f"  {name:12s} dev accuracy {score:.4f}  ({secs:.1f} s)")
         if best is None or score > best[1]:
-            best = (name, score, predict)
+            best = (name, score, proba)
     echo(f"recipe auto: chose {best[0]} (dev accuracy {best[1]:.4f})")
-    return RecipeResult(best[0], best[1], best[2], table, budget_s)
-
-
+    chosen_proba = best[2]
+    return RecipeResult(best[0], best[1], lambda ex: chosen_proba(list(ex)).argmax(-1).tolist(), table, budget_s,
+                        chosen_proba)
 def run_recipe(config: Any, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """``promptdelta run --recipe auto``: per seed of ``config``, the auto recipe chosen on dev, then scored on
     test once; returns {"seeds": [{seed, chosen, dev, test, table}], "mean_test": float}."""
@@ -166,7 +222,7 @@ def run_recipe(config: Any, echo: Callable[[str], None] = print) -> dict[str, An
         echo(f"seed {seed}:")
         out = auto_recipe(base, tok, train, dev, seed=seed, label_words=words, max_length=config.max_length,
                           template=config.template if "{" in str(config.template) else DEFAULT_TEMPLATE,
-                          budget_s=float(getattr(config, "recipe_budget_s", 1800.0)), echo=echo)
+                          budget_s=float(getattr(config, "recipe_budget_s", 3600.0)), echo=echo)
         test_acc = _acc(out.predict(list(test)), test)
         echo(f"seed {seed}: chose {out.chosen}, dev {out.dev_score:.4f}, test accuracy {test_acc:.4f}")
         rows.append({"seed": seed, "chosen": out.chosen, "dev": out.dev_score, "test": test_acc,
@@ -175,3 +231,4 @@ def run_recipe(config: Any, echo: Callable[[str], None] = print) -> dict[str, An
     std = float(np.std([r["test"] for r in rows], ddof=1)) if len(rows) > 1 else 0.0
     echo(f"recipe auto: test accuracy {100 * mean:.1f} ± {100 * std:.1f} over {len(rows)} seed(s)")
     return {"seeds": rows, "mean_test": mean, "std_test": std}
+

@@ -3,6 +3,7 @@ cheaper), the budget bounds what runs, and test data is never given to it."""
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,3 +59,57 @@ def test_cli_run_recipe_auto(tiny_bert_nohead_dir, capsys):
     assert "budget" in out and "recipe auto: chose" in out and "test accuracy" in out
     for name in CANDIDATES:
         assert f"  {name}" in out
+
+
+def fake(dev_labels, right, confidence):
+    """A candidate whose dev probabilities put ``confidence`` on the true class where ``right`` else on the
+    other class (binary); on other inputs it predicts class 0."""
+    def runner(base, tok, train, dev, seed, max_length, template, label_words):
+        def proba(examples):
+            if len(examples) != len(dev_labels):
+                return np.tile([0.9, 0.1], (len(examples), 1))
+            p = np.zeros((len(examples), 2))
+            for i, (y, ok, c) in enumerate(zip(dev_labels, right, confidence)):
+                p[i, y if ok else 1 - y], p[i, 1 - y if ok else y] = c, 1 - c
+            return p
+        return proba
+    return runner
+
+
+@pytest.mark.parametrize("complementary", [True, False])
+def test_ensemble_is_kept_only_when_its_dev_beats_the_best_single(setup, monkeypatch, complementary):
+    import promptdelta.recipe as recipe
+
+    base, tok, (train, dev, _) = setup
+    y = [ex.label for ex in dev]
+    n = len(y)
+    half = [i < n // 2 for i in range(n)]
+    # a: right on the first half, sure there and unsure elsewhere; b: the mirror image. Averaged, each is
+    # right where it is sure: the ensemble is perfect. Non-complementary: b is a's copy, the mean is a.
+    b_right = [not h for h in half] if complementary else half
+    monkeypatch.setitem(recipe.RUNNERS, "logreg", fake(y, half, [0.9 if h else 0.6 for h in half]))
+    monkeypatch.setitem(recipe.RUNNERS, "setfit", fake(y, b_right, [0.9 if r else 0.6 for r in b_right]))
+    out = auto_recipe(base, tok, train, dev, candidates=["logreg", "setfit", "ensemble"], echo=lambda s: None)
+    dev_of = {r["name"]: r["dev"] for r in out.table}
+    assert out.table[-1]["members"] == ["logreg", "setfit"]
+    if complementary:
+        assert dev_of["ensemble"] == 1.0 and out.chosen == "ensemble"
+        assert out.proba(list(dev)).argmax(-1).tolist() == y
+    else:
+        assert dev_of["ensemble"] == dev_of["logreg"] and out.chosen == "logreg"   # a tie keeps the single
+
+
+def test_test_labels_are_never_read(tiny_sentence_backbone):
+    """The harness cell gives the recipe (train, dev, test): poisoned test labels change no choice nor score."""
+    from promptdelta.bench.peers_harness import run_recipe_cell
+    from promptdelta.data import InputExample
+
+    base, tok = tiny_sentence_backbone
+    train, dev, test = load("builtin:demo", shots=4, seed=21)
+    poisoned = test.like([InputExample(text_a=ex.text_a, text_b=ex.text_b, label=1 - ex.label) for ex in test])
+    task = {"label_words": {"negative": ["bad"], "positive": ["good"]}}
+    opts = {"candidates": ["logreg", "setfit", "ensemble"]}
+    rows = [run_recipe_cell(base, tok, (train, dev, t), 32, opts, 21, task) for t in (test, poisoned)]
+    assert [ex.label for ex in poisoned] != [ex.label for ex in test]
+    assert rows[0]["preds"] == rows[1]["preds"] and rows[0]["chosen"] == rows[1]["chosen"]
+    assert rows[0]["grid_dev"] == rows[1]["grid_dev"]

@@ -157,3 +157,48 @@ def _fit_verbalizer(clf: Any, train: list, epochs: int, lr: float, batch_size: i
             total += loss.item() * len(idx)
         history.append(total / len(train))
     return history
+
+
+def train_body_pairs(backbone: Any, tokenizer: Any, train: Sequence[Any], *, max_length: int = 128,
+                     num_iterations: int = 20, epochs: int = 1, lr: float = 2e-5, batch_size: int = 16,
+                     weight_decay: float = 0.01, warmup_ratio: float = 0.1, seed: int = 0) -> dict[str, Any]:
+    """SetFit's body stage without a prompt: every parameter of ``backbone`` is trained on SetFit pairs of the
+    plain texts (``pair_loss`` on mean-pooled states, AdamW, linear warmup then decay, dropout on), in place.
+
+    This is our own equivalent of ``setfit.Trainer``'s contrastive stage (sentence-transformers with mean
+    pooling and CosineSimilarityLoss); a logistic head is then fitted on ``bench.baselines.embed``."""
+    from promptdelta.bench.baselines import mean_pool, tokenize_pairs
+    from promptdelta.train.trainer import linear_warmup_decay
+
+    train = list(train)
+    labels = [ex.label for ex in train]
+    if len(set(labels)) < 2:
+        raise ConfigError("contrastive training needs at least two classes in train; give labelled examples "
+                          "of every class")
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    backbone.requires_grad_(True)
+    params = [p for p in backbone.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    rounds = [sample_pairs(labels, num_iterations, rng) for _ in range(epochs)]
+    total = sum((len(r) + batch_size - 1) // batch_size for r in rounds)
+    sched = linear_warmup_decay(opt, int(warmup_ratio * total), total)
+    losses, t0 = [], time.perf_counter()
+    backbone.train()
+    for pairs in rounds:
+        run, n = 0.0, 0
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i:i + batch_size]
+            batch = tokenize_pairs(tokenizer, [train[a] for a, _, _ in chunk] + [train[b] for _, b, _ in chunk],
+                                   max_length)
+            batch.pop("labels", None)
+            h = mean_pool(backbone(**batch).last_hidden_state, batch["attention_mask"])       # (2P, H)
+            loss = pair_loss(h[:len(chunk)], h[len(chunk):], torch.tensor([s for _, _, s in chunk]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            run, n = run + loss.item() * len(chunk), n + len(chunk)
+        losses.append(run / max(1, n))
+    backbone.eval()
+    return {"losses": losses, "steps": total, "seconds": time.perf_counter() - t0}

@@ -96,3 +96,29 @@ def test_bad_input_is_named(setup):
                               "manual", verbalizer_options={"label_words": [["bad"], ["good"]]})
     with pytest.raises(ConfigError, match="nothing to train"):
         train_contrastive(frozen, train)
+
+
+def body_separation(body, tok, examples):
+    from promptdelta.bench.baselines import embed
+
+    z = torch.nn.functional.normalize(torch.from_numpy(embed(body, tok, list(examples), 32)), dim=-1)
+    y = torch.tensor([ex.label for ex in examples])
+    sim, same = z @ z.T, y[:, None] == y[None, :]
+    return (sim[same].mean() - sim[~same].mean()).item()
+
+
+def test_body_pairs_trains_the_whole_encoder_and_is_reproducible(setup):
+    from promptdelta.train.contrastive import train_body_pairs
+
+    base, tok, train, _ = setup
+    bodies = [copy.deepcopy(base) for _ in range(2)]
+    sep0 = body_separation(base, tok, train)
+    for body in bodies:
+        out = train_body_pairs(body, tok, train, max_length=32, num_iterations=4, epochs=2, lr=1e-3, seed=3)
+    assert len(out["losses"]) == 2 and out["steps"] == 2 * (4 * 2 * len(train) // 16)
+    changed = [n for n, p in bodies[0].named_parameters() if not torch.equal(p, base.state_dict()[n])]
+    assert any("embeddings" in n for n in changed) and any("layer.1." in n or "layers.1." in n for n in changed)
+    assert body_separation(bodies[0], tok, train) > sep0                        # same-class embeddings closer
+    assert all(torch.equal(p, q) for p, q in zip(bodies[0].parameters(), bodies[1].parameters()))
+    with pytest.raises(ConfigError, match="two classes"):
+        train_body_pairs(copy.deepcopy(base), tok, [ex for ex in train if ex.label == 0])
