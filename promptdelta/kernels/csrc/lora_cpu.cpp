@@ -191,17 +191,141 @@ void accumulate_rows(const float* c, const float* y, float* acc, int64_t m0, int
     }
 }
 
+// ---- Rank 16: a row's 16 ranks are one vector ----
+// The rank-R kernels above read the (R, K) factor as R streams K floats apart; at R = 16 and K = 1024 that is
+// 16 lines 4 KiB apart, which all fall in one set of a 32 KiB 8-way L1, so every step missed (r=16 ran at
+// 1/3 of r=8's speed per FMA at K = N = 1024). Rank 16 uses layouts with no stride over the ranks: the
+// factors as (K, 16) for the shrink (one vector load per k, shared by MR rows), the accumulators of dA and
+// dB as (K, 16) and (N, 16), and the expand's factor packed into 64-column panels (4 KiB, held in L1).
+constexpr int64_t kPanel = 64;   // columns per expand panel: 4 vectors a row
+
+// out[m, :] = sum_k x[m, k] f[k, :] for m in [m0, m1); x (M, K), f (K, 16), out (M, 16).
+template <int MR>
+void shrink16(const float* x, const float* f, float* out, int64_t m0, int64_t m1, int64_t K) {
+  int64_t m = m0;
+  for (; m + MR <= m1; m += MR) {
+    v16 acc[MR];
+    for (int i = 0; i < MR; ++i) acc[i] = v16{};
+    const float* xm = x + m * K;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      for (int i = 0; i < MR; ++i) prefetch_read(x, (m + i + kPrefetch) * K + k);
+      for (int kk = 0; kk < 16; ++kk) {
+        const v16 fv = load(f + (k + kk) * 16);
+        for (int i = 0; i < MR; ++i) acc[i] += splat(xm[i * K + k + kk]) * fv;
+      }
+    }
+    for (; k < K; ++k) {
+      const v16 fv = load(f + k * 16);
+      for (int i = 0; i < MR; ++i) acc[i] += splat(xm[i * K + k]) * fv;
+    }
+    for (int i = 0; i < MR; ++i) store(out + (m + i) * 16, acc[i]);
+  }
+  if constexpr (MR > 1) {
+    if (m < m1) shrink16<1>(x, f, out, m, m1, K);
+  }
+}
+
+// f (16, N) -> s f in panels: p[(q * 16 + j) * kPanel + c] = s f[j, q kPanel + c] for the full panels q.
+torch::Tensor pack_panels(const torch::Tensor& f, double s) {
+  const int64_t N = f.size(1), panels = N / kPanel;
+  auto out = torch::empty({std::max<int64_t>(panels, 1) * 16 * kPanel}, f.options());
+  const float* p = f.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const float sf = static_cast<float>(s);
+  for (int64_t q = 0; q < panels; ++q)
+    for (int64_t j = 0; j < 16; ++j)
+      for (int64_t c = 0; c < kPanel; ++c) o[(q * 16 + j) * kPanel + c] = sf * p[j * N + q * kPanel + c];
+  return out;
+}
+
+// out[m, n] = bias[n] + s sum_j c[m, j] f[j, n] for m in [m0, m1) (bias may be null): an MR x 64 register
+// tile per panel of fp (= s f, packed), rows inner so the panel stays in L1; columns past the last full panel
+// read f (16, N) and scale by s.
+template <int MR>
+void expand16(const float* c, const float* fp, const float* f, const float* bias, float s, float* out,
+              int64_t m0, int64_t m1, int64_t N) {
+  constexpr int NV = kPanel / 16;
+  const int64_t panels = N / kPanel;
+  for (int64_t q = 0; q < panels; ++q) {
+    const float* pq = fp + q * 16 * kPanel;
+    const int64_t n = q * kPanel;
+    v16 b0[NV];
+    for (int v = 0; v < NV; ++v) b0[v] = bias ? load(bias + n + 16 * v) : v16{};
+    for (int64_t m = m0; m < m1; m += MR) {
+      const int rows = static_cast<int>(std::min<int64_t>(MR, m1 - m));
+      const float* cr[MR];
+      for (int i = 0; i < MR; ++i) cr[i] = c + (m + std::min(i, rows - 1)) * 16;   // a short tile repeats a row
+      v16 acc[MR][NV];
+      for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < NV; ++v) acc[i][v] = b0[v];
+      for (int j = 0; j < 16; ++j) {
+        v16 fv[NV];
+        for (int v = 0; v < NV; ++v) fv[v] = load(pq + j * kPanel + 16 * v);
+        for (int i = 0; i < MR; ++i) {
+          const v16 ci = splat(cr[i][j]);
+          for (int v = 0; v < NV; ++v) acc[i][v] += ci * fv[v];
+        }
+      }
+      for (int i = 0; i < rows; ++i) {
+        for (int v = 0; v < NV; ++v) store(out + (m + i) * N + n + 16 * v, acc[i][v]);
+        prefetch_write(out, (m + i + kPrefetch) * N + n);
+        prefetch_write(out, (m + i + kPrefetch) * N + n + 32);
+      }
+    }
+  }
+  for (int64_t m = m0; m < m1; ++m) {                                      // the last N mod 64 columns
+    int64_t n = panels * kPanel;
+    for (; n + 16 <= N; n += 16) {
+      v16 acc = bias ? load(bias + n) : v16{};
+      for (int j = 0; j < 16; ++j) acc += splat(s * c[m * 16 + j]) * load(f + j * N + n);
+      store(out + m * N + n, acc);
+    }
+    for (; n < N; ++n) {
+      float v = bias ? bias[n] : 0.f;
+      for (int j = 0; j < 16; ++j) v += s * c[m * 16 + j] * f[j * N + n];
+      out[m * N + n] = v;
+    }
+  }
+}
+
+// acc[n, :] += sum_{m in [m0, m1)} y[m, n] c[m, :]; y (M, N), c (M, 16), acc (N, 16): 16 columns a strip,
+// their 16 accumulators in registers over the block's rows, then one contiguous 1 KiB update of acc.
+void accumulate16(const float* c, const float* y, float* acc, int64_t m0, int64_t m1, int64_t N) {
+  int64_t n = 0;
+  for (; n + 16 <= N; n += 16) {
+    v16 d[16];
+    for (int i = 0; i < 16; ++i) d[i] = v16{};
+    for (int64_t m = m0; m < m1; ++m) {
+      const v16 cv = load(c + m * 16);
+      const float* ym = y + m * N + n;
+      prefetch_read(y, (m + kPrefetch) * N + n);
+      for (int i = 0; i < 16; ++i) d[i] += splat(ym[i]) * cv;
+    }
+    for (int i = 0; i < 16; ++i) store(acc + (n + i) * 16, load(acc + (n + i) * 16) + d[i]);
+  }
+  for (; n < N; ++n) {
+    v16 d{};
+    for (int64_t m = m0; m < m1; ++m) d += splat(y[m * N + n]) * load(c + m * 16);
+    store(acc + n * 16, load(acc + n * 16) + d);
+  }
+}
+
 void check(const torch::Tensor& t, int64_t dim, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == dim && t.is_contiguous(),
               name, " must be a contiguous ", dim, "-D float32 CPU tensor");
 }
 
-// Per-thread partial sums of an (R, N) accumulator, then one reduction over threads.
+// Rank 16 keeps its accumulators as (N, R) (see shrink16); the other ranks as (R, N).
+constexpr bool ranks_last(int64_t R) { return R == 16; }
+
+// Per-thread partial sums of an (R, N) accumulator ((N, R) when ranks_last), then one reduction over threads.
 torch::Tensor partials(int64_t R, int64_t N, const torch::Tensor& like) {
-  return torch::zeros({static_cast<int64_t>(at::get_num_threads()), R, N}, like.options());
+  const int64_t T = at::get_num_threads();
+  return ranks_last(R) ? torch::zeros({T, N, R}, like.options()) : torch::zeros({T, R, N}, like.options());
 }
 
-// s * sum_t part[t] as (R, N), or as its transpose (N, R) when transpose: one plain loop on this thread. The
+// s * sum_t part[t] as (P, Q), or as its transpose (Q, P) when transpose: one plain loop on this thread. The
 // torch ops it replaces (sum, mul_, t().contiguous()) each cost a parallel region or a dispatch, ~0.1 ms
 // in all per forward+backward at M=2048 (0.5% of the layer).
 torch::Tensor finish(const torch::Tensor& part, double s, bool transpose) {
@@ -243,13 +367,19 @@ torch::Tensor transposed(const torch::Tensor& b) {
 
 // Rows [b, e) of the forward: xa = x_l A^T, out = bias + s xa Bt, then (if gemm) out += x W^T (MKL, this
 // thread).
+// Rank 16 also gets a_t = A^T (K, 16) and bt_p = s Bt in panels (see shrink16); null for the other ranks.
 template <int R>
 void forward_rows(const torch::Tensor& x, const torch::Tensor& x_l, const torch::Tensor& w_t, const float* bias,
-                  const float* a, const float* bt, float s, torch::Tensor& xa, torch::Tensor& out, bool gemm,
-                  int64_t b, int64_t e) {
+                  const float* a, const float* bt, const float* a_t, const float* bt_p, float s, torch::Tensor& xa,
+                  torch::Tensor& out, bool gemm, int64_t b, int64_t e) {
   const int64_t K = x.size(1), N = out.size(1);
-  dot_rows<R, dot_rows_at_once<R>()>(x_l.data_ptr<float>(), a, xa.data_ptr<float>(), b, e, K);
-  expand_rows<R, 4>(xa.data_ptr<float>(), bt, bias, s, out.data_ptr<float>(), b, e, N);
+  if constexpr (R == 16) {
+    shrink16<8>(x_l.data_ptr<float>(), a_t, xa.data_ptr<float>(), b, e, K);
+    expand16<4>(xa.data_ptr<float>(), bt_p, bt, bias, s, out.data_ptr<float>(), b, e, N);
+  } else {
+    dot_rows<R, dot_rows_at_once<R>()>(x_l.data_ptr<float>(), a, xa.data_ptr<float>(), b, e, K);
+    expand_rows<R, 4>(xa.data_ptr<float>(), bt, bias, s, out.data_ptr<float>(), b, e, N);
+  }
   if (gemm) {
     auto out_rows = out.narrow(0, b, e - b);
     out_rows.addmm_(x.narrow(0, b, e - b), w_t);
@@ -264,34 +394,49 @@ std::vector<torch::Tensor> forward_r(const torch::Tensor& x, const torch::Tensor
   auto out = torch::empty({M, N}, x.options());
   auto xa = torch::empty({M, R}, x.options());
   const auto w_t = w.t();
+  torch::Tensor a_t, bt_p;                                     // rank 16's layouts, made once per call
+  if constexpr (R == 16) {
+    a_t = transposed(a);                                       // (K, 16)
+    bt_p = pack_panels(bt, s);
+  }
   const bool inference = c10::InferenceMode::is_enabled();   // out is an inference tensor under it
   at::parallel_for(0, M, min_rows, [&](int64_t b, int64_t e) {
     // OpenMP worker threads start with the default thread-local state (grad mode on, inference mode off):
     // without the caller's inference mode, the in-place GEMM into rows of an inference tensor throws
     c10::InferenceMode infer(inference);
     at::NoGradGuard no_grad;
-    forward_rows<R>(x, x_l, w_t, bias, a.data_ptr<float>(), bt.data_ptr<float>(), static_cast<float>(s), xa,
-                    out, gemm, b, e);
+    forward_rows<R>(x, x_l, w_t, bias, a.data_ptr<float>(), bt.data_ptr<float>(),
+                    R == 16 ? a_t.data_ptr<float>() : nullptr, R == 16 ? bt_p.data_ptr<float>() : nullptr,
+                    static_cast<float>(s), xa, out, gemm, b, e);
   });
   return {out, xa};
 }
 
 // Rows [b, e) of the backward, in blocks that stay in cache between their two skinny products, then the
 // base GEMM on the same rows. lora_out is dx (separate == false: the GEMM accumulates into it) or dx_l.
+// Rank 16 also gets b_nr = B (N, 16) and a_p = s A in panels, and accumulates dA^T and dB (ranks last).
 template <int R>
 void backward_rows(const torch::Tensor& g, const torch::Tensor& x_l, const torch::Tensor& w, const float* a,
-                   const float* bt, const float* xa, float s, float* gb, float* acc_a, float* acc_b,
-                   torch::Tensor& dx, torch::Tensor& lora_out, bool separate, int64_t b, int64_t e) {
+                   const float* bt, const float* b_nr, const float* a_p, const float* xa, float s, float* gb,
+                   float* acc_a, float* acc_b, torch::Tensor& dx, torch::Tensor& lora_out, bool separate,
+                   int64_t b, int64_t e) {
   const int64_t K = x_l.size(1), N = g.size(1);
   const float* gp = g.data_ptr<float>();
   const float* xp = x_l.data_ptr<float>();
   float* lp = lora_out.defined() ? lora_out.data_ptr<float>() : nullptr;
   for (int64_t m = b; m < e; m += kBlock) {
     const int64_t me = std::min(e, m + kBlock);
-    dot_rows<R, dot_rows_at_once<R>()>(gp, bt, gb, m, me, N);       // gb = g B
-    accumulate_rows<R>(xa, gp, acc_b, m, me, N);                       // dBt += xa^T g
-    if (lp) expand_rows<R, 4>(gb, a, nullptr, s, lp, m, me, K);         // s gb A
-    accumulate_rows<R>(gb, xp, acc_a, m, me, K);                       // dA += gb^T x_l
+    if constexpr (R == 16) {
+      shrink16<8>(gp, b_nr, gb, m, me, N);                              // gb = g B
+      accumulate16(xa, gp, acc_b, m, me, N);                            // dB += g^T xa
+      if (lp) expand16<4>(gb, a_p, a, nullptr, s, lp, m, me, K);        // s gb A
+      accumulate16(gb, xp, acc_a, m, me, K);                            // dA^T += x_l^T gb
+    } else {
+      dot_rows<R, dot_rows_at_once<R>()>(gp, bt, gb, m, me, N);     // gb = g B
+      accumulate_rows<R>(xa, gp, acc_b, m, me, N);                     // dBt += xa^T g
+      if (lp) expand_rows<R, 4>(gb, a, nullptr, s, lp, m, me, K);       // s gb A
+      accumulate_rows<R>(gb, xp, acc_a, m, me, K);                     // dA += gb^T x_l
+    }
   }
   if (dx.defined()) {
     auto dx_rows = dx.narrow(0, b, e - b);
@@ -315,13 +460,20 @@ std::vector<torch::Tensor> backward_r(const torch::Tensor& g, const torch::Tenso
   auto gb = torch::empty({M, R}, g.options());
   auto part_a = partials(R, K, g);
   auto part_b = partials(R, N, g);
+  torch::Tensor b_nr, a_p;                                     // rank 16's layouts, made once per call
+  if constexpr (R == 16) {
+    b_nr = transposed(bt);                                     // (N, 16)
+    a_p = pack_panels(a, s);
+  }
   const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, M, min_rows, [&](int64_t b, int64_t e) {
     c10::InferenceMode infer(inference);                      // as in forward_r: the caller's mode
     at::NoGradGuard no_grad;
     const int64_t t = at::get_thread_num();
-    backward_rows<R>(g, x_l, w, a.data_ptr<float>(), bt.data_ptr<float>(), xa.data_ptr<float>(),
-                     static_cast<float>(s), gb.data_ptr<float>(), part_a.data_ptr<float>() + t * R * K,
+    backward_rows<R>(g, x_l, w, a.data_ptr<float>(), bt.data_ptr<float>(),
+                     R == 16 ? b_nr.data_ptr<float>() : nullptr, R == 16 ? a_p.data_ptr<float>() : nullptr,
+                     xa.data_ptr<float>(), static_cast<float>(s), gb.data_ptr<float>(),
+                     part_a.data_ptr<float>() + t * R * K,
                      part_b.data_ptr<float>() + t * R * N, dx, lora_out, separate, b, e);
   });
   return {dx, dx_l, part_a, part_b};                                   // partial sums: see finish
@@ -349,7 +501,7 @@ std::vector<torch::Tensor> forward_impl(const torch::Tensor& x_in, const torch::
 }
 
 
-// (dx, dx_l, per-thread partial sums of dA and dBt)
+// (dx, dx_l, per-thread partial sums of dA and dBt; of dA^T and dB when ranks_last)
 std::vector<torch::Tensor> backward_partials(const torch::Tensor& g, const torch::Tensor& x_l_in, const torch::Tensor& w_in,
                                              const torch::Tensor& a, const torch::Tensor& bt, const torch::Tensor& xa,
                                              double s, bool need_dx, bool separate, bool need_dx_l, int64_t min_rows) {
@@ -371,7 +523,8 @@ std::vector<torch::Tensor> pipeline_backward(const torch::Tensor& g, const torch
                                     const torch::Tensor& a, const torch::Tensor& bt, const torch::Tensor& xa,
                                     double s, bool need_dx, bool separate, bool need_dx_l, int64_t min_rows) {
   auto res = backward_partials(g, x_l, w, a, bt, xa, s, need_dx, separate, need_dx_l, min_rows);
-  return {res[0], res[1], finish(res[2], 1.0, false), finish(res[3], 1.0, false)};
+  const bool last = ranks_last(a.size(0));                             // (dA, dBt) as (R, K), (R, N)
+  return {res[0], res[1], finish(res[2], 1.0, last), finish(res[3], 1.0, last)};
 }
 
 
@@ -445,8 +598,9 @@ struct LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction>
     out[1] = dx_l;
     if (needs(2)) out[2] = at::mm(g.t(), x.detach());                                 // dW (N, K)
     if (needs(3)) out[3] = g.sum(0);                                                  // db (N,)
-    if (needs(4)) out[4] = finish(d_a, s, false);                                     // dA (R, K)
-    if (needs(5)) out[5] = finish(d_bt, s, true);                                     // dB (N, R)
+    const bool last = ranks_last(a.size(0));                     // partials as (K, R), (N, R)
+    if (needs(4)) out[4] = finish(d_a, s, last);                                      // dA (R, K)
+    if (needs(5)) out[5] = finish(d_bt, s, !last);                                    // dB (N, R)
     return out;
   }
 };
