@@ -71,3 +71,27 @@ def test_tiny_run_prints_the_table(monkeypatch, capsys) -> None:
     monkeypatch.setattr(peers, "_has_peft", lambda: False)
     table = peers.run_peers_bench(methods="bitfit", tiny=True, batch=2, seq=8, rounds=1, threads=1)
     assert "bitfit    peft       not installed" in table
+
+
+@pytest.mark.parametrize("method", ["bitfit", "lora_qv"])
+def test_pd_hf_step_does_no_more_work_than_peft(method: str) -> None:
+    """Op counts of one training step on the tiny BERT: promptdelta on the transformers model runs no op more
+    often than PEFT does (BitFit: exactly plain torch's ops; LoRA: the fused layer replaces PEFT's linears)."""
+    peft_ops = peers.step_ops(method, "peft", tiny=True, batch=2, seq=8)
+    ours = peers.step_ops(method, "pd-hf", tiny=True, batch=2, seq=8)
+    def calls(ops: dict, *names: str) -> int:
+        return sum(ops.get(n, (0, 0.0))[0] for n in names)
+
+    gemms = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm")   # the fused layer's GEMMs are addmm_
+    assert calls(ours, *gemms) <= calls(peft_ops, *gemms)
+    for op in ("aten::copy_", "aten::cat", "aten::add", "aten::mul", "aten::sum", "aten::clone", "aten::bernoulli_"):
+        assert calls(ours, op) <= calls(peft_ops, op), op
+    if method == "bitfit":
+        assert {k: c for k, (c, _) in ours.items()} == {k: c for k, (c, _) in peft_ops.items()}
+
+
+def test_profile_prints_the_op_diff() -> None:
+    out = peers.profile_method("prompt", tiny=True, batch=2, seq=8, threads=1)
+    assert "prompt/peft" in out and "prompt/pd-native" in out and "total self CPU" in out
+    with pytest.raises(ConfigError, match="not a method"):
+        peers.profile_method("ia4", tiny=True)

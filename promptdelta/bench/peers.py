@@ -354,9 +354,60 @@ def run_peers_bench(methods: str | Sequence[str] | None = None, batch: int = 16,
     return _format(rows, header)
 
 
+def step_ops(method: str, impl: str, tiny: bool = False, batch: int = 16, seq: int = 128) -> dict[str, tuple[int, float]]:
+    """torch.profiler over one training step of a row (after two warm-up steps): op name -> (calls, self CPU ms).
+    Autograd-engine bookkeeping, views and detaches are left out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    vocab = 99 if tiny else 30522
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (batch, seq), generator=g)
+    mask, labels = torch.ones_like(ids), torch.randint(0, NUM_LABELS, (batch,), generator=g)
+    model = build_row(method, impl, tiny)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(ids, mask), labels).backward()
+        opt.step()
+
+    step(), step()   # warm-up: optimizer state, one-off allocations
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return {e.key: (e.count, e.self_cpu_time_total / 1e3) for e in prof.key_averages()
+            if not e.key.startswith(("autograd::engine", "Optimizer", "aten::view", "detach", "aten::detach"))}
+
+
+def profile_method(method: str, tiny: bool = False, batch: int = 16, seq: int = 128, threads: int | None = None,
+                   top: int = 12) -> str:
+    """Op-by-op comparison of one method's rows (``step_ops``, in this process), the frozen floor beside them:
+    the ops whose call counts differ between the impls, with their self CPU ms, then each row's busiest ops.
+    The counts are exact on a loaded machine; the milliseconds are not (one step each)."""
+    if method not in METHODS + ["floor"]:
+        raise ConfigError(f"--profile {method!r} is not a method; use one of {METHODS} or 'floor'.")
+    torch.set_num_threads(threads or torch.get_num_threads())
+    specs = [("floor", "hf")] + [(method, i) for i in IMPLS if not (method == "prefix" and i == "pd-hf")
+                                 and (i != "peft" or _has_peft()) and method != "floor"]
+    ops = {f"{m}/{i}": step_ops(m, i, tiny, batch, seq) for m, i in specs}
+    names = list(ops)
+    lines = [f"op-by-op profile of one training step: {method}, batch {batch} x seq {seq}, "
+             f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}; calls and self CPU ms per row",
+             f"{'op':44s}" + "".join(f"{n:>24s}" for n in names)]
+    for key in sorted(set().union(*ops.values())):
+        got = [ops[n].get(key, (0, 0.0)) for n in names]
+        if len({c for c, _ in got[1:] or got}) > 1:   # work one impl does and another does not (the floor:
+            lines.append(f"{key[:44]:44s}" + "".join(f"{c:>8d} {t:10.2f} ms  " for c, t in got))   # reference)
+    lines.append(f"{'total self CPU':44s}" + "".join(f"{'':>8s} {sum(t for _, t in ops[n].values()):10.2f} ms  "
+                                                   for n in names))
+    for n in names:
+        busiest = sorted(ops[n].items(), key=lambda kv: -kv[1][1])[:top]
+        lines.append(f"{n}: " + ", ".join(f"{k.removeprefix('aten::')} {c}x {t:.1f} ms" for k, (c, t) in busiest))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``promptdelta bench peers [--methods lora_qv,...] [--batch 16] [--seq 128] [--rounds 5] [--tiny]
-    [--threads N]``."""
+    [--threads N] [--profile METHOD]``."""
     p = argparse.ArgumentParser(prog="promptdelta bench peers", description=__doc__.splitlines()[0])
     p.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--batch", type=int, default=16)
@@ -364,10 +415,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (medians over them)")
     p.add_argument("--tiny", action="store_true", help="a random 2 x 32 BERT instead of MiniLM (smoke test)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default: torch's)")
+    p.add_argument("--profile", metavar="METHOD", default=None,
+                   help="instead of the table: one method's rows op by op (torch.profiler, one step each)")
     p.add_argument("--worker", nargs=2, metavar=("METHOD", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker(*args.worker, args.tiny, args.batch, args.seq, args.threads or torch.get_num_threads())
+    if args.profile:
+        print(profile_method(args.profile, args.tiny, args.batch, args.seq, args.threads))
+        return 0
     print(run_peers_bench(args.methods, args.batch, args.seq, args.rounds, args.tiny, args.threads))
     return 0
 
