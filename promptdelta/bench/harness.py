@@ -222,13 +222,15 @@ def training_memory_mb(make: Callable[[], torch.nn.Module], train: Any, batch_si
     return measure_training_memory(model, lambda: model.loss(batch)[0]).total / 2 ** 20
 
 
-def run_trained(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any, data: Data) -> dict[str, Any]:
-    """Train each lr of the method's grid (default: its train.lr), keep the best on dev, test it."""
+def run_trained(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any, data: Data,
+                make: Callable[[], torch.nn.Module] | None = None) -> dict[str, Any]:
+    """Train each lr of the method's grid (default: its train.lr), keep the best on dev, test it. ``make``:
+    builds a fresh model (default: the kind's own; bench/methods_harness.py passes its two-phase ones)."""
     from promptdelta.run import count_trainable, fit_or_zero_shot, init_verbalizer
     from promptdelta.train.config import TrainConfig
 
     train, dev, test = data
-    make = _make_model(suite, spec, base, tokenizer, list(train.classes))
+    make = make or _make_model(suite, spec, base, tokenizer, list(train.classes))
     kind = suite.methods[spec.method]["kind"]
     run_config = suite.run_config(spec.task, spec.method, spec.shots, spec.seed) if kind == "prompt" else None
     base_cfg = TrainConfig.from_dict(suite.method_train(spec.method))
@@ -275,13 +277,20 @@ def run_logreg_spec(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenize
             "step_time_s": None}
 
 
-def run_spec(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any, data: Data) -> dict[str, Any]:
-    """Run one cell of the grid and return its results row."""
+def run_spec(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any, data: Data,
+             cache_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run one cell of the grid and return its results row. ``cache_dir``: where two-phase kinds (s3delta,
+    ipt, multitask) keep what several runs share (default: nothing is kept)."""
     kind = suite.methods[spec.method]["kind"]
     runner = run_logreg_spec if kind == "logreg" else run_trained
     if kind in ("setfit", "peft", "recipe"):                  # the peers (own packages) and the auto recipe
         from promptdelta.bench.peers_harness import run_peer_spec as runner
     t0 = time.perf_counter()
+    if kind in ("s3delta", "ipt", "multitask"):              # issue 21's two-phase methods
+        from promptdelta.bench.methods_harness import run_method_spec
+
+        def runner(*args: Any) -> dict[str, Any]:
+            return run_method_spec(*args, cache_dir=cache_dir)
     metrics = runner(suite, spec, base, tokenizer, data)
     metrics["wall_time_s"] = time.perf_counter() - t0         # the whole run: build, memory count, train, test
     train, dev, test = data
@@ -405,6 +414,11 @@ def _finished(results: str | Path, spec: RunSpec) -> bool:
     return any(r.get("key") == spec.key and r.get("config_hash") == spec.config_hash for r in read_results(results))
 
 
+def _cache_dir(results: str | Path) -> Path:
+    """``<results stem>.cache/`` beside the results file: what two-phase kinds share between runs."""
+    return Path(results).parent / f"{Path(results).stem}.cache"
+
+
 def run_suite(suite: Suite | str | Path, results: str | Path, *, only: Sequence[str] | None = None,
               after_run: Callable[[dict[str, Any]], None] | None = None,
               echo: Callable[[str], None] | None = None, claims: str | Path | None = None,
@@ -444,7 +458,7 @@ def run_suite(suite: Suite | str | Path, results: str | Path, *, only: Sequence[
             split = (spec.task, spec.shots, spec.seed)
             if cached[0] != split:
                 cached = (split, load_task(suite, *split))
-            row = run_spec(suite, spec, base, tokenizer, cached[1])
+            row = run_spec(suite, spec, base, tokenizer, cached[1], cache_dir=_cache_dir(results))
             append_result(results, row)
         finally:
             release_claim(claims, spec)

@@ -48,8 +48,10 @@ from promptdelta.train.config import TrainConfig
 SUITE_KEYS = {"name", "backbone", "shots", "seeds", "max_length", "device", "train", "tasks", "methods", "note"}
 TASK_KEYS = {"data", "template", "label_words", "columns", "split_names", "classes", "test_subset", "note", "shots",
              "dev_shots"}
-KINDS = ("prompt", "finetune", "head", "logreg", "setfit", "peft", "recipe")   # the last 3: bench/peers_harness.py
+KINDS = ("prompt", "finetune", "head", "logreg", "setfit", "peft", "recipe",   # setfit..recipe: peers_harness.py
+         "s3delta", "ipt", "multitask")                                         # bench/methods_harness.py
 _COMMON = {"kind", "note"}
+_PROMPT_ROW = {"template", "verbalizer", "verbalizer_options", "label_words", "readout", "train", "lr_grid"}
 METHOD_KEYS = {
     "prompt": _COMMON | {"template", "template_type", "template_options", "verbalizer", "verbalizer_options",
                          "label_words", "multi_token_handler", "readout", "verbalizer_init", "delta", "train",
@@ -60,6 +62,10 @@ METHOD_KEYS = {
     "setfit": _COMMON | {"num_iterations", "num_epochs", "batch_size", "body_lr", "head_C", "max_iter"},
     "peft": _COMMON | {"r", "alpha", "dropout", "target_modules", "lr", "epochs", "batch_size", "weight_decay"},
     "recipe": _COMMON | {"budget_s", "candidates"},
+    # issue 21 (bench/methods_harness.py): a prompt row's keys plus the method's first phase
+    "s3delta": _COMMON | _PROMPT_ROW | {"search"},
+    "ipt": _COMMON | _PROMPT_ROW | {"source_tasks", "subspace", "source_train"},
+    "multitask": _COMMON | _PROMPT_ROW | {"source_tasks", "delta", "multitask"},
 }
 POOLINGS = ("cls", "mean")
 
@@ -132,8 +138,13 @@ class Suite:
         every machine and a report can select the current rows without the data."""
         t = {**self.tasks[task], "data": self.data_as_written.get(task, self.tasks[task]["data"])}
         t.pop("shots", None)  # in the run key already; a per-task shots must not re-hash the other shot counts
-        blob = json.dumps({"task": t, "method": self.methods[method], "backbone": self.backbone,
-                           "max_length": self.max_length, "train": self.train}, sort_keys=True, default=str)
+        d = {"task": t, "method": self.methods[method], "backbone": self.backbone,
+             "max_length": self.max_length, "train": self.train}
+        if self.methods[method]["kind"] in ("ipt", "multitask"):   # their rows depend on the source tasks too
+            from promptdelta.bench.methods_harness import source_fingerprint
+
+            d["sources"] = source_fingerprint(self, method, task)
+        blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def expand(self, only: Sequence[str] | None = None) -> list[RunSpec]:
@@ -280,7 +291,11 @@ def _check_combinations(suite: Suite) -> None:
 
     TrainConfig.from_dict({**suite.train, "progress": False})
     for m, opts in suite.methods.items():
-        if opts["kind"] != "prompt":
+        if opts["kind"] in ("s3delta", "ipt", "multitask"):
+            from promptdelta.bench.methods_harness import check_method
+
+            check_method(suite, m)
+        elif opts["kind"] != "prompt":
             continue
         for t in suite.tasks:
             try:

@@ -194,9 +194,12 @@ def candidates(handle: DeltaHandle) -> list[Candidate]:
 
 
 def search(handle: DeltaHandle, loss_fn: Callable[[Any], torch.Tensor], batches: Iterable[Any], budget: int,
-           lr: float = 1e-3, gate_lr: float = 1e-1, penalty: float = 1.0, weight_decay: float = 0.1) -> list[float]:
+           lr: float = 1e-3, gate_lr: float = 1e-1, penalty: float = 1.0, weight_decay: float = 0.1,
+           extra_params: Iterable[nn.Parameter] = (), extra_lr: float | None = None) -> list[float]:
     """Train the super-network: AdamW on ``loss_fn(batch) + penalty * budget_penalty`` over ``batches``
     (delta weights at ``lr`` with ``weight_decay``, gate logits at ``gate_lr`` without). Returns the loss per step.
+    ``extra_params`` (e.g. a fresh soft verbalizer's head, which the loss needs trained too) train alongside at
+    ``extra_lr`` (default ``lr``), without weight decay.
 
     Why the weight decay: a gate and its delta's weights are redundant (g * B equals 1 * gB), so without it
     the weights absorb any gate change and the gates carry no ranking. Decay makes large weights costly: a
@@ -205,6 +208,9 @@ def search(handle: DeltaHandle, loss_fn: Callable[[Any], torch.Tensor], batches:
         raise ConfigError(f"budget={budget} must be a positive number of trainable parameters")
     opt = torch.optim.AdamW([{"params": weight_parameters(handle), "lr": lr, "weight_decay": weight_decay},
                              {"params": gate_parameters(handle), "lr": gate_lr, "weight_decay": 0.0}])
+    extra = [p for p in extra_params if p.requires_grad]
+    if extra:
+        opt.add_param_group({"params": extra, "lr": lr if extra_lr is None else extra_lr, "weight_decay": 0.0})
     history = []
     for batch in batches:
         loss = loss_fn(batch) + penalty * budget_penalty(handle, budget)

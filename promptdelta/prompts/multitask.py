@@ -42,8 +42,9 @@ DEFAULT_BODY = '{"placeholder":"text_a","shortenable":true} Answer: {"mask"}.'
 
 @dataclass
 class TaskSpec:
-    """One task: its data, classes, label words (one list per class) and structured-field values
-    (``fields``: e.g. {"task": "sentiment", "format": "review"}; "labels" defaults to the first label words)."""
+    """One task: its data, classes, label words (one list per class), structured-field values (``fields``:
+    e.g. {"task": "sentiment", "format": "review"}; "labels" defaults to the first label words) and, optionally,
+    its own template ``body`` after the fields (tasks keep their usual templates; the fields are shared)."""
 
     name: str
     train: Sequence[Any]
@@ -51,6 +52,7 @@ class TaskSpec:
     label_words: Sequence[Sequence[str]]
     dev: Sequence[Any] = ()
     fields: Mapping[str, str] = field(default_factory=dict)
+    body: str | None = None            # this task's own template body (default: the MultiTaskPrompt's body)
 
 
 def structured_text(fields: Mapping[str, str], keys: Sequence[str] = DEFAULT_KEYS, body: str = DEFAULT_BODY) -> str:
@@ -123,7 +125,7 @@ class MultiTaskPrompt(nn.Module):
             raise ConfigError(f"task {spec.name!r} has {len(spec.classes)} classes but {len(spec.label_words)} "
                               f"label-word lists; give one list per class")
         fields = {"task": spec.name, "labels": ", ".join(ws[0] for ws in spec.label_words), **spec.fields}
-        template = SoftTemplate(structured_text(fields, self.keys, self.body), tokenizer=self.tokenizer,
+        template = SoftTemplate(structured_text(fields, self.keys, spec.body or self.body), tokenizer=self.tokenizer,
                                 backbone=self.backbone, num_tokens=self.num_soft_tokens)
         if self.soft_prompt is None:
             self.soft_prompt = template.soft_embeds                                  # (n, H), the shared one
