@@ -20,6 +20,7 @@ from promptdelta.deltas.base import (
 )
 from promptdelta.deltas.bitfit import AddedBias, BitFit, BitFitConfig
 from promptdelta.deltas.lora import LoRA, LoRAConfig, LoRALinear
+from promptdelta.deltas.ia3 import IA3, IA3Config, IA3Linear
 from promptdelta.deltas.adapter import Adapter, AdapterConfig, AdapterWrapper, Bottleneck
 from promptdelta.deltas.prefix import PrefixConfig, PrefixTuning, prefix_kv
 from promptdelta.deltas.intrinsic import Fastfood, Intrinsic, IntrinsicConfig, IntrinsicWrapper, fwht
@@ -37,6 +38,7 @@ __all__ = [
 ]
 __all__ += ["Intrinsic", "IntrinsicConfig", "IntrinsicWrapper", "Fastfood", "fwht",
             "Ladder", "LadderConfig", "SideNetwork", "SideSeq2Seq", "MemoryReport", "measure_training_memory"]
+__all__ += ["IA3", "IA3Config", "IA3Linear"]
 __all__ += ["AddedBias", "Adapter", "AdapterConfig", "AdapterWrapper", "Bottleneck", "PrefixConfig", "PrefixTuning",
             "prefix_kv"]
 __all__ += ["merge_and_unload", "register_unload", "base_state_dict", "save_peft", "load_peft", "read_peft_config",
