@@ -9,7 +9,7 @@ import torch
 
 from promptdelta.data import load
 from promptdelta.errors import ConfigError
-from promptdelta.recipe import CANDIDATES, auto_recipe
+from promptdelta.recipe import CANDIDATES, RUNNERS, auto_recipe
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +22,18 @@ def test_every_candidate_runs_and_the_best_dev_wins(setup):
     base, tok, (train, dev, test) = setup
     said = []
     before = {k: v.clone() for k, v in base.state_dict().items()}
+    everything = [*RUNNERS, "ensemble"]                                         # defaults + optional ones
     out = auto_recipe(base, tok, train, dev, budget_s=600, seed=13, label_words=[["bad"], ["good"]],
-                      max_length=32, echo=said.append)
-    assert [r["name"] for r in out.table] == list(CANDIDATES) and all(r["status"] == "ran" for r in out.table)
+                      candidates=everything, max_length=32, echo=said.append)
+    assert [r["name"] for r in out.table] == everything and all(r["status"] == "ran" for r in out.table)
+    assert out.table[-1]["members"] == [n for n in RUNNERS if n != "similarity"]   # zero-shot is not averaged
     scores = [r["dev"] for r in out.table]
     assert out.dev_score == max(scores)
-    assert out.chosen == out.table[scores.index(max(scores))]["name"]            # first of the best: cheaper
+    assert out.chosen == out.table[scores.index(max(scores))]["name"]            # ties: the first listed
     assert "budget 600 s" in said[0] and f"chose {out.chosen}" in said[-1]
-    preds = out.predict(list(test))
+    preds, proba = out.predict(list(test)), out.proba(list(test))
     assert len(preds) == len(test) and set(preds) <= {0, 1}
+    assert np.allclose(proba.sum(-1), 1.0) and preds == proba.argmax(-1).tolist()
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())  # the base is never modified
 
 
@@ -38,7 +41,7 @@ def test_budget_bounds_the_candidates(setup):
     base, tok, (train, dev, _) = setup
     out = auto_recipe(base, tok, train, dev, budget_s=0, max_length=32, echo=lambda s: None)
     assert [r["status"] for r in out.table] == ["ran"] + ["skipped: budget spent"] * (len(CANDIDATES) - 1)
-    assert out.chosen == "logreg"
+    assert out.chosen == CANDIDATES[0]
 
 
 def test_bad_candidates_and_empty_dev_are_named(setup):
