@@ -30,7 +30,7 @@ def test_rows_train_the_same_parameters(method: str) -> None:
     assert len(set(counts.values())) == 1, counts
 
 
-@pytest.mark.parametrize("method", ["lora_qv", "lora_all", "bitfit"])
+@pytest.mark.parametrize("method", ["lora_qv", "lora_all", "bitfit", "ia3"])
 def test_rows_start_at_the_base_model(method: str) -> None:
     """Zero-init LoRA B and untouched biases: every impl gives the frozen model's logits (same head seed)."""
     ids, mask = _batch()
@@ -73,10 +73,11 @@ def test_tiny_run_prints_the_table(monkeypatch, capsys) -> None:
     assert "bitfit    peft       not installed" in table
 
 
-@pytest.mark.parametrize("method", ["bitfit", "lora_qv"])
+@pytest.mark.parametrize("method", ["bitfit", "lora_qv", "ia3"])
 def test_pd_hf_step_does_no_more_work_than_peft(method: str) -> None:
     """Op counts of one training step on the tiny BERT: promptdelta on the transformers model runs no op more
-    often than PEFT does (BitFit: exactly plain torch's ops; LoRA: the fused layer replaces PEFT's linears)."""
+    often than PEFT does (BitFit: exactly plain torch's ops; LoRA: the fused layer replaces PEFT's linears; IA3:
+    fewer element-wise ops than PEFT's)."""
     peft_ops = peers.step_ops(method, "peft", tiny=True, batch=2, seq=8)
     ours = peers.step_ops(method, "pd-hf", tiny=True, batch=2, seq=8)
     def calls(ops: dict, *names: str) -> int:

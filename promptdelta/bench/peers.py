@@ -1,7 +1,7 @@
 """promptdelta against PEFT, method by method, side by side: ``promptdelta bench peers``.
 
 For each method both libraries have (LoRA on query/value, LoRA on all linear layers, BitFit, prefix tuning,
-prompt tuning) three rows train the same pooled classifier on the same batch (mean-pooled last hidden state
+prompt tuning, IA3) three rows train the same pooled classifier on the same batch (mean-pooled last hidden state
 -> linear head -> cross-entropy, AdamW over the trainable parameters):
 
 * ``peft``: PEFT on the transformers ``BertModel``;
@@ -39,19 +39,21 @@ from torch import nn
 
 from promptdelta.errors import ConfigError
 
-METHODS = ["lora_qv", "lora_all", "bitfit", "prefix", "prompt"]
+METHODS = ["lora_qv", "lora_all", "bitfit", "prefix", "prompt", "ia3"]
 IMPLS = ["peft", "pd-hf", "pd-native"]
 REFS = [("full", "hf"), ("floor", "hf"), ("floor", "native")]
 NUM_LABELS = 4
 PROMPT_TOKENS = 10   # prompt tuning's and prefix tuning's virtual tokens
 LORA = {"r": 8, "alpha": 16}
+IA3_FF = r".*\.layer\.\d+\.output\.dense"   # BERT's FFN output layer (fc2): its input is the inner activation
 NOTES = [
     "bitfit: PEFT has no BitFit; its column is plain torch (requires_grad on every bias of the transformers model)",
     "prefix: promptdelta prefixes a transformers BertModel only through a KV cache, which BertModel lacks: "
     "pd-hf n/a; both libraries without the MLP reparameterisation",
     "prompt: 10 soft vectors before the input embeddings (promptdelta's SoftTemplate splice, done in the bench)",
-    "IA3: no promptdelta IA3 method (no row); bottleneck adapter: the project takes no dependency on and no code "
-    "from the `adapters` package (no row)",
+    "ia3: l_k, l_v on key/value outputs, l_ff on the FFN's inner activation (PEFT: target key|value|layer.N.output."
+    "dense, the last as feedforward_modules; PEFT's BERT default would also scale attention.output.dense's input)",
+    "bottleneck adapter: the project takes no dependency on and no code from the `adapters` package (no row)",
 ]
 
 
@@ -108,6 +110,7 @@ def _peft(hf: nn.Module, method: str) -> nn.Module:
         "lora_all": lambda: peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules="all-linear"),
         "prefix": lambda: peft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=PROMPT_TOKENS),
         "prompt": lambda: peft.PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=PROMPT_TOKENS),
+        "ia3": lambda: peft.IA3Config(target_modules=rf".*\.(key|value)|{IA3_FF}", feedforward_modules=IA3_FF),
     }
     return peft.get_peft_model(hf, configs[method]())
 
