@@ -233,9 +233,13 @@ def run_recipe_cell(base: nn.Module, tokenizer: Any, data: tuple, max_length: in
     t1 = time.perf_counter()
     preds = out.predict(list(test))
     n = sum(p.numel() for p in base.parameters())
+    # what the chosen predictor trained: whole bodies (setfit, and an ensemble holding it), else a head/delta
+    body = out.chosen in ("setfit", "ensemble")
+    head = len(train.classes) * (base.config.hidden_size + 1)
     return {"preds": preds, "dev_score": out.dev_score, "chosen": {"candidate": out.chosen},
             "grid_dev": {r["name"]: r["dev"] for r in out.table}, "train_time_s": train_s,
-            "eval_time_s": time.perf_counter() - t1, "steps": 0, "trainable_params": 0, "total_params": n,
+            "eval_time_s": time.perf_counter() - t1, "steps": 0, "trainable_params": n + head if body else head,
+            "total_params": n + head,
             "peer": {"package": "promptdelta.recipe", "args": {"candidates": candidates, "budget_s": out.budget_s,
                                                               "table": out.table}}}
 
