@@ -40,7 +40,6 @@ from promptdelta.errors import ConfigError
 from promptdelta.utils.io import atomic_save_safetensors
 from promptdelta.utils.seed import seed_everything
 
-METHOD_KINDS = ("s3delta", "ipt", "multitask")
 SEARCH_KEYS = {"budget", "steps", "lr", "gate_lr", "penalty", "methods", "targets", "r", "alpha", "bottleneck"}
 SUBSPACE_KEYS = {"dim", "method", "num_tokens"}
 MULTITASK_KEYS = {"num_soft_tokens", "steps", "lr", "temperature"}
@@ -327,7 +326,7 @@ def prepare_multitask(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokeni
 
 def run_method_spec(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any, data: Data,
                     cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """One row of a kind in METHOD_KINDS: the method's first phase, then ``run_trained`` on its model."""
+    """One row of kind s3delta, ipt or multitask: the method's first phase, then ``run_trained`` on its model."""
     from promptdelta.bench.harness import run_trained
 
     kind = suite.methods[spec.method]["kind"]
