@@ -18,7 +18,8 @@ PREFIX_TUNING without projection, one-stack models: exact on a transformers mode
 cache; on a native backbone PEFT's numbering of the input positions after the P prefix positions differs
 from ours (from 0), so outputs agree when it gets ``position_ids`` from P: said in a warning);
 prompt tuning (a SoftTemplate's soft prompt <-> PROMPT_TUNING: ``export_prompt_tuning`` /
-``import_prompt_tuning``). Not covered, refused with a one-line CheckpointError naming the option: DoRA,
+``import_prompt_tuning``); IA3 (keys ``<module>.ia3_l``, (out, 1) for an output-scaling vector and (1, in) for
+one of PEFT's ``feedforward_modules``; not on GPT-2's fused c_attn). Not covered, refused with a one-line CheckpointError naming the option: DoRA,
 LoRA bias, LoRA on embeddings, ``modules_to_save``, different ranks or alphas per module, PEFT's prefix MLP
 (``prefix_projection``), encoder-decoder prefixes, and every other PEFT method.
 PEFT folders carry no fingerprint of the base model: only module names and shapes are checked on load.
@@ -97,9 +98,11 @@ def save_peft(handle: DeltaHandle, path: str | Path, overwrite: bool = False, hf
                          f"save(format='peft') does not write; save it with format='promptdelta'.")
     if handle.method == "prefix":
         return _save_prefix(handle, _prepare_folder(path, overwrite))
+    if handle.method == "ia3":
+        return _save_ia3(handle, path, overwrite, hf_prefix)
     if handle.method != "lora":
-        raise DeltaError(f"delta {handle.name!r} is a {handle.method!r} delta; PEFT's format is written for 'lora' "
-                         f"and 'prefix' only ({handle.method} has no PEFT counterpart with the same outputs): save it "
+        raise DeltaError(f"delta {handle.name!r} is a {handle.method!r} delta; PEFT's format is written for 'lora', "
+                         f"'ia3' and 'prefix' only ({handle.method} has no PEFT counterpart with the same outputs): save it "
                          f"with format='promptdelta'.")
     c = handle.config
     folder = _prepare_folder(path, overwrite)
@@ -179,11 +182,13 @@ def read_peft_config(folder: Path) -> dict[str, Any]:
     kind = config.get("peft_type")
     if kind == "PREFIX_TUNING":
         return _check_prefix_config(config, path)
+    if kind == "IA3":
+        return _check_ia3_config(config, path)
     if kind == "PROMPT_TUNING":
         raise CheckpointError(f"{path}: PEFT method 'PROMPT_TUNING' is a soft prompt, not a delta on the model; "
                               f"load it into a SoftTemplate with promptdelta.import_prompt_tuning(template, folder).")
     if kind != "LORA":
-        raise CheckpointError(f"{path}: PEFT method {kind!r} is not one promptdelta reads (LORA, PREFIX_TUNING, and "
+        raise CheckpointError(f"{path}: PEFT method {kind!r} is not one promptdelta reads (LORA, IA3, PREFIX_TUNING, and "
                               f"PROMPT_TUNING through import_prompt_tuning; see docs/guide/export.md); merge it "
                               f"with PEFT or train the delta with promptdelta.")
     for key, unused in _UNSUPPORTED.items():
@@ -222,6 +227,8 @@ def load_peft(model: nn.Module, path: str | Path, name: str | None = None) -> De
     raw = _read_weights(folder / PEFT_WEIGHTS_FILE)
     if config["peft_type"] == "PREFIX_TUNING":
         return _load_prefix(model, folder, config, raw, name)
+    if config["peft_type"] == "IA3":
+        return _load_ia3(model, folder, raw, name)
     pairs = _scaled(_lora_pairs(raw, folder), config)    # HF module -> (A (r, in), B (out, r), scale)
     if native_family(model) is not None:
         canon = table_namer(_native_table(model))
@@ -446,4 +453,78 @@ def _load_prefix(model: nn.Module, folder: Path, config: dict[str, Any], raw: di
         raise
     if native_family(model) is not None:
         logger.warning("loaded PEFT prefix adapter %s as prefix delta %r. %s.", folder, handle.name, _POSITIONS)
+    return handle
+
+
+# --------------------------------------------------------------------------------------------- IA3
+def _save_ia3(handle: DeltaHandle, path: str | Path, overwrite: bool, hf_prefix: str | None) -> Path:
+    """An IA3 delta as PEFT's IA3 folder: ``<module>.ia3_l`` of shape (out, 1), or (1, in) for the input-scaling
+    (feedforward) layers, which the config lists in ``feedforward_modules``."""
+    if _hf_fuses_qkv(handle.model):
+        raise DeltaError(f"IA3 delta {handle.name!r} is on a native backbone whose transformers model fuses q|k|v "
+                         f"(GPT-2's c_attn), which PEFT's IA3 cannot scale per part; save with format='promptdelta'.")
+    to_hf = _hf_names(handle.model, hf_prefix)
+    tensors, ff = {}, []
+    for site, w in handle._method.sites:
+        hf = to_hf(site.name)
+        if hf is None:
+            raise DeltaError(f"module {site.name!r} has no transformers counterpart; save with format='promptdelta'.")
+        l = w.ia3_l.detach()
+        tensors[f"{_ROOT}{hf}.ia3_l"] = (l.view(1, -1) if w.feedforward else l.view(-1, 1)).contiguous()
+        if w.feedforward:
+            ff.append(hf)
+    folder = _prepare_folder(path, overwrite)
+    modules = sorted(k[len(_ROOT):].rsplit(".ia3_l", 1)[0] for k in tensors)
+    config = {"peft_type": "IA3", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+              "target_modules": modules, "feedforward_modules": sorted(ff), "fan_in_fan_out": False,
+              "modules_to_save": None, "init_ia3_weights": True, "peft_version": _peft_version()}
+    atomic_save_safetensors(folder / PEFT_WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+    atomic_write_json(folder / PEFT_CONFIG_FILE, config)
+    logger.info("saved IA3 delta %r in PEFT's format (%d modules) to %s", handle.name, len(modules), folder)
+    return folder
+
+
+def _check_ia3_config(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    for key, unused in (("fan_in_fan_out", (False, None)), ("modules_to_save", (None, []))):
+        if config.get(key) not in unused:
+            raise CheckpointError(f"{path}: PEFT IA3 option {key}={config[key]!r:.60} has no promptdelta "
+                                  f"counterpart; save the adapter without it (or merge it with PEFT).")
+    return config
+
+
+def _load_ia3(model: nn.Module, folder: Path, raw: dict[str, torch.Tensor], name: str | None) -> DeltaHandle:
+    """Attach "ia3" to the modules the folder's ``<module>.ia3_l`` tensors name; (1, in) vectors scale inputs."""
+    if native_family(model) is not None and _hf_fuses_qkv(model):
+        raise CheckpointError(f"{folder}: PEFT IA3 adapters for GPT-2 scale the fused c_attn, which the native "
+                              f"backbone splits; load it onto the transformers model instead.")
+    canon = table_namer(_native_table(model)) if native_family(model) is not None else canonical_namer(model)
+    own = {canon(s.name): s for s in iter_sites(model)}
+    vectors: dict[str, torch.Tensor] = {}
+    ff: list[str] = []
+    for key, t in raw.items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(?P<mod>.+)\.ia3_l(?:\.[^.]+)?", key)
+        if m is None:
+            raise CheckpointError(f"{folder}: tensor {key!r} is not an IA3 vector (<module>.ia3_l) although the "
+                                  f"config says peft_type 'IA3'; save the adapter again.")
+        site = own.get(canon(m.group("mod")))
+        if site is None or not isinstance(site.module, nn.Linear) or t.dim() != 2:
+            raise CheckpointError(f"{folder}: tensor {key!r} ({tuple(t.shape)}) names no linear layer of "
+                                  f"{type(model).__name__}; load the adapter onto the model it was trained for.")
+        out_f, in_f = site.module.weight.shape
+        if tuple(t.shape) == (1, in_f) and tuple(t.shape) != (out_f, 1):
+            ff.append(site.name)
+        elif tuple(t.shape) != (out_f, 1):
+            raise CheckpointError(f"{folder}: {key!r} has shape {tuple(t.shape)}; {site.name} takes ({out_f}, 1) or "
+                                  f"(1, {in_f}); save the adapter again.")
+        vectors[site.name] = t.reshape(-1)
+    if not vectors:
+        raise CheckpointError(f"{folder / PEFT_WEIGHTS_FILE} holds no ia3_l tensor; save the adapter again.")
+    exact = lambda names: "re:(?:" + "|".join(re.escape(n) for n in names) + ")"  # noqa: E731
+    handle = attach(model, "ia3", name=name or "peft", targets=exact(vectors), feedforward=exact(ff) if ff else [])
+    try:
+        handle.load_state_dict({f"{n}.ia3_l": v for n, v in vectors.items()})
+    except BaseException:
+        handle.detach()
+        raise
+    logger.info("loaded PEFT IA3 adapter %s onto %d modules as delta %r", folder, len(vectors), handle.name)
     return handle

@@ -8,7 +8,7 @@ from delta_helpers import FAMILIES, hf_bert, native_bert, perturb, snapshot, ass
 from torch import nn
 
 from promptdelta.deltas import IA3Linear, attach, deltas_of, load_delta
-from promptdelta.errors import ConfigError, DeltaError
+from promptdelta.errors import CheckpointError, ConfigError, DeltaError
 
 # every family whose key/value/FFN-output layers are nn.Linear (transformers GPT-2 keeps Conv1D: refused below)
 CELLS = [f for f in FAMILIES if f != "hf_gpt2"]
@@ -120,3 +120,45 @@ def test_output_scaling_only_and_init() -> None:
     assert all(not m.feedforward for m in model.modules() if isinstance(m, IA3Linear))
     assert all(torch.equal(p, torch.full_like(p, 0.5)) for p in handle.parameters())
     assert isinstance(dict(model.named_modules())["bert.encoder.layer.0.attention.self.key"], nn.Module)
+
+
+# ----------------------------------------------------------------------------------------- PEFT's IA3 folder
+def _peft_ia3_bert(seed: int = 0):
+    """PEFT's IA3 on the transformers BertForMaskedLM (key/value outputs, FFN output dense input), perturbed."""
+    peft = pytest.importorskip("peft")
+    ff = r".*\.layer\.\d+\.output\.dense"
+    pm = peft.get_peft_model(hf_bert(seed), peft.IA3Config(target_modules=rf".*\.(key|value)|{ff}",
+                                                           feedforward_modules=ff))
+    perturb([p for n, p in pm.named_parameters() if "ia3_l" in n])
+    return pm.eval()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_peft_ia3_folder_both_ways(native: bool, tmp_path) -> None:
+    """PEFT's own IA3 folder loads onto the transformers and the native BERT with PEFT's logits; ours saved
+    with format='peft' loads back into PEFT with the same logits."""
+    peft = pytest.importorskip("peft")
+    ids = torch.randint(3, 99, (2, 7), generator=torch.Generator().manual_seed(3))
+    pm = _peft_ia3_bert()
+    pm.save_pretrained(tmp_path / "theirs")
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits
+    ours = native_bert() if native else hf_bert()
+    handle = load_delta(ours, tmp_path / "theirs")
+    assert handle.method == "ia3" and handle.num_parameters() == 2 * (32 + 32 + 37)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    handle.save(tmp_path / "ours", format="peft")
+    back = peft.PeftModel.from_pretrained(hf_bert(), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_ia3_refusals(tmp_path) -> None:
+    pytest.importorskip("peft")
+    _peft_ia3_bert().save_pretrained(tmp_path / "theirs")
+    with pytest.raises(CheckpointError, match="names no linear layer"):
+        load_delta(FAMILIES["llama"].build(), tmp_path / "theirs")
+    with pytest.raises(DeltaError, match="fuses q|k|v"):
+        attach(FAMILIES["gpt2"].build(), "ia3").save(tmp_path / "gpt2", format="peft")
+    assert not (tmp_path / "gpt2").exists()

@@ -185,7 +185,7 @@ def test_minilm_shaped_native_bert_to_peft_bert_for_masked_lm(tmp_path: Path, id
     ("modules_to_save", ["pooler"], "modules_to_save"),
     ("bias", "all", "bias='all'"),
     ("peft_type", "PROMPT_TUNING", "import_prompt_tuning"),
-    ("peft_type", "IA3", "'IA3'"),
+    ("peft_type", "LOHA", "'LOHA'"),
     ("lora_alpha", float("nan"), "lora_alpha=nan"),
     ("r", "4", "r='4'"),
     ("alpha_pattern", {"query": "x"}, "alpha_pattern="),
@@ -214,7 +214,7 @@ def test_peft_folder_for_another_model_is_refused(tmp_path: Path):
 
 def test_only_lora_and_prefix_have_a_peft_format(tmp_path: Path):
     handle = attach(_base("bert"), "adapter")
-    with pytest.raises(DeltaError, match="'lora' and 'prefix' only"):
+    with pytest.raises(DeltaError, match="'lora', 'ia3' and 'prefix' only"):
         handle.save(tmp_path / "a", format="peft")
     assert not (tmp_path / "a").exists()
 
