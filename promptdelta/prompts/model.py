@@ -25,6 +25,8 @@ class probabilities, length-sorted batches, deltas merged for the call).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -56,6 +58,15 @@ def check_template_kind(backbone: nn.Module, template: Template) -> str:
                             f"({getattr(backbone, 'family', type(backbone).__name__)}) is {kind!r}; build the "
                             f"template with the backbone's own tokenizer, or pass kind={kind!r} to it")
     return kind
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_keep_positions(backbone_type: type) -> bool:
+    """Whether a backbone class's forward can prune its last layer (native BERT/RoBERTa: ``keep_positions``)."""
+    try:
+        return "keep_positions" in inspect.signature(backbone_type.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def batch_to(batch: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
@@ -98,6 +109,7 @@ class PromptForClassification(nn.Module):
             raise VerbalizerError("readout='mean' needs an encoder-only or causal backbone; a T5 prompt is read "
                                   "in the decoder after the sentinel: use readout='mask'")
         self._logged_no_head = False
+        self.prune_readout = True            # see pruned_positions(); False runs the full last layer (tests, timing)
 
     @property
     def device(self) -> torch.device:
@@ -184,6 +196,14 @@ class PromptForClassification(nn.Module):
                                 decoder_input_ids=torch.stack([start, sentinel], 1))   # decoder (B, 2)
             return out.last_hidden_state[:, 1], out.logits[:, 1], out.encoder_last_hidden_state
         extra = {"use_cache": True} if self.kind == "clm" and keep_state else {}
+        keep = None if keep_state else self.pruned_positions(batch)            # (B, M) or None
+        if keep is not None:                                                    # last layer only at the masks
+            out = self.backbone(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                token_type_ids=batch.get("token_type_ids"), keep_positions=keep)
+            one = keep.shape[1] == 1                                            # (B, 1, .) -> (B, .)
+            hidden = out.last_hidden_state[:, 0] if one else out.last_hidden_state     # (B, H) | (B, M, H)
+            logits = None if out.logits is None else (out.logits[:, 0] if one else out.logits)
+            return hidden, logits, None
         out = self.backbone(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                             token_type_ids=batch.get("token_type_ids"), **extra)
         hidden = out.last_hidden_state[rows, mask_at]                          # (B, H)
@@ -195,6 +215,22 @@ class PromptForClassification(nn.Module):
             hidden = (out.last_hidden_state * keep).sum(1) / keep.sum(1).clamp(min=1)     # (B, H)
         logits = None if out.logits is None else out.logits[rows, mask_at]     # (B, V)
         return hidden, logits, getattr(out, "past_key_values", None)
+
+    def pruned_positions(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """The positions (B, M) the readout reads, when the backbone can compute its last layer at those rows
+        only (``keep_positions``: queries, attention output, MLP and norms at M rows, keys/values over all T;
+        exact), else None. Only without autograd, with ``readout="mask"`` on a masked LM whose forward takes
+        ``keep_positions``, ``prune_readout`` on, and no forward hook on the backbone or its last layer (a
+        ladder delta reads every layer's full output). ``readout="mean"`` reads every position: nothing to
+        prune. Saves ~(1 - 2/12)/L of an L-layer forward (~14% on MiniLM's 6 layers)."""
+        if not self.prune_readout or self.readout != "mask" or self.kind != "mlm" or torch.is_grad_enabled():
+            return None
+        if not _takes_keep_positions(type(self.backbone)) or self.backbone._forward_hooks:
+            return None
+        layers = getattr(self.backbone, "layers", None)
+        if not isinstance(layers, nn.ModuleList) or not len(layers) or layers[-1]._forward_hooks:
+            return None
+        return batch["mask_pos"]
 
     def _clm_token_logprobs(self, batch: Mapping[str, torch.Tensor], first_logits: torch.Tensor,
                             past: Any, cand: torch.Tensor) -> torch.Tensor:
