@@ -458,7 +458,7 @@ def run_suite(suite: Suite | str | Path, results: str | Path, *, only: Sequence[
             split = (spec.task, spec.shots, spec.seed)
             if cached[0] != split:
                 cached = (split, load_task(suite, *split))
-            row = run_spec(suite, spec, base, tokenizer, cached[1], cache_dir=_cache_dir(results))
+            row = run_spec(suite, spec, base, tokenizer, cached[1], _cache_dir(results))
             append_result(results, row)
         finally:
             release_claim(claims, spec)
