@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 TEXT_COLUMNS = ("text", "text_a", "sentence")          # tried in order when --columns names no text column
 FORMATS = ("jsonl", "csv", "text")
+CHUNK_ROWS = 4096                                      # rows tokenised in one call, then sorted by token count
+_PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids")   # (n, T) tensors a batch trims to its width
 
 
 # ------------------------------------------------------------------------------------------- results
@@ -208,7 +210,6 @@ def predict(clf: nn.Module, inputs: Any, batch_size: int = 32, top_k: int | None
     if delta is not None and len(delta) != len(examples):
         raise DeltaError(f"delta= names {len(delta)} rows but there are {len(examples)} inputs; give one delta "
                          f"name (or None for the base model) per input row")
-    order = sorted(range(len(examples)), key=lambda i: -_length(examples[i]))    # longest first, stable
     logits = torch.zeros(len(examples), clf.verbalizer.num_classes)             # (N, C)
     route = _route_rows() if delta is not None else None
     was_training = clf.training
@@ -216,9 +217,7 @@ def predict(clf: nn.Module, inputs: Any, batch_size: int = 32, top_k: int | None
     bar = _bar(len(examples), progress)
     try:
         with (merged_deltas(clf.backbone) if delta is None else contextlib.nullcontext()), torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
-                batch = clf.collate([examples[i] for i in idx])
+            for idx, batch in sorted_batches(clf, examples, batch_size):
                 with route(clf.backbone, [delta[i] for i in idx]) if route else contextlib.nullcontext():
                     logits[idx] = clf(batch).float().cpu()                          # (b, C) back to input rows
                 bar.update(len(idx))
@@ -226,6 +225,41 @@ def predict(clf: nn.Module, inputs: Any, batch_size: int = 32, top_k: int | None
         bar.close()
         clf.train(was_training)
     return Predictions(clf.verbalizer.classes, logits, top_k)
+
+
+def sorted_batches(clf: nn.Module, examples: Sequence[InputExample], batch_size: int,
+                   chunk: int = CHUNK_ROWS) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """(input rows, batch dict) of at most ``batch_size`` rows, longest first by TOKEN count.
+
+    Rows are first ordered by characters (longest first), then each ``chunk`` of that order is tokenised in
+    one call, re-sorted by its exact token counts and cut into batches by slicing the padded tensors (each
+    trimmed to its own longest row). Why: on SST-2 (batch 32) character order leaves 23% more padded tokens
+    than token order; one tokenizer call per chunk beats one per batch; chunks bound the memory for big
+    inputs. A template whose batch is not plain right padding is tokenised per batch instead."""
+    order = sorted(range(len(examples)), key=lambda i: -_length(examples[i]))    # longest first, stable
+    for c in range(0, len(order), chunk):
+        rows = order[c:c + chunk]
+        full = clf.collate([examples[i] for i in rows])
+        lengths = full["attention_mask"].sum(1)                                   # (n,)
+        sliceable = _right_padded(full)
+        by_tokens = sorted(range(len(rows)), key=lambda j: -int(lengths[j]))     # stable: ties keep char order
+        for s in range(0, len(rows), batch_size):
+            part = by_tokens[s:s + batch_size]
+            idx = [rows[j] for j in part]
+            if not sliceable:
+                yield idx, clf.collate([examples[i] for i in idx])
+                continue
+            take, width = torch.tensor(part), int(lengths[part[0]])             # the batch's longest row
+            yield idx, {k: (v[take, :width] if k in _PER_TOKEN else v[take]) for k, v in full.items()}
+
+
+def _right_padded(batch: Mapping[str, torch.Tensor]) -> bool:
+    """Whether every row's tokens come first, then padding, and no tensor other than _PER_TOKEN spans T."""
+    mask = batch["attention_mask"]                                                # (n, T)
+    n, width = mask.shape
+    if any(k not in _PER_TOKEN and v.dim() >= 2 and v.shape[:2] == (n, width) for k, v in batch.items()):
+        return False
+    return bool((mask == (torch.arange(width) < mask.sum(1, keepdim=True))).all())
 
 
 def _bar(total: int, show: bool) -> Any:

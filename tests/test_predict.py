@@ -74,6 +74,29 @@ def test_results_keep_input_order_and_match_one_at_a_time(clf):
     assert preds[-2:] == [preds[len(TEXTS) - 2], preds[len(TEXTS) - 1]]
 
 
+def test_sorted_batches_slice_one_tokenisation_in_token_order(clf):
+    """Each batch equals the template's own collation of its rows, batches go longest first by tokens (not
+    characters), every row comes once, across chunk boundaries too; a left-padded batch is not sliced."""
+    from promptdelta.predict import _right_padded, sorted_batches
+
+    examples = [InputExample(t) for t in TEXTS + ["a b c d e f g h", "international organizations"]]
+    for chunk in (3, 4096):
+        seen, widths = [], []
+        for idx, batch in sorted_batches(clf, examples, 2, chunk=chunk):
+            want = clf.collate([examples[i] for i in idx])
+            assert batch.keys() == want.keys() and all(torch.equal(batch[k], want[k]) for k in want), idx
+            seen += idx
+            widths.append(int(batch["attention_mask"].sum(1).max()))
+        assert sorted(seen) == list(range(len(examples)))
+        if chunk == 4096:
+            assert widths == sorted(widths, reverse=True)
+    tokens = [int(clf.collate([e])["attention_mask"].sum()) for e in examples]
+    assert tokens[-1] < tokens[-2] and len(examples[-1].text) > len(examples[-2].text)   # chars mislead here
+    full = clf.collate(examples)
+    assert _right_padded(full)
+    assert not _right_padded({**full, "attention_mask": full["attention_mask"].flip(1)})
+
+
 def test_predict_merges_for_the_call_and_restores_state(clf, monkeypatch):
     handle = pd.deltas_of(clf.backbone)["lora"]
     seen = []
