@@ -196,8 +196,10 @@ void accumulate_rows(const float* c, const float* y, float* acc, int64_t m0, int
 // 16 lines 4 KiB apart, which all fall in one set of a 32 KiB 8-way L1, so every step missed (r=16 ran at
 // 1/3 of r=8's speed per FMA at K = N = 1024). Rank 16 uses layouts with no stride over the ranks: the
 // factors as (K, 16) for the shrink (one vector load per k, shared by MR rows), the accumulators of dA and
-// dB as (K, 16) and (N, 16), and the expand's factor packed into 64-column panels (4 KiB, held in L1).
-constexpr int64_t kPanel = 64;   // columns per expand panel: 4 vectors a row
+// dB as (K, 16) and (N, 16), and the expand's factor packed into 32-column panels (2 KiB, held in L1).
+// The expand's register tile is 8 rows x 32 columns: in isolation (1 thread, 256 x 1024 outputs) 85 us against
+// 140 us for 4 x 64 or 2 x 64 and 81-92 us for 6 x 64, 12 x 32 or 16 x 16 (2026-12-06).
+constexpr int64_t kPanel = 32;   // columns per expand panel: 2 vectors a row
 
 // out[m, :] = sum_k x[m, k] f[k, :] for m in [m0, m1); x (M, K), f (K, 16), out (M, 16).
 template <int MR>
@@ -239,9 +241,9 @@ torch::Tensor pack_panels(const torch::Tensor& f, double s) {
   return out;
 }
 
-// out[m, n] = bias[n] + s sum_j c[m, j] f[j, n] for m in [m0, m1) (bias may be null): an MR x 64 register
-// tile per panel of fp (= s f, packed), rows inner so the panel stays in L1; columns past the last full panel
-// read f (16, N) and scale by s.
+// out[m, n] = bias[n] + s sum_j c[m, j] f[j, n] for m in [m0, m1) (bias may be null): an MR x kPanel
+// register tile per panel of fp (= s f, packed), rows inner so the panel stays in L1; columns past the last
+// full panel read f (16, N) and scale by s.
 template <int MR>
 void expand16(const float* c, const float* fp, const float* f, const float* bias, float s, float* out,
               int64_t m0, int64_t m1, int64_t N) {
@@ -269,8 +271,7 @@ void expand16(const float* c, const float* fp, const float* f, const float* bias
       }
       for (int i = 0; i < rows; ++i) {
         for (int v = 0; v < NV; ++v) store(out + (m + i) * N + n + 16 * v, acc[i][v]);
-        prefetch_write(out, (m + i + kPrefetch) * N + n);
-        prefetch_write(out, (m + i + kPrefetch) * N + n + 32);
+        for (int v = 0; v < NV; v += 4) prefetch_write(out, (m + i + kPrefetch) * N + n + 16 * v);   // a line
       }
     }
   }
@@ -325,21 +326,42 @@ torch::Tensor partials(int64_t R, int64_t N, const torch::Tensor& like) {
   return ranks_last(R) ? torch::zeros({T, N, R}, like.options()) : torch::zeros({T, R, N}, like.options());
 }
 
-// s * sum_t part[t] as (P, Q), or as its transpose (Q, P) when transpose: one plain loop on this thread. The
+// s * sum_t part[t] as (P, Q), or as its transpose (Q, P) when transpose: plain loops on this thread. The
 // torch ops it replaces (sum, mul_, t().contiguous()) each cost a parallel region or a dispatch, ~0.1 ms
-// in all per forward+backward at M=2048 (0.5% of the layer).
+// in all per forward+backward at M=2048 (0.5% of the layer). A tall part (rank 16's (K, 16)) is summed in
+// tiles of 16 rows and written 16 floats at a time: element by element, its transposed writes 4 KiB apart
+// took 46 us at T = 2, K = 1024 against 7 us tiled (2026-12-06).
 torch::Tensor finish(const torch::Tensor& part, double s, bool transpose) {
-  const int64_t T = part.size(0), R = part.size(1), N = part.size(2);
-  auto out = transpose ? torch::empty({N, R}, part.options()) : torch::empty({R, N}, part.options());
+  const int64_t T = part.size(0), P = part.size(1), Q = part.size(2);
+  auto out = transpose ? torch::empty({Q, P}, part.options()) : torch::empty({P, Q}, part.options());
   const float* p = part.data_ptr<float>();
   float* o = out.data_ptr<float>();
   const float sf = static_cast<float>(s);
-  for (int64_t j = 0; j < R; ++j)
-    for (int64_t n = 0; n < N; ++n) {
-      float v = 0.f;
-      for (int64_t t = 0; t < T; ++t) v += p[(t * R + j) * N + n];
-      o[transpose ? n * R + j : j * N + n] = sf * v;
+  if (P <= Q) {
+    for (int64_t j = 0; j < P; ++j)
+      for (int64_t n = 0; n < Q; ++n) {
+        float v = 0.f;
+        for (int64_t t = 0; t < T; ++t) v += p[(t * P + j) * Q + n];
+        o[transpose ? n * P + j : j * Q + n] = sf * v;
+      }
+    return out;
+  }
+  constexpr int64_t JB = 16;
+  std::vector<float> tile(JB * Q);                                      // rows j0 .. j0 + 16 of the sum
+  for (int64_t j0 = 0; j0 < P; j0 += JB) {
+    const int64_t jn = std::min(JB, P - j0);
+    std::fill(tile.begin(), tile.begin() + jn * Q, 0.f);
+    for (int64_t t = 0; t < T; ++t) {
+      const float* pt = p + (t * P + j0) * Q;
+      for (int64_t i = 0; i < jn * Q; ++i) tile[i] += pt[i];
     }
+    if (transpose) {
+      for (int64_t n = 0; n < Q; ++n)
+        for (int64_t jj = 0; jj < jn; ++jj) o[n * P + j0 + jj] = sf * tile[jj * Q + n];
+    } else {
+      for (int64_t i = 0; i < jn * Q; ++i) o[j0 * Q + i] = sf * tile[i];
+    }
+  }
   return out;
 }
 
@@ -375,7 +397,7 @@ void forward_rows(const torch::Tensor& x, const torch::Tensor& x_l, const torch:
   const int64_t K = x.size(1), N = out.size(1);
   if constexpr (R == 16) {
     shrink16<8>(x_l.data_ptr<float>(), a_t, xa.data_ptr<float>(), b, e, K);
-    expand16<4>(xa.data_ptr<float>(), bt_p, bt, bias, s, out.data_ptr<float>(), b, e, N);
+    expand16<8>(xa.data_ptr<float>(), bt_p, bt, bias, s, out.data_ptr<float>(), b, e, N);
   } else {
     dot_rows<R, dot_rows_at_once<R>()>(x_l.data_ptr<float>(), a, xa.data_ptr<float>(), b, e, K);
     expand_rows<R, 4>(xa.data_ptr<float>(), bt, bias, s, out.data_ptr<float>(), b, e, N);
@@ -429,7 +451,7 @@ void backward_rows(const torch::Tensor& g, const torch::Tensor& x_l, const torch
     if constexpr (R == 16) {
       shrink16<8>(gp, b_nr, gb, m, me, N);                              // gb = g B
       accumulate16(xa, gp, acc_b, m, me, N);                            // dB += g^T xa
-      if (lp) expand16<4>(gb, a_p, a, nullptr, s, lp, m, me, K);        // s gb A
+      if (lp) expand16<8>(gb, a_p, a, nullptr, s, lp, m, me, K);        // s gb A
       accumulate16(gb, xp, acc_a, m, me, K);                            // dA^T += x_l^T gb
     } else {
       dot_rows<R, dot_rows_at_once<R>()>(gp, bt, gb, m, me, N);     // gb = g B
