@@ -279,14 +279,14 @@ def run_logreg_spec(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenize
 
 def run_spec(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any, data: Data,
              cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run one cell of the grid and return its results row. ``cache_dir``: where two-phase kinds (s3delta,
-    ipt, multitask) keep what several runs share (default: nothing is kept)."""
+    """Run one cell of the grid and return its results row. ``cache_dir``: where two-phase kinds (ipt,
+    multitask) keep what several runs share (default: nothing is kept)."""
     kind = suite.methods[spec.method]["kind"]
     runner = run_logreg_spec if kind == "logreg" else run_trained
     if kind in ("setfit", "peft", "recipe"):                  # the peers (own packages) and the auto recipe
         from promptdelta.bench.peers_harness import run_peer_spec as runner
     t0 = time.perf_counter()
-    if kind in ("s3delta", "ipt", "multitask"):              # issue 21's two-phase methods
+    if kind in ("s3delta", "ipt", "multitask", "lmbff"):     # issue 21's two-phase methods
         from promptdelta.bench.methods_harness import run_method_spec
 
         def runner(*args: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Issue 21's two-phase methods as harness kinds: ``kind: s3delta``, ``kind: ipt`` and ``kind: multitask``.
+"""Issue 21's two-phase methods as harness kinds: ``kind: s3delta``, ``ipt``, ``multitask`` and ``lmbff``.
 
 Each first finds something on data other than the task's test split, then trains an ordinary prompt model
 (the method's template x verbalizer, the suite's train settings, dev selection) through
@@ -12,6 +12,9 @@ Each first finds something on data other than the task's test split, then trains
   every other task of the suite whose data differs from this task's; never the task under test), all
   starting from one initialisation so they differ by what each task taught; ``fit_subspace`` finds a
   ``dim``-dimensional subspace of them; on the task only z (``dim`` numbers) and the verbalizer's head train.
+- lmbff (Gao et al. 2021): label words searched on the frozen backbone (top-``k`` per class by the train
+  log-likelihood, combinations ranked by zero-shot dev accuracy; ``label_search:``) replace the task's
+  (``label_words``, ``search_dev``, ``candidates`` in the row); the row then trains as a prompt row would.
 - multitask: one delta + one shared soft prompt trained over the source tasks with structured templates
   (``Task: <name>. Labels: <words>.`` before each task's own template) and the task-mixing sampler
   (``prompts/multitask.py``), then transferred: the task's model starts from that delta and prompt.
@@ -43,13 +46,15 @@ from promptdelta.utils.seed import seed_everything
 SEARCH_KEYS = {"budget", "steps", "lr", "gate_lr", "penalty", "methods", "targets", "r", "alpha", "bottleneck"}
 SUBSPACE_KEYS = {"dim", "method", "num_tokens"}
 MULTITASK_KEYS = {"num_soft_tokens", "steps", "lr", "temperature"}
+LABEL_SEARCH_KEYS = {"k", "max_combos"}
 Data = tuple[Any, Any, Any]
 
 
 def check_method(suite: Suite, name: str) -> None:
     """Validate a method of one of these kinds (nested keys, source tasks) when the suite loads."""
     m = suite.methods[name]
-    nested = {"search": SEARCH_KEYS, "subspace": SUBSPACE_KEYS, "multitask": MULTITASK_KEYS}
+    nested = {"search": SEARCH_KEYS, "subspace": SUBSPACE_KEYS, "multitask": MULTITASK_KEYS,
+              "label_search": LABEL_SEARCH_KEYS}
     for key, valid in nested.items():
         if key in m:
             if not isinstance(m[key], dict) or set(m[key]) - valid:
@@ -63,7 +68,7 @@ def check_method(suite: Suite, name: str) -> None:
         if not isinstance(st, list) or not st or any(t not in suite.tasks for t in st):
             raise ConfigError(f"method {name!r}: source_tasks={st!r} must be a non-empty list of this suite's "
                               f"tasks {list(suite.tasks)} (leave it out for every other task)")
-    if m["kind"] != "s3delta":
+    if m["kind"] in ("ipt", "multitask"):
         for t in suite.tasks:
             if not source_tasks(suite, name, t):
                 raise ConfigError(f"method {name!r} on task {t!r}: no source task left (sources never include "
@@ -113,7 +118,8 @@ def _publish(folder: Path, write: Callable[[Path], Any]) -> None:
 
 def _prompt_model(suite: Suite, task: str, method: str, shots: int, seed: int, base: torch.nn.Module,
                   tokenizer: Any, classes: list[str], attach: Callable[[torch.nn.Module], Any],
-                  structured: dict[str, str] | None = None, soft_tokens: int = 0) -> torch.nn.Module:
+                  structured: dict[str, str] | None = None, soft_tokens: int = 0,
+                  label_words: list[list[str]] | None = None) -> torch.nn.Module:
     """The method's template x verbalizer on ``task`` over a fresh copy of ``base``, deltas from ``attach``
     (called right after a re-seed, so every task's delta starts from the same initialisation)."""
     from promptdelta.prompts.registry import build_classifier
@@ -127,6 +133,8 @@ def _prompt_model(suite: Suite, task: str, method: str, shots: int, seed: int, b
         d = {**config.to_dict(), "template": structured_text(structured, list(structured), config.template),
              "template_type": "soft", "template_options": {"num_tokens": soft_tokens}}
         config = RunConfig.from_dict(d)
+    if label_words is not None:                    # lmbff: the searched words instead of the task's
+        config = config.with_overrides(label_words=label_words)
     seed_everything(seed)
     model = copy.deepcopy(base)
     template = build_template(config, tokenizer, model)
@@ -321,12 +329,40 @@ def prepare_multitask(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokeni
     return make, info
 
 
+# -------------------------------------------------------------------------------------------------- lmbff
+
+
+def prepare_lmbff(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any, train: Any, dev: Any
+                  ) -> tuple[Callable[[], torch.nn.Module], dict[str, Any]]:
+    """LM-BFF's label-word search on the frozen backbone (top-k words per class on train, combinations ranked
+    by zero-shot dev accuracy); the best combination is the row's verbalizer, trained with the row's delta."""
+    from promptdelta.prompts.lmbff import search_label_words
+    from promptdelta.run import apply_delta, build_template
+
+    m = suite.methods[spec.method]
+    opts = {"k": 4, "max_combos": 10000, **m.get("label_search", {})}
+    config = suite.run_config(spec.task, spec.method, spec.shots, spec.seed)
+    classes = list(train.classes)
+    t0 = time.perf_counter()
+    found = search_label_words(base, tokenizer, build_template(config, tokenizer, base), list(train), list(dev),
+                               classes, k=int(opts["k"]), n_best=1, max_combos=int(opts["max_combos"]),
+                               readout=config.readout)
+    words = [[w] for w in found.combos[0]]
+    info = {"label_words": dict(zip(classes, found.combos[0])), "search_dev": found.dev_accuracy[0],
+            "candidates": found.candidates, "search_time_s": time.perf_counter() - t0}
+
+    def make() -> torch.nn.Module:
+        return _prompt_model(suite, spec.task, spec.method, spec.shots, spec.seed, base, tokenizer, classes,
+                             lambda mod: apply_delta(mod, config.delta), label_words=words)
+    return make, info
+
+
 # ---------------------------------------------------------------------------------------------- runner
 
 
 def run_method_spec(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any, data: Data,
                     cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """One row of kind s3delta, ipt or multitask: the method's first phase, then ``run_trained`` on its model."""
+    """One row of kind s3delta, ipt, multitask or lmbff: the method's first phase, then ``run_trained`` on its model."""
     from promptdelta.bench.harness import run_trained
 
     kind = suite.methods[spec.method]["kind"]
@@ -336,6 +372,8 @@ def run_method_spec(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenize
         cache.mkdir(parents=True, exist_ok=True)
         if kind == "s3delta":
             make, info = prepare_s3delta(suite, spec, base, tokenizer, train, dev)
+        elif kind == "lmbff":
+            make, info = prepare_lmbff(suite, spec, base, tokenizer, train, dev)
         elif kind == "ipt":
             make, info = prepare_ipt(suite, spec, base, tokenizer, train, dev, cache)
         else:

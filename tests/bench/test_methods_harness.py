@@ -3,6 +3,7 @@ s3delta's emitted plan stays within its budget and is what trains; ipt trains on
 subspace of the OTHER tasks' prompts; multitask transfers from the other tasks; no kind reads a test split
 before the final prediction of the task under test, and a source task's test split never."""
 
+import functools
 import json
 
 import pytest
@@ -13,6 +14,7 @@ from promptdelta.bench.harness import read_results, run_suite
 from promptdelta.bench.suite import suite_from_dict
 from promptdelta.errors import ConfigError
 from promptdelta.prompts.model import PromptForClassification
+from promptdelta.prompts.verbalizer import ManualVerbalizer
 from promptdelta.train import Trainer
 
 WORDS = {"alpha": ["red", "blue"], "beta": ["cat", "dog", "fish"], "gamma": ["up", "down"]}
@@ -42,6 +44,8 @@ S3 = {"kind": "s3delta", "verbalizer": "soft", "readout": "mean",
       "search": {"budget": 400, "steps": 3, "r": 2, "bottleneck": 2, "gate_lr": 0.5}, "train": {"lr": 1e-3}}
 IPT = {"kind": "ipt", "verbalizer": "soft", "readout": "mean", "subspace": {"dim": 1, "num_tokens": 2},
        "train": {"lr": 1e-1, "head_lr": 1e-2}}
+LM = {"kind": "lmbff", "verbalizer": "manual", "readout": "mean", "delta": {"method": "lora", "r": 2, "alpha": 4},
+      "label_search": {"k": 2}, "train": {"lr": 1e-3}}
 MT = {"kind": "multitask", "verbalizer": "soft", "readout": "mean", "delta": {"method": "lora", "r": 2, "alpha": 4},
       "multitask": {"num_soft_tokens": 2, "steps": 3}, "train": {"lr": 1e-3}}
 
@@ -50,9 +54,14 @@ MT = {"kind": "multitask", "verbalizer": "soft", "readout": "mean", "delta": {"m
 def watched(tiny_bert_nohead_dir, tmp_path_factory, request):
     """Run the three kinds on task alpha, recording every text collated and when predict() runs."""
     tmp = tmp_path_factory.mktemp("methods")
-    raw = methods_suite(tiny_bert_nohead_dir, tmp, {"s3": S3, "ipt": IPT, "mt": MT})
-    events, state = [], {"predict": 0}
-    collate, predict = PromptForClassification.collate, Trainer.predict
+    raw = methods_suite(tiny_bert_nohead_dir, tmp, {"s3": S3, "ipt": IPT, "mt": MT, "lm": LM})
+    events, state, verbalizers = [], {"predict": 0}, []
+    collate, predict, verbalizer = PromptForClassification.collate, Trainer.predict, ManualVerbalizer.__init__
+
+    @functools.wraps(verbalizer)                                        # keeps the signature the registry reads
+    def spy_verbalizer(self, tokenizer, classes=None, label_words=(), *a, **k):
+        verbalizers.append([list(w) for w in label_words])
+        return verbalizer(self, tokenizer, classes, label_words, *a, **k)
 
     def spy_collate(self, examples, *a, **k):
         events.extend(("collate", state["predict"] > 0, ex.text_a) for ex in examples)
@@ -68,16 +77,17 @@ def watched(tiny_bert_nohead_dir, tmp_path_factory, request):
     mp = pytest.MonkeyPatch()
     mp.setattr(PromptForClassification, "collate", spy_collate)
     mp.setattr(Trainer, "predict", spy_predict)
+    mp.setattr(ManualVerbalizer, "__init__", spy_verbalizer)
     results = tmp / "r.jsonl"
     try:
         run_suite(suite_from_dict(raw), results, only=["alpha/*"])
     finally:
         mp.undo()
-    return {r["method"]: r for r in read_results(results)}, events, results, raw
+    return {r["method"]: r for r in read_results(results)}, events, results, raw, verbalizers
 
 
 def test_no_test_split_is_read_before_the_final_prediction(watched):
-    _, events, _, _ = watched
+    _, events, _, _, _ = watched
     seen = [(inside, text) for _, inside, text in events if text.startswith("TEST-")]
     assert seen, "the task's test split was never predicted"
     assert all(text.startswith("TEST-alpha") for _, text in seen)     # no source task's test split, ever
@@ -111,7 +121,7 @@ def test_multitask_row_transfers_from_the_other_tasks(watched):
 
 
 def test_sources_are_cached_and_reused(watched, tiny_bert_nohead_dir):
-    rows, _, results, raw = watched
+    rows, _, results, raw, _ = watched
     cache = results.parent / "r.cache"
     prompts = sorted(p.name.split("-seed")[0] for p in (cache / "ipt").glob("*.safetensors"))
     assert prompts == ["beta", "gamma"]
@@ -157,3 +167,12 @@ def test_direct_run_spec_without_cache_dir(tiny_bert_nohead_dir, tmp_path):
     assert not any(p.requires_grad is False and p.grad is not None for p in base.parameters())
     assert torch.equal(next(base.parameters()), load_backbone(suite.backbone)[0].state_dict()[
         next(iter(base.state_dict()))])                                 # the shared base is untouched
+
+
+def test_lmbff_row_trains_with_the_searched_label_words(watched):
+    row, verbalizers = watched[0]["lm"], watched[4]
+    words = [row["label_words"][c] for c in WORDS["alpha"]]             # class order (the row's JSON is sorted)
+    assert len(set(words)) == 2 and 0.0 <= row["search_dev"] <= 1.0
+    assert all(w in cands for w, cands in zip(words, row["candidates"]))   # the top-k of its class
+    assert [[w] for w in words] in verbalizers                              # the trained verbalizer's words
+    assert row["trainable_params"] == 2 * 2 * 2 * (32 + 32)                # the LoRA only (manual verbalizer)
