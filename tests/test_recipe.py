@@ -116,3 +116,17 @@ def test_test_labels_are_never_read(tiny_sentence_backbone):
     assert [ex.label for ex in poisoned] != [ex.label for ex in test]
     assert rows[0]["preds"] == rows[1]["preds"] and rows[0]["chosen"] == rows[1]["chosen"]
     assert rows[0]["grid_dev"] == rows[1]["grid_dev"]
+
+
+def test_setfit_candidate_averages_two_differently_seeded_bodies(setup, monkeypatch):
+    import promptdelta.recipe as recipe
+
+    base, tok, (train, dev, test) = setup
+    run = lambda: recipe.RUNNERS["setfit"](base, tok, train, dev, 13, 32, recipe.DEFAULT_TEMPLATE, None)(list(test))
+    both = run()
+    singles = []
+    for s in recipe.SETFIT_SEEDS:
+        monkeypatch.setattr(recipe, "SETFIT_SEEDS", (s,))
+        singles.append(run())
+    assert len(singles) == 2 and not np.allclose(singles[0], singles[1])       # two different bodies
+    assert np.allclose(both, np.mean(singles, axis=0), atol=1e-6)
