@@ -96,3 +96,11 @@ def test_profile_prints_the_op_diff() -> None:
     assert "prompt/peft" in out and "prompt/pd-native" in out and "total self CPU" in out
     with pytest.raises(ConfigError, match="not a method"):
         peers.profile_method("ia4", tiny=True)
+
+
+def test_methods_run_in_groups_that_fit_the_workers() -> None:
+    """3 references + 3 rows per method must fit max_workers; the MiniLM default reads the available memory."""
+    assert peers._group_size(6, tiny=False) == 1 and peers._group_size(12, tiny=False) == 3
+    assert peers._group_size(None, tiny=True) == len(peers.METHODS)
+    with pytest.raises(ConfigError, match="--max-workers 6"):
+        peers.run_peers_bench(methods="bitfit", tiny=True, seq=8, max_workers=5)

@@ -213,6 +213,7 @@ class Row:
     infer: list[float] = field(default_factory=list)
     memory: dict[str, float] = field(default_factory=dict)
     skip: str = ""
+    group: int = 0   # rows of one group run side by side, with their own references
 
 
 def _start(row: Row, tiny: bool, batch: int, seq: int, threads: int) -> None:
@@ -268,16 +269,19 @@ def _ratios(a: Row, b: Row | None, attr: str) -> list[float]:
 
 
 def _format(rows: list[Row], header: str) -> str:
-    by = {(r.method, r.impl): r for r in rows}
-    full, floor = by.get(("full", "hf")), by.get(("floor", "hf"))
+    by = {(r.method, r.impl): r for r in rows if r.method not in ("full", "floor")}
+    refs = {(r.group, r.method, r.impl): r for r in rows if r.method in ("full", "floor")}
     cols = (f"{'method':9s} {'impl':10s} {'trainable':>10s} {'step ms':>8s} {'step/PEFT [IQR]':>18s} "
             f"{'step/full':>9s} {'step/floor':>10s} {'infer ms':>8s} {'infer/PEFT':>10s} {'peak MB':>8s} "
             f"{'step MB':>8s} {'MB/PEFT':>7s}")
     lines = [header, cols]
     for r in rows:
+        if r.method in ("full", "floor") and r.group > 0:   # later groups' references: used, not printed
+            continue
         if r.skip:
             lines.append(f"{r.method:9s} {r.impl:10s} {r.skip}")
             continue
+        full, floor = refs.get((r.group, "full", "hf")), refs.get((r.group, "floor", "hf"))
         peft_row = by.get((r.method, "peft")) if r.method not in ("full", "floor") else None
         mem_ratio = "-"
         if peft_row is not None and not peft_row.skip and peft_row.memory.get("step_mb", 0) > 0:
@@ -319,19 +323,23 @@ def _methods(methods: str | Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(m for m in chosen if m))
 
 
-def run_peers_bench(methods: str | Sequence[str] | None = None, batch: int = 16, seq: int = 128, rounds: int = 5,
-                    tiny: bool = False, threads: int | None = None) -> str:
-    """Run every (method, impl) row in its own process, interleaved for ``rounds`` rounds; the table as text."""
-    names = _methods(methods)
-    for name, value in (("batch", batch), ("seq", seq), ("rounds", rounds)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name}={value!r} must be an integer >= 1; e.g. --batch 16 --seq 128 --rounds 5.")
-    limit = 64 if tiny else 512
-    if seq + PROMPT_TOKENS > limit:
-        raise ConfigError(f"seq={seq} plus {PROMPT_TOKENS} prompt tokens exceeds the model's {limit} positions; "
-                          f"pass --seq {limit - PROMPT_TOKENS} or less.")
-    threads = threads or torch.get_num_threads()
-    rows = [Row(m, i) for m, i in REFS] + [Row(m, i) for m in names for i in IMPLS]
+def _group_size(max_workers: int | None, tiny: bool) -> int:
+    """Methods per group: the references and 3 rows per method must fit ``max_workers`` processes (default:
+    as many as the available memory holds at about 1.8 GB per MiniLM worker)."""
+    if max_workers is None:
+        if tiny:
+            return len(METHODS)
+        with open("/proc/meminfo") as f:
+            avail_kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
+        max_workers = int(avail_kb / 2 ** 20 / 1.8)
+    if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < len(REFS) + len(IMPLS):
+        raise ConfigError(f"max_workers={max_workers!r} cannot hold the {len(REFS)} references and one method's "
+                          f"{len(IMPLS)} rows; pass --max-workers {len(REFS) + len(IMPLS)} or more (or free memory).")
+    return (max_workers - len(REFS)) // len(IMPLS)
+
+
+def _run_group(rows: list[Row], rounds: int, tiny: bool, batch: int, seq: int, threads: int) -> None:
+    """Start the group's workers, time them round by round (round i starts at row i), collect memory, stop them."""
     try:
         for r in rows:
             _start(r, tiny, batch, seq, threads)
@@ -351,9 +359,32 @@ def run_peers_bench(methods: str | Sequence[str] | None = None, batch: int = 16,
                 r.proc.kill() if r.proc.poll() is None else None
                 r.proc.wait()
                 r.err.close()
+
+
+def run_peers_bench(methods: str | Sequence[str] | None = None, batch: int = 16, seq: int = 128, rounds: int = 5,
+                    tiny: bool = False, threads: int | None = None, max_workers: int | None = None) -> str:
+    """Run every (method, impl) row in its own process, interleaved for ``rounds`` rounds; the table as text.
+    Methods run in groups that fit ``max_workers`` live processes (``_group_size``), each group beside its own
+    full / floor references, so its ratios compare rows measured at the same time."""
+    names = _methods(methods)
+    for name, value in (("batch", batch), ("seq", seq), ("rounds", rounds)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}={value!r} must be an integer >= 1; e.g. --batch 16 --seq 128 --rounds 5.")
+    limit = 64 if tiny else 512
+    if seq + PROMPT_TOKENS > limit:
+        raise ConfigError(f"seq={seq} plus {PROMPT_TOKENS} prompt tokens exceeds the model's {limit} positions; "
+                          f"pass --seq {limit - PROMPT_TOKENS} or less.")
+    threads = threads or torch.get_num_threads()
+    per = _group_size(max_workers, tiny)
+    rows: list[Row] = []
+    for g, start in enumerate(range(0, len(names), per)):
+        group = [Row(m, i, group=g) for m, i in REFS] + [Row(m, i, group=g) for m in names[start:start + per]
+                                                         for i in IMPLS]
+        _run_group(group, rounds, tiny, batch, seq, threads)
+        rows += group
     model = "tiny random BERT (2 x 32)" if tiny else "all-MiniLM-L6-v2 (6 x 384)"
     header = (f"peers benchmark: {model}, batch {batch} x seq {seq}, cpu, {threads} threads, {rounds} interleaved "
-              f"rounds, one process per row; {_versions()}; {platform.machine()}, load {os.getloadavg()[0]:.2f}")
+              f"rounds, one process per row, {per} method(s) at a time beside their own references; {_versions()}; {platform.machine()}, load {os.getloadavg()[0]:.2f}")
     return _format(rows, header)
 
 
@@ -410,7 +441,7 @@ def profile_method(method: str, tiny: bool = False, batch: int = 16, seq: int = 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``promptdelta bench peers [--methods lora_qv,...] [--batch 16] [--seq 128] [--rounds 5] [--tiny]
-    [--threads N] [--profile METHOD]``."""
+    [--threads N] [--max-workers N] [--profile METHOD]``."""
     p = argparse.ArgumentParser(prog="promptdelta bench peers", description=__doc__.splitlines()[0])
     p.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--batch", type=int, default=16)
@@ -418,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (medians over them)")
     p.add_argument("--tiny", action="store_true", help="a random 2 x 32 BERT instead of MiniLM (smoke test)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default: torch's)")
+    p.add_argument("--max-workers", type=int, default=None,
+                   help="live worker processes at most (default: available memory / 1.8 GB); methods run in groups")
     p.add_argument("--profile", metavar="METHOD", default=None,
                    help="instead of the table: one method's rows op by op (torch.profiler, one step each)")
     p.add_argument("--worker", nargs=2, metavar=("METHOD", "IMPL"), help=argparse.SUPPRESS)
@@ -427,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         print(profile_method(args.profile, args.tiny, args.batch, args.seq, args.threads))
         return 0
-    print(run_peers_bench(args.methods, args.batch, args.seq, args.rounds, args.tiny, args.threads))
+    print(run_peers_bench(args.methods, args.batch, args.seq, args.rounds, args.tiny, args.threads,
+                          args.max_workers))
     return 0
 
 
