@@ -286,7 +286,7 @@ def run_spec(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any,
     if kind in ("setfit", "peft", "recipe"):                  # the peers (own packages) and the auto recipe
         from promptdelta.bench.peers_harness import run_peer_spec as runner
     t0 = time.perf_counter()
-    if kind in ("s3delta", "ipt", "multitask", "lmbff"):     # issue 21's two-phase methods
+    if kind in ("s3delta", "ipt", "multitask", "lmbff", "autoprompt"):   # issue 21's two-phase methods
         from promptdelta.bench.methods_harness import run_method_spec
 
         def runner(*args: Any) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Issue 21's two-phase methods as harness kinds: ``kind: s3delta``, ``ipt``, ``multitask`` and ``lmbff``.
+"""Issue 21's two-phase methods as harness kinds: ``kind: s3delta``, ``ipt``, ``multitask``, ``lmbff``,
+``autoprompt``.
 
 Each first finds something on data other than the task's test split, then trains an ordinary prompt model
 (the method's template x verbalizer, the suite's train settings, dev selection) through
@@ -15,6 +16,9 @@ Each first finds something on data other than the task's test split, then trains
 - lmbff (Gao et al. 2021): label words searched on the frozen backbone (top-``k`` per class by the train
   log-likelihood, combinations ranked by zero-shot dev accuracy; ``label_search:``) replace the task's
   (``label_words``, ``search_dev``, ``candidates`` in the row); the row then trains as a prompt row would.
+- autoprompt (Shin et al. 2020): ``triggers.n`` trigger slots before the mask of the task's template,
+  filled by the gradient-guided search on train (frozen backbone, the row's verbalizer); the found manual
+  template (``template``, ``trigger_tokens``, ``search_loss`` in the row) is the row's template.
 - multitask: one delta + one shared soft prompt trained over the source tasks with structured templates
   (``Task: <name>. Labels: <words>.`` before each task's own template) and the task-mixing sampler
   (``prompts/multitask.py``), then transferred: the task's model starts from that delta and prompt.
@@ -47,6 +51,7 @@ SEARCH_KEYS = {"budget", "steps", "lr", "gate_lr", "penalty", "methods", "target
 SUBSPACE_KEYS = {"dim", "method", "num_tokens"}
 MULTITASK_KEYS = {"num_soft_tokens", "steps", "lr", "temperature"}
 LABEL_SEARCH_KEYS = {"k", "max_combos"}
+TRIGGER_KEYS = {"n", "iters", "num_candidates", "batch_size"}
 Data = tuple[Any, Any, Any]
 
 
@@ -54,7 +59,7 @@ def check_method(suite: Suite, name: str) -> None:
     """Validate a method of one of these kinds (nested keys, source tasks) when the suite loads."""
     m = suite.methods[name]
     nested = {"search": SEARCH_KEYS, "subspace": SUBSPACE_KEYS, "multitask": MULTITASK_KEYS,
-              "label_search": LABEL_SEARCH_KEYS}
+              "label_search": LABEL_SEARCH_KEYS, "triggers": TRIGGER_KEYS}
     for key, valid in nested.items():
         if key in m:
             if not isinstance(m[key], dict) or set(m[key]) - valid:
@@ -119,7 +124,7 @@ def _publish(folder: Path, write: Callable[[Path], Any]) -> None:
 def _prompt_model(suite: Suite, task: str, method: str, shots: int, seed: int, base: torch.nn.Module,
                   tokenizer: Any, classes: list[str], attach: Callable[[torch.nn.Module], Any],
                   structured: dict[str, str] | None = None, soft_tokens: int = 0,
-                  label_words: list[list[str]] | None = None) -> torch.nn.Module:
+                  overrides: dict[str, Any] | None = None) -> torch.nn.Module:
     """The method's template x verbalizer on ``task`` over a fresh copy of ``base``, deltas from ``attach``
     (called right after a re-seed, so every task's delta starts from the same initialisation)."""
     from promptdelta.prompts.registry import build_classifier
@@ -133,8 +138,8 @@ def _prompt_model(suite: Suite, task: str, method: str, shots: int, seed: int, b
         d = {**config.to_dict(), "template": structured_text(structured, list(structured), config.template),
              "template_type": "soft", "template_options": {"num_tokens": soft_tokens}}
         config = RunConfig.from_dict(d)
-    if label_words is not None:                    # lmbff: the searched words instead of the task's
-        config = config.with_overrides(label_words=label_words)
+    if overrides:                                  # lmbff's words, autoprompt's template
+        config = config.with_overrides(**overrides)
     seed_everything(seed)
     model = copy.deepcopy(base)
     template = build_template(config, tokenizer, model)
@@ -353,7 +358,38 @@ def prepare_lmbff(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer:
 
     def make() -> torch.nn.Module:
         return _prompt_model(suite, spec.task, spec.method, spec.shots, spec.seed, base, tokenizer, classes,
-                             lambda mod: apply_delta(mod, config.delta), label_words=words)
+                             lambda mod: apply_delta(mod, config.delta), overrides={"label_words": words})
+    return make, info
+
+
+def prepare_autoprompt(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any, train: Any, dev: Any
+                       ) -> tuple[Callable[[], torch.nn.Module], dict[str, Any]]:
+    """AutoPrompt's trigger search on the frozen backbone: ``n`` trigger slots before the task template's mask,
+    searched on train with the row's verbalizer; the found manual template is the row's, trained as usual."""
+    from promptdelta.prompts.autoprompt import TRIGGER, AutoPrompt
+    from promptdelta.prompts.lmbff import accuracy
+    from promptdelta.run import apply_delta, build_verbalizer
+
+    opts = {"n": 3, "iters": 9, "num_candidates": 10, "batch_size": 16,
+            **suite.methods[spec.method].get("triggers", {})}
+    config = suite.run_config(spec.task, spec.method, spec.shots, spec.seed)
+    if config.template.count('{"mask"}') != 1:
+        raise ConfigError(f"method {spec.method!r} (kind autoprompt) on task {spec.task!r}: the template needs one "
+                          f'{{"mask"}} to put the triggers before; got {config.template!r}')
+    text = config.template.replace('{"mask"}', " ".join([TRIGGER] * int(opts["n"])) + ' {"mask"}')
+    classes, frozen = list(train.classes), copy.deepcopy(base)         # the search never touches the shared base
+    t0 = time.perf_counter()
+    search = AutoPrompt(frozen, tokenizer, build_verbalizer(config, tokenizer, classes, frozen), text,
+                        num_candidates=int(opts["num_candidates"]), max_length=suite.max_length,
+                        readout=config.readout)
+    found = search.search(list(train), iters=int(opts["iters"]), batch_size=int(opts["batch_size"]), seed=spec.seed)
+    info = {"template": found.template, "trigger_tokens": found.trigger_tokens,   # search_dev: zero-shot, found
+            "search_loss": [found.initial_loss, found.final_loss], "search_time_s": time.perf_counter() - t0,
+            "search_dev": accuracy(search.clf, list(dev)) if len(dev) else None}
+
+    def make() -> torch.nn.Module:
+        return _prompt_model(suite, spec.task, spec.method, spec.shots, spec.seed, base, tokenizer, classes,
+                             lambda mod: apply_delta(mod, config.delta), overrides={"template": found.template})
     return make, info
 
 
@@ -362,7 +398,7 @@ def prepare_lmbff(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer:
 
 def run_method_spec(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenizer: Any, data: Data,
                     cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """One row of kind s3delta, ipt, multitask or lmbff: the method's first phase, then ``run_trained`` on its model."""
+    """One row of kind s3delta, ipt, multitask, lmbff or autoprompt: the method's first phase, then ``run_trained`` on its model."""
     from promptdelta.bench.harness import run_trained
 
     kind = suite.methods[spec.method]["kind"]
@@ -372,6 +408,8 @@ def run_method_spec(suite: Suite, spec: RunSpec, base: torch.nn.Module, tokenize
         cache.mkdir(parents=True, exist_ok=True)
         if kind == "s3delta":
             make, info = prepare_s3delta(suite, spec, base, tokenizer, train, dev)
+        elif kind == "autoprompt":
+            make, info = prepare_autoprompt(suite, spec, base, tokenizer, train, dev)
         elif kind == "lmbff":
             make, info = prepare_lmbff(suite, spec, base, tokenizer, train, dev)
         elif kind == "ipt":

@@ -49,7 +49,7 @@ SUITE_KEYS = {"name", "backbone", "shots", "seeds", "max_length", "device", "tra
 TASK_KEYS = {"data", "template", "label_words", "columns", "split_names", "classes", "test_subset", "note", "shots",
              "dev_shots"}
 KINDS = ("prompt", "finetune", "head", "logreg", "setfit", "peft", "recipe",   # setfit..recipe: peers_harness.py
-         "s3delta", "ipt", "multitask", "lmbff")                                # bench/methods_harness.py
+         "s3delta", "ipt", "multitask", "lmbff", "autoprompt")                  # bench/methods_harness.py
 _COMMON = {"kind", "note"}
 _PROMPT_ROW = {"template", "verbalizer", "verbalizer_options", "label_words", "readout", "train", "lr_grid"}
 METHOD_KEYS = {
@@ -67,6 +67,7 @@ METHOD_KEYS = {
     "ipt": _COMMON | _PROMPT_ROW | {"source_tasks", "subspace", "source_train"},
     "multitask": _COMMON | _PROMPT_ROW | {"source_tasks", "delta", "multitask"},
     "lmbff": _COMMON | _PROMPT_ROW | {"delta", "label_search"},
+    "autoprompt": _COMMON | _PROMPT_ROW | {"delta", "triggers"},
 }
 POOLINGS = ("cls", "mean")
 
@@ -292,7 +293,7 @@ def _check_combinations(suite: Suite) -> None:
 
     TrainConfig.from_dict({**suite.train, "progress": False})
     for m, opts in suite.methods.items():
-        if opts["kind"] in ("s3delta", "ipt", "multitask", "lmbff"):
+        if opts["kind"] in ("s3delta", "ipt", "multitask", "lmbff", "autoprompt"):
             from promptdelta.bench.methods_harness import check_method
 
             check_method(suite, m)

@@ -15,6 +15,7 @@ from promptdelta.bench.suite import suite_from_dict
 from promptdelta.errors import ConfigError
 from promptdelta.prompts.model import PromptForClassification
 from promptdelta.prompts.verbalizer import ManualVerbalizer
+from promptdelta import run as run_mod
 from promptdelta.train import Trainer
 
 WORDS = {"alpha": ["red", "blue"], "beta": ["cat", "dog", "fish"], "gamma": ["up", "down"]}
@@ -46,6 +47,8 @@ IPT = {"kind": "ipt", "verbalizer": "soft", "readout": "mean", "subspace": {"dim
        "train": {"lr": 1e-1, "head_lr": 1e-2}}
 LM = {"kind": "lmbff", "verbalizer": "manual", "readout": "mean", "delta": {"method": "lora", "r": 2, "alpha": 4},
       "label_search": {"k": 2}, "train": {"lr": 1e-3}}
+AP = {"kind": "autoprompt", "verbalizer": "manual", "readout": "mean", "delta": "bitfit",
+      "triggers": {"n": 2, "iters": 2, "num_candidates": 3, "batch_size": 4}, "train": {"lr": 1e-3}}
 MT = {"kind": "multitask", "verbalizer": "soft", "readout": "mean", "delta": {"method": "lora", "r": 2, "alpha": 4},
       "multitask": {"num_soft_tokens": 2, "steps": 3}, "train": {"lr": 1e-3}}
 
@@ -54,8 +57,8 @@ MT = {"kind": "multitask", "verbalizer": "soft", "readout": "mean", "delta": {"m
 def watched(tiny_bert_nohead_dir, tmp_path_factory, request):
     """Run the three kinds on task alpha, recording every text collated and when predict() runs."""
     tmp = tmp_path_factory.mktemp("methods")
-    raw = methods_suite(tiny_bert_nohead_dir, tmp, {"s3": S3, "ipt": IPT, "mt": MT, "lm": LM})
-    events, state, verbalizers = [], {"predict": 0}, []
+    raw = methods_suite(tiny_bert_nohead_dir, tmp, {"s3": S3, "ipt": IPT, "mt": MT, "lm": LM, "ap": AP})
+    events, state, verbalizers, templates = [], {"predict": 0}, [], []
     collate, predict, verbalizer = PromptForClassification.collate, Trainer.predict, ManualVerbalizer.__init__
 
     @functools.wraps(verbalizer)                                        # keeps the signature the registry reads
@@ -78,16 +81,19 @@ def watched(tiny_bert_nohead_dir, tmp_path_factory, request):
     mp.setattr(PromptForClassification, "collate", spy_collate)
     mp.setattr(Trainer, "predict", spy_predict)
     mp.setattr(ManualVerbalizer, "__init__", spy_verbalizer)
+    build_template = run_mod.build_template
+    mp.setattr(run_mod, "build_template", lambda config, *a: templates.append(config.template) or build_template(
+        config, *a))
     results = tmp / "r.jsonl"
     try:
         run_suite(suite_from_dict(raw), results, only=["alpha/*"])
     finally:
         mp.undo()
-    return {r["method"]: r for r in read_results(results)}, events, results, raw, verbalizers
+    return {r["method"]: r for r in read_results(results)}, events, results, raw, verbalizers, templates
 
 
 def test_no_test_split_is_read_before_the_final_prediction(watched):
-    _, events, _, _, _ = watched
+    _, events, _, _, _, _ = watched
     seen = [(inside, text) for _, inside, text in events if text.startswith("TEST-")]
     assert seen, "the task's test split was never predicted"
     assert all(text.startswith("TEST-alpha") for _, text in seen)     # no source task's test split, ever
@@ -121,7 +127,7 @@ def test_multitask_row_transfers_from_the_other_tasks(watched):
 
 
 def test_sources_are_cached_and_reused(watched, tiny_bert_nohead_dir):
-    rows, _, results, raw, _ = watched
+    rows, _, results, raw, _, _ = watched
     cache = results.parent / "r.cache"
     prompts = sorted(p.name.split("-seed")[0] for p in (cache / "ipt").glob("*.safetensors"))
     assert prompts == ["beta", "gamma"]
@@ -176,3 +182,12 @@ def test_lmbff_row_trains_with_the_searched_label_words(watched):
     assert all(w in cands for w, cands in zip(words, row["candidates"]))   # the top-k of its class
     assert [[w] for w in words] in verbalizers                              # the trained verbalizer's words
     assert row["trainable_params"] == 2 * 2 * 2 * (32 + 32)                # the LoRA only (manual verbalizer)
+
+
+def test_autoprompt_row_trains_the_found_template(watched):
+    row = watched[0]["ap"]
+    assert len(row["trigger_tokens"]) == 2 and all(w.isalpha() for w in row["trigger_tokens"])
+    assert row["template"] == '{"placeholder":"text_a"} It was %s %s {"mask"}.' % tuple(row["trigger_tokens"])
+    assert row["search_loss"][1] <= row["search_loss"][0] + 1e-6        # the search keeps the best (or initial)
+    assert row["template"] in watched[5]                                 # the template the row trained with
+
