@@ -83,6 +83,35 @@ def test_fused_layer_on_native_kernels_matches_reference(ops, path, shape, r, bi
     check_against_reference(fn, *operands(*shape, r, bias=bias), scale=1.7)
 
 
+# The ranks issue 22 names: 1, 8 and 16 run on the native kernels, 3, 17 and 64 on the torch-op function
+# (impl="cpu" picks); both native paths each time, at 2 threads so rows split unevenly over them.
+ISSUE_RANKS = (1, 3, 8, 16, 17, 64)
+
+
+@pytest.mark.parametrize("shape", ODD_SHAPES)
+@pytest.mark.parametrize("r", ISSUE_RANKS)
+def test_every_rank_on_the_cpu_path_matches_reference(ops, path, shape, r, two_threads):
+    x, w, b, a, bb = operands(*shape, r)
+    assert native_applies(x, a) == (r in RANKS)
+    check_against_reference(lambda *args: lora_linear(*args, impl="cpu"), x, w, b, a, bb, scale=1.3)
+
+
+# Rank 16's layouts at layer sizes: several 32-column panels plus a ragged tail in K and N, 16-row blocks with
+# short 8-row tiles, per-thread partial sums in (K, 16) and (N, 16) over 2 threads.
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(515, 1030, 999), (64, 1024, 1024), (257, 31, 2050), (1040, 200, 97)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_rank16_at_layer_sizes_matches_reference(ops, path, shape, bias, two_threads):
+    fn = lambda *args: fused_lora_linear(*args, native=True)            # noqa: E731
+    check_against_reference(fn, *operands(*shape, 16, bias=bias), scale=2.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("r", RANKS)
+def test_each_kernel_at_layer_sizes_matches_float64(ops, r, two_threads):
+    test_each_kernel_matches_float64(ops, (515, 1030, 999), r, two_threads)
+
+
 def test_fused_layer_on_native_kernels_3d(ops, path):
     fn = lambda *args: lora_linear(*args, impl="native")                # noqa: E731
     check_against_reference(fn, *operands(0, 45, 29, 8, lead=(3, 13)), scale=0.5)
