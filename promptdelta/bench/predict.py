@@ -6,9 +6,12 @@ q_proj/v_proj, random factors: timings do not depend on the values):
 1. ``clf.predict`` over the SST-2 test texts (``<data root>/sst2/test.jsonl``; the root is $PROMPTDELTA_DATA,
    else ../shared/data; without it the built-in demo texts, said in the title), merged (the default) and
    unmerged (one delta name per row: served through ``route_rows``), against what a transformers
-   ``pipeline`` does: a ``BertModel`` with the same weights and the same LoRA (peft's, unmerged), batches of
-   the same size in input order. All three tokenise with the classifier's template and read out with its
-   verbalizer, so they compute the same predictions (the table says how close they are).
+   ``pipeline`` does (batches of the same size in input order) on two references: a plain ``BertModel``
+   holding the merged weights W + (alpha/r) B A (the strict one, the target is judged against it) and
+   ``BertModel`` with peft's LoRA, unmerged. All tokenise with the classifier's template and read out with
+   its readout (``--readout mask``, the default, or ``mean``) and verbalizer, so they compute the same
+   predictions (the title says how close). With the mask readout predict computes the last layer at the
+   mask row only (``keep_positions``); the mean readout reads every row, so nothing is pruned there.
 2. One mixed batch of 4 task deltas (row i with delta i mod 4, through ``route_rows``) against 4
    sequential single-delta passes over the same rows (each delta attached to its own copy of the backbone,
    unmerged, fused LoRA, running its own rows); rows sorted by length in both, tokenised beforehand.
@@ -25,6 +28,7 @@ import copy
 import json
 import logging
 import os
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,12 +36,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from promptdelta.bench.kernel import _format, _time_interleaved
+from promptdelta.bench.kernel import _format, _quartiles, _time_interleaved
+from promptdelta.data.examples import InputExample
 from promptdelta.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
 TASKS = ("sst2", "agnews", "rte", "boolq")
+RANK, ALPHA = 8, 16
+MERGED_REF = "transformers BertModel, LoRA merged"          # the strict reference: no LoRA cost at all
+PEFT_REF = "transformers+peft LoRA, unmerged"
+READOUTS = ("mask", "mean")
 TEMPLATE = '{"placeholder":"text_a"} It was {"mask"}.'
 
 
@@ -66,61 +75,75 @@ def _randomise(handle: Any, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def _classifier(backbone: str) -> tuple[nn.Module, Any, str]:
-    """MiniLM (or ``backbone``) + a manual template + a soft verbalizer (mean readout), LoRA "sst2" attached."""
+def _classifier(backbone: str, readout: str) -> tuple[nn.Module, Any, str]:
+    """MiniLM (or ``backbone``) + a manual template + a soft verbalizer, LoRA "sst2" attached. ``readout``:
+    "mask" (the classifier's default: the state at [MASK]; predict prunes the last layer to it) or "mean"
+    (every position: nothing to prune)."""
     import promptdelta as pd
 
     model, tok = pd.load_backbone(backbone)
     model.eval()
-    handle = pd.attach(model, "lora", name="sst2", targets=["q_proj", "v_proj"], r=8, alpha=16)
+    handle = pd.attach(model, "lora", name="sst2", targets=["q_proj", "v_proj"], r=RANK, alpha=ALPHA)
     _randomise(handle, 0)
     template = pd.ManualTemplate(TEMPLATE, tokenizer=tok)
     verbalizer = pd.SoftVerbalizer(tok, ["negative", "positive"], [["bad"], ["good"]], model)
-    clf = pd.PromptForClassification(model, template, verbalizer, max_length=128, readout="mean").eval()
+    clf = pd.PromptForClassification(model, template, verbalizer, max_length=128, readout=readout).eval()
     return clf, tok, handle
 
 
-def _hf_model(clf: nn.Module, folder: Path) -> tuple[nn.Module, str]:
-    """transformers BertModel with the classifier's weights and its LoRA: peft's (unmerged) where peft is
-    installed, else folded into the weights (said in the label)."""
-    import transformers
-
+def _lora_factors(clf: nn.Module) -> dict[tuple[int, str, str], torch.Tensor]:
+    """(layer, query|value, A|B) -> the classifier's LoRA factor, under transformers' module names."""
     import promptdelta as pd
 
-    hf = transformers.BertModel.from_pretrained(str(folder), add_pooling_layer=False).eval()
-    factors = {}                                                   # (layer, query|value, A|B) -> factor
+    factors = {}
     for key, t in pd.deltas_of(clf.backbone)["sst2"].state_dict().items():   # layers.{i}.attn.{q|v}_proj.lora_{A|B}
         layer, proj = key.split(".")[1], key.split(".")[3]
         factors[(int(layer), {"q_proj": "query", "v_proj": "value"}[proj], key[-1])] = t
+    return factors
+
+
+def _hf_models(clf: nn.Module, folder: Path) -> dict[str, nn.Module]:
+    """The references, by label: a plain transformers BertModel holding the merged weights (W + s B A: the
+    strict reference, what a pipeline on a merged export runs) and, where peft is installed, BertModel with
+    peft's LoRA unmerged."""
+    import transformers
+
+    factors = _lora_factors(clf)
+    merged = transformers.BertModel.from_pretrained(str(folder), add_pooling_layer=False).eval()
+    with torch.no_grad():
+        for (i, proj, ab), t in factors.items():
+            if ab == "A":
+                getattr(merged.encoder.layer[i].attention.self, proj).weight += \
+                    (ALPHA / RANK) * factors[(i, proj, "B")] @ t                # (H, r) @ (r, H)
+    out = {MERGED_REF: merged}
     try:
         import peft
     except ImportError:
-        with torch.no_grad():
-            for (i, proj, ab), t in factors.items():
-                if ab == "A":
-                    lin = getattr(hf.encoder.layer[i].attention.self, proj)
-                    lin.weight += 2.0 * factors[(i, proj, "B")] @ t
-        return hf, "transformers, LoRA merged (no peft)"
-    hf = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"])).eval()
+        logger.info("peft is not installed: no transformers+peft column")
+        return out
+    hf = transformers.BertModel.from_pretrained(str(folder), add_pooling_layer=False).eval()
+    hf = peft.get_peft_model(hf, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["query", "value"])).eval()
     with torch.no_grad():
         for (i, proj, ab), t in factors.items():
             lin = getattr(hf.base_model.model.encoder.layer[i].attention.self, proj)
             getattr(lin, f"lora_{ab}")["default"].weight.copy_(t)
-    return hf, "transformers+peft LoRA"
+    out[PEFT_REF] = hf
+    return out
 
 
 def _hf_predict(clf: nn.Module, hf: nn.Module, texts: list[str], batch_size: int) -> torch.Tensor:
-    """What a pipeline does: batches in input order, template tokenisation, forward, the same readout."""
-    from promptdelta.data.examples import InputExample
-
+    """What a pipeline does: batches in input order, template tokenisation, full forward, the same readout."""
     out = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
             batch = clf.template.tokenize([InputExample(t) for t in texts[i:i + batch_size]], clf.max_length)
             mask = batch["attention_mask"]
             hidden = hf(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state   # (B, T, H)
-            keep = mask[..., None].to(hidden.dtype)
-            pooled = (hidden * keep).sum(1) / keep.sum(1).clamp(min=1)                          # (B, H)
+            if clf.readout == "mask":
+                pooled = hidden[torch.arange(len(hidden)), batch["mask_pos"][:, 0]]             # (B, H)
+            else:
+                keep = mask[..., None].to(hidden.dtype)
+                pooled = (hidden * keep).sum(1) / keep.sum(1).clamp(min=1)                      # (B, H)
             out.append(clf.verbalizer.process(pooled, None, clf.backbone).float())
     return torch.cat(out)
 
@@ -128,8 +151,6 @@ def _hf_predict(clf: nn.Module, hf: nn.Module, texts: list[str], batch_size: int
 def _padding_ratio(clf: nn.Module, texts: list[str], batch_size: int) -> float:
     """Tokens the backbone runs (padding included) with rows sorted by length over those in input order: where
     most of predict's gain comes from (attention grows faster than linearly, the rest of the model linearly)."""
-    from promptdelta.data.examples import InputExample
-
     lengths = clf.template.tokenize([InputExample(t) for t in texts], clf.max_length)["attention_mask"].sum(1)
 
     def padded(ls: list[int]) -> int:
@@ -139,23 +160,41 @@ def _padding_ratio(clf: nn.Module, texts: list[str], batch_size: int) -> float:
 
 
 def _predict_lines(backbone: str, folder: Path, texts: list[str], source: str, batch_size: int,
-                   rounds: int) -> list[str]:
-    clf, _, _ = _classifier(backbone)
-    hf, hf_name = _hf_model(clf, folder)
+                   rounds: int, readout: str) -> list[str]:
+    clf, _, _ = _classifier(backbone, readout)
+    refs = _hf_models(clf, folder)
     names = ["sst2"] * len(texts)
-    base = f"{hf_name}, input order"
     fns: dict[str, tuple[Callable[[], object], str]] = {
-        base: (lambda: _hf_predict(clf, hf, texts, batch_size), base),
-        "predict, merged": (lambda: clf.predict(texts, batch_size=batch_size), base),
-        "predict, unmerged (per-row delta)": (lambda: clf.predict(texts, batch_size=batch_size, delta=names), base),
-    }
-    ref = _hf_predict(clf, hf, texts, batch_size).softmax(-1)
+        f"{label}, input order": (lambda hf=hf: _hf_predict(clf, hf, texts, batch_size), f"{label}, input order")
+        for label, hf in refs.items()}
+    fns["predict, merged"] = (lambda: clf.predict(texts, batch_size=batch_size), "")
+    fns["predict, unmerged (per-row delta)"] = (lambda: clf.predict(texts, batch_size=batch_size, delta=names), "")
+    ref = _hf_predict(clf, refs[MERGED_REF], texts, batch_size).softmax(-1)
     diffs = {n: float((clf.predict(texts, batch_size=batch_size, **kw).probs - ref).abs().max())
              for n, kw in (("merged", {}), ("unmerged", {"delta": names}))}
-    title = (f"predict vs transformers: {len(texts)} {source}, batch {batch_size}, {rounds} rounds "
-             f"(max |probs - transformers'|: merged {diffs['merged']:.1e}, unmerged {diffs['unmerged']:.1e}; "
+    with torch.no_grad():
+        pruned = clf.pruned_positions(clf.collate([InputExample(texts[0])])) is not None
+    title = (f"predict vs transformers: {len(texts)} {source}, batch {batch_size}, {rounds} rounds, readout "
+             f"{readout} (predict's last layer {'pruned to the mask row' if pruned else 'not pruned'}; max |probs - "
+             f"merged BertModel's|: merged {diffs['merged']:.1e}, unmerged {diffs['unmerged']:.1e}; "
              f"padded tokens sorted / input order: {_padding_ratio(clf, texts, batch_size):.2f})")
-    return _format(title, _time_interleaved(fns, rounds, 0.0))
+    timings = _time_interleaved({k: (fn, k) for k, (fn, _) in fns.items()}, rounds, 0.0)
+    return _two_refs(title, timings, [f"{label}, input order" for label in refs])
+
+
+def _two_refs(title: str, timings: list[Any], bases: list[str]) -> list[str]:
+    """Median ms per variant and the median (IQR) of its per-round time ratio to each reference."""
+    by_name = {t.name: t for t in timings}
+    heads = [f"{'/ ' + ('BertModel merged' if b.startswith(MERGED_REF) else 'peft unmerged'):>24s}" for b in bases]
+    lines = [title, f"  {'variant':50s} {'median ms':>10s} " + " ".join(heads) + "  (ratio, IQR)"]
+    for t in timings:
+        cells = []
+        for b in bases:
+            q1, q2, q3 = _quartiles([a / r for a, r in zip(t.times, by_name[b].times)])
+            cells.append(f"{q2:7.3f} ({q1:.3f}-{q3:.3f})".rjust(24))
+        lines.append(f"  {t.name:50s} {statistics.median(t.times) * 1e3:10.1f} " + " ".join(cells))
+    lines.append("  target (issue 17): predict / BertModel merged <= 0.5 (>= 2x)")
+    return lines
 
 
 def _mixed_lines(backbone: str, texts: list[str], batch_size: int, rounds: int) -> list[str]:
@@ -209,8 +248,10 @@ def _mixed_lines(backbone: str, texts: list[str], batch_size: int, rounds: int) 
 
 
 def run_predict_bench(rows: int = 256, rounds: int = 5, batch_size: int = 32, backbone: str = "minilm",
-                      data: str | None = None) -> str:
+                      data: str | None = None, readout: str = "mask") -> str:
     """Run both tables and return them as text."""
+    if readout not in READOUTS:
+        raise ConfigError(f"readout={readout!r} is unknown; pass --readout mask or --readout mean")
     for name, value in (("rows", rows), ("rounds", rounds), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive int, got {value!r}; pass e.g. --{name.replace('_', '-')} 32")
@@ -219,13 +260,14 @@ def run_predict_bench(rows: int = 256, rounds: int = 5, batch_size: int = 32, ba
     folder = PRESETS[backbone]() if backbone in PRESETS else Path(backbone)
     texts, source = _texts(data, rows)
     lines = [f"promptdelta bench predict on {backbone} ({torch.get_num_threads()} threads)"]
-    lines += _predict_lines(backbone, folder, texts, source, batch_size, rounds)
+    lines += _predict_lines(backbone, folder, texts, source, batch_size, rounds, readout)
     lines += _mixed_lines(backbone, texts, batch_size, rounds)
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``promptdelta bench predict [--rows N] [--rounds R] [--batch-size B] [--backbone B] [--data F]``."""
+    """CLI: ``promptdelta bench predict [--rows N] [--rounds R] [--batch-size B] [--backbone B] [--data F]
+    [--readout mask|mean]``."""
     parser = argparse.ArgumentParser(prog="promptdelta bench predict", description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=256, help="texts to classify (repeated if the file has fewer)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians over them)")
@@ -233,8 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="minilm", help="preset (minilm) or a local BERT checkpoint folder")
     parser.add_argument("--data", default=None, help="JSONL file with a \"text\" field per line (default: "
                         "$PROMPTDELTA_DATA/sst2/test.jsonl, else ../shared/data/sst2/test.jsonl, else demo texts)")
+    parser.add_argument("--readout", choices=READOUTS, default="mask", help="mask (default; predict prunes the "
+                        "last layer to the mask row) or mean (every position is read: nothing to prune)")
     args = parser.parse_args(argv)
-    print(run_predict_bench(args.rows, args.rounds, args.batch_size, args.backbone, args.data))
+    print(run_predict_bench(args.rows, args.rounds, args.batch_size, args.backbone, args.data, args.readout))
     return 0
 
 
