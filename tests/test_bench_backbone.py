@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from promptdelta.bench.backbone import FAMILIES, main, run_backbone_bench
+from promptdelta.bench.backbone import DELTAS, FAMILIES, main, run_backbone_bench
 from promptdelta.errors import ConfigError
 
 
@@ -14,20 +14,29 @@ def table() -> str:
 
 
 _NUM = r"(\d+\.\d+)"
-_ROW = re.compile(rf"^(\w+) +(.+?)  +(\w+) +{_NUM} +{_NUM} +{_NUM} \({_NUM}-{_NUM}\) +{_NUM} +{_NUM} +{_NUM} "
+_ROW = re.compile(rf"^(\w+) +(\w+) +(.+?)  +(\w+) +{_NUM} +{_NUM} +{_NUM} \({_NUM}-{_NUM}\) +{_NUM} +{_NUM} +{_NUM} "
                   rf"\({_NUM}-{_NUM}\) +(\S+)$")
 
 
-def _rows(table: str) -> dict[str, tuple[str, ...]]:
+def _rows(table: str, deltas: str = "none") -> dict[str, tuple[str, ...]]:
     """family -> (size, attn, fwd HF, fwd ours, ratio, q1, q3, f+b HF, f+b ours, ratio, q1, q3, diff)."""
     found = [_ROW.match(line) for line in table.splitlines()]
-    return {m.group(1): m.groups()[1:] for m in found if m}
+    return {m.group(1): m.groups()[2:] for m in found if m and m.group(2) == deltas}
 
 
 def test_every_family_has_a_row(table: str) -> None:
     rows = _rows(table)
     assert set(rows) == set(FAMILIES)
-    assert "sdpa" in table and "batch 2 x seq 16" in table
+    assert "sdpa" in table and "batch 2 x seq 16" in table and "right-padded" in table
+
+
+def test_lora_rows_unpadded() -> None:
+    """--deltas adds one row per delta (the same LoRA on both sides); --no-padding runs full rows."""
+    table = run_backbone_bench(families=["bert"], deltas=list(DELTAS), quick=True, padded=False)
+    assert "no padding" in table
+    for deltas in DELTAS:
+        cells = _rows(table, deltas)["bert"]
+        assert float(cells[-1]) < 1e-4 and min(map(float, cells[2:4] + cells[7:9])) > 0, (deltas, cells)
 
 
 def test_rows_hold_positive_times_and_parity(table: str) -> None:
@@ -43,6 +52,7 @@ def test_rows_hold_positive_times_and_parity(table: str) -> None:
     ({"families": []}, "choose one or more of"),
     ({"batch": 0}, "must be an integer >= 1"),
     ({"dtype": "int8"}, "use one of"),
+    ({"deltas": ["lora_qv", "ia3"]}, "choose one or more of"),
 ])
 def test_bad_options_raise_config_error(kwargs: dict, fix: str) -> None:
     with pytest.raises(ConfigError, match=fix):
@@ -50,6 +60,6 @@ def test_bad_options_raise_config_error(kwargs: dict, fix: str) -> None:
 
 
 def test_cli_quick_one_family(capsys) -> None:
-    assert main(["--quick", "--families", "gpt2"]) == 0
+    assert main(["--quick", "--families", "gpt2", "--deltas", "lora_qv"]) == 0
     out = capsys.readouterr().out
-    assert set(_rows(out)) == {"gpt2"}
+    assert set(_rows(out, "lora_qv")) == {"gpt2"} and not _rows(out)

@@ -185,8 +185,11 @@ class BertAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None,
                 prefix: tuple[torch.Tensor, torch.Tensor] | None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Self-attention over x (B, T, H); with ``rows`` (B, k) only those queries: (B, k, H)."""
+                rows: torch.Tensor | None = None, packed: Packing | None = None) -> torch.Tensor:
+        """Self-attention over x (B, T, H); with ``rows`` (B, k) only those queries: (B, k, H). With ``packed``,
+        x is (N, H), the real tokens only, and so is the output."""
+        if packed is not None:
+            return self._packed(x, bias, prefix, packed)
         B, T, H = x.shape
         xq = x if rows is None else _gather_rows(x, rows)  # (B, Tq, H), Tq = T or k
         q, k, v = self._heads(self.q_proj(xq)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
@@ -196,6 +199,20 @@ class BertAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                            dropout_p=self.dropout_p if self.training else 0.0)  # (B, nh, Tq, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, xq.shape[1], H))  # (B, Tq, H)
+
+    def _packed(self, x: torch.Tensor, bias: torch.Tensor | None, prefix: tuple[torch.Tensor, torch.Tensor] | None,
+                packed: Packing) -> torch.Tensor:
+        """x (N, H) real tokens -> (N, H): projections on real tokens only, attention in the padded layout."""
+        heads = lambda t: packed.unpack(t).view(packed.batch, packed.length, self.num_heads,  # noqa: E731
+                                                self.head_dim).transpose(1, 2)              # (B, nh, T, hd)
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        if prefix is not None:
+            k = torch.cat([prefix[0].to(k.dtype), k], dim=2)  # (B, nh, P + T, hd)
+            v = torch.cat([prefix[1].to(v.dtype), v], dim=2)  # (B, nh, P + T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                           dropout_p=self.dropout_p if self.training else 0.0)  # (B, nh, T, hd)
+        y = y.transpose(1, 2)[packed.row, packed.col]  # (N, nh, hd): one gather, no transpose copy first
+        return self.o_proj(y.reshape(x.shape))         # (N, H)
 
 
 class BertMLP(nn.Module):
@@ -220,8 +237,16 @@ class BertLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None,
                 prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, H) -> (B, T, H); with ``rows`` (B, k) only those positions come out: (B, k, H)."""
+                rows: torch.Tensor | None = None, packed: Packing | None = None) -> torch.Tensor:
+        """x (B, T, H) -> (B, T, H); with ``rows`` (B, k) only those positions come out: (B, k, H). With
+        ``packed`` (padding in the batch) every per-token op runs on the real tokens only and padded positions
+        come out as zeros."""
+        if packed is not None and rows is None:
+            B, T, H = x.shape
+            x = x.reshape(B * T, H).index_select(0, packed.index)          # (N, H), real tokens
+            x = self.attn_norm(x + self.dropout(self.attn(x, bias, prefix, packed=packed)))
+            x = self.mlp_norm(x + self.dropout(self.mlp(x)))               # (N, H)
+            return packed.unpack(x).view(B, T, H)                           # (B, T, H), zeros at padding
         a = self.attn(x, bias, prefix, rows)                               # (B, Tq, H)
         if rows is not None:  # the residual and everything after it are per-token: keep the kept rows only
             x = _gather_rows(x, rows)                                      # (B, k, H)
@@ -250,6 +275,51 @@ class BertLMHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.norm(self.act(self.dense(x))))  # (B, T, V)
+
+
+@dataclass
+class Packing:
+    """Where the real tokens of a right- or left-padded (B, T) batch sit: their flat indices (N,) into B * T
+    and their (row, col). Why: projections, MLP and norms are per token, so padding is pure waste for them."""
+
+    index: torch.Tensor   # (N,) flat positions b * T + t where attention_mask is 1
+    row: torch.Tensor     # (N,) b
+    col: torch.Tensor     # (N,) t
+    batch: int
+    length: int
+    pad: torch.Tensor     # (B, T) True at padding
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor | None) -> Packing | None:
+        """None when there is no padding (nothing to save)."""
+        if attention_mask is None or bool(attention_mask.bool().all()):
+            return None
+        B, T = attention_mask.shape
+        index = attention_mask.reshape(-1).nonzero().squeeze(1)  # (N,)
+        return cls(index, torch.div(index, T, rounding_mode="floor"), index % T, B, T, ~attention_mask.bool())
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) real tokens -> (B * T, D) with zeros at padding."""
+        return x.new_zeros(self.batch * self.length, x.shape[-1]).index_copy(0, self.index, x)
+
+
+_TOKEN_WISE = (nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity)
+
+
+def _packable(layer: BertLayer) -> bool:
+    """Whether every module inside the layer treats tokens independently, so it may see packed (N, H) rows:
+    plain linears/norms/dropout, and wrappers whose class says ``token_wise = True`` (LoRA); no hooks. Anything
+    else (a routed multi-adapter linear that needs the batch rows, a hook that reads shapes) gets (B, T, H)."""
+    todo = list(layer.children())
+    while todo:
+        m = todo.pop()
+        if m._forward_hooks or m._forward_pre_hooks:
+            return False
+        if type(m) in (BertAttention, BertMLP):
+            todo.extend(m.children())
+        elif type(m) not in _TOKEN_WISE and not getattr(type(m), "token_wise", False):
+            return False
+    return True
 
 
 def _gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -318,13 +388,19 @@ class BertModel(GradientCheckpointing, nn.Module):
         keep_positions = None if keep_positions is None else keep_positions.to(torch.long)  # gather wants int64
         prefixes = self._check_prefix(prefix_kv, B)
         hidden, biases, ckpt, last = [x], {}, self._checkpoint_layers(), len(self.layers) - 1
+        packed = Packing.of(attention_mask)
         for i, (layer, prefix) in enumerate(zip(self.layers, prefixes)):
             P = 0 if prefix is None else prefix[0].shape[2]
             if P not in biases:
                 biases[P] = _attention_bias(attention_mask, P, x.dtype)
             rows = keep_positions if i == last else None
-            x = call_layer(layer, x, biases[P], prefix, rows, checkpoint=ckpt)  # (B, T, H); (B, k, H) pruned
+            pack = packed if packed is not None and _packable(layer) else None
+            x = call_layer(layer, x, biases[P], prefix, rows, pack, checkpoint=ckpt)  # (B, T, H); (B, k, H)
+            if packed is not None and pack is None and rows is None:  # same padded outputs on either path
+                x = x.masked_fill(packed.pad[:, :, None], 0.0)
             hidden.append(x)
+        if packed is not None and keep_positions is not None:  # padded rows are zeros, as in the full forward
+            x = hidden[-1] = x * attention_mask.gather(1, keep_positions)[:, :, None].to(x.dtype)  # (B, k, H)
         return BackboneOutput(
             last_hidden_state=x,
             hidden_states=tuple(hidden) if output_hidden_states else None,

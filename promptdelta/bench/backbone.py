@@ -2,8 +2,11 @@
 
 For each family (BERT, RoBERTa, GPT-2, T5, Llama) a random transformers model of a realistic small size is built,
 converted with ``load_backbone(hf_model)`` (same weights), and both run the same right-padded batch:
-forward (eval, no_grad) and forward+backward (eval mode, so dropout is off, with gradients on). The four
-variants of every family are interleaved round by round (the HF/native order alternates), each measured by
+forward (eval, no_grad) and forward+backward (eval mode, so dropout is off, with gradients on). Each family
+runs with no delta (the backward reaches every parameter) and, with ``--deltas``, with the same LoRA attached
+to both sides (q,v or all linear layers, r=8; the backbone frozen, so the backward computes input gradients
+and LoRA gradients only: what a LoRA training step costs). The output gradient is zero at padding (a loss
+reads real tokens). The four variants of every row are interleaved round by round (the HF/native order alternates), each measured by
 ``torch.utils.benchmark.Timer``; the table gives the median ms over the rounds, and the ratio ours/HF as the
 median of the per-round ratios with its interquartile range (the noise). HF models use
 ``attn_implementation="sdpa"`` (what our models use), and the table names the implementation each got.
@@ -28,6 +31,8 @@ from promptdelta.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("bert", "roberta", "gpt2", "t5", "llama")
+DELTAS = ("none", "lora_qv", "lora_all")   # what is attached to both models of a row
+LORA = {"r": 8, "alpha": 16}               # as bench peers
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -95,12 +100,24 @@ def build_pair(family: str, quick: bool = False, device: str = "cpu",
     return hf.to(device, dtype), ours.to(device, dtype).eval(), _describe(family, cfg)
 
 
-def make_batch(family: str, hf: nn.Module, batch: int, seq: int, device: str) -> dict[str, torch.Tensor]:
-    """Random ids (B, T), right-padded: row i keeps T - i * T // (2B) tokens (the last rows about half)."""
+def attach_deltas(model: nn.Module, deltas: str) -> None:
+    """Attach the row's delta: nothing, LoRA on the attention query/value projections, or on every linear."""
+    from promptdelta.deltas import attach
+
+    if deltas == "lora_qv":
+        attach(model, "lora", **LORA)
+    elif deltas == "lora_all":
+        attach(model, "lora", targets="all-linear", **LORA)
+
+
+def make_batch(family: str, hf: nn.Module, batch: int, seq: int, device: str,
+               padded: bool = True) -> dict[str, torch.Tensor]:
+    """Random ids (B, T), right-padded: row i keeps T - i * T // (2B) tokens (the last rows about half);
+    every row full when not ``padded``."""
     cfg = hf.config
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, cfg.vocab_size, (batch, seq), generator=g)  # (B, T)
-    lengths = torch.tensor([seq - i * seq // (2 * batch) for i in range(batch)])
+    lengths = torch.tensor([seq - (i * seq // (2 * batch) if padded else 0) for i in range(batch)])
     mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()  # (B, T)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     out = {"input_ids": ids.masked_fill(mask == 0, pad), "attention_mask": mask}
@@ -134,14 +151,18 @@ def _forward(family: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> C
 
 
 def _train_step(family: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], object]:
-    """Forward + backward into every parameter (eval mode: dropout off), with a fixed output gradient."""
+    """Forward + backward into every trainable parameter (eval mode: dropout off), with a fixed output gradient,
+    zero at padded positions (for T5, whose outputs are decoder positions, everywhere)."""
     grads: dict[str, torch.Tensor] = {}
 
     def run():
         model.zero_grad(set_to_none=True)
         out = _output(family, model, batch)
         if "g" not in grads:
-            grads["g"] = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+            g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+            if family != "t5":
+                g = g * batch["attention_mask"][..., None].to(g.dtype)  # (B, T, D)
+            grads["g"] = g
         out.backward(grads["g"])
     return run
 
@@ -165,6 +186,7 @@ class Row:
     """One family's per-round seconds for the four variants, its size and parity."""
 
     family: str
+    deltas: str
     size: str
     attn: str
     diff: float
@@ -181,15 +203,18 @@ def _time_family_round(fns: dict[str, Callable[[], object]], numbers: dict[str, 
             times[name].append(timer(fns[name]).timeit(numbers[name]).median)
 
 
-def _setup(family: str, batch: int, seq: int, quick: bool, device: str, dtype: torch.dtype,
-           target_s: float) -> tuple[Row, dict[str, Callable[[], object]], dict[str, int]]:
-    """Build one family's pair and batch, its four timed callables, and calls per measurement."""
+def _setup(family: str, deltas: str, batch: int, seq: int, quick: bool, device: str, dtype: torch.dtype,
+           target_s: float, padded: bool = True) -> tuple[Row, dict[str, Callable[[], object]], dict[str, int]]:
+    """Build one row's pair (with its deltas) and batch, its four timed callables, and calls per measurement."""
     hf, ours, size = build_pair(family, quick, device, dtype)
-    data = make_batch(family, hf, batch, seq, device)
+    for model in (hf, ours):
+        torch.manual_seed(2)   # the same LoRA init on both sides
+        attach_deltas(model, deltas)
+    data = make_batch(family, hf, batch, seq, device, padded)
     fns = {"fwd_hf": _forward(family, hf, data), "fwd_ours": _forward(family, ours, data),
            "train_hf": _train_step(family, hf, data), "train_ours": _train_step(family, ours, data)}
     numbers = {k: _calibrate(fn, target_s) for k, fn in fns.items()}
-    row = Row(family, size, str(hf.config._attn_implementation), parity(family, hf, ours, data),
+    row = Row(family, deltas, size, str(hf.config._attn_implementation), parity(family, hf, ours, data),
               {k: [] for k in fns})
     return row, fns, numbers
 
@@ -204,10 +229,10 @@ def _ratio(ours: list[float], hf: list[float]) -> tuple[float, float, float]:
 
 
 def _format(rows: list[Row], header: str) -> str:
-    lines = [header, f"{'family':8s} {'size':44s} {'HF attn':8s} {'fwd HF':>9s} {'fwd ours':>9s} "
+    lines = [header, f"{'family':8s} {'deltas':8s} {'size':44s} {'HF attn':8s} {'fwd HF':>9s} {'fwd ours':>9s} "
              f"{'ours/HF (IQR)':>19s} {'f+b HF':>9s} {'f+b ours':>9s} {'ours/HF (IQR)':>19s} {'max|diff|':>9s}"]
     for r in rows:
-        cells = [f"{r.family:8s} {r.size:44s} {r.attn:8s}"]
+        cells = [f"{r.family:8s} {r.deltas:8s} {r.size:44s} {r.attn:8s}"]
         for kind in ("fwd", "train"):
             hf, ours = r.times[f"{kind}_hf"], r.times[f"{kind}_ours"]
             q1, q2, q3 = _ratio(ours, hf)
@@ -215,41 +240,49 @@ def _format(rows: list[Row], header: str) -> str:
                          f"{q2:6.3f} ({q1:5.3f}-{q3:5.3f})")
         cells.append(f"{r.diff:9.1e}")
         lines.append(" ".join(cells))
-    lines.append("times in ms (median over rounds); fwd = eval + no_grad; f+b = forward + backward into every "
-                 "parameter, eval mode (dropout off); ratio < 1 means ours is faster")
+    lines.append("times in ms (median over rounds); fwd = eval + no_grad; f+b = forward + backward, eval mode "
+                 "(dropout off): deltas none = into every parameter, lora_* = frozen backbone, LoRA r=8 (q,v or "
+                 "all linear) gradients only; ratio < 1 means ours is faster")
     return "\n".join(lines)
 
 
-def _check(families: Sequence[str], batch: int, seq: int, repeats: int) -> None:
+def _check(families: Sequence[str], batch: int, seq: int, repeats: int, deltas: Sequence[str] = ("none",)) -> None:
     bad = [f for f in families if f not in FAMILIES]
     if bad or not families:
         raise ConfigError(f"families={list(families)!r} is not usable; choose one or more of {list(FAMILIES)}.")
+    if not deltas or any(d not in DELTAS for d in deltas):
+        raise ConfigError(f"deltas={list(deltas)!r} is not usable; choose one or more of {list(DELTAS)}.")
     for name, value, low in (("batch", batch, 1), ("seq", seq, 4), ("repeats", repeats, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"{name}={value!r} must be an integer >= {low}; e.g. batch=8, seq=128, repeats=5.")
 
 
-def run_backbone_bench(families: Sequence[str] = FAMILIES, batch: int = 8, seq: int = 128, repeats: int = 5,
-                       quick: bool = False, device: str = "cpu", dtype: str = "float32") -> str:
+def run_backbone_bench(families: Sequence[str] = FAMILIES, batch: int = 16, seq: int = 128, repeats: int = 5,
+                       quick: bool = False, device: str = "cpu", dtype: str = "float32",
+                       deltas: Sequence[str] = ("none",), padded: bool = True) -> str:
     """Time native backbones against transformers (same weights, same batch); return the table as text.
 
-    quick: tiny models (2 layers x 32), batch 2, seq 16, one round: a smoke test.
+    deltas: one row per family and entry of ``DELTAS`` (none, lora_qv, lora_all). padded: the ragged batch
+    (default) or every row full. quick: tiny models (2 layers x 32), batch 2, seq 16, one round: a smoke test.
     """
     families = [families] if isinstance(families, str) else list(families)
+    deltas = [deltas] if isinstance(deltas, str) else list(deltas)
     if quick:
         batch, seq, repeats = min(batch, 2), min(seq, 16), 1
-    _check(families, batch, seq, repeats)
+    _check(families, batch, seq, repeats, deltas)
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not supported here; use one of {sorted(_DTYPES)}.")
     target_s = 0.0 if quick else 0.2
-    setups = [_setup(f, batch, seq, quick, device, _DTYPES[dtype], target_s) for f in families]
+    setups = [_setup(f, d, batch, seq, quick, device, _DTYPES[dtype], target_s, padded)
+              for f in families for d in deltas]
     for i in range(repeats):
         for row, fns, numbers in setups:
             _time_family_round(fns, numbers, swap=i % 2 == 1, times=row.times)
             _sync(device)
     header = (f"backbone benchmark: native vs transformers {_tf_version()} (same weights), device {device}, "
-              f"{dtype}, {torch.get_num_threads()} threads, batch {batch} x seq {seq} (right-padded rows "
-              f"down to {seq - (batch - 1) * seq // (2 * batch)} tokens; T5 decoder {max(1, seq // 4)} tokens), "
+              f"{dtype}, {torch.get_num_threads()} threads, batch {batch} x seq {seq} ("
+              + (f"right-padded rows down to {seq - (batch - 1) * seq // (2 * batch)} tokens" if padded else
+                 "no padding") + f"; T5 decoder {max(1, seq // 4)} tokens), "
               f"{repeats} interleaved rounds")
     table = _format([s[0] for s in setups], header)
     return table
@@ -262,14 +295,18 @@ def _tf_version() -> str:
 
 
 # --------------------------------------------------------------------------------------------- profile
-def profile_family(family: str, batch: int = 8, seq: int = 128, train: bool = True, quick: bool = False,
-                   device: str = "cpu", top: int = 15) -> str:
+def profile_family(family: str, batch: int = 16, seq: int = 128, train: bool = True, quick: bool = False,
+                   device: str = "cpu", top: int = 15, deltas: str = "none", padded: bool = True) -> str:
     """torch.profiler tables (self CPU time, top ops) of one HF and one native step, to see what differs."""
     from torch.profiler import ProfilerActivity, profile
 
     hf, ours, size = build_pair(family, quick, device)
-    data = make_batch(family, hf, batch, seq, device)
-    out = [f"profile of {family} ({size}), {'forward+backward' if train else 'forward'}, batch {batch} x {seq}"]
+    for model in (hf, ours):
+        torch.manual_seed(2)
+        attach_deltas(model, deltas)
+    data = make_batch(family, hf, batch, seq, device, padded)
+    out = [f"profile of {family} ({size}), deltas {deltas}, {'forward+backward' if train else 'forward'}, "
+           f"batch {batch} x {seq}" + ("" if padded else ", no padding")]
     for who, model in (("transformers", hf), ("ours", ours)):
         fn = (_train_step if train else _forward)(family, model, data)
         fn()   # warm-up
@@ -280,11 +317,15 @@ def profile_family(family: str, batch: int = 8, seq: int = 128, train: bool = Tr
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``promptdelta bench backbone [--families bert,t5] [--batch 8] [--seq 128] [--repeats 5] [--quick]
-    [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--profile FAMILY [--profile-forward]]``."""
+    """CLI: ``promptdelta bench backbone [--families bert,t5] [--deltas none,lora_qv,lora_all] [--batch 16]
+    [--seq 128] [--repeats 5] [--no-padding] [--quick] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
+    [--profile FAMILY [--profile-forward]]``."""
     p = argparse.ArgumentParser(prog="promptdelta bench backbone", description=__doc__.splitlines()[0])
     p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of " + ",".join(FAMILIES))
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--deltas", default="none", help="comma-separated subset of " + ",".join(DELTAS)
+                   + " (one row per family and entry; the profile takes the first)")
+    p.add_argument("--no-padding", action="store_true", help="every row full length (default: ragged rows)")
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (medians over them)")
     p.add_argument("--quick", action="store_true", help="tiny models, one round (a smoke test)")
@@ -293,11 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", metavar="FAMILY", help="print torch.profiler tables for one family instead")
     p.add_argument("--profile-forward", action="store_true", help="profile the forward only (default f+b)")
     args = p.parse_args(argv)
+    deltas = [d.strip() for d in args.deltas.split(",") if d.strip()]
     if args.profile:
-        print(profile_family(args.profile, args.batch, args.seq, not args.profile_forward, args.quick, args.device))
+        _check([args.profile], args.batch, args.seq, 1, deltas)
+        print(profile_family(args.profile, args.batch, args.seq, not args.profile_forward, args.quick, args.device,
+                             deltas=deltas[0], padded=not args.no_padding))
         return 0
     families = [f.strip() for f in args.families.split(",") if f.strip()]
-    print(run_backbone_bench(families, args.batch, args.seq, args.repeats, args.quick, args.device, args.dtype))
+    print(run_backbone_bench(families, args.batch, args.seq, args.repeats, args.quick, args.device, args.dtype,
+                             deltas, not args.no_padding))
     return 0
 
 

@@ -77,6 +77,7 @@ class LoRALinear(DeltaWrapper):
     """
 
     impl: str = "fused"   # class default; each instance sets its own from LoRAConfig.impl
+    token_wise = True     # acts on each token alone: native backbones may hand it packed (N, in) real tokens
 
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  fan_in_fan_out: bool = False, impl: str = "fused", rslora: bool = False) -> None:
