@@ -10,12 +10,20 @@ Variants are interleaved: each round times every variant once, in a shuffled ord
 call of a 20 ms layer), at the process's torch thread count, so drifts in the host's speed and load from
 other processes hit them alike, and no variant always runs in the cache state another one leaves. The table gives the median time and the median of the per-round ratios to the frozen
 layer, with their interquartile spread as noise.
+
+On a machine loaded by other processes, ``--clock cpu`` times the process's CPU time (all its threads) instead
+of the wall clock, so time spent preempted does not count; run it as ``OMP_WAIT_POLICY=PASSIVE promptdelta
+bench kernel --clock cpu``, else threads that spin while waiting count too. At 2 threads on a 2-core host with
+a load of 13-15 (2026-12-06), the wall clock put the frozen layer at M=512, K=N=1024 at 90-150 ms against
+~12 ms quiet and the r=16 ratio anywhere in 0.90-1.25, while CPU time gave 26 ms and 1.103-1.111 for the code
+that measured 1.115-1.120 on a quiet host.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import statistics
 import time
@@ -25,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from promptdelta.errors import MissingFileError
+from promptdelta.errors import ConfigError, MissingFileError
 from promptdelta.kernels import lora_linear, lora_linear_multi, merged_weight
 from promptdelta.kernels.native import native_applies, native_error, native_ops
 from promptdelta.utils.malloc import freed_memory_kept, keep_freed_memory
@@ -101,20 +109,24 @@ def _layer_variants(o: dict) -> dict[str, tuple[Callable[[], object], str]]:
     return fns
 
 
-def _sample(fn: Callable[[], object], number: int, cuda: bool) -> float:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _sample(fn: Callable[[], object], number: int, cuda: bool,
+            clock: Callable[[], float] = time.perf_counter) -> float:
     """Seconds per call of ``fn`` over ``number`` back-to-back calls (synchronising CUDA around them)."""
     if cuda:
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = clock()
     for _ in range(number):
         fn()
     if cuda:
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / number
+    return (clock() - start) / number
 
 
 def _time_interleaved(fns: dict[str, tuple[Callable[[], object], str]], rounds: int, target_s: float,
-                      cuda: bool = False) -> list[Timing]:
+                      cuda: bool = False, clock: Callable[[], float] = time.perf_counter) -> list[Timing]:
     """Each round times every variant once, for ~target_s each (one call when a call takes that long);
     returns per-round times. Short samples in many rounds put each variant's samples next to the others'
     in time, so the host's speed, which drifts by tens of percent over seconds on a shared machine,
@@ -123,14 +135,14 @@ def _time_interleaved(fns: dict[str, tuple[Callable[[], object], str]], rounds: 
     numbers = {}
     for name, (fn, _) in fns.items():
         fn()                                                                   # warm-up (and autotune)
-        once = min(_sample(fn, 1, cuda) for _ in range(3))
+        once = min(_sample(fn, 1, cuda, clock) for _ in range(3))
         numbers[name] = max(1, round(target_s / max(once, 1e-6)))
     out = {name: Timing(name, base, []) for name, (_, base) in fns.items()}
     order, rng = list(fns), random.Random(0)
     for _ in range(rounds):
         rng.shuffle(order)               # no variant always follows the same one (and inherits its caches)
         for name in order:
-            out[name].times.append(_sample(fns[name][0], numbers[name], cuda))
+            out[name].times.append(_sample(fns[name][0], numbers[name], cuda, clock))
     return list(out.values())
 
 
@@ -153,7 +165,7 @@ def _format(title: str, timings: list[Timing]) -> list[str]:
     return lines
 
 
-def _minilm_lines(device: str, repeats: int, quick: bool) -> list[str]:
+def _minilm_lines(device: str, repeats: int, quick: bool, clock: Callable[[], float] = time.perf_counter) -> list[str]:
     """MiniLM (q, v LoRA r=8) training step, fused vs plain; skipped with a note when unsupported."""
     rounds = max(3, min(repeats, 15))
     title = f"MiniLM LoRA training step (B=16, T=128, r=8 on q_proj/v_proj), fused vs plain, {rounds} rounds"
@@ -188,13 +200,19 @@ def _minilm_lines(device: str, repeats: int, quick: bool) -> list[str]:
         return run
 
     fns = {"plain LoRA step": (step("plain"), "plain LoRA step"), "fused LoRA step": (step("fused"), "plain LoRA step")}
-    return _format(title, _time_interleaved(fns, rounds, 0.3,
-                                             device.startswith("cuda")))
+    return _format(title, _time_interleaved(fns, rounds, 0.3, device.startswith("cuda"), clock))
 
 
 def run_kernel_bench(device: str = "cpu", repeats: int = 101, quick: bool = False,
-                     default_malloc: bool = False) -> str:
-    """Run the kernel benchmark and return the table as text (also logged)."""
+                     default_malloc: bool = False, clock: str = "wall") -> str:
+    """Run the kernel benchmark and return the table as text (also logged). ``clock``: "wall" or "cpu"
+    (the process's CPU time over all threads; CPU only)."""
+    if clock not in CLOCKS:
+        raise ConfigError(f"clock={clock!r} is not a benchmark clock; use one of {', '.join(CLOCKS)}.")
+    if clock == "cpu" and device.startswith("cuda"):
+        raise ConfigError("--clock cpu times CPU work only and would miss the GPU's; use --clock wall with "
+                          "--device cuda.")
+    timer = CLOCKS[clock]
     if not default_malloc:
         keep_freed_memory()
     torch.manual_seed(0)
@@ -204,18 +222,22 @@ def run_kernel_bench(device: str = "cpu", repeats: int = 101, quick: bool = Fals
     lines = [f"LoRA kernel benchmark on {device} ({torch.get_num_threads()} threads, {repeats} interleaved rounds)",
              "  malloc: " + ("glibc keeps freed memory (promptdelta.utils.malloc)" if freed_memory_kept()
                              else "default settings"),
-             "  native CPU kernels: " + ("loaded" if native_ops() is not None else f"unavailable ({native_error()})")]
+             "  native CPU kernels: " + ("loaded" if native_ops() is not None else f"unavailable ({native_error()})"),
+             "  clock: " + ("wall (time.perf_counter)" if clock == "wall" else
+                            "process CPU time, all threads (OMP_WAIT_POLICY="
+                            f"{os.environ.get('OMP_WAIT_POLICY', 'unset: spinning waits count')})")]
     for m, k, n, r in shapes:
         dtype = torch.bfloat16 if cuda and k >= 4096 else torch.float32
         ops = _operands(m, k, n, r, dtype, device)
         title = f"M={m} K={k} N={n} r={r} {str(dtype).replace('torch.', '')}"
-        lines += _format(title, _time_interleaved(_layer_variants(ops), repeats, 0.002 if quick else 0.02, cuda))
-    lines += _minilm_lines(device, repeats, quick)
+        lines += _format(title, _time_interleaved(_layer_variants(ops), repeats, 0.002 if quick else 0.02, cuda,
+                                                  timer))
+    lines += _minilm_lines(device, repeats, quick, timer)
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``promptdelta bench kernel [--device cpu|cuda] [--repeats N] [--quick]``."""
+    """CLI: ``promptdelta bench kernel [--device cpu|cuda] [--repeats N] [--quick] [--clock wall|cpu]``."""
     parser = argparse.ArgumentParser(prog="promptdelta bench kernel", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=101,
@@ -224,8 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds (a smoke test)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's trim/mmap thresholds alone (freed memory goes back to the OS)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall clock, or the process's CPU time over all threads (for a loaded machine; "
+                             "set OMP_WAIT_POLICY=PASSIVE so waiting threads do not spin)")
     args = parser.parse_args(argv)
-    print(run_kernel_bench(args.device, args.repeats, args.quick, args.default_malloc))
+    print(run_kernel_bench(args.device, args.repeats, args.quick, args.default_malloc, args.clock))
     return 0
 
 

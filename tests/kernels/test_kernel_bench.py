@@ -48,3 +48,22 @@ def test_minilm_step_falls_back_to_random_weights_when_the_package_is_missing(mo
     assert "random weights" in lines[0]
     assert any(line.strip().startswith("fused LoRA step") for line in lines)
     assert any(line.strip().startswith("plain LoRA step") for line in lines)
+
+
+def test_cpu_clock_is_reported_and_times_every_variant(capsys):
+    assert main(["--device", "cpu", "--quick", "--repeats", "2", "--clock", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "clock: process CPU time, all threads" in out
+    ratios = re.findall(r"^\s+fused LoRA     fwd\+bwd.*?\s(\d+\.\d{3})\s", out, flags=re.M)
+    assert ratios and all(float(r) > 0 for r in ratios)
+
+
+def test_cpu_clock_is_refused_for_a_gpu_run_and_unknown_clocks_by_name():
+    import pytest
+
+    from promptdelta.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--clock cpu times CPU work only"):
+        run_kernel_bench("cuda", quick=True, clock="cpu")
+    with pytest.raises(ConfigError, match="clock='gpu' is not a benchmark clock"):
+        run_kernel_bench("cpu", quick=True, clock="gpu")
