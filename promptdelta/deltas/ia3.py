@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptdelta.deltas.base import DeltaWrapper, ModuleSite, WrappingMethod, register_delta
+from promptdelta.deltas.merge import _unload_wrapping, register_unload
 from promptdelta.deltas.sites import match_targets
 from promptdelta.errors import ConfigError, DeltaError
 
@@ -52,6 +53,8 @@ class IA3Linear(DeltaWrapper):
 
     Output scaling: y = l * (W x + b), l: (out,). Input scaling: y = W (l * x) + b, l: (in,).
     """
+
+    token_wise = True   # acts on each token alone: native backbones may hand it packed (N, in) real tokens
 
     def __init__(self, base: nn.Linear, feedforward: bool, init: float = 1.0) -> None:
         super().__init__()
@@ -155,3 +158,4 @@ class IA3(WrappingMethod):
 
 
 register_delta("ia3", IA3)
+register_unload("ia3", _unload_wrapping)   # merge_and_unload: fold the vectors in, put the plain layers back

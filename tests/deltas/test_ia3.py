@@ -162,3 +162,21 @@ def test_peft_ia3_refusals(tmp_path) -> None:
     with pytest.raises(DeltaError, match="fuses q|k|v"):
         attach(FAMILIES["gpt2"].build(), "ia3").save(tmp_path / "gpt2", format="peft")
     assert not (tmp_path / "gpt2").exists()
+
+
+def test_disabled_and_merge_and_unload(ids: torch.Tensor) -> None:
+    """disabled() gives the base model; merge_and_unload folds the vectors in and leaves plain nn.Linear layers."""
+    from promptdelta.deltas import merge_and_unload
+
+    fam = FAMILIES["bert"]
+    model = fam.build()
+    base = fam.out(model, ids)
+    handle = attach(model, "ia3")
+    perturb(handle.parameters())
+    tuned = fam.out(model, ids)
+    with handle.disabled():
+        assert torch.equal(fam.out(model, ids), base)
+    assert torch.equal(fam.out(model, ids), tuned)
+    merge_and_unload(model)
+    assert deltas_of(model) == {} and not any(isinstance(m, IA3Linear) for m in model.modules())
+    torch.testing.assert_close(fam.out(model, ids), tuned, rtol=1e-5, atol=1e-5)
