@@ -50,7 +50,8 @@ NOTES = [
     "bitfit: PEFT has no BitFit; its column is plain torch (requires_grad on every bias of the transformers model)",
     "prefix: promptdelta prefixes a transformers BertModel only through a KV cache, which BertModel lacks: "
     "pd-hf n/a; both libraries without the MLP reparameterisation",
-    "prompt: 10 soft vectors before the input embeddings (promptdelta's SoftTemplate splice, done in the bench)",
+    "prompt: 10 soft vectors before the input embeddings (promptdelta's SoftTemplate splice, done in the bench); "
+    "its rows run seq + 10 tokens through every layer, so its own floor is that much above the seq-token floor",
     "ia3: l_k, l_v on key/value outputs, l_ff on the FFN's inner activation (PEFT: target key|value|layer.N.output."
     "dense, the last as feedforward_modules; PEFT's BERT default would also scale attention.output.dense's input)",
     "bottleneck adapter: the project takes no dependency on and no code from the `adapters` package (no row)",
