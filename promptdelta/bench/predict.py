@@ -38,7 +38,7 @@ from torch import nn
 
 from promptdelta.bench.kernel import _format, _quartiles, _time_interleaved
 from promptdelta.data.examples import InputExample
-from promptdelta.errors import ConfigError, DataError
+from promptdelta.errors import ConfigError, DataError, DeltaError
 
 logger = logging.getLogger(__name__)
 
@@ -170,13 +170,18 @@ def _predict_lines(backbone: str, folder: Path, texts: list[str], source: str, b
     fns["predict, merged"] = (lambda: clf.predict(texts, batch_size=batch_size), "")
     fns["predict, unmerged (per-row delta)"] = (lambda: clf.predict(texts, batch_size=batch_size, delta=names), "")
     ref = _hf_predict(clf, refs[MERGED_REF], texts, batch_size).softmax(-1)
-    diffs = {n: float((clf.predict(texts, batch_size=batch_size, **kw).probs - ref).abs().max())
-             for n, kw in (("merged", {}), ("unmerged", {"delta": names}))}
+    diffs = {}
+    for n, kw in (("merged", {}), ("unmerged", {"delta": names})):
+        try:
+            diffs[n] = f"{float((clf.predict(texts, batch_size=batch_size, **kw).probs - ref).abs().max()):.1e}"
+        except DeltaError as e:                   # the row says why instead of the whole table failing
+            diffs[n] = f"FAILED ({e})"
+            del fns[f"predict, {n}" + (" (per-row delta)" if n == "unmerged" else "")]
     with torch.no_grad():
         pruned = clf.pruned_positions(clf.collate([InputExample(texts[0])])) is not None
     title = (f"predict vs transformers: {len(texts)} {source}, batch {batch_size}, {rounds} rounds, readout "
              f"{readout} (predict's last layer {'pruned to the mask row' if pruned else 'not pruned'}; max |probs - "
-             f"merged BertModel's|: merged {diffs['merged']:.1e}, unmerged {diffs['unmerged']:.1e}; "
+             f"merged BertModel's|: merged {diffs['merged']}, unmerged {diffs['unmerged']}; "
              f"padded tokens sorted / input order: {_padding_ratio(clf, texts, batch_size):.2f})")
     timings = _time_interleaved({k: (fn, k) for k, (fn, _) in fns.items()}, rounds, 0.0)
     return _two_refs(title, timings, [f"{label}, input order" for label in refs])
