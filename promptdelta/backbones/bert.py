@@ -203,9 +203,9 @@ class BertAttention(nn.Module):
     def _packed(self, x: torch.Tensor, bias: torch.Tensor | None, prefix: tuple[torch.Tensor, torch.Tensor] | None,
                 packed: Packing) -> torch.Tensor:
         """x (N, H) real tokens -> (N, H): projections on real tokens only, attention in the padded layout."""
-        heads = lambda t: packed.unpack(t).view(packed.batch, packed.length, self.num_heads,  # noqa: E731
-                                                self.head_dim).transpose(1, 2)              # (B, nh, T, hd)
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=1)  # (N, 3H): one scatter, not 3
+        qkv = packed.unpack(qkv).view(packed.batch, packed.length, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.transpose(1, 3).unbind(2)  # 3 x (B, nh, T, hd), views
         if prefix is not None:
             k = torch.cat([prefix[0].to(k.dtype), k], dim=2)  # (B, nh, P + T, hd)
             v = torch.cat([prefix[1].to(v.dtype), v], dim=2)  # (B, nh, P + T, hd)
@@ -239,14 +239,10 @@ class BertLayer(nn.Module):
                 prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
                 rows: torch.Tensor | None = None, packed: Packing | None = None) -> torch.Tensor:
         """x (B, T, H) -> (B, T, H); with ``rows`` (B, k) only those positions come out: (B, k, H). With
-        ``packed`` (padding in the batch) every per-token op runs on the real tokens only and padded positions
-        come out as zeros."""
-        if packed is not None and rows is None:
-            B, T, H = x.shape
-            x = x.reshape(B * T, H).index_select(0, packed.index)          # (N, H), real tokens
+        ``packed`` (padding in the batch) x is (N, H), the real tokens only, and so is the output."""
+        if packed is not None and rows is None:  # x (N, H): the real tokens, packed by the model
             x = self.attn_norm(x + self.dropout(self.attn(x, bias, prefix, packed=packed)))
-            x = self.mlp_norm(x + self.dropout(self.mlp(x)))               # (N, H)
-            return packed.unpack(x).view(B, T, H)                           # (B, T, H), zeros at padding
+            return self.mlp_norm(x + self.dropout(self.mlp(x)))            # (N, H)
         a = self.attn(x, bias, prefix, rows)                               # (B, Tq, H)
         if rows is not None:  # the residual and everything after it are per-token: keep the kept rows only
             x = _gather_rows(x, rows)                                      # (B, k, H)
@@ -302,14 +298,21 @@ class Packing:
         """(N, D) real tokens -> (B * T, D) with zeros at padding."""
         return x.new_zeros(self.batch * self.length, x.shape[-1]).index_copy(0, self.index, x)
 
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (N, D), the real tokens."""
+        return x.reshape(self.batch * self.length, x.shape[-1]).index_select(0, self.index)
+
 
 _TOKEN_WISE = (nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity)
 
 
 def _packable(layer: BertLayer) -> bool:
-    """Whether every module inside the layer treats tokens independently, so it may see packed (N, H) rows:
-    plain linears/norms/dropout, and wrappers whose class says ``token_wise = True`` (LoRA); no hooks. Anything
-    else (a routed multi-adapter linear that needs the batch rows, a hook that reads shapes) gets (B, T, H)."""
+    """Whether the layer and every module inside it treat tokens independently, so they may see packed (N, H)
+    rows: plain linears/norms/dropout, and wrappers whose class says ``token_wise = True`` (LoRA); no hooks.
+    Anything else (a routed multi-adapter linear that needs the batch rows, a hook that reads shapes, on the
+    layer too: the ladder's) gets (B, T, H)."""
+    if layer._forward_hooks or layer._forward_pre_hooks:
+        return False
     todo = list(layer.children())
     while todo:
         m = todo.pop()
@@ -394,11 +397,22 @@ class BertModel(GradientCheckpointing, nn.Module):
             if P not in biases:
                 biases[P] = _attention_bias(attention_mask, P, x.dtype)
             rows = keep_positions if i == last else None
-            pack = packed if packed is not None and _packable(layer) else None
-            x = call_layer(layer, x, biases[P], prefix, rows, pack, checkpoint=ckpt)  # (B, T, H); (B, k, H)
-            if packed is not None and pack is None and rows is None:  # same padded outputs on either path
-                x = x.masked_fill(packed.pad[:, :, None], 0.0)
+            pack = packed if packed is not None and rows is None and _packable(layer) else None
+            if pack is not None:  # x stays packed (N, H) from layer to layer while the layers allow it
+                x = call_layer(layer, x if x.dim() == 2 else pack.pack(x), biases[P], prefix, None, pack,
+                               checkpoint=ckpt)                                # (N, H)
+            else:
+                if x.dim() == 2:
+                    x = packed.unpack(x).view(B, T, -1)                         # (B, T, H), zeros at padding
+                x = call_layer(layer, x, biases[P], prefix, rows, checkpoint=ckpt)  # (B, T, H); (B, k, H)
+                if packed is not None and rows is None:  # same padded outputs on either path
+                    x = x.masked_fill(packed.pad[:, :, None], 0.0)
             hidden.append(x)
+        if x.dim() == 2:
+            x = packed.unpack(x).view(B, T, -1)                                 # (B, T, H), zeros at padding
+        hidden[-1] = x
+        if output_hidden_states:
+            hidden = [packed.unpack(h).view(B, T, -1) if h.dim() == 2 else h for h in hidden]
         if packed is not None and keep_positions is not None:  # padded rows are zeros, as in the full forward
             x = hidden[-1] = x * attention_mask.gather(1, keep_positions)[:, :, None].to(x.dtype)  # (B, k, H)
         return BackboneOutput(
