@@ -2,9 +2,11 @@
 
 ``predict`` takes strings, dicts, InputExamples, a ``datasets.Dataset`` or a pandas DataFrame and returns a
 :class:`Predictions` (labels, class probabilities ``softmax(label logits)``). Why it is fast: rows are sorted by
-length (longest first) so each batch pads to rows of similar length, the model runs in eval mode under
-``torch.inference_mode``, and every attached delta that can merge is folded into the base weights for the call
-(and unfolded after), so LoRA costs nothing at inference. Results come back in input order.
+token count (longest first; ``sorted_batches``) so each batch pads to rows of similar length, the model runs in
+eval mode under ``torch.inference_mode``, every attached delta that can merge is folded into the base weights
+for the call (and unfolded after), so LoRA costs nothing at inference, and with the mask readout on native
+BERT/RoBERTa the last layer runs at the mask row only (``PromptForClassification.pruned_positions``; exact).
+Results come back in input order.
 
 ``promptdelta predict --model runs/x/seed13 --input FILE --output FILE`` reads JSONL, CSV, plain text (one
 input per line) or stdin (``-``), maps columns with ``--columns text=review,text_b=premise`` and writes JSONL or

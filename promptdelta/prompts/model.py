@@ -20,7 +20,8 @@ verbalizer's ``multi_token_handler`` (first/mean/max) applies unchanged.
 
 A classifier leaves the library as a folder (``save_pretrained`` / ``from_pretrained``, built in
 ``prompts/registry.py``) and answers new inputs through ``predict`` (``promptdelta/predict.py``: labels and
-class probabilities, length-sorted batches, deltas merged for the call).
+class probabilities, length-sorted batches, deltas merged for the call, the last layer pruned to the mask row
+where the readout allows: ``pruned_positions``).
 """
 
 from __future__ import annotations
