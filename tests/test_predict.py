@@ -136,6 +136,16 @@ def test_bad_inputs_are_named(clf):
         clf.predict(["a", "b"], delta=["lora"])
 
 
+def test_per_row_names_of_an_attached_delta_equal_the_merged_predict(clf):
+    """Rows naming the attached (not banked) LoRA, in padded batches: route_rows runs it unmerged, per row."""
+    names = ["lora", None, "lora", "lora", None, "lora"]
+    got = clf.predict(TEXTS, batch_size=4, delta=names).probs
+    with pd.deltas_of(clf.backbone)["lora"].disabled():
+        base = clf.predict(TEXTS).probs
+    want = torch.stack([(clf.predict(TEXTS).probs if n else base)[i] for i, n in enumerate(names)])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
 def test_per_row_deltas_equal_each_delta_alone(tiny_bert_dir, tmp_path):
     """predict(delta=[name per row]) (MIXENG's route_rows over banked LoRA deltas) equals each delta alone."""
     from promptdelta.deltas.mixed import add_delta
