@@ -318,9 +318,9 @@ def _packable(layer: BertLayer) -> bool:
         m = todo.pop()
         if m._forward_hooks or m._forward_pre_hooks:
             return False
-        if type(m) in (BertAttention, BertMLP):
-            todo.extend(m.children())
-        elif type(m) not in _TOKEN_WISE and not getattr(type(m), "token_wise", False):
+        if type(m) in (BertAttention, BertMLP) or getattr(type(m), "token_wise", False):
+            todo.extend(m.children())  # a token-wise wrapper may wrap a routed linear (route_rows): look inside
+        elif type(m) not in _TOKEN_WISE:
             return False
     return True
 
