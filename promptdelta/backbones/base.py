@@ -13,9 +13,14 @@ Contract (all families):
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
+
+#: The batch row (N,) of each token while a backbone runs its layers on packed (N, H) real tokens, else None.
+#: Why: a module that needs a token's sequence (mixed-batch routing, deltas/mixed.py) reads it here.
+PACKED_ROWS: ContextVar[torch.Tensor | None] = ContextVar("promptdelta_packed_rows", default=None)
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptdelta.backbones.base import BackboneOutput, GradientCheckpointing, call_layer, check_prefix_kv
+from promptdelta.backbones.base import PACKED_ROWS, BackboneOutput, GradientCheckpointing, call_layer, check_prefix_kv
 from promptdelta.backbones.keymap import KeyTable, load_hf_state, load_into_hf
 from promptdelta.errors import BackboneError, ConfigError
 
@@ -399,8 +399,12 @@ class BertModel(GradientCheckpointing, nn.Module):
             rows = keep_positions if i == last else None
             pack = packed if packed is not None and rows is None and _packable(layer) else None
             if pack is not None:  # x stays packed (N, H) from layer to layer while the layers allow it
-                x = call_layer(layer, x if x.dim() == 2 else pack.pack(x), biases[P], prefix, None, pack,
-                               checkpoint=ckpt)                                # (N, H)
+                token = PACKED_ROWS.set(pack.row)
+                try:
+                    x = call_layer(layer, x if x.dim() == 2 else pack.pack(x), biases[P], prefix, None, pack,
+                                   checkpoint=ckpt)                            # (N, H)
+                finally:
+                    PACKED_ROWS.reset(token)
             else:
                 if x.dim() == 2:
                     x = packed.unpack(x).view(B, T, -1)                         # (B, T, H), zeros at padding

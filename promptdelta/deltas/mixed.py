@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from promptdelta.backbones.base import PACKED_ROWS
 from promptdelta.deltas.base import DeltaHandle, deltas_of, load_delta
 from promptdelta.deltas.sites import DeltaWrapper, iter_sites
 from promptdelta.errors import DeltaError
@@ -142,7 +143,10 @@ def remove_delta(model: nn.Module, name: str) -> None:
 class RoutedLinear(DeltaWrapper):
     """A linear layer (``base``, kept as is) computing row i with adapter ``ids[i]`` of stacked factors.
 
-    a_stack (L, r, K), b_stack (L, N, r), scales (L,), ids (B,) with -1 = base only. Input (B*k, ..., K)."""
+    a_stack (L, r, K), b_stack (L, N, r), scales (L,), ids (B,) with -1 = base only. Input (B*k, ..., K), or
+    the packed real tokens (N, K) of a backbone that skips padding (each token's row from ``PACKED_ROWS``)."""
+
+    token_wise = True   # per token, given its row: native BERT may hand it packed (N, K) tokens
 
     def __init__(self, base: nn.Module, a_stack: torch.Tensor, b_stack: torch.Tensor, scales: torch.Tensor,
                  ids: torch.Tensor) -> None:
@@ -153,10 +157,14 @@ class RoutedLinear(DeltaWrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                   # x: (B*k, ..., K)
         rows, lead = self.ids.shape[0], x.shape[0]
-        if lead % rows:
+        token_rows = PACKED_ROWS.get()                                    # (N,) or None
+        if token_rows is not None and x.dim() == 2 and lead == token_rows.shape[0]:
+            ids = self.ids[token_rows]                                    # (N,) each token's adapter
+        elif lead % rows:
             raise DeltaError(f"route_rows got {rows} row names but this layer sees {lead} rows; pass one name "
                              f"per sequence of the batch the model runs.")
-        ids = self.ids if lead == rows else self.ids.repeat_interleave(lead // rows)   # (B*k,)
+        else:
+            ids = self.ids if lead == rows else self.ids.repeat_interleave(lead // rows)   # (B*k,)
         weight = self.base.weight.t() if self.conv1d else self.base.weight   # (N, K)
         return lora_linear_multi(x, weight, self.base.bias, self.a_stack, self.b_stack, self.scales, ids)
 

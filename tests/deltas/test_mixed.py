@@ -246,3 +246,25 @@ def test_clf_predict_with_a_delta_per_row(tiny_bert_dir, tmp_path):
     got = clf.predict(TEXTS, batch_size=2, delta=names).probs
     for i, n in enumerate(names):
         torch.testing.assert_close(got[i], (with_delta if n else base)[i], rtol=1e-5, atol=1e-5)
+
+
+def test_native_bert_mixed_batch_runs_on_packed_tokens(tmp_path, monkeypatch):
+    """Native BERT skips padding (per-token work on the (N, K) real tokens); routed layers then get each
+    token's row from PACKED_ROWS instead of falling back to the padded layout, and stay equal per row."""
+    model, ids, mask, ref = _banked_model("native", tmp_path)
+    shapes = []
+    forward = RoutedLinear.forward
+
+    def spy(self, x):
+        shapes.append(tuple(x.shape))
+        return forward(self, x)
+
+    monkeypatch.setattr(RoutedLinear, "forward", spy)
+    names = ["sst2", None, "agnews", "rte", "boolq", None, "rte", "sst2", "boolq", "agnews"]
+    with torch.no_grad(), route_rows(model, names):
+        mixed = _out(model, ids, mask)
+    real = int(mask.sum())
+    assert shapes and all(s[0] == real and len(s) == 2 for s in shapes)     # packed (N, K) in every routed layer
+    for i, n in enumerate(names):
+        keep = mask[i].bool()
+        torch.testing.assert_close(mixed[i][keep], ref[n][i][keep], rtol=1e-5, atol=1e-5, msg=f"row {i} ({n})")
