@@ -57,8 +57,6 @@ def test_every_shipped_config_and_suite_loads():
     assert configs and suites
     for path in configs:
         RunConfig.from_yaml(path)
-    for path in suites:                       # ../shared/data is not in CI: the built-in task stands in
+    for path in suites:  # ../shared/data is not in CI: data paths kept as written (the same-data rule reads them)
         raw = yaml.safe_load(path.read_text())
-        for task in raw["tasks"].values():
-            task["data"] = "builtin:demo"
-        suite_from_dict(raw, str(path), path.parent)
+        suite_from_dict(raw, str(path), path.parent, check_data=False)
