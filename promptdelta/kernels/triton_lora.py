@@ -5,8 +5,9 @@ Forward (x (M, K), W (N, K), A (r, K), B (N, r)):
     2. GEMM:    y = x W^T + b, with the accumulator of each (BM, BN) tile initialised to
                 s * xa_tile @ B_tile^T, so no (M, N) temporary or second pass over y exists.
 Backward (g (M, N)):
-    3. one pass over g: gb = g B (M, r) and dB^T = s xa^T g (r, N), both accumulated in fp32
-    4. dA = s gb^T x                                         (r, K)
+    3. one pass over g: gb = g B (M, r) and dB^T = s xa^T g (r, N), fp32 per-tile partials (each program
+       writes its own slice), then one pass summing them in a fixed order: deterministic, no atomics
+    4. dA = s gb^T x                                         (r, K), per-split partials summed the same way
     5. GEMM:    dx = g W, accumulator initialised to s * gb_tile @ A_tile.
 All products accumulate in fp32; fp32 inputs use IEEE dot products unless
 ``torch.backends.cuda.matmul.allow_tf32`` is set (then TF32, as torch does). Under ``TRITON_INTERPRET=1``
@@ -102,12 +103,16 @@ def _gemm_lora_kernel(a_ptr, b_ptr, u_ptr, v_ptr, bias_ptr, out_ptr, M, M_KEY, P
 
 
 @triton.jit
-def _gb_db_kernel(g_ptr, b_ptr, xa_ptr, gb_ptr, dbt_ptr, M, N, R, scale, n_per_split, stride_gm, stride_bn,
-                  stride_xam, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _gb_db_kernel(g_ptr, b_ptr, xa_ptr, gb_part_ptr, dbt_part_ptr, M, N, R, scale, n_per_split, stride_gm,
+                  stride_bn, stride_xam, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """One pass over g: gb (M, R) += g @ B and dB^T (R, N) += scale * xa^T @ g (fp32 buffers, atomics)."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_start = tl.program_id(1) * n_per_split
+    """One pass over g; program (i, j) takes row block i and column split j and writes its own slices of the
+    partials: gb_part[j] (M, R) rows of i = g[i, j] @ B[j], dbt_part[i] (R, N) columns of j = scale xa[i]^T
+    g[i, j]. No element is written twice, so summing over j and i (``_sum_partials``, a fixed order) gives
+    the same bits every run; the atomics this replaces added in completion order."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_start = pid_n * n_per_split
     rr = tl.arange(0, R_PAD)
     mask_mr = (rm[:, None] < M) & (rr[None, :] < R)
     xa_t = tl.trans(tl.load(xa_ptr + rm[:, None] * stride_xam + rr[None, :], mask=mask_mr, other=0.0))
@@ -120,17 +125,20 @@ def _gb_db_kernel(g_ptr, b_ptr, xa_ptr, gb_ptr, dbt_ptr, M, N, R, scale, n_per_s
                     mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)            # (BN, R_PAD)
         acc_gb = _dot(g, b, acc_gb, PREC, UPCAST)
         dbt = _dot(xa_t, g, tl.zeros((R_PAD, BLOCK_N), tl.float32), PREC, UPCAST) * scale   # (R_PAD, BN)
-        tl.atomic_add(dbt_ptr + rr[:, None] * N + rn[None, :], dbt, mask=(rr[:, None] < R) & (rn[None, :] < N))
-    tl.atomic_add(gb_ptr + rm[:, None] * R + rr[None, :], acc_gb, mask=mask_mr)
+        tl.store(dbt_part_ptr + (pid_m * R + rr[:, None]) * N + rn[None, :], dbt,
+                 mask=(rr[:, None] < R) & (rn[None, :] < N))
+    tl.store(gb_part_ptr + (pid_n * M + rm[:, None]) * R + rr[None, :], acc_gb, mask=mask_mr)
 
 
 @triton.jit
-def _tn_kernel(u_ptr, v_ptr, out_ptr, M, P, R, scale, m_per_split, stride_vm,
+def _tn_kernel(u_ptr, v_ptr, part_ptr, M, P, R, scale, m_per_split, stride_vm,
                R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
                PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """out (R, P) += scale * u^T @ v for u (M, R) fp32 contiguous, v (M, P); split over M with atomics."""
+    """part[j] (R, P) = scale u^T v over the rows of split j, for u (M, R) fp32 contiguous and v (M, P);
+    program (i, j) writes columns block i of part[j] (then ``_sum_partials``; no atomics)."""
     rp = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    m_start = tl.program_id(1) * m_per_split
+    pid_m = tl.program_id(1)
+    m_start = pid_m * m_per_split
     rr = tl.arange(0, R_PAD)
     acc = tl.zeros((R_PAD, BLOCK_P), tl.float32)
     for i in range(0, m_per_split, BLOCK_M):
@@ -140,8 +148,18 @@ def _tn_kernel(u_ptr, v_ptr, out_ptr, M, P, R, scale, m_per_split, stride_vm,
         ut = tl.load(u_ptr + rm[None, :] * R + rr[:, None],
                      mask=(rm[None, :] < M) & (rr[:, None] < R), other=0.0)           # (R_PAD, BM)
         acc = _dot(ut.to(v.dtype), v, acc, PREC, UPCAST)
-    tl.atomic_add(out_ptr + rr[:, None] * P + rp[None, :], acc * scale,
-                  mask=(rr[:, None] < R) & (rp[None, :] < P))
+    tl.store(part_ptr + (pid_m * R + rr[:, None]) * P + rp[None, :], acc * scale,
+             mask=(rr[:, None] < R) & (rp[None, :] < P))
+
+
+@triton.jit
+def _sum_partials_kernel(part_ptr, out_ptr, S, E, BLOCK: tl.constexpr):
+    """out (E,) = sum of part (S, E) over S, in order s = 0, 1, ...: the one reduction pass."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for s in range(0, S):
+        acc += tl.load(part_ptr + s * E + offs, mask=offs < E, other=0.0)
+    tl.store(out_ptr + offs, acc, mask=offs < E)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -166,9 +184,10 @@ def _dot_flags(dtype: torch.dtype) -> dict:
 
 
 def _split_target(device: torch.device) -> int:
-    """How many programs the skinny reductions aim for: two per SM (two when interpreting, to test splits)."""
+    """How many programs the skinny reductions aim for: two per SM; 16 when interpreting, so the tests' small
+    shapes get several splits (partials to sum) too."""
     if INTERPRET or device.type != "cuda":
-        return 2
+        return 16
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -210,37 +229,50 @@ def gemm_lora(a: torch.Tensor, b: torch.Tensor, u: torch.Tensor | None, v: torch
     return out
 
 
+def _sum_partials(part: torch.Tensor) -> torch.Tensor:
+    """part (S, *shape) fp32, contiguous -> (*shape) fp32, summed over S in a fixed order."""
+    if part.shape[0] == 1:
+        return part[0]
+    out = torch.empty(part.shape[1:], device=part.device, dtype=torch.float32)
+    e = out.numel()
+    block = 256 if INTERPRET else 1024
+    _sum_partials_kernel[(triton.cdiv(e, block),)](part, out, part.shape[0], e, BLOCK=block)
+    return out
+
+
 def gb_and_db(g: torch.Tensor, lora_b: torch.Tensor, xa: torch.Tensor,
               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """gb = g B (M, r) and dB^T = s xa^T g (r, N), fp32, in one pass over g (M, N)."""
+    """gb = g B (M, r) and dB^T = s xa^T g (r, N), fp32: one pass over g (M, N) writing per-tile partials,
+    then one pass summing them (gb over the column splits, dB^T over the row blocks); deterministic."""
     m, n = g.shape
     r = lora_b.shape[1]
-    gb = torch.zeros(m, r, device=g.device, dtype=torch.float32)
-    dbt = torch.zeros(r, n, device=g.device, dtype=torch.float32)
     bm, bn = _skinny_tiles(g.dtype)
     blocks_m, blocks_n = triton.cdiv(m, bm), triton.cdiv(n, bn)
     split = max(1, min(blocks_n, _split_target(g.device) // blocks_m))
     n_per_split = triton.cdiv(blocks_n, split) * bn
     grid = (blocks_m, triton.cdiv(n, n_per_split))
-    _gb_db_kernel[grid](g, lora_b, xa, gb, dbt, m, n, r, float(scale), n_per_split, g.stride(0),
+    gb_part = torch.empty(grid[1], m, r, device=g.device, dtype=torch.float32)       # (column splits, M, r)
+    dbt_part = torch.empty(grid[0], r, n, device=g.device, dtype=torch.float32)      # (row blocks, r, N)
+    _gb_db_kernel[grid](g, lora_b, xa, gb_part, dbt_part, m, n, r, float(scale), n_per_split, g.stride(0),
                         lora_b.stride(0), xa.stride(0), R_PAD=_r_pad(r), BLOCK_M=bm, BLOCK_N=bn,
                         **_dot_flags(g.dtype))
-    return gb, dbt
+    return _sum_partials(gb_part), _sum_partials(dbt_part)
 
 
 def tn_skinny(u: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """s u^T v (R, P) in fp32 for u (M, R) fp32 contiguous and v (M, P) contiguous (dA = s gb^T x)."""
+    """s u^T v (R, P) in fp32 for u (M, R) fp32 contiguous and v (M, P) contiguous (dA = s gb^T x): per-split
+    partials, then one summing pass (deterministic)."""
     m, p = v.shape
     r = u.shape[1]
-    out = torch.zeros(r, p, device=v.device, dtype=torch.float32)
     bm, bp = _skinny_tiles(v.dtype)
     blocks_m, blocks_p = triton.cdiv(m, bm), triton.cdiv(p, bp)
     split = max(1, min(blocks_m, _split_target(v.device) // blocks_p))
     m_per_split = triton.cdiv(blocks_m, split) * bm
     grid = (blocks_p, triton.cdiv(m, m_per_split))
-    _tn_kernel[grid](u, v, out, m, p, r, float(scale), m_per_split, v.stride(0), R_PAD=_r_pad(r),
+    part = torch.empty(grid[1], r, p, device=v.device, dtype=torch.float32)          # (row splits, r, P)
+    _tn_kernel[grid](u, v, part, m, p, r, float(scale), m_per_split, v.stride(0), R_PAD=_r_pad(r),
                      BLOCK_M=bm, BLOCK_P=bp, **_dot_flags(v.dtype))
-    return out
+    return _sum_partials(part)
 
 
 # ------------------------------------------------------------------------------------------ autograd
