@@ -43,7 +43,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "lora_cpu.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCE = CSRC / "lora_cpu.cpp"             # the one translation unit; it includes the csrc/*.h headers
 RANKS = (1, 2, 4, 8, 16)
 TIMEOUT_ENV, DEFAULT_TIMEOUT_S = "PROMPTDELTA_NATIVE_TIMEOUT", 300.0
 _module: ModuleType | None = None
@@ -61,9 +62,15 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def source_files() -> list[Path]:
+    """Every file the build reads (csrc/*.cpp and *.h), in a fixed order: all of them key the build."""
+    return sorted(p for p in CSRC.iterdir() if p.suffix in (".cpp", ".h"))
+
+
 def _build_name() -> str:
-    """A module name unique to this source, compiler target and torch version."""
-    key = SOURCE.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()
+    """A module name unique to these sources (names and bytes), compiler target and torch version."""
+    key = b"".join(p.name.encode() + b"\0" + p.read_bytes() for p in source_files())
+    key += _cpu_flags().encode() + torch.__version__.encode()
     return "promptdelta_lora_cpu_" + hashlib.sha1(key).hexdigest()[:12]
 
 

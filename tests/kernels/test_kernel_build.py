@@ -1,0 +1,40 @@
+"""The native kernels' sources: every file the compiler reads keys the build cache and ships in the wheel."""
+
+import fnmatch
+import re
+import shutil
+import tomllib
+from pathlib import Path
+
+from promptdelta.kernels import native as native_mod
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_included_header_is_a_listed_source():
+    names = {p.name for p in native_mod.source_files()}
+    assert native_mod.SOURCE.name in names and any(n.endswith(".h") for n in names)
+    for path in native_mod.source_files():
+        for inc in re.findall(r'^#include "([^"]+)"', path.read_text(), flags=re.M):
+            assert inc in names, f"{path.name} includes {inc}, which source_files() does not list"
+
+
+def test_build_name_changes_with_any_source_file(tmp_path, monkeypatch):
+    """A cached build from older sources must never load: editing a header alone gives a new name."""
+    csrc = tmp_path / "csrc"
+    shutil.copytree(native_mod.CSRC, csrc)
+    monkeypatch.setattr(native_mod, "CSRC", csrc)
+    names = {native_mod._build_name()}
+    for path in sorted(csrc.iterdir()):
+        path.write_text(path.read_text() + "\n// edited\n")
+        names.add(native_mod._build_name())
+    assert len(names) == 1 + len(list(csrc.iterdir()))
+    (csrc / "lora_extra.h").write_text("// a new header\n")
+    assert native_mod._build_name() not in names
+
+
+def test_package_data_ships_every_source_file():
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["promptdelta"]
+    for path in native_mod.source_files():
+        rel = path.relative_to(ROOT / "promptdelta").as_posix()
+        assert any(fnmatch.fnmatch(rel, pattern) for pattern in data), f"{rel} is not in package-data"
