@@ -136,13 +136,29 @@ void check(const torch::Tensor& t, int64_t dim, const char* name) {
               name, " must be a contiguous ", dim, "-D float32 CPU tensor");
 }
 
+// Bt (R, N): contiguous, except at rank 16, whose kernels read it through its strides (the layer passes B^T
+// as a view of B (N, 16), saving a transposed copy whose writes 4 KiB apart took 64-70 us at N = 1024).
+void check_bt(const torch::Tensor& bt, int64_t r) {
+  if (r != 16) return check(bt, 2, "Bt");
+  TORCH_CHECK(bt.device().is_cpu() && bt.scalar_type() == at::kFloat && bt.dim() == 2,
+              "Bt must be a 2-D float32 CPU tensor");
+}
+
 // Rank 16 keeps its accumulators as (N, R) (see shrink16); the other ranks as (R, N).
 constexpr bool ranks_last(int64_t R) { return R == 16; }
 
 // Per-thread partial sums of an (R, N) accumulator ((N, R) when ranks_last), then one reduction over threads.
+// Left unset here: each thread zeroes its own slice inside the parallel region (in parallel, and into the L2
+// that accumulates it next; zeroing both here took 34-38 us at K = N = 1024, R = 16), then zero_idle.
 torch::Tensor partials(int64_t R, int64_t N, const torch::Tensor& like) {
   const int64_t T = at::get_num_threads();
-  return ranks_last(R) ? torch::zeros({T, N, R}, like.options()) : torch::zeros({T, R, N}, like.options());
+  return ranks_last(R) ? torch::empty({T, N, R}, like.options()) : torch::empty({T, R, N}, like.options());
+}
+
+// Zeroes the slices of the threads that got no rows (ran[t] == 0) after the region, so finish sums zeros.
+void zero_idle(torch::Tensor& part, const std::vector<char>& ran) {
+  for (int64_t t = 0; t < part.size(0); ++t)
+    if (!ran[t]) part[t].zero_();
 }
 
 // s * sum_t part[t] as (P, Q), or as its transpose (Q, P) when transpose: plain loops on this thread. The
@@ -225,12 +241,12 @@ torch::Tensor transposed(const torch::Tensor& t) {
 // Rank 16 also gets a_t = A^T (K, 16) and bt_p = s Bt in panels (see shrink16); null for the other ranks.
 template <int R>
 void forward_rows(const torch::Tensor& x, const torch::Tensor& x_l, const torch::Tensor& w_t, const float* bias,
-                  const float* a, const float* bt, const float* a_t, const float* bt_p, float s, torch::Tensor& xa,
-                  torch::Tensor& out, bool gemm, int64_t b, int64_t e) {
+                  const float* a, const float* bt, int64_t bt_sj, int64_t bt_sn, const float* a_t, const float* bt_p,
+                  float s, torch::Tensor& xa, torch::Tensor& out, bool gemm, int64_t b, int64_t e) {
   const int64_t K = x.size(1), N = out.size(1);
   if constexpr (R == 16) {
     shrink16<8>(x_l.data_ptr<float>(), a_t, xa.data_ptr<float>(), b, e, K);
-    expand16<8>(xa.data_ptr<float>(), bt_p, bt, bias, s, out.data_ptr<float>(), b, e, N);
+    expand16<8>(xa.data_ptr<float>(), bt_p, bt, bt_sj, bt_sn, bias, s, out.data_ptr<float>(), b, e, N);
   } else {
     dot_rows<R, dot_rows_at_once<R>()>(x_l.data_ptr<float>(), a, xa.data_ptr<float>(), b, e, K);
     expand_rows<R, 4>(xa.data_ptr<float>(), bt, bias, s, out.data_ptr<float>(), b, e, N);
@@ -260,7 +276,7 @@ std::vector<torch::Tensor> forward_r(const torch::Tensor& x, const torch::Tensor
     // without the caller's inference mode, the in-place GEMM into rows of an inference tensor throws
     c10::InferenceMode infer(inference);
     at::NoGradGuard no_grad;
-    forward_rows<R>(x, x_l, w_t, bias, a.data_ptr<float>(), bt.data_ptr<float>(),
+    forward_rows<R>(x, x_l, w_t, bias, a.data_ptr<float>(), bt.data_ptr<float>(), bt.stride(0), bt.stride(1),
                     R == 16 ? a_t.data_ptr<float>() : nullptr, R == 16 ? bt_p.data_ptr<float>() : nullptr,
                     static_cast<float>(s), xa, out, gemm, b, e);
   });
@@ -284,7 +300,7 @@ void backward_rows(const torch::Tensor& g, const torch::Tensor& x_l, const torch
     if constexpr (R == 16) {
       shrink16<8>(gp, b_nr, gb, m, me, N);                              // gb = g B
       accumulate16(xa, gp, acc_b, m, me, N);                            // dB += g^T xa
-      if (lp) expand16<8>(gb, a_p, a, nullptr, s, lp, m, me, K);        // s gb A
+      if (lp) expand16<8>(gb, a_p, a, K, 1, nullptr, s, lp, m, me, K);  // s gb A
       accumulate16(gb, xp, acc_a, m, me, K);                            // dA^T += x_l^T gb
     } else {
       dot_rows<R, dot_rows_at_once<R>()>(gp, bt, gb, m, me, N);     // gb = g B
@@ -322,16 +338,23 @@ std::vector<torch::Tensor> backward_r(const torch::Tensor& g, const torch::Tenso
     a_p = pack_panels(a, s);
   }
   const bool inference = c10::InferenceMode::is_enabled();
+  std::vector<char> ran(part_a.size(0), 0);
   at::parallel_for(0, M, min_rows, [&](int64_t b, int64_t e) {
     c10::InferenceMode infer(inference);                      // as in forward_r: the caller's mode
     at::NoGradGuard no_grad;
     const int64_t t = at::get_thread_num();
+    ran[t] = 1;
+    float* acc_a = part_a.data_ptr<float>() + t * R * K;
+    float* acc_b = part_b.data_ptr<float>() + t * R * N;
+    std::fill(acc_a, acc_a + R * K, 0.f);
+    std::fill(acc_b, acc_b + R * N, 0.f);
     backward_rows<R>(g, x_l, w, a.data_ptr<float>(), bt.data_ptr<float>(),
                      R == 16 ? b_nr.data_ptr<float>() : nullptr, R == 16 ? a_p.data_ptr<float>() : nullptr,
-                     xa.data_ptr<float>(), static_cast<float>(s), gb.data_ptr<float>(),
-                     part_a.data_ptr<float>() + t * R * K,
-                     part_b.data_ptr<float>() + t * R * N, dx, lora_out, separate, b, e);
+                     xa.data_ptr<float>(), static_cast<float>(s), gb.data_ptr<float>(), acc_a, acc_b, dx, lora_out,
+                     separate, b, e);
   });
+  zero_idle(part_a, ran);
+  zero_idle(part_b, ran);
   return {dx, dx_l, part_a, part_b};                                   // partial sums: see finish
 }
 
@@ -343,7 +366,7 @@ std::vector<torch::Tensor> forward_impl(const torch::Tensor& x_in, const torch::
   check(x, 2, "x");
   check(x_l, 2, "x_l");
   check(a, 2, "A");
-  check(bt, 2, "Bt");
+  check_bt(bt, a.size(0));
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.size(1) == x.size(1), "W must be (N, K) float32");
   TORCH_CHECK(x_l.sizes() == x.sizes() && a.size(1) == x.size(1) && bt.size(0) == a.size(0) &&
               bt.size(1) == w.size(0), "forward wants x, x_l (M, K), W (N, K), A (R, K), Bt (R, N)");
@@ -366,7 +389,7 @@ std::vector<torch::Tensor> backward_partials(const torch::Tensor& g, const torch
   check(g, 2, "g");
   check(x_l, 2, "x_l");
   check(a, 2, "A");
-  check(bt, 2, "Bt");
+  check_bt(bt, a.size(0));
   check(xa, 2, "xa");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.size(0) == g.size(1) && w.size(1) == x_l.size(1),
               "W must be (N, K) float32");
@@ -403,7 +426,7 @@ struct LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction>
     const auto xc = x.contiguous();
     const auto x_l = x_lora.has_value() ? x_lora->contiguous() : xc;
     const auto ac = a.contiguous();
-    const auto bt = transposed(b);                                                    // (R, N)
+    const auto bt = a.size(0) == 16 ? b.detach().t() : transposed(b);                 // (R, N); see check_bt
     c10::optional<torch::Tensor> bias_c;
     if (bias.has_value()) bias_c = bias->contiguous();
     const bool pipeline = pipeline_rows > 0;

@@ -47,25 +47,26 @@ void shrink16(const float* x, const float* f, float* out, int64_t m0, int64_t m1
   }
 }
 
-// f (16, N) -> s f in panels: p[(q * 16 + j) * kPanel + c] = s f[j, q kPanel + c] for the full panels q.
+// f (16, N), any strides (the layer passes B^T as a view of B (N, 16): no transposed copy) -> s f in panels:
+// p[(q * 16 + j) * kPanel + c] = s f[j, q kPanel + c] for the full panels q.
 torch::Tensor pack_panels(const torch::Tensor& f, double s) {
-  const int64_t N = f.size(1), panels = N / kPanel;
+  const int64_t N = f.size(1), panels = N / kPanel, sj = f.stride(0), sn = f.stride(1);
   auto out = torch::empty({std::max<int64_t>(panels, 1) * 16 * kPanel}, f.options());
   const float* p = f.data_ptr<float>();
   float* o = out.data_ptr<float>();
   const float sf = static_cast<float>(s);
   for (int64_t q = 0; q < panels; ++q)
     for (int64_t j = 0; j < 16; ++j)
-      for (int64_t c = 0; c < kPanel; ++c) o[(q * 16 + j) * kPanel + c] = sf * p[j * N + q * kPanel + c];
+      for (int64_t c = 0; c < kPanel; ++c) o[(q * 16 + j) * kPanel + c] = sf * p[j * sj + (q * kPanel + c) * sn];
   return out;
 }
 
 // out[m, n] = bias[n] + s sum_j c[m, j] f[j, n] for m in [m0, m1) (bias may be null): an MR x kPanel
 // register tile per panel of fp (= s f, packed), rows inner so the panel stays in L1; columns past the last
-// full panel read f (16, N) and scale by s.
+// full panel read f (16, N) through its strides (sj, sn) and scale by s.
 template <int MR>
-void expand16(const float* c, const float* fp, const float* f, const float* bias, float s, float* out,
-              int64_t m0, int64_t m1, int64_t N) {
+void expand16(const float* c, const float* fp, const float* f, int64_t sj, int64_t sn, const float* bias, float s,
+              float* out, int64_t m0, int64_t m1, int64_t N) {
   constexpr int NV = kPanel / 16;
   const int64_t panels = N / kPanel;
   for (int64_t q = 0; q < panels; ++q) {
@@ -94,19 +95,12 @@ void expand16(const float* c, const float* fp, const float* f, const float* bias
       }
     }
   }
-  for (int64_t m = m0; m < m1; ++m) {                                      // the last N mod 64 columns
-    int64_t n = panels * kPanel;
-    for (; n + 16 <= N; n += 16) {
-      v16 acc = bias ? load(bias + n) : v16{};
-      for (int j = 0; j < 16; ++j) acc += splat(s * c[m * 16 + j]) * load(f + j * N + n);
-      store(out + m * N + n, acc);
-    }
-    for (; n < N; ++n) {
+  for (int64_t m = m0; m < m1; ++m)                                        // the last N mod kPanel columns
+    for (int64_t n = panels * kPanel; n < N; ++n) {
       float v = bias ? bias[n] : 0.f;
-      for (int j = 0; j < 16; ++j) v += s * c[m * 16 + j] * f[j * N + n];
+      for (int j = 0; j < 16; ++j) v += s * c[m * 16 + j] * f[j * sj + n * sn];
       out[m * N + n] = v;
     }
-  }
 }
 
 // acc[n, :] += sum_{m in [m0, m1)} y[m, n] c[m, :]; y (M, N), c (M, 16), acc (N, 16): 16 columns a strip,
