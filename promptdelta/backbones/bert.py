@@ -183,6 +183,19 @@ class BertAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
 
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., H) -> [q | k | v] (..., 3H). One GEMM over the concatenated (3H, H) weight when q/k/v are
+        plain linears or LoRA on one (see ``fused_qkv``); else the three modules, concatenated."""
+        fused = fused_qkv(self, x)
+        if fused is not None:
+            return fused
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+
+    def _split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[q | k | v] (n, L, 3H) -> 3 x (n, nh, L, hd), views."""
+        n, L, _ = qkv.shape
+        return qkv.view(n, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None,
                 prefix: tuple[torch.Tensor, torch.Tensor] | None,
                 rows: torch.Tensor | None = None, packed: Packing | None = None) -> torch.Tensor:
@@ -191,28 +204,106 @@ class BertAttention(nn.Module):
         if packed is not None:
             return self._packed(x, bias, prefix, packed)
         B, T, H = x.shape
-        xq = x if rows is None else _gather_rows(x, rows)  # (B, Tq, H), Tq = T or k
-        q, k, v = self._heads(self.q_proj(xq)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
-        if prefix is not None:
-            k = torch.cat([prefix[0].to(k.dtype), k], dim=2)  # (B, nh, P + T, hd)
-            v = torch.cat([prefix[1].to(v.dtype), v], dim=2)  # (B, nh, P + T, hd)
+        if rows is None:
+            q, k, v = self._split_heads(self.project_qkv(x))                 # 3 x (B, nh, T, hd)
+            xq = x
+        else:
+            xq = _gather_rows(x, rows)                                        # (B, k, H)
+            q, k, v = self._heads(self.q_proj(xq)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        k, v = _with_prefix(k, v, prefix)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                            dropout_p=self.dropout_p if self.training else 0.0)  # (B, nh, Tq, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, xq.shape[1], H))  # (B, Tq, H)
 
     def _packed(self, x: torch.Tensor, bias: torch.Tensor | None, prefix: tuple[torch.Tensor, torch.Tensor] | None,
                 packed: Packing) -> torch.Tensor:
-        """x (N, H) real tokens -> (N, H): projections on real tokens only, attention in the padded layout."""
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=1)  # (N, 3H): one scatter, not 3
-        qkv = packed.unpack(qkv).view(packed.batch, packed.length, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.transpose(1, 3).unbind(2)  # 3 x (B, nh, T, hd), views
-        if prefix is not None:
-            k = torch.cat([prefix[0].to(k.dtype), k], dim=2)  # (B, nh, P + T, hd)
-            v = torch.cat([prefix[1].to(v.dtype), v], dim=2)  # (B, nh, P + T, hd)
+        """x (N, H) real tokens -> (N, H). Projections on the real tokens only; attention per run of rows with
+        the same number of real tokens, over those tokens only (varlen: a row's real tokens are contiguous in
+        the packed order and padded keys weigh exactly 0, so no mask is needed and no work is spent on
+        padding), or in the padded layout when the batch has too many distinct lengths."""
+        qkv = self.project_qkv(x)                                             # (N, 3H)
+        if packed.runs is None:
+            return self.o_proj(self._padded_attention(qkv, bias, prefix, packed))
+        drop = self.dropout_p if self.training else 0.0
+        outs = []
+        for (first, n, L), part in zip(packed.runs, qkv.split(packed.sizes)):  # part (n * L, 3H)
+            q, k, v = self._split_heads(part.view(n, L, -1))                  # 3 x (n, nh, L, hd)
+            if prefix is not None:
+                k, v = _with_prefix(k, v, (prefix[0][first:first + n], prefix[1][first:first + n]))
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)       # (n, nh, L, hd)
+            outs.append(y.transpose(1, 2).reshape(n * L, x.shape[1]))         # (n * L, H)
+        return self.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))   # (N, H)
+
+    def _padded_attention(self, qkv: torch.Tensor, bias: torch.Tensor | None,
+                          prefix: tuple[torch.Tensor, torch.Tensor] | None, packed: Packing) -> torch.Tensor:
+        """[q | k | v] (N, 3H) -> attention output (N, H), computed in the padded (B, T) layout."""
+        q, k, v = self._split_heads(packed.unpack(qkv).view(packed.batch, packed.length, -1))  # 3 x (B, nh, T, hd)
+        k, v = _with_prefix(k, v, prefix)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                            dropout_p=self.dropout_p if self.training else 0.0)  # (B, nh, T, hd)
-        y = y.transpose(1, 2)[packed.row, packed.col]  # (N, nh, hd): one gather, no transpose copy first
-        return self.o_proj(y.reshape(x.shape))         # (N, H)
+        return packed.pack(y.transpose(1, 2).reshape(packed.batch, packed.length, -1))        # (N, H)
+
+
+def _with_prefix(k: torch.Tensor, v: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prepend prefix keys/values (n, nh, P, hd) to k, v (n, nh, T, hd) -> (n, nh, P + T, hd)."""
+    if prefix is None:
+        return k, v
+    return torch.cat([prefix[0].to(k.dtype), k], dim=2), torch.cat([prefix[1].to(v.dtype), v], dim=2)
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    return type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+
+
+def fused_qkv(attn: BertAttention, x: torch.Tensor) -> torch.Tensor | None:
+    """[q | k | v] (..., 3H) from ONE product with the concatenated weight (3H, H), or None when the modules do
+    not allow it. Why: one GEMM (and one backward GEMM) instead of three, and no concatenation of outputs.
+
+    Each of q_proj/k_proj/v_proj must be a plain ``nn.Linear`` without hooks, or a LoRA on one (``LoRALinear``,
+    fused impl, no active dropout; disabled or merged counts as its base). The LoRA terms of all of them run as
+    one low-rank update of the fused layer, x (A_cat)^T (B_blk)^T: A_cat (R, H) stacks their A; B_blk (3H, R)
+    holds each (alpha/r) B in its own slot's rows and rank columns, zeros elsewhere: exactly the sum of the
+    separate updates. The weights are concatenated at every call (about 0.1% of a layer's time): no cache that
+    a write through ``.data`` could leave stale; the concatenation is differentiable, so trainable q/k/v
+    weights still get their gradients."""
+    from promptdelta.deltas.lora import LoRALinear  # lazy: deltas import the backbones
+
+    bases, loras = [], []
+    for slot, m in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
+        if type(m) is LoRALinear and not (m._forward_hooks or m._forward_pre_hooks):
+            if m.enabled and not m.merged:
+                dropping = attn.training and isinstance(m.dropout, nn.Dropout) and m.dropout.p > 0
+                if m.impl != "fused" or m.fan_in_fan_out or dropping or m.lora_A.dtype != x.dtype:
+                    return None
+                loras.append((slot, m))
+            m = m.base
+        if not _plain_linear(m) or m.weight.dtype != x.dtype or m.weight.device != x.device:
+            return None
+        bases.append(m)
+    has_bias = [m.bias is not None for m in bases]
+    if any(has_bias) and not all(has_bias):
+        return None
+    weight = torch.cat([m.weight for m in bases])                                       # (3H, H)
+    bias = torch.cat([m.bias for m in bases]) if all(has_bias) else None                # (3H,)
+    if not loras:
+        return F.linear(x, weight, bias)                                                # (..., 3H)
+    from promptdelta.kernels import lora_linear
+
+    H, R = bases[0].weight.shape[0], sum(m.r for _, m in loras)
+    same = len({m.scaling for _, m in loras}) == 1
+    blocks, offset = [], 0
+    for slot in range(3):
+        lora = next((m for s, m in loras if s == slot), None)
+        if lora is None:
+            blocks.append(weight.new_zeros(H, R))
+            continue
+        b = lora.lora_B if same else lora.lora_B * lora.scaling                          # (H, r)
+        blocks.append(F.pad(b, (offset, R - offset - lora.r)))                           # (H, R)
+        offset += lora.r
+    lora_a = torch.cat([m.lora_A for _, m in loras])                                    # (R, H)
+    scale = loras[0][1].scaling if same else 1.0
+    return lora_linear(x, weight, bias, lora_a, torch.cat(blocks), scale, impl="fused")  # (..., 3H)
 
 
 class BertMLP(nn.Module):
@@ -276,7 +367,10 @@ class BertLMHead(nn.Module):
 @dataclass
 class Packing:
     """Where the real tokens of a right- or left-padded (B, T) batch sit: their flat indices (N,) into B * T
-    and their (row, col). Why: projections, MLP and norms are per token, so padding is pure waste for them."""
+    and their (row, col). Why: projections, MLP and norms are per token, so padding is pure waste for them.
+    ``runs``: consecutive rows with the same number of real tokens, as (first row, rows, tokens per row), and
+    ``sizes`` their token counts (rows * tokens), for attention over the real tokens only; None when the batch
+    has more than ``VARLEN_MAX_RUNS`` of them (one attention call each would cost more than padding)."""
 
     index: torch.Tensor   # (N,) flat positions b * T + t where attention_mask is 1
     row: torch.Tensor     # (N,) b
@@ -284,15 +378,27 @@ class Packing:
     batch: int
     length: int
     pad: torch.Tensor     # (B, T) True at padding
+    runs: list[tuple[int, int, int]] | None = None
+    sizes: list[int] | None = None
 
     @classmethod
     def of(cls, attention_mask: torch.Tensor | None) -> Packing | None:
-        """None when there is no padding (nothing to save)."""
-        if attention_mask is None or bool(attention_mask.bool().all()):
+        """None when there is no padding (nothing to save) or no real token at all."""
+        if attention_mask is None or bool(attention_mask.bool().all()) or not bool(attention_mask.bool().any()):
             return None
         B, T = attention_mask.shape
-        index = attention_mask.reshape(-1).nonzero().squeeze(1)  # (N,)
-        return cls(index, torch.div(index, T, rounding_mode="floor"), index % T, B, T, ~attention_mask.bool())
+        keep = attention_mask.bool()
+        index = keep.reshape(-1).nonzero().squeeze(1)  # (N,)
+        runs: list[tuple[int, int, int]] = []
+        for b, L in enumerate(keep.sum(1).tolist()):
+            if runs and runs[-1][2] == L:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1, L)
+            else:
+                runs.append((b, 1, L))
+        runs = [r for r in runs if r[2] > 0]  # rows without real tokens have nothing to attend
+        varlen = len(runs) <= VARLEN_MAX_RUNS
+        return cls(index, torch.div(index, T, rounding_mode="floor"), index % T, B, T, ~keep,
+                   runs if varlen else None, [n * L for _, n, L in runs] if varlen else None)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """(N, D) real tokens -> (B * T, D) with zeros at padding."""
@@ -302,6 +408,9 @@ class Packing:
         """(B, T, D) -> (N, D), the real tokens."""
         return x.reshape(self.batch * self.length, x.shape[-1]).index_select(0, self.index)
 
+
+#: Most runs of equal-length rows for which packed attention runs per run (see ``Packing.runs``).
+VARLEN_MAX_RUNS = 32
 
 _TOKEN_WISE = (nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity)
 
