@@ -217,21 +217,26 @@ class BertAttention(nn.Module):
 
     def _packed(self, x: torch.Tensor, bias: torch.Tensor | None, prefix: tuple[torch.Tensor, torch.Tensor] | None,
                 packed: Packing) -> torch.Tensor:
-        """x (N, H) real tokens -> (N, H). Projections on the real tokens only; attention per run of rows with
-        the same number of real tokens, over those tokens only (varlen: a row's real tokens are contiguous in
-        the packed order and padded keys weigh exactly 0, so no mask is needed and no work is spent on
-        padding), or in the padded layout when the batch has too many distinct lengths."""
+        """x (N, H) real tokens -> (N, H). Projections on the real tokens only; attention per group of
+        consecutive rows of about the same length (``Packing.groups``), each padded only to its own longest
+        row (a row's real tokens are contiguous in the packed order), or in the (B, T) layout when the batch
+        has too many groups."""
         qkv = self.project_qkv(x)                                             # (N, 3H)
-        if packed.runs is None:
+        if packed.groups is None:
             return self.o_proj(self._padded_attention(qkv, bias, prefix, packed))
         drop = self.dropout_p if self.training else 0.0
+        P = 0 if prefix is None else prefix[0].shape[2]
         outs = []
-        for (first, n, L), part in zip(packed.runs, qkv.split(packed.sizes)):  # part (n * L, 3H)
-            q, k, v = self._split_heads(part.view(n, L, -1))                  # 3 x (n, nh, L, hd)
+        for i, (g, part) in enumerate(zip(packed.groups, qkv.split(packed.sizes))):  # part (tokens, 3H)
+            grid = part if g.dest is None else part.new_zeros(g.rows * g.length, part.shape[1]).index_copy(
+                0, g.dest, part)                                              # (n * L, 3H), zeros at padding
+            q, k, v = self._split_heads(grid.view(g.rows, g.length, -1))       # 3 x (n, nh, L, hd)
             if prefix is not None:
-                k, v = _with_prefix(k, v, (prefix[0][first:first + n], prefix[1][first:first + n]))
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)       # (n, nh, L, hd)
-            outs.append(y.transpose(1, 2).reshape(n * L, x.shape[1]))         # (n * L, H)
+                k, v = _with_prefix(k, v, (prefix[0][g.first:g.first + g.rows], prefix[1][g.first:g.first + g.rows]))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=packed.group_bias(i, P, q.dtype),
+                                               dropout_p=drop)                # (n, nh, L, hd)
+            y = y.transpose(1, 2).reshape(g.rows * g.length, x.shape[1])       # (n * L, H)
+            outs.append(y if g.dest is None else y.index_select(0, g.dest))   # (tokens, H)
         return self.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))   # (N, H)
 
     def _padded_attention(self, qkv: torch.Tensor, bias: torch.Tensor | None,
@@ -365,12 +370,25 @@ class BertLMHead(nn.Module):
 
 
 @dataclass
+class AttentionGroup:
+    """Consecutive batch rows [first, first + rows) whose attention runs as one (rows, length) call, length =
+    the group's longest row; ``dest`` (tokens,) places the group's packed tokens in that grid (None when every
+    row has ``length`` tokens: the packed tokens are the grid) and ``keep`` (rows, length) marks real keys."""
+
+    first: int
+    rows: int
+    length: int
+    tokens: int
+    dest: torch.Tensor | None
+    keep: torch.Tensor | None
+
+
+@dataclass
 class Packing:
     """Where the real tokens of a right- or left-padded (B, T) batch sit: their flat indices (N,) into B * T
     and their (row, col). Why: projections, MLP and norms are per token, so padding is pure waste for them.
-    ``runs``: consecutive rows with the same number of real tokens, as (first row, rows, tokens per row), and
-    ``sizes`` their token counts (rows * tokens), for attention over the real tokens only; None when the batch
-    has more than ``VARLEN_MAX_RUNS`` of them (one attention call each would cost more than padding)."""
+    ``groups`` (see ``attention_groups``) and ``sizes`` (their token counts) let attention skip most padding
+    too; None when the batch has more than ``MAX_GROUPS`` of them (then attention runs in the (B, T) layout)."""
 
     index: torch.Tensor   # (N,) flat positions b * T + t where attention_mask is 1
     row: torch.Tensor     # (N,) b
@@ -378,8 +396,9 @@ class Packing:
     batch: int
     length: int
     pad: torch.Tensor     # (B, T) True at padding
-    runs: list[tuple[int, int, int]] | None = None
+    groups: list[AttentionGroup] | None = None
     sizes: list[int] | None = None
+    _biases: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(cls, attention_mask: torch.Tensor | None) -> Packing | None:
@@ -389,16 +408,19 @@ class Packing:
         B, T = attention_mask.shape
         keep = attention_mask.bool()
         index = keep.reshape(-1).nonzero().squeeze(1)  # (N,)
-        runs: list[tuple[int, int, int]] = []
-        for b, L in enumerate(keep.sum(1).tolist()):
-            if runs and runs[-1][2] == L:
-                runs[-1] = (runs[-1][0], runs[-1][1] + 1, L)
-            else:
-                runs.append((b, 1, L))
-        runs = [r for r in runs if r[2] > 0]  # rows without real tokens have nothing to attend
-        varlen = len(runs) <= VARLEN_MAX_RUNS
-        return cls(index, torch.div(index, T, rounding_mode="floor"), index % T, B, T, ~keep,
-                   runs if varlen else None, [n * L for _, n, L in runs] if varlen else None)
+        row = torch.div(index, T, rounding_mode="floor")
+        groups = attention_groups(keep, index, row)
+        return cls(index, row, index % T, B, T, ~keep, groups, None if groups is None else [g.tokens for g in groups])
+
+    def group_bias(self, i: int, prefix_len: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive mask (rows, 1, 1, P + length) of group i (None when it has no padding), cached per layer."""
+        g = self.groups[i]
+        if g.keep is None:
+            return None
+        key = (i, prefix_len, dtype)
+        if key not in self._biases:
+            self._biases[key] = _attention_bias(g.keep, prefix_len, dtype)
+        return self._biases[key]
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """(N, D) real tokens -> (B * T, D) with zeros at padding."""
@@ -409,8 +431,44 @@ class Packing:
         return x.reshape(self.batch * self.length, x.shape[-1]).index_select(0, self.index)
 
 
-#: Most runs of equal-length rows for which packed attention runs per run (see ``Packing.runs``).
-VARLEN_MAX_RUNS = 32
+#: Most attention groups a packed batch may have (past it attention runs in the (B, T) layout: each group is
+#: a few more calls, and many calls cost more than the padding they skip, above all on a loaded machine).
+MAX_GROUPS = 8
+#: A group grows while its padded attention work (rows x longest^2) stays within this factor of the exact one.
+GROUP_SLACK = 1.15
+
+
+def attention_groups(keep: torch.Tensor, index: torch.Tensor, row: torch.Tensor) -> list[AttentionGroup] | None:
+    """Split the rows (B,) with real tokens into consecutive groups for attention: a row joins the open group
+    while rows x longest^2 <= GROUP_SLACK x sum(length^2) (sorted or equal lengths give few groups); rows
+    without real tokens close a group and are skipped. None past MAX_GROUPS groups."""
+    counts = keep.sum(1).tolist()
+    spans: list[list[int]] = []   # [first, rows, longest, exact work]
+    for b, c in enumerate(counts):
+        if c == 0:
+            spans.append(None)
+            continue
+        g = spans[-1] if spans else None
+        if g is not None and (g[1] + 1) * max(g[2], c) ** 2 <= GROUP_SLACK * (g[3] + c * c):
+            g[1], g[2], g[3] = g[1] + 1, max(g[2], c), g[3] + c * c
+        else:
+            spans.append([b, 1, c, c * c])
+    spans = [g for g in spans if g is not None]
+    if len(spans) > MAX_GROUPS:
+        return None
+    rank = (keep.cumsum(1) - 1).reshape(-1).index_select(0, index)   # (N,) a token's place among its row's real ones
+    groups, start = [], 0
+    for first, rows, length, _ in spans:
+        n_tok = sum(counts[first:first + rows])
+        if n_tok == rows * length:
+            groups.append(AttentionGroup(first, rows, length, n_tok, None, None))
+        else:
+            dest = (row[start:start + n_tok] - first) * length + rank[start:start + n_tok]    # (tokens,)
+            lengths = torch.tensor(counts[first:first + rows], device=keep.device)
+            grid_keep = torch.arange(length, device=keep.device)[None, :] < lengths[:, None]  # (rows, length)
+            groups.append(AttentionGroup(first, rows, length, n_tok, dest, grid_keep))
+        start += n_tok
+    return groups
 
 _TOKEN_WISE = (nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity)
 

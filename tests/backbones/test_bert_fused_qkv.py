@@ -1,8 +1,8 @@
 """Native BERT's fast attention paths against the plain ones: the fused q/k/v projection (one GEMM over the
 concatenated weight, LoRA terms as one block low-rank update) equals three separate projections in values and
 in the gradients of every trainable parameter; hooks, active LoRA dropout or a non-fused LoRA turn it off; a
-weight written after a forward is seen by the next one. Packed attention per run of equal-length rows
-(varlen) equals attention in the padded layout and transformers."""
+weight written after a forward is seen by the next one. Packed attention per group of rows
+(each padded to its longest row only) equals attention in the (B, T) layout and transformers."""
 
 import pytest
 import torch
@@ -24,12 +24,19 @@ def pair():
     return hf, load_backbone(hf)[0].eval()
 
 
-def batch(padded: bool):
-    """(ids, mask) of 5 rows x 10: lengths 10, 10, 7, 7, 2 (runs of equal length) when padded."""
+def batch(padded: bool, layout: str = "right"):
+    """(ids, mask) of 5 rows x 10: lengths 10, 10, 3, 9, 8 when padded (attention groups (0-1), (2), (3-4)
+    with padding inside); "left" flips the padding, "holes" masks positions inside rows 2 and 3 instead."""
     ids = torch.randint(2, 99, (5, 10), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(5, 10, dtype=torch.long)
     if padded:
-        mask[2:4, 7:], mask[4, 2:] = 0, 0
+        mask[2, 3:], mask[3, 9:], mask[4, 8:] = 0, 0, 0
+        if layout == "left":
+            mask = mask.flip(1)
+        elif layout == "holes":
+            mask[3] = mask[3].roll(1)   # real tokens at 1..9
+            mask[2, :] = 0
+            mask[2, [0, 5]] = 1         # two real tokens, four padding positions between them
     return ids.masked_fill(mask == 0, 0), mask
 
 
@@ -146,15 +153,20 @@ def test_weights_written_after_a_forward_are_used(monkeypatch):
     assert (after - reference).abs().max() <= FUSED_ATOL
 
 
-@pytest.mark.parametrize("runs", [bert_mod.VARLEN_MAX_RUNS, 1])
-def test_packed_attention_per_run_and_padded_match_transformers(monkeypatch, runs):
+@pytest.mark.parametrize("layout", ["right", "left", "holes"])
+@pytest.mark.parametrize("groups", [bert_mod.MAX_GROUPS, 1])
+def test_packed_attention_per_group_and_padded_match_transformers(monkeypatch, groups, layout):
     hf, ours = pair()
     for m in (hf, ours):
         with_lora(m)
-    monkeypatch.setattr(bert_mod, "VARLEN_MAX_RUNS", runs)   # 1: the batch's 3 runs take the padded layout
-    ids, mask = batch(True)
-    assert (bert_mod.Packing.of(mask).runs is None) == (runs == 1)
-    assert bert_mod.Packing.of(mask).runs in (None, [(0, 2, 10), (2, 2, 7), (4, 1, 2)])
+    monkeypatch.setattr(bert_mod, "MAX_GROUPS", groups)   # 1: the batch's 3 groups take the (B, T) layout
+    ids, mask = batch(True, layout)
+    packed = bert_mod.Packing.of(mask)
+    if groups == 1:
+        assert packed.groups is None
+    else:
+        assert [(g.first, g.rows, g.length, g.dest is None) for g in packed.groups] == \
+            [(0, 2, 10, True), (2, 1, 2 if layout == "holes" else 3, True), (3, 2, 9, False)]
     keep = mask.bool()
     (y, g), (y_hf, g_hf) = step(ours, ids, mask), step(hf, ids, mask)
     assert (y - y_hf)[keep].abs().max() <= ATOL and y[~keep].abs().max() == 0
@@ -163,8 +175,19 @@ def test_packed_attention_per_run_and_padded_match_transformers(monkeypatch, run
         torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=0)
 
 
-def test_packing_runs_skip_empty_rows():
-    mask = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 0], [1, 0, 1]])
+def test_attention_groups_skip_empty_rows_and_bound_padding():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 0], [1, 0, 1], [1, 1, 1]])
     p = bert_mod.Packing.of(mask)
-    assert p.runs == [(0, 2, 2), (3, 1, 2)] and p.sizes == [4, 2] and p.index.numel() == 6
+    assert [(g.first, g.rows, g.length, g.tokens) for g in p.groups] == [(0, 2, 2, 4), (3, 1, 2, 2), (4, 1, 3, 3)]
+    assert p.sizes == [4, 2, 3] and p.index.numel() == 9
     assert bert_mod.Packing.of(torch.zeros(2, 3)) is None
+    lengths = torch.tensor([128 - 4 * i for i in range(16)])          # the bench batch: 16 distinct lengths
+    mask = (torch.arange(128)[None] < lengths[:, None]).long()
+    groups = bert_mod.Packing.of(mask).groups
+    work = sum(g.rows * g.length ** 2 for g in groups)
+    assert len(groups) <= bert_mod.MAX_GROUPS and work <= bert_mod.GROUP_SLACK * int((lengths ** 2).sum())
+    for g in groups:                                                  # dest puts each token at its position
+        if g.dest is not None:
+            grid = torch.zeros(g.rows * g.length, dtype=torch.bool)
+            grid[g.dest] = True
+            assert torch.equal(grid.view(g.rows, g.length), g.keep)
