@@ -53,10 +53,21 @@ def test_rows_hold_positive_times_and_parity(table: str) -> None:
     ({"batch": 0}, "must be an integer >= 1"),
     ({"dtype": "int8"}, "use one of"),
     ({"deltas": ["lora_qv", "ia3"]}, "choose one or more of"),
+    ({"clock": "gpu"}, "does not fit device"),
+    ({"clock": "cpu", "device": "cuda"}, "does not fit device"),
 ])
 def test_bad_options_raise_config_error(kwargs: dict, fix: str) -> None:
     with pytest.raises(ConfigError, match=fix):
         run_backbone_bench(**kwargs)
+
+
+def test_cpu_clock_rows(capsys) -> None:
+    """--clock cpu times the process's CPU time: the same table, its clock named in the header."""
+    assert main(["--quick", "--families", "bert", "--deltas", "lora_qv", "--clock", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "clock cpu" in out and set(_rows(out, "lora_qv")) == {"bert"}
+    cells = _rows(out, "lora_qv")["bert"]
+    assert min(map(float, cells[2:4] + cells[7:9])) > 0
 
 
 def test_cli_quick_one_family(capsys) -> None:

@@ -10,7 +10,10 @@ reads real tokens). The four variants of every row are interleaved round by roun
 ``torch.utils.benchmark.Timer``; the table gives the median ms over the rounds, and the ratio ours/HF as the
 median of the per-round ratios with its interquartile range (the noise). HF models use
 ``attn_implementation="sdpa"`` (what our models use), and the table names the implementation each got.
-A parity column (max |ours - HF| over real tokens) checks that like is compared with like.
+A parity column (max |ours - HF| over real tokens) checks that like is compared with like. On a machine loaded
+by other processes, ``--clock cpu`` (with ``OMP_WAIT_POLICY=PASSIVE``) times the process's CPU time instead of
+the wall clock: work, not preemption; it cannot see load imbalance between threads, so quote the wall clock from
+an idle machine.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -181,6 +185,23 @@ def _calibrate(fn: Callable[[], object], target_s: float) -> int:
     return max(1, int(target_s / max(once, 1e-6)))
 
 
+def _wall(fn: Callable[[], object], number: int) -> float:
+    """Seconds per call of fn, wall clock (torch.utils.benchmark at the process's thread count)."""
+    return timer(fn).timeit(number).median
+
+
+def _cpu(fn: Callable[[], object], number: int) -> float:
+    """Seconds per call of fn in the process's CPU time over all threads: on a loaded machine, time spent
+    preempted does not count (run with OMP_WAIT_POLICY=PASSIVE, else threads spinning at barriers count)."""
+    start = time.process_time()
+    for _ in range(number):
+        fn()
+    return (time.process_time() - start) / number
+
+
+CLOCKS: dict[str, Callable[[Callable[[], object], int], float]] = {"wall": _wall, "cpu": _cpu}
+
+
 @dataclass
 class Row:
     """One family's per-round seconds for the four variants, its size and parity."""
@@ -194,13 +215,13 @@ class Row:
 
 
 def _time_family_round(fns: dict[str, Callable[[], object]], numbers: dict[str, int], swap: bool,
-                       times: dict[str, list[float]]) -> None:
-    """Time each variant once; HF before ours, or ours first when ``swap``."""
+                       times: dict[str, list[float]], clock: str = "wall") -> None:
+    """Time each variant once with ``CLOCKS[clock]``; HF before ours, or ours first when ``swap``."""
     for kind in ("fwd", "train"):
         order = ("ours", "hf") if swap else ("hf", "ours")
         for who in order:
             name = f"{kind}_{who}"
-            times[name].append(timer(fns[name]).timeit(numbers[name]).median)
+            times[name].append(CLOCKS[clock](fns[name], numbers[name]))
 
 
 def _setup(family: str, deltas: str, batch: int, seq: int, quick: bool, device: str, dtype: torch.dtype,
@@ -259,11 +280,12 @@ def _check(families: Sequence[str], batch: int, seq: int, repeats: int, deltas: 
 
 def run_backbone_bench(families: Sequence[str] = FAMILIES, batch: int = 16, seq: int = 128, repeats: int = 5,
                        quick: bool = False, device: str = "cpu", dtype: str = "float32",
-                       deltas: Sequence[str] = ("none",), padded: bool = True) -> str:
+                       deltas: Sequence[str] = ("none",), padded: bool = True, clock: str = "wall") -> str:
     """Time native backbones against transformers (same weights, same batch); return the table as text.
 
     deltas: one row per family and entry of ``DELTAS`` (none, lora_qv, lora_all). padded: the ragged batch
     (default) or every row full. quick: tiny models (2 layers x 32), batch 2, seq 16, one round: a smoke test.
+    clock: "wall" (default) or "cpu" (the process's CPU time, for a machine loaded by other processes).
     """
     families = [families] if isinstance(families, str) else list(families)
     deltas = [deltas] if isinstance(deltas, str) else list(deltas)
@@ -272,18 +294,21 @@ def run_backbone_bench(families: Sequence[str] = FAMILIES, batch: int = 16, seq:
     _check(families, batch, seq, repeats, deltas)
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not supported here; use one of {sorted(_DTYPES)}.")
+    if clock not in CLOCKS or (clock == "cpu" and device.startswith("cuda")):
+        raise ConfigError(f"clock={clock!r} does not fit device {device!r}; use 'wall', or 'cpu' on a CPU device "
+                          "(OMP_WAIT_POLICY=PASSIVE promptdelta bench backbone --clock cpu).")
     target_s = 0.0 if quick else 0.2
     setups = [_setup(f, d, batch, seq, quick, device, _DTYPES[dtype], target_s, padded)
               for f in families for d in deltas]
     for i in range(repeats):
         for row, fns, numbers in setups:
-            _time_family_round(fns, numbers, swap=i % 2 == 1, times=row.times)
+            _time_family_round(fns, numbers, swap=i % 2 == 1, times=row.times, clock=clock)
             _sync(device)
     header = (f"backbone benchmark: native vs transformers {_tf_version()} (same weights), device {device}, "
               f"{dtype}, {torch.get_num_threads()} threads, batch {batch} x seq {seq} ("
               + (f"right-padded rows down to {seq - (batch - 1) * seq // (2 * batch)} tokens" if padded else
                  "no padding") + f"; T5 decoder {max(1, seq // 4)} tokens), "
-              f"{repeats} interleaved rounds")
+              f"{repeats} interleaved rounds, clock {clock}")
     table = _format([s[0] for s in setups], header)
     return table
 
@@ -319,7 +344,7 @@ def profile_family(family: str, batch: int = 16, seq: int = 128, train: bool = T
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``promptdelta bench backbone [--families bert,t5] [--deltas none,lora_qv,lora_all] [--batch 16]
     [--seq 128] [--repeats 5] [--no-padding] [--quick] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
-    [--profile FAMILY [--profile-forward]]``."""
+    [--clock wall|cpu] [--profile FAMILY [--profile-forward]]``."""
     p = argparse.ArgumentParser(prog="promptdelta bench backbone", description=__doc__.splitlines()[0])
     p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of " + ",".join(FAMILIES))
     p.add_argument("--deltas", default="none", help="comma-separated subset of " + ",".join(DELTAS)
@@ -331,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny models, one round (a smoke test)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    p.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
+                   help="wall (default) or cpu: the process's CPU time, for a loaded machine (with OMP_WAIT_POLICY=PASSIVE)")
     p.add_argument("--profile", metavar="FAMILY", help="print torch.profiler tables for one family instead")
     p.add_argument("--profile-forward", action="store_true", help="profile the forward only (default f+b)")
     args = p.parse_args(argv)
@@ -342,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     print(run_backbone_bench(families, args.batch, args.seq, args.repeats, args.quick, args.device, args.dtype,
-                             deltas, not args.no_padding))
+                             deltas, not args.no_padding, args.clock))
     return 0
 
 
