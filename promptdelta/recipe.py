@@ -5,9 +5,9 @@ never read here), from priors rather than from the suite's test numbers:
 
     setfit       SetFit (Tunstall et al. 2022) in our own code: the whole body trained on same/other-class
                  pairs of the plain texts (cosine regression (cos(h_i, h_j) - y_ij)^2, lr 2e-5, 1 epoch), then a
-                 logistic head on the tuned mean embeddings, C on dev. Two bodies (seeds s, s+1) of 10 pair
-                 rounds each (the pairs, so the cost, of one SetFit run with num_iterations=20), their class
-                 probabilities averaged: SetFit's variance across seeds is its weak point (SST-2: +-7.4)
+                 logistic head on the tuned mean embeddings, C on dev. SetFit's own defaults: one body,
+                 num_iterations=20 (``SETFIT_SEEDS`` lists more bodies to average; two bodies of 10 rounds, the
+                 same cost, were the default before and trailed one full body on SST-2's dev-pool checks)
     logreg       logistic regression on the frozen mean embeddings, C in {0.01, 0.1, 1, 10} on dev
     ensemble     the mean of the class probabilities of the trained candidates that ran before it,
                      P(y | x) = 1/K sum_k P_k(y | x)
@@ -15,6 +15,10 @@ never read here), from priors rather than from the suite's test numbers:
     (optional)   lora-soft (LoRA + soft verbalizer on the template's mean readout, LP-FT, 20 epochs, best dev
                  epoch: its dev score is the max over 21 checkpoints, so it is biased upwards against the
                  others and is not a default), similarity (zero-shot label words), setfit-lora (LoRA on pairs)
+
+Refit: once dev has chosen (and chosen each head's C), the choice is trained again on train + dev, every
+labelled example (``GridSearchCV(refit=True)``'s rule; in the LM-BFF protocol dev is half of the labelled
+data). Only candidates that train without reading dev are refit (logreg, setfit, their ensemble).
 
 ``auto_recipe`` prints the budget, each candidate's dev score, wall and CPU seconds, and what it chose. Ties
 go to the earlier candidate (the defaults are listed strongest prior first: with 16 dev examples per class a
@@ -39,7 +43,7 @@ from promptdelta.utils.seed import seed_everything
 
 DEFAULT_TEMPLATE = '{"placeholder":"text_a"} It was {"mask"}.'
 CANDIDATES = ("setfit", "logreg", "ensemble")
-SETFIT_SEEDS, SETFIT_ROUNDS = (0, 1), 10     # seed offsets averaged, pair rounds per seed
+SETFIT_SEEDS, SETFIT_ROUNDS = (0,), 20       # seed offsets of the bodies averaged, pair rounds per body
 C_GRID = (0.01, 0.1, 1.0, 10.0)
 Proba = Callable[[Sequence[Any]], np.ndarray]          # examples -> class probabilities (N, C)
 
@@ -54,6 +58,7 @@ class RecipeResult:
     table: list[dict[str, Any]] = field(default_factory=list)   # {name, dev, seconds, cpu_s, status}
     budget_s: float = 0.0
     proba: Proba | None = None
+    refit: bool = False          # whether ``predict`` is the choice trained again on train + dev
 
 
 def _acc(preds: Sequence[int], examples: Sequence[Any]) -> float:
@@ -61,47 +66,56 @@ def _acc(preds: Sequence[int], examples: Sequence[Any]) -> float:
 
 
 def _head(embed_fn: Callable[[Sequence[Any]], np.ndarray], train: Sequence[Any], dev: Sequence[Any],
-          seed: int) -> Proba:
-    """A logistic head on ``embed_fn``'s vectors, C chosen on dev (the smallest C of the best on ties)."""
+          seed: int, c: float | None = None) -> Proba:
+    """A logistic head on ``embed_fn``'s vectors; C given, else chosen on dev (the smallest C of the best on
+    ties). The returned scorer carries its C as ``proba.c`` (the refit on train + dev reuses it)."""
     from sklearn.linear_model import LogisticRegression
 
-    x_tr, x_dev, y_tr = embed_fn(train), embed_fn(dev), [ex.label for ex in train]
-    best = None
-    for c in C_GRID:
-        clf = LogisticRegression(C=c, max_iter=1000, random_state=seed).fit(x_tr, y_tr)
-        score = _acc(clf.predict(x_dev), dev)
-        if best is None or score > best[0]:
-            best = (score, clf)
-    head, n_classes = best[1], len(train.classes)
+    x_tr, y_tr = embed_fn(train), [ex.label for ex in train]
+    if c is None:
+        x_dev, best = embed_fn(dev), None
+        for grid_c in C_GRID:
+            clf = LogisticRegression(C=grid_c, max_iter=1000, random_state=seed).fit(x_tr, y_tr)
+            score = _acc(clf.predict(x_dev), dev)
+            if best is None or score > best[0]:
+                best = (score, clf, grid_c)
+        head, c = best[1], best[2]
+    else:
+        head = LogisticRegression(C=c, max_iter=1000, random_state=seed).fit(x_tr, y_tr)
+    n_classes = len(train.classes)
 
     def proba(examples: Sequence[Any]) -> np.ndarray:
         out = np.zeros((len(examples), n_classes))
         out[:, head.classes_] = head.predict_proba(embed_fn(list(examples)))   # classes absent from train: 0
         return out
+    proba.c = c
     return proba
 
 
-def _logreg(base, tok, train, dev, seed, max_length, template, label_words) -> Proba:
+def _logreg(base, tok, train, dev, seed, max_length, template, label_words, c=None) -> Proba:
     from promptdelta.bench.baselines import embed
 
-    return _head(lambda ex: embed(base, tok, list(ex), max_length), train, dev, seed)
+    return _head(lambda ex: embed(base, tok, list(ex), max_length), train, dev, seed, c)
 
 
-def _setfit(base, tok, train, dev, seed, max_length, template, label_words) -> Proba:
-    """Two SetFit bodies (seeds ``seed`` and ``seed + 1``, 10 pair rounds each: the pairs of one SetFit run
-    with num_iterations=20, so the same cost), each with its own head; their class probabilities averaged."""
+def _setfit(base, tok, train, dev, seed, max_length, template, label_words, c=None) -> Proba:
+    """SetFit bodies (one per offset in ``SETFIT_SEEDS``, ``SETFIT_ROUNDS`` pair rounds each), each with its own
+    logistic head (C on dev, or ``c[i]`` given by the refit); their class probabilities averaged."""
     from promptdelta.bench.baselines import embed
     from promptdelta.train.contrastive import train_body_pairs
 
     heads = []
-    for s in SETFIT_SEEDS:
+    for i, s in enumerate(SETFIT_SEEDS):
         seed_everything(seed + s)
         body = copy.deepcopy(base)
         train_body_pairs(body, tok, train, max_length=max_length, num_iterations=SETFIT_ROUNDS, lr=2e-5,
                          batch_size=16, seed=seed + s)
         body.requires_grad_(False)
-        heads.append(_head(lambda ex, b=body: embed(b, tok, list(ex), max_length), train, dev, seed))
-    return _mean_proba(heads)
+        heads.append(_head(lambda ex, b=body: embed(b, tok, list(ex), max_length), train, dev, seed,
+                           None if c is None else c[i]))
+    proba = _mean_proba(heads)
+    proba.c = [h.c for h in heads]
+    return proba
 
 
 def _prompt_model(base: Any, tok: Any, classes: list[str], verbalizer: str, options: dict, template: str,
@@ -159,6 +173,7 @@ def _lora_soft(base, tok, train, dev, seed, max_length, template, label_words) -
 
 RUNNERS: dict[str, Callable[..., Proba]] = {"logreg": _logreg, "setfit": _setfit, "lora-soft": _lora_soft,
                                             "similarity": _similarity, "setfit-lora": _setfit_lora}
+REFIT = {"logreg", "setfit"}       # trained without reading dev, once C is known: refit on train + dev
 ZERO_SHOT = {"similarity"}          # never averaged: an untrained scorer is not calibrated like the others
 KNOWN = tuple(RUNNERS) + ("ensemble",)
 
@@ -169,12 +184,15 @@ def _mean_proba(members: list[Proba]) -> Proba:
 
 def auto_recipe(base: Any, tokenizer: Any, train: Sequence[Any], dev: Sequence[Any], *, budget_s: float = 3600.0,
                 seed: int = 13, template: str = DEFAULT_TEMPLATE, label_words: Any = None,
-                candidates: Sequence[str] = CANDIDATES, max_length: int = 128,
+                candidates: Sequence[str] = CANDIDATES, max_length: int = 128, refit: bool = True,
                 echo: Callable[[str], None] = print) -> RecipeResult:
     """Run ``candidates`` in order within ``budget_s`` seconds; the best dev accuracy wins (never test).
 
     ``ensemble`` (when listed) averages the probabilities of the trained candidates that ran before it and
-    replaces the best single one only if its dev accuracy is strictly higher."""
+    replaces the best single one only if its dev accuracy is strictly higher. With ``refit`` (default) the
+    choice, once made on dev, is trained again on train + dev with the head's C found on dev (grid search,
+    then refit on all labelled data, as sklearn's ``GridSearchCV(refit=True)``): a few-shot task's dev is half
+    of its labelled examples. Candidates that use dev inside training (lora-soft's best epoch) are not refit."""
     unknown = [c for c in candidates if c not in KNOWN]
     if unknown or not candidates:
         raise ConfigError(f"unknown recipe candidate(s) {unknown}; choose from {list(KNOWN)}")
@@ -214,9 +232,28 @@ def auto_recipe(base: Any, tokenizer: Any, train: Sequence[Any], dev: Sequence[A
         if best is None or score > best[1]:
             best = (name, score, proba)
     echo(f"recipe auto: chose {best[0]} (dev accuracy {best[1]:.4f})")
-    chosen_proba = best[2]
+    chosen_proba, names = best[2], (member_names if best[0] == "ensemble" else [best[0]])
+    refitted = refit and all(n in REFIT for n in names)
+    if refitted:
+        chosen_proba = _refit(base, tokenizer, train, dev, seed, max_length, template, label_words, names,
+                              {m: f for m, _, f in members}, table, echo)
     return RecipeResult(best[0], best[1], lambda ex: chosen_proba(list(ex)).argmax(-1).tolist(), table, budget_s,
-                        chosen_proba)
+                        chosen_proba, refitted)
+
+
+def _refit(base, tokenizer, train, dev, seed, max_length, template, label_words, names: list[str],
+           probas: dict[str, Proba], table: list[dict[str, Any]], echo: Callable[[str], None]) -> Proba:
+    """The chosen candidate (or each member of the chosen ensemble) trained again on train + dev, its head's C
+    the one dev chose; the refit scorer has no dev score of its own (every labelled example trained it)."""
+    full = train.like(list(train) + list(dev)) if hasattr(train, "like") else list(train) + list(dev)
+    t0, c0 = time.perf_counter(), time.process_time()
+    parts = [RUNNERS[n](base, tokenizer, full, None, seed, max_length, template, label_words, c=probas[n].c)
+             for n in names]
+    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+    table.append({"name": "refit", "dev": None, "seconds": secs, "cpu_s": cpu, "status": "ran",
+                  "members": names, "examples": len(full)})
+    echo(f"  {'refit':12s} {'+'.join(names)} on train + dev ({len(full)} examples; {secs:.1f} s, {cpu:.1f} s CPU)")
+    return parts[0] if len(parts) == 1 else _mean_proba(parts)
 def run_recipe(config: Any, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """``promptdelta run --recipe auto``: per seed of ``config``, the auto recipe chosen on dev, then scored on
     test once; returns {"seeds": [{seed, chosen, dev, test, table}], "mean_test": float}."""

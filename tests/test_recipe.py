@@ -25,12 +25,14 @@ def test_every_candidate_runs_and_the_best_dev_wins(setup):
     everything = [*RUNNERS, "ensemble"]                                         # defaults + optional ones
     out = auto_recipe(base, tok, train, dev, budget_s=600, seed=13, label_words=[["bad"], ["good"]],
                       candidates=everything, max_length=32, echo=said.append)
-    assert [r["name"] for r in out.table] == everything and all(r["status"] == "ran" for r in out.table)
-    assert out.table[-1]["members"] == [n for n in RUNNERS if n != "similarity"]   # zero-shot is not averaged
-    scores = [r["dev"] for r in out.table]
+    rows = [r for r in out.table if r["name"] != "refit"]
+    assert [r["name"] for r in rows] == everything and all(r["status"] == "ran" for r in out.table)
+    assert rows[-1]["members"] == [n for n in RUNNERS if n != "similarity"]      # zero-shot is not averaged
+    scores = [r["dev"] for r in rows]
     assert out.dev_score == max(scores)
-    assert out.chosen == out.table[scores.index(max(scores))]["name"]            # ties: the first listed
-    assert "budget 600 s" in said[0] and f"chose {out.chosen}" in said[-1]
+    assert out.chosen == rows[scores.index(max(scores))]["name"]                 # ties: the first listed
+    assert out.refit == (out.chosen in ("logreg", "setfit")) == (out.table[-1]["name"] == "refit")
+    assert "budget 600 s" in said[0] and f"chose {out.chosen}" in said[-2 if out.refit else -1]
     preds, proba = out.predict(list(test)), out.proba(list(test))
     assert len(preds) == len(test) and set(preds) <= {0, 1}
     assert np.allclose(proba.sum(-1), 1.0) and preds == proba.argmax(-1).tolist()
@@ -40,8 +42,9 @@ def test_every_candidate_runs_and_the_best_dev_wins(setup):
 def test_budget_bounds_the_candidates(setup):
     base, tok, (train, dev, _) = setup
     out = auto_recipe(base, tok, train, dev, budget_s=0, max_length=32, echo=lambda s: None)
-    assert [r["status"] for r in out.table] == ["ran"] + ["skipped: budget spent"] * (len(CANDIDATES) - 1)
-    assert out.chosen == CANDIDATES[0]
+    rows = [r["status"] for r in out.table if r["name"] != "refit"]
+    assert rows == ["ran"] + ["skipped: budget spent"] * (len(CANDIDATES) - 1)
+    assert out.chosen == CANDIDATES[0] and out.refit          # the choice's refit is not a candidate: it runs
 
 
 def test_bad_candidates_and_empty_dev_are_named(setup):
@@ -67,7 +70,7 @@ def test_cli_run_recipe_auto(tiny_bert_nohead_dir, capsys):
 def fake(dev_labels, right, confidence):
     """A candidate whose dev probabilities put ``confidence`` on the true class where ``right`` else on the
     other class (binary); on other inputs it predicts class 0."""
-    def runner(base, tok, train, dev, seed, max_length, template, label_words):
+    def runner(base, tok, train, dev, seed, max_length, template, label_words, c=None):
         def proba(examples):
             if len(examples) != len(dev_labels):
                 return np.tile([0.9, 0.1], (len(examples), 1))
@@ -75,6 +78,7 @@ def fake(dev_labels, right, confidence):
             for i, (y, ok, c) in enumerate(zip(dev_labels, right, confidence)):
                 p[i, y if ok else 1 - y], p[i, 1 - y if ok else y] = c, 1 - c
             return p
+        proba.c = c
         return proba
     return runner
 
@@ -92,7 +96,8 @@ def test_ensemble_is_kept_only_when_its_dev_beats_the_best_single(setup, monkeyp
     b_right = [not h for h in half] if complementary else half
     monkeypatch.setitem(recipe.RUNNERS, "logreg", fake(y, half, [0.9 if h else 0.6 for h in half]))
     monkeypatch.setitem(recipe.RUNNERS, "setfit", fake(y, b_right, [0.9 if r else 0.6 for r in b_right]))
-    out = auto_recipe(base, tok, train, dev, candidates=["logreg", "setfit", "ensemble"], echo=lambda s: None)
+    out = auto_recipe(base, tok, train, dev, candidates=["logreg", "setfit", "ensemble"], refit=False,
+                      echo=lambda s: None)
     dev_of = {r["name"]: r["dev"] for r in out.table}
     assert out.table[-1]["members"] == ["logreg", "setfit"]
     if complementary:
@@ -122,6 +127,7 @@ def test_setfit_candidate_averages_two_differently_seeded_bodies(setup, monkeypa
     import promptdelta.recipe as recipe
 
     base, tok, (train, dev, test) = setup
+    monkeypatch.setattr(recipe, "SETFIT_SEEDS", (0, 1))
     run = lambda: recipe.RUNNERS["setfit"](base, tok, train, dev, 13, 32, recipe.DEFAULT_TEMPLATE, None)(list(test))
     both = run()
     singles = []
@@ -130,3 +136,50 @@ def test_setfit_candidate_averages_two_differently_seeded_bodies(setup, monkeypa
         singles.append(run())
     assert len(singles) == 2 and not np.allclose(singles[0], singles[1])       # two different bodies
     assert np.allclose(both, np.mean(singles, axis=0), atol=1e-6)
+
+
+
+def recording(calls, name, c_found, inner=None):
+    """A candidate that records how it was called (train size, dev given, C); ``inner`` (a ``fake``) gives its
+    probabilities, else it predicts class 0 everywhere."""
+    def runner(base, tok, train, dev, seed, max_length, template, label_words, c=None):
+        calls.append((name, len(train), dev is not None, c))
+        if inner is not None:
+            proba = inner(base, tok, train, dev, seed, max_length, template, label_words, c)
+        else:
+            proba = lambda examples: np.tile([0.6, 0.4], (len(examples), 1))
+        proba.c = c_found if c is None else c
+        return proba
+    return runner
+
+
+@pytest.mark.parametrize("chosen", ["logreg", "ensemble", "lora-soft"])
+def test_the_choice_is_refit_on_train_plus_dev_with_the_c_dev_chose(setup, monkeypatch, chosen):
+    import promptdelta.recipe as recipe
+
+    base, tok, (train, dev, test) = setup
+    y = [ex.label for ex in dev]
+    half = [i < len(y) // 2 for i in range(len(y))]
+    calls = []
+    inner = {"logreg": fake(y, half, [0.9 if h else 0.6 for h in half]),              # complementary members:
+             "setfit": fake(y, [not h for h in half], [0.6 if h else 0.9 for h in half])}   # the ensemble wins
+    for name, c in (("logreg", 0.1), ("setfit", [10.0]), ("lora-soft", None)):
+        monkeypatch.setitem(recipe.RUNNERS, name, recording(calls, name, c, inner.get(name)))
+    candidates = {"logreg": ["logreg"], "ensemble": ["setfit", "logreg", "ensemble"], "lora-soft": ["lora-soft"]}
+    out = auto_recipe(base, tok, train, dev, candidates=candidates[chosen], echo=lambda s: None)
+    assert out.chosen == chosen
+    if chosen == "lora-soft":                               # uses dev for its best epoch: never refit
+        assert not out.refit and calls == [("lora-soft", len(train), True, None)]
+        return
+    picked = out.table[-1]
+    assert out.refit and picked["name"] == "refit" and picked["examples"] == len(train) + len(dev)
+    members = ["setfit", "logreg"] if chosen == "ensemble" else [chosen]
+    again = [cl for cl in calls if not cl[2]]               # the refit calls: no dev, every labelled example
+    assert picked["members"] == members and [cl[0] for cl in again] == members
+    assert all(n == len(train) + len(dev) for _, n, _, _ in again)
+    assert {name: c for name, _, _, c in again} == {n: {"logreg": 0.1, "setfit": [10.0]}[n] for n in members}
+    assert all(cl[3] is None for cl in calls if cl[2])      # the selection runs choose C on dev themselves
+    assert len(out.predict(list(test))) == len(test)
+    calls.clear()
+    plain = auto_recipe(base, tok, train, dev, candidates=candidates[chosen], refit=False, echo=lambda s: None)
+    assert not plain.refit and all(r["name"] != "refit" for r in plain.table) and all(cl[2] for cl in calls)

@@ -228,7 +228,8 @@ def run_recipe_cell(base: nn.Module, tokenizer: Any, data: tuple, max_length: in
     t0 = time.perf_counter()
     out = auto_recipe(base, tokenizer, train, dev, budget_s=float(options.get("budget_s", 1800)), seed=seed,
                       template=task.get("template") or DEFAULT_TEMPLATE, label_words=words,
-                      candidates=candidates, max_length=max_length, echo=lambda s: None)
+                      candidates=candidates, max_length=max_length, refit=bool(options.get("refit", True)),
+                      echo=lambda s: None)
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     preds = out.predict(list(test))
@@ -237,11 +238,11 @@ def run_recipe_cell(base: nn.Module, tokenizer: Any, data: tuple, max_length: in
     body = out.chosen in ("setfit", "ensemble")
     head = len(train.classes) * (base.config.hidden_size + 1)
     return {"preds": preds, "dev_score": out.dev_score, "chosen": {"candidate": out.chosen},
-            "grid_dev": {r["name"]: r["dev"] for r in out.table}, "train_time_s": train_s,
+            "grid_dev": {r["name"]: r["dev"] for r in out.table if r["name"] != "refit"}, "train_time_s": train_s,
             "eval_time_s": time.perf_counter() - t1, "steps": 0, "trainable_params": n + head if body else head,
             "total_params": n + head,
             "peer": {"package": "promptdelta.recipe", "args": {"candidates": candidates, "budget_s": out.budget_s,
-                                                              "table": out.table}}}
+                                                              "refit": out.refit, "table": out.table}}}
 
 
 RUNNERS = {"setfit": run_setfit, "peft": run_peft, "recipe": run_recipe_cell}

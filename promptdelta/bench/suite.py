@@ -61,7 +61,7 @@ METHOD_KEYS = {
     "logreg": _COMMON | {"C", "C_grid", "max_iter", "batch_size"},
     "setfit": _COMMON | {"num_iterations", "num_epochs", "batch_size", "body_lr", "head_C", "max_iter"},
     "peft": _COMMON | {"r", "alpha", "dropout", "target_modules", "lr", "epochs", "batch_size", "weight_decay"},
-    "recipe": _COMMON | {"budget_s", "candidates"},
+    "recipe": _COMMON | {"budget_s", "candidates", "refit"},
     # issue 21 (bench/methods_harness.py): a prompt row's keys plus the method's first phase
     "s3delta": _COMMON | _PROMPT_ROW | {"search"},
     "ipt": _COMMON | _PROMPT_ROW | {"source_tasks", "subspace", "source_train"},

@@ -71,4 +71,6 @@ def test_recipe_kind_records_its_choice_and_table(tiny_bert_nohead_dir, tmp_path
     assert row["kind"] == "recipe" and set(row["grid_dev"]) == {"logreg", "similarity"}
     assert row["dev_score"] == max(row["grid_dev"].values())
     assert row["chosen"]["candidate"] == max(row["grid_dev"], key=lambda k: (row["grid_dev"][k], k == "logreg"))
-    assert [r["name"] for r in row["peer"]["args"]["table"]] == ["logreg", "similarity"]
+    refit = row["chosen"]["candidate"] == "logreg"                   # the zero-shot similarity is never refit
+    assert row["peer"]["args"]["refit"] == refit
+    assert [r["name"] for r in row["peer"]["args"]["table"]] == ["logreg", "similarity"] + ["refit"] * refit
