@@ -300,7 +300,7 @@ void backward_rows(const torch::Tensor& g, const torch::Tensor& x_l, const torch
     if constexpr (R == 16) {
       shrink16<8>(gp, b_nr, gb, m, me, N);                              // gb = g B
       accumulate16(xa, gp, acc_b, m, me, N);                            // dB += g^T xa
-      if (lp) expand16<8>(gb, a_p, a, K, 1, nullptr, s, lp, m, me, K);  // s gb A
+      if (lp) expand16<8, true>(gb, a_p, a, K, 1, nullptr, s, lp, m, me, K);   // s gb A
       accumulate16(gb, xp, acc_a, m, me, K);                            // dA^T += x_l^T gb
     } else {
       dot_rows<R, dot_rows_at_once<R>()>(gp, bt, gb, m, me, N);     // gb = g B

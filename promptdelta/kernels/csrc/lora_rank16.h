@@ -61,39 +61,52 @@ torch::Tensor pack_panels(const torch::Tensor& f, double s) {
   return out;
 }
 
-// out[m, n] = bias[n] + s sum_j c[m, j] f[j, n] for m in [m0, m1) (bias may be null): an MR x kPanel
-// register tile per panel of fp (= s f, packed), rows inner so the panel stays in L1; columns past the last
-// full panel read f (16, N) through its strides (sj, sn) and scale by s.
+// One MR x kPanel register tile of expand16: out[m + i, n + c] = bias[n + c] + sum_j c[m + i, j] pq[j, c] for
+// i < rows (a short tile repeats its last row in registers and stores only the real ones).
 template <int MR>
+inline void expand_tile16(const float* c, const float* pq, const float* bias, float* out, int64_t m, int rows,
+                          int64_t n, int64_t N) {
+  constexpr int NV = kPanel / 16;
+  const float* cr[MR];
+  for (int i = 0; i < MR; ++i) cr[i] = c + (m + std::min(i, rows - 1)) * 16;
+  v16 acc[MR][NV];
+  for (int v = 0; v < NV; ++v) {
+    const v16 b0 = bias ? load(bias + n + 16 * v) : v16{};
+    for (int i = 0; i < MR; ++i) acc[i][v] = b0;
+  }
+  for (int j = 0; j < 16; ++j) {
+    v16 fv[NV];
+    for (int v = 0; v < NV; ++v) fv[v] = load(pq + j * kPanel + 16 * v);
+    for (int i = 0; i < MR; ++i) {
+      const v16 ci = splat(cr[i][j]);
+      for (int v = 0; v < NV; ++v) acc[i][v] += ci * fv[v];
+    }
+  }
+  for (int i = 0; i < rows; ++i) {
+    for (int v = 0; v < NV; ++v) store(out + (m + i) * N + n + 16 * v, acc[i][v]);
+    for (int v = 0; v < NV; v += 4) prefetch_write(out, (m + i + kPrefetch) * N + n + 16 * v);   // a line
+  }
+}
+
+// out[m, n] = bias[n] + s sum_j c[m, j] f[j, n] for m in [m0, m1) (bias may be null): an MR x kPanel
+// register tile per panel of fp (= s f, packed); columns past the last full panel read f (16, N) through its
+// strides (sj, sn) and scale by s. ROWS_OUTER false: panels outer, rows inner, so a panel stays in L1 (the
+// forward, all of a thread's rows at once); true: each row tile sweeps all panels, writing its rows in order
+// (the backward's 16-row blocks).
+template <int MR, bool ROWS_OUTER = false>
 void expand16(const float* c, const float* fp, const float* f, int64_t sj, int64_t sn, const float* bias, float s,
               float* out, int64_t m0, int64_t m1, int64_t N) {
-  constexpr int NV = kPanel / 16;
   const int64_t panels = N / kPanel;
-  for (int64_t q = 0; q < panels; ++q) {
-    const float* pq = fp + q * 16 * kPanel;
-    const int64_t n = q * kPanel;
-    v16 b0[NV];
-    for (int v = 0; v < NV; ++v) b0[v] = bias ? load(bias + n + 16 * v) : v16{};
-    for (int64_t m = m0; m < m1; m += MR) {
-      const int rows = static_cast<int>(std::min<int64_t>(MR, m1 - m));
-      const float* cr[MR];
-      for (int i = 0; i < MR; ++i) cr[i] = c + (m + std::min(i, rows - 1)) * 16;   // a short tile repeats a row
-      v16 acc[MR][NV];
-      for (int i = 0; i < MR; ++i)
-        for (int v = 0; v < NV; ++v) acc[i][v] = b0[v];
-      for (int j = 0; j < 16; ++j) {
-        v16 fv[NV];
-        for (int v = 0; v < NV; ++v) fv[v] = load(pq + j * kPanel + 16 * v);
-        for (int i = 0; i < MR; ++i) {
-          const v16 ci = splat(cr[i][j]);
-          for (int v = 0; v < NV; ++v) acc[i][v] += ci * fv[v];
-        }
-      }
-      for (int i = 0; i < rows; ++i) {
-        for (int v = 0; v < NV; ++v) store(out + (m + i) * N + n + 16 * v, acc[i][v]);
-        for (int v = 0; v < NV; v += 4) prefetch_write(out, (m + i + kPrefetch) * N + n + 16 * v);   // a line
-      }
-    }
+  if constexpr (ROWS_OUTER) {
+    for (int64_t m = m0; m < m1; m += MR)
+      for (int64_t q = 0; q < panels; ++q)
+        expand_tile16<MR>(c, fp + q * 16 * kPanel, bias, out, m, static_cast<int>(std::min<int64_t>(MR, m1 - m)),
+                          q * kPanel, N);
+  } else {
+    for (int64_t q = 0; q < panels; ++q)
+      for (int64_t m = m0; m < m1; m += MR)
+        expand_tile16<MR>(c, fp + q * 16 * kPanel, bias, out, m, static_cast<int>(std::min<int64_t>(MR, m1 - m)),
+                          q * kPanel, N);
   }
   for (int64_t m = m0; m < m1; ++m)                                        // the last N mod kPanel columns
     for (int64_t n = panels * kPanel; n < N; ++n) {
