@@ -266,49 +266,68 @@ def fused_qkv(attn: BertAttention, x: torch.Tensor) -> torch.Tensor | None:
     not allow it. Why: one GEMM (and one backward GEMM) instead of three, and no concatenation of outputs.
 
     Each of q_proj/k_proj/v_proj must be a plain ``nn.Linear`` without hooks, or a LoRA on one (``LoRALinear``,
-    fused impl, no active dropout; disabled or merged counts as its base). The LoRA terms of all of them run as
-    one low-rank update of the fused layer, x (A_cat)^T (B_blk)^T: A_cat (R, H) stacks their A; B_blk (3H, R)
-    holds each (alpha/r) B in its own slot's rows and rank columns, zeros elsewhere: exactly the sum of the
-    separate updates. The weights are concatenated at every call (about 0.1% of a layer's time): no cache that
-    a write through ``.data`` could leave stale; the concatenation is differentiable, so trainable q/k/v
-    weights still get their gradients."""
+    fused impl, no active dropout; disabled or merged counts as its base). The LoRA terms run as one low-rank
+    update of the fused layer, x A_cat^T B_blk^T: A_cat (R, H) stacks their A; B_blk (3H, R) holds each
+    (alpha/r) B in its own slot's rows and rank columns, zeros elsewhere: exactly the sum of the separate
+    updates. When R is no rank of the native kernel (LoRA r=8 on all three: 24) the slots split in two
+    products whose ranks are (q,k: 16 and v: 8). The weights are concatenated at every call (about 0.1% of a
+    layer's time): no cache that a write through ``.data`` could leave stale; the concatenation is
+    differentiable, so trainable q/k/v weights still get their gradients."""
     from promptdelta.deltas.lora import LoRALinear  # lazy: deltas import the backbones
 
-    bases, loras = [], []
-    for slot, m in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
+    slots: list[tuple[nn.Linear, Any]] = []   # (base linear, its LoRA or None) for q, k, v
+    for m in (attn.q_proj, attn.k_proj, attn.v_proj):
+        lora = None
         if type(m) is LoRALinear and not (m._forward_hooks or m._forward_pre_hooks):
             if m.enabled and not m.merged:
                 dropping = attn.training and isinstance(m.dropout, nn.Dropout) and m.dropout.p > 0
                 if m.impl != "fused" or m.fan_in_fan_out or dropping or m.lora_A.dtype != x.dtype:
                     return None
-                loras.append((slot, m))
+                lora = m
             m = m.base
         if not _plain_linear(m) or m.weight.dtype != x.dtype or m.weight.device != x.device:
             return None
-        bases.append(m)
-    has_bias = [m.bias is not None for m in bases]
-    if any(has_bias) and not all(has_bias):
+        slots.append((m, lora))
+    if len({m.bias is None for m, _ in slots}) > 1:
         return None
-    weight = torch.cat([m.weight for m in bases])                                       # (3H, H)
-    bias = torch.cat([m.bias for m in bases]) if all(has_bias) else None                # (3H,)
+    parts = [_fused_product(x, slots[a:b]) for a, b in _segments([0 if l is None else l.r for _, l in slots])]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)                     # (..., 3H)
+
+
+def _segments(ranks: list[int]) -> list[tuple[int, int]]:
+    """Slot ranges for the fused products: all three at once when their rank sum suits the native LoRA
+    kernel (or there is no LoRA), else a split in two whose sums do (q,k | v or q | k,v), else one."""
+    from promptdelta.kernels.native import RANKS
+
+    fits = lambda rs: sum(rs) == 0 or sum(rs) in RANKS  # noqa: E731
+    if fits(ranks):
+        return [(0, 3)]
+    split = next((j for j in (2, 1) if fits(ranks[:j]) and fits(ranks[j:])), None)
+    return [(0, 3)] if split is None else [(0, split), (split, 3)]
+
+
+def _fused_product(x: torch.Tensor, slots: list[tuple[nn.Linear, Any]]) -> torch.Tensor:
+    """x (..., H) through the concatenated slots: x W_cat^T + b_cat (+ the block low-rank term) -> (..., S*H)."""
+    weight = torch.cat([m.weight for m, _ in slots])                                     # (S*H, H)
+    bias = None if slots[0][0].bias is None else torch.cat([m.bias for m, _ in slots])   # (S*H,)
+    loras = [l for _, l in slots if l is not None]
     if not loras:
-        return F.linear(x, weight, bias)                                                # (..., 3H)
+        return F.linear(x, weight, bias)
     from promptdelta.kernels import lora_linear
 
-    H, R = bases[0].weight.shape[0], sum(m.r for _, m in loras)
-    same = len({m.scaling for _, m in loras}) == 1
+    R = sum(l.r for l in loras)
+    same = len({l.scaling for l in loras}) == 1
     blocks, offset = [], 0
-    for slot in range(3):
-        lora = next((m for s, m in loras if s == slot), None)
+    for m, lora in slots:
         if lora is None:
-            blocks.append(weight.new_zeros(H, R))
+            blocks.append(weight.new_zeros(m.weight.shape[0], R))
             continue
         b = lora.lora_B if same else lora.lora_B * lora.scaling                          # (H, r)
         blocks.append(F.pad(b, (offset, R - offset - lora.r)))                           # (H, R)
         offset += lora.r
-    lora_a = torch.cat([m.lora_A for _, m in loras])                                    # (R, H)
-    scale = loras[0][1].scaling if same else 1.0
-    return lora_linear(x, weight, bias, lora_a, torch.cat(blocks), scale, impl="fused")  # (..., 3H)
+    lora_a = torch.cat([l.lora_A for l in loras])                                       # (R, H)
+    scale = loras[0].scaling if same else 1.0
+    return lora_linear(x, weight, bias, lora_a, torch.cat(blocks), scale, impl="fused")  # (..., S*H)
 
 
 class BertMLP(nn.Module):

@@ -191,3 +191,11 @@ def test_attention_groups_skip_empty_rows_and_bound_padding():
             grid = torch.zeros(g.rows * g.length, dtype=torch.bool)
             grid[g.dest] = True
             assert torch.equal(grid.view(g.rows, g.length), g.keep)
+
+
+def test_segments_keep_native_kernel_ranks():
+    """LoRA ranks of (q, k, v) -> fused products: one when the rank sum suits the native kernel, else a split."""
+    assert bert_mod._segments([8, 0, 8]) == [(0, 3)] and bert_mod._segments([0, 0, 0]) == [(0, 3)]
+    assert bert_mod._segments([8, 8, 8]) == [(0, 2), (2, 3)]      # 24 -> 16 | 8 (all-linear r=8)
+    assert bert_mod._segments([4, 8, 8]) == [(0, 1), (1, 3)]      # 20 -> 4 | 16
+    assert bert_mod._segments([3, 3, 3]) == [(0, 3)]              # nothing fits: one product (torch ops)
