@@ -22,7 +22,7 @@ from promptdelta.errors import CheckpointError, DeltaError
 METHODS = ["lora", "adapter", "bitfit", "prefix", "intrinsic", "ladder"]
 MERGEABLE = {"lora", "bitfit", "prefix", "intrinsic"}   # prefix: merge folds the MLP; bitfit: a no-op
 NOT_APPLICABLE = {   # (method, family) -> the words the refusal must contain
-    **{("prefix", f): "prefix_kv" for f in ("hf_bert", "hf_roberta")},   # encoder-only: no KV cache
+    # prefix on transformers BERT / RoBERTa goes through their cache too (prefix_hf.py): no refusal left
     # the ladder runs on transformers GPT-2 (fused c_attn split) and T5 (bias read through compute_bias) too
 }
 CELLS = [(m, f) for m in METHODS for f in FAMILIES if (m, f) not in NOT_APPLICABLE]

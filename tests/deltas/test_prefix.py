@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from delta_helpers import FAMILIES, NATIVE, Family, hf_bert, perturb, snapshot
+import transformers
+from delta_helpers import FAMILIES, NATIVE, Family, perturb, snapshot
 from safetensors.torch import load_file
 
 from promptdelta.deltas import attach, deltas_of, load_delta, prefix_kv
@@ -220,7 +221,8 @@ def test_generate_with_the_handles_prefix_matches_forward(fam, ids):
 
 # --------------------------------------------------------------------------------------------- refusals
 def test_transformers_models_are_refused_with_the_reason():
-    model = hf_bert()
+    model = transformers.DistilBertModel(transformers.DistilBertConfig(   # BERT takes one: test_prefix_hf_encoders
+        vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37))
     with pytest.raises(DeltaError, match="prefix_kv") as err:
         attach(model, "prefix")
     assert "load_backbone" in str(err.value) and "'adapter'" in str(err.value)
