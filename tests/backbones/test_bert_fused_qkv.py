@@ -9,6 +9,7 @@ import torch
 import transformers
 
 from promptdelta.backbones import bert as bert_mod
+from promptdelta.backbones import bert_fast
 from promptdelta.backbones import load_backbone
 from promptdelta.deltas import attach
 
@@ -154,14 +155,14 @@ def test_weights_written_after_a_forward_are_used(monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["right", "left", "holes"])
-@pytest.mark.parametrize("groups", [bert_mod.MAX_GROUPS, 1])
+@pytest.mark.parametrize("groups", [bert_fast.MAX_GROUPS, 1])
 def test_packed_attention_per_group_and_padded_match_transformers(monkeypatch, groups, layout):
     hf, ours = pair()
     for m in (hf, ours):
         with_lora(m)
-    monkeypatch.setattr(bert_mod, "MAX_GROUPS", groups)   # 1: the batch's 3 groups take the (B, T) layout
+    monkeypatch.setattr(bert_fast, "MAX_GROUPS", groups)   # 1: the batch's 3 groups take the (B, T) layout
     ids, mask = batch(True, layout)
-    packed = bert_mod.Packing.of(mask)
+    packed = bert_fast.Packing.of(mask)
     if groups == 1:
         assert packed.groups is None
     else:
@@ -177,15 +178,15 @@ def test_packed_attention_per_group_and_padded_match_transformers(monkeypatch, g
 
 def test_attention_groups_skip_empty_rows_and_bound_padding():
     mask = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 0], [1, 0, 1], [1, 1, 1]])
-    p = bert_mod.Packing.of(mask)
+    p = bert_fast.Packing.of(mask)
     assert [(g.first, g.rows, g.length, g.tokens) for g in p.groups] == [(0, 2, 2, 4), (3, 1, 2, 2), (4, 1, 3, 3)]
     assert p.sizes == [4, 2, 3] and p.index.numel() == 9
-    assert bert_mod.Packing.of(torch.zeros(2, 3)) is None
+    assert bert_fast.Packing.of(torch.zeros(2, 3)) is None
     lengths = torch.tensor([128 - 4 * i for i in range(16)])          # the bench batch: 16 distinct lengths
     mask = (torch.arange(128)[None] < lengths[:, None]).long()
-    groups = bert_mod.Packing.of(mask).groups
+    groups = bert_fast.Packing.of(mask).groups
     work = sum(g.rows * g.length ** 2 for g in groups)
-    assert len(groups) <= bert_mod.MAX_GROUPS and work <= bert_mod.GROUP_SLACK * int((lengths ** 2).sum())
+    assert len(groups) <= bert_fast.MAX_GROUPS and work <= bert_fast.GROUP_SLACK * int((lengths ** 2).sum())
     for g in groups:                                                  # dest puts each token at its position
         if g.dest is not None:
             grid = torch.zeros(g.rows * g.length, dtype=torch.bool)
@@ -195,7 +196,7 @@ def test_attention_groups_skip_empty_rows_and_bound_padding():
 
 def test_segments_keep_native_kernel_ranks():
     """LoRA ranks of (q, k, v) -> fused products: one when the rank sum suits the native kernel, else a split."""
-    assert bert_mod._segments([8, 0, 8]) == [(0, 3)] and bert_mod._segments([0, 0, 0]) == [(0, 3)]
-    assert bert_mod._segments([8, 8, 8]) == [(0, 2), (2, 3)]      # 24 -> 16 | 8 (all-linear r=8)
-    assert bert_mod._segments([4, 8, 8]) == [(0, 1), (1, 3)]      # 20 -> 4 | 16
-    assert bert_mod._segments([3, 3, 3]) == [(0, 3)]              # nothing fits: one product (torch ops)
+    assert bert_fast._segments([8, 0, 8]) == [(0, 3)] and bert_fast._segments([0, 0, 0]) == [(0, 3)]
+    assert bert_fast._segments([8, 8, 8]) == [(0, 2), (2, 3)]      # 24 -> 16 | 8 (all-linear r=8)
+    assert bert_fast._segments([4, 8, 8]) == [(0, 1), (1, 3)]      # 20 -> 4 | 16
+    assert bert_fast._segments([3, 3, 3]) == [(0, 3)]              # nothing fits: one product (torch ops)
