@@ -14,8 +14,8 @@ scaled so alpha'/r' = alpha/r) through PEFT's ``rank_pattern`` / ``alpha_pattern
 ``c_attn`` loads onto the native q/k/v as ``A`` shared and ``B`` split by rows (exact both ways).
 
 Covered: LoRA (r, alpha, dropout, targets, rslora, bias "none"); prefix tuning (our plain prefixes <-> PEFT
-PREFIX_TUNING without projection, one-stack models: exact on a transformers model, where both are a KV
-cache; on a native backbone PEFT's numbering of the input positions after the P prefix positions differs
+PREFIX_TUNING without projection, one-stack models: exact on a transformers decoder, where both are a KV
+cache; on a native backbone or a transformers encoder (BERT, RoBERTa ...: ours keeps positions) PEFT's numbering of the input positions after the P prefix positions differs
 from ours (from 0), so outputs agree when it gets ``position_ids`` from P: said in a warning);
 prompt tuning (a SoftTemplate's soft prompt <-> PROMPT_TUNING: ``export_prompt_tuning`` /
 ``import_prompt_tuning``); IA3 (keys ``<module>.ia3_l``, (out, 1) for an output-scaling vector and (1, in) for
@@ -39,6 +39,7 @@ from torch import nn
 
 from promptdelta.deltas.base import (PEFT_CONFIG_FILE, DeltaHandle, _prepare_folder, _read_weights, attach,
                                      canonical_namer, hf_key_table, iter_sites, native_family, table_namer)
+from promptdelta.deltas.prefix_hf import encoder_only
 from promptdelta.errors import CheckpointError, DeltaError, MissingFileError
 from promptdelta.utils.io import atomic_save_safetensors, atomic_write_json
 
@@ -392,7 +393,7 @@ def import_prompt_tuning(template: Any, path: str | Path) -> Any:
 # --------------------------------------------------------------------------------------------- prefix tuning
 _POSITIONS = ("PEFT feeds prefixes as a key/value cache, so transformers numbers the input's positions from P "
               "(the prefix length); promptdelta's prefix delta numbers them from 0. Outputs agree when the "
-              "native model gets position_ids starting at P")
+              "model with promptdelta's prefix gets position_ids starting at P")
 
 
 def _save_prefix(handle: DeltaHandle, folder: Path) -> Path:
@@ -416,7 +417,7 @@ def _save_prefix(handle: DeltaHandle, folder: Path) -> Path:
                    "peft_version": _peft_version()}
     atomic_save_safetensors(folder / PEFT_WEIGHTS_FILE, {"prompt_embeddings": rows}, metadata={"format": "pt"})
     atomic_write_json(folder / PEFT_CONFIG_FILE, peft_config)
-    if native_family(handle.model) is not None:   # on a transformers model ours is a KV cache too: no shift
+    if native_family(handle.model) is not None or encoder_only(handle.model):   # a transformers decoder: no shift
         logger.warning("saved prefix delta %r in PEFT's format to %s. %s.", handle.name, folder, _POSITIONS)
     return folder
 
@@ -451,7 +452,7 @@ def _load_prefix(model: nn.Module, folder: Path, config: dict[str, Any], raw: di
     except BaseException:
         handle.detach()
         raise
-    if native_family(model) is not None:
+    if native_family(model) is not None or encoder_only(model):
         logger.warning("loaded PEFT prefix adapter %s as prefix delta %r. %s.", folder, handle.name, _POSITIONS)
     return handle
 
