@@ -23,8 +23,6 @@ def test_rows_train_the_same_parameters(method: str) -> None:
     """Every impl of a method trains the same number of parameters (the same targets in both libraries)."""
     counts = {}
     for impl in peers.IMPLS:
-        if method == "prefix" and impl == "pd-hf":
-            continue
         model = peers.build_row(method, impl, tiny=True)
         counts[impl] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert len(set(counts.values())) == 1, counts
@@ -40,6 +38,20 @@ def test_rows_start_at_the_base_model(method: str) -> None:
         for impl in peers.IMPLS:
             got = peers.build_row(method, impl, tiny=True).eval()(ids, mask)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"{method}/{impl}")
+
+
+def test_prefix_rows_on_transformers_and_native_agree() -> None:
+    """pd-hf (the transformers BertModel's cache) and pd-native (prefix_kv) are one method: the same prefixes
+    give the same logits."""
+    ids, mask = _batch()
+    hf, native = peers.build_row("prefix", "pd-hf", tiny=True).eval(), peers.build_row("prefix", "pd-native", tiny=True)
+    trained = {n: p for n, p in hf.named_parameters() if p.requires_grad}   # the prefixes (randn) and the head
+    with torch.no_grad():
+        for n, p in native.named_parameters():
+            if p.requires_grad:
+                p.copy_(trained.pop(n))
+        assert trained == {}
+        torch.testing.assert_close(hf(ids, mask), native.eval()(ids, mask), atol=1e-5, rtol=1e-5)
 
 
 def test_floor_trains_one_vector_only() -> None:

@@ -48,8 +48,8 @@ LORA = {"r": 8, "alpha": 16}
 IA3_FF = r".*\.layer\.\d+\.output\.dense"   # BERT's FFN output layer (fc2): its input is the inner activation
 NOTES = [
     "bitfit: PEFT has no BitFit; its column is plain torch (requires_grad on every bias of the transformers model)",
-    "prefix: promptdelta prefixes a transformers BertModel only through a KV cache, which BertModel lacks: "
-    "pd-hf n/a; both libraries without the MLP reparameterisation",
+    "prefix: both libraries without the MLP reparameterisation, keys/values fed as the transformers model's cache "
+    "(pd-native: prefix_kv); PEFT numbers the tokens' positions from 10, promptdelta keeps them at 0..T-1",
     "prompt: 10 soft vectors before the input embeddings (promptdelta's SoftTemplate splice, done in the bench); "
     "its rows run seq + 10 tokens through every layer, so its own floor is that much above the seq-token floor",
     "ia3: l_k, l_v on key/value outputs, l_ff on the FFN's inner activation (PEFT: target key|value|layer.N.output."
@@ -220,9 +220,6 @@ class Row:
 def _start(row: Row, tiny: bool, batch: int, seq: int, threads: int) -> None:
     if row.impl == "peft" and not _has_peft():
         row.skip = "not installed"
-        return
-    if row.method == "prefix" and row.impl == "pd-hf":
-        row.skip = "n/a"
         return
     cmd = [sys.executable, "-m", "promptdelta.bench.peers", "--worker", row.method, row.impl, "--batch", str(batch),
            "--seq", str(seq), "--threads", str(threads)] + (["--tiny"] if tiny else [])
@@ -421,8 +418,7 @@ def profile_method(method: str, tiny: bool = False, batch: int = 16, seq: int = 
     if method not in METHODS + ["floor"]:
         raise ConfigError(f"--profile {method!r} is not a method; use one of {METHODS} or 'floor'.")
     torch.set_num_threads(threads or torch.get_num_threads())
-    specs = [("floor", "hf")] + [(method, i) for i in IMPLS if not (method == "prefix" and i == "pd-hf")
-                                 and (i != "peft" or _has_peft()) and method != "floor"]
+    specs = [("floor", "hf")] + [(method, i) for i in IMPLS if (i != "peft" or _has_peft()) and method != "floor"]
     ops = {f"{m}/{i}": step_ops(m, i, tiny, batch, seq) for m, i in specs}
     names = list(ops)
     lines = [f"op-by-op profile of one training step: {method}, batch {batch} x seq {seq}, "
