@@ -230,3 +230,24 @@ def test_native_layer_runs_under_inference_mode(ops, path, two_threads):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     lora_linear(x, w, b, a, bb, 2.0, impl="native").sum().backward()
     assert a.grad is not None
+
+
+@pytest.mark.parametrize("shape", [(37, 45, 29), (70, 33, 99), (333, 70, 90)])
+def test_rank16_reads_bt_through_its_strides(ops, shape, two_threads):
+    """Rank 16 takes Bt as a view of B (N, 16), no transposed copy: the forward pass on the strided view, and
+    the layer on a B that is itself a transposed view, equal the contiguous results (panels plus ragged tail)."""
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(16)
+    x, w, bias = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+    a, b = torch.randn(16, k, generator=gen), torch.randn(n, 16, generator=gen)
+    strided = b.t()
+    assert not strided.is_contiguous()
+    out_c, xa_c = ops.forward(x, x, w, bias, a, strided.contiguous(), 1.3, False, 16)
+    out_s, xa_s = ops.forward(x, x, w, bias, a, strided, 1.3, False, 16)
+    assert torch.equal(xa_s, xa_c) and torch.equal(out_s, out_c)
+    with pytest.raises(RuntimeError, match="Bt must be a contiguous"):        # other ranks keep the check
+        ops.forward(x, x, w, bias, a[:8].contiguous(), torch.randn(n, 8).t(), 1.3, False, 16)
+    x_, w_, bias_, a_, bb_ = operands(m, k, n, 16)
+    b_view = bb_.detach().t().contiguous().t().requires_grad_()             # (N, 16) with strides (1, N)
+    assert not b_view.is_contiguous()
+    check_against_reference(lambda *o: fused_lora_linear(*o, native=True), x_, w_, bias_, a_, b_view, scale=0.8)

@@ -18,6 +18,12 @@ def test_triton_fp32_matches_reference_all_ranks(triton_interp, r):
     check_against_reference(_triton_fn(triton_interp[0]), *operands(37, 45, 29, r), scale=1.3)
 
 
+@pytest.mark.parametrize("r", [3, 17])
+def test_triton_fp32_ranks_off_the_padding(triton_interp, r):
+    """Ranks below and just past a power of two (R_PAD 16 and 32): padded rank columns masked everywhere."""
+    check_against_reference(_triton_fn(triton_interp[0]), *operands(70, 33, 50, r), scale=0.9)
+
+
 @pytest.mark.parametrize("shape", ODD_SHAPES[1:])
 @pytest.mark.parametrize("bias", [True, False])
 def test_triton_fp32_odd_shapes(triton_interp, shape, bias):
