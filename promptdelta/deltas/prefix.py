@@ -6,8 +6,8 @@ Every attention layer gets P learned key/value vectors that all queries attend t
     Attn(q, K, V) = softmax(q [K_p; K]^T) [V_p; V]       K_p, V_p: (n_heads, P, head_dim) per layer
 
 They reach the model through the native backbones' ``prefix_kv`` argument (a forward pre-hook fills it in),
-or, on a live transformers model, through its own key/value cache (``prefix_hf.py``: decoder-only models and
-the decoder of encoder-decoders), so no base module is wrapped. The prefix parameters live in a child ``prefix_<name>`` of the backbone (a
+or, on a live transformers model, through its own key/value cache (``prefix_hf.py``: decoder-only models,
+the decoder of encoder-decoders, BERT-like encoders), so no base module is wrapped. The prefix parameters live in a child ``prefix_<name>`` of the backbone (a
 ``PrefixHolder``), so optimisers over ``model.parameters()``, ``model.to()`` and ``model.train()`` see them.
 T5 has three kinds of attention and gets three prefix sets: ``encoder`` and ``decoder`` self-attention and
 decoder ``cross`` attention.
