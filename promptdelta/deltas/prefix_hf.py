@@ -160,6 +160,9 @@ def inject(model: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]], arg
     mask = args[1] if positional else kwargs.get(key)
     if mask is None:
         mask = torch.ones(B, T, dtype=torch.long, device=device)
+    if mask.dim() != 2:
+        raise DeltaError(f"a prefix delta on {type(model).__name__} extends a 2D (batch, tokens) {key} by its "
+                         f"P={P} columns, got shape {tuple(mask.shape)}; pass the 2D padding mask.")
     mask = torch.cat([torch.ones(B, P, dtype=mask.dtype, device=mask.device), mask], dim=1)   # (B, P + T)
     if positional:
         args = (args[0], mask, *args[2:])

@@ -116,6 +116,17 @@ def test_a_task_head_prefixes_its_encoder(cls):
         close_at(hidden(hf, ids, mask), want, mask)
 
 
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_both_attention_implementations(impl):
+    hf = transformers.BertModel(transformers.BertConfig(attn_implementation=impl, **SIZES)).eval()
+    native = _bert_native(hf).eval()
+    handle = attach(hf, "prefix", num_tokens=P, reparam=False)
+    ids, mask = batch()
+    with torch.no_grad():
+        want = native(input_ids=ids, attention_mask=mask, prefix_kv=list(prefix_kv(handle))).last_hidden_state
+        close_at(hidden(hf, ids, mask), want, mask)
+
+
 def test_position_ids_given_by_the_caller_are_kept():
     hf = build("bert")
     native = _bert_native(hf).eval()
@@ -234,6 +245,14 @@ def test_encoders_without_a_cache_are_refused_in_one_line():
     msg = str(err.value)
     assert "\n" not in msg and "load_backbone" in msg and "'lora'" in msg
     assert deltas_of(model) == {} and not model._forward_pre_hooks
+
+
+def test_a_4d_attention_mask_is_refused_in_one_line():
+    hf = build("bert")
+    attach(hf, "prefix", num_tokens=P, reparam=False)
+    ids, mask = batch()
+    with pytest.raises(DeltaError, match="pass the 2D padding mask"):
+        hf(input_ids=ids, attention_mask=mask[:, None, None, :].float())
 
 
 def test_a_cache_holding_tokens_is_refused():
