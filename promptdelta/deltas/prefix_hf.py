@@ -131,6 +131,12 @@ def encoder_prefix_cache() -> type:
     return EncoderPrefixCache
 
 
+def _checkpoints_without_cache(model: nn.Module) -> bool:
+    """A layer of ``model`` checkpoints its forward and sets the cache to None for it (transformers 5.x)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True and not getattr(m, "_can_checkpoint_with_cache", False)
+               for m in model.modules())
+
+
 def inject(model: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]], args: tuple,
            kwargs: dict) -> tuple[tuple, dict]:
     """Forward pre-hook body: a fresh cache holding the prefixes (each (1, n_kv, P, hd), broadcast to the
@@ -149,6 +155,11 @@ def inject(model: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]], arg
                          f"tokens (cached decoding): its positions would not count the prefix. Call the model "
                          f"without a cache (generate(..., use_cache=False)), or use a native backbone from "
                          f"promptdelta.load_backbone, whose generate takes prefix_kv.")
+    if model.training and torch.is_grad_enabled() and _checkpoints_without_cache(model):
+        raise DeltaError(f"{type(model).__name__} has gradient checkpointing on, and transformers then drops the "
+                         f"cache that carries the prefix (its layers would run without it). Call "
+                         f"model.gradient_checkpointing_disable(), or use promptdelta.load_backbone(model), whose "
+                         f"checkpointing keeps prefix_kv.")
     cache = encoder_prefix_cache()() if encoder_only(model) else DynamicCache()
     for i, (k, v) in enumerate(pairs):
         cache.update(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), i)    # (B, n_kv, P, hd)

@@ -255,6 +255,20 @@ def test_a_4d_attention_mask_is_refused_in_one_line():
         hf(input_ids=ids, attention_mask=mask[:, None, None, :].float())
 
 
+def test_gradient_checkpointing_that_drops_the_cache_is_refused():
+    """transformers sets the cache to None in a checkpointed layer: the prefix would vanish silently."""
+    hf = build("bert")
+    native = _bert_native(hf).eval()
+    handle = attach(hf, "prefix", num_tokens=P, reparam=False)
+    hf.gradient_checkpointing_enable()
+    ids, mask = batch()
+    with pytest.raises(DeltaError, match="gradient_checkpointing_disable"):
+        hf.train()(input_ids=ids, attention_mask=mask)
+    with torch.no_grad():   # no backward replay: the layers keep the cache
+        want = native(input_ids=ids, attention_mask=mask, prefix_kv=list(prefix_kv(handle))).last_hidden_state
+        close_at(hidden(hf.eval(), ids, mask), want, mask)
+
+
 def test_a_cache_holding_tokens_is_refused():
     hf = build("bert")
     attach(hf, "prefix", num_tokens=P, reparam=False)
