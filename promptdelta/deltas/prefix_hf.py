@@ -18,6 +18,7 @@ attention mask gets P leading ones so every query sees them.
   (``BertForSequenceClassification`` ...) take no cache argument: the prefix attaches to their encoder
   (``model.bert``). Encoders without a cache argument (DistilBERT, ALBERT, DeBERTa) are refused, with the fix.
 
+Training under transformers' gradient checkpointing is refused: its checkpointed layers drop the cache.
 ``generate(..., use_cache=False)`` works (each step runs the whole sequence after a fresh prefix); cached
 decoding (a cache that already holds tokens, ``generate``'s default) is refused: the cache positions
 ``generate`` keeps would not count the prefix.
