@@ -134,8 +134,8 @@ def encoder_prefix_cache() -> type:
 
 def _checkpoints_without_cache(model: nn.Module) -> bool:
     """A layer of ``model`` checkpoints its forward and sets the cache to None for it (transformers 5.x)."""
-    return any(getattr(m, "gradient_checkpointing", False) is True and not getattr(m, "_can_checkpoint_with_cache", False)
-               for m in model.modules())
+    return any(getattr(m, "gradient_checkpointing", False) is True and
+               not getattr(m, "_can_checkpoint_with_cache", False) for m in model.modules())
 
 
 def inject(model: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]], args: tuple,
