@@ -1,4 +1,5 @@
-"""Native CPU kernels for the fused LoRA layer (``csrc/lora_cpu.cpp``), compiled on first use.
+"""Native CPU kernels for the fused LoRA layer (``csrc/``: ``lora_cpu.cpp`` including ``lora_simd.h`` and
+``lora_rank16.h``), compiled on first use.
 
 The torch-ops layer (``cpu.py``) spends what it costs above the frozen layer in six tall-skinny products,
 each a separate MKL pass over an (M, K) or (M, N) matrix at a fraction of peak. The native layer is a C++

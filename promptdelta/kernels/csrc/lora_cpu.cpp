@@ -1,4 +1,6 @@
-// Native CPU kernels for the fused LoRA layer (fp32, rank R in 1/2/4/8/16).
+// Native CPU kernels for the fused LoRA layer (fp32, rank R in 1/2/4/8/16). One translation unit: it includes
+// lora_simd.h (vectors, lane sums, prefetch) and lora_rank16.h (rank 16's layouts); native.py keys the build on
+// every csrc/*.cpp and *.h.
 // Built on first use by promptdelta/kernels/native.py (torch.utils.cpp_extension, -O3 -march=native
 // -fopenmp); rows are split over torch's intra-op threads with at::parallel_for.
 //
