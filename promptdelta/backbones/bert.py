@@ -229,9 +229,7 @@ class BertAttention(nn.Module):
         P = 0 if prefix is None else prefix[0].shape[2]
         outs = []
         for i, (g, part) in enumerate(zip(packed.groups, qkv.split(packed.sizes))):  # part (tokens, 3H)
-            grid = part if g.dest is None else part.new_zeros(g.rows * g.length, part.shape[1]).index_copy(
-                0, g.dest, part)                                              # (n * L, 3H), zeros at padding
-            q, k, v = self._split_heads(grid.view(g.rows, g.length, -1))       # 3 x (n, nh, L, hd)
+            q, k, v = self._split_heads(g.grid(part))                          # 3 x (n, nh, L, hd)
             if prefix is not None:
                 k, v = _with_prefix(k, v, (prefix[0][g.first:g.first + g.rows], prefix[1][g.first:g.first + g.rows]))
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=packed.group_bias(i, P, q.dtype),

@@ -17,7 +17,8 @@ from torch import nn
 class AttentionGroup:
     """Consecutive batch rows [first, first + rows) whose attention runs as one (rows, length) call, length =
     the group's longest row; ``dest`` (tokens,) places the group's packed tokens in that grid (None when every
-    row has ``length`` tokens: the packed tokens are the grid) and ``keep`` (rows, length) marks real keys."""
+    row has ``length`` tokens: the packed tokens are the grid), ``src`` (rows * length,) is the inverse (the
+    token at each grid place, ``tokens`` = a zero row at padding) and ``keep`` (rows, length) marks real keys."""
 
     first: int
     rows: int
@@ -25,6 +26,15 @@ class AttentionGroup:
     tokens: int
     dest: torch.Tensor | None
     keep: torch.Tensor | None
+    src: torch.Tensor | None = None
+
+    def grid(self, part: torch.Tensor) -> torch.Tensor:
+        """The group's packed tokens (tokens, D) -> (rows, length, D), zeros at padding. A gather, not a
+        scatter into zeros: index_select runs about 3x faster than index_copy here (forward)."""
+        if self.src is None:
+            return part.view(self.rows, self.length, -1)
+        padded = torch.cat([part, part.new_zeros(1, part.shape[1])])                 # (tokens + 1, D)
+        return padded.index_select(0, self.src).view(self.rows, self.length, -1)
 
 
 @dataclass
@@ -110,7 +120,9 @@ def attention_groups(keep: torch.Tensor, index: torch.Tensor, row: torch.Tensor)
             dest = (row[start:start + n_tok] - first) * length + rank[start:start + n_tok]    # (tokens,)
             lengths = torch.tensor(counts[first:first + rows], device=keep.device)
             grid_keep = torch.arange(length, device=keep.device)[None, :] < lengths[:, None]  # (rows, length)
-            groups.append(AttentionGroup(first, rows, length, n_tok, dest, grid_keep))
+            src = torch.full((rows * length,), n_tok, dtype=torch.long, device=keep.device)
+            src[dest] = torch.arange(n_tok, device=keep.device)                            # (rows * length,)
+            groups.append(AttentionGroup(first, rows, length, n_tok, dest, grid_keep, src))
         start += n_tok
     return groups
 

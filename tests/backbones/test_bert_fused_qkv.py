@@ -192,6 +192,9 @@ def test_attention_groups_skip_empty_rows_and_bound_padding():
             grid = torch.zeros(g.rows * g.length, dtype=torch.bool)
             grid[g.dest] = True
             assert torch.equal(grid.view(g.rows, g.length), g.keep)
+            part = torch.randn(g.tokens, 3)
+            out = g.grid(part)                                        # (rows, length, 3), zeros at padding
+            assert torch.equal(out[g.keep], part) and out[~g.keep].abs().max() == 0
 
 
 def test_segments_keep_native_kernel_ranks():
