@@ -196,7 +196,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if getattr(args, "recipe", None) == "auto":             # the automatic recipe, chosen on dev (recipe.py)
         from promptdelta.recipe import run_recipe
 
-        run_recipe(config, echo=lambda s: print(s, flush=True))
+        result = run_recipe(config, echo=lambda s: print(s, flush=True), overwrite=args.overwrite)
+        print(f"\nwrote {result['run_dir']}/ (config.yaml, metrics.json, one folder per seed: the recipe's choice); "
+              f"predict with: promptdelta predict --model {result['run_dir']}/seed{config.seeds[0]} --input FILE")
         return 0
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc} must be >= 1 (the number of local processes)")

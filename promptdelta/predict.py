@@ -356,9 +356,9 @@ def run_predict(models: Sequence[str], input_path: str, output: str | None = Non
     if not examples:
         raise DataError(f"--input {input_path} holds no rows; give one input per line")
     if len(models) == 1:
-        from promptdelta.prompts.model import PromptForClassification
+        from promptdelta.recipe_export import load_recipe
 
-        clf = PromptForClassification.from_pretrained(models[0]).to(device)
+        clf = load_recipe(models[0]).to(device)      # a classifier folder, or the auto recipe's ensemble of them
         results = {model_names(models)[0]: clf.predict(examples, batch_size=batch_size, top_k=top_k,
                                                        progress=progress)}
     else:

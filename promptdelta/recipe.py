@@ -59,6 +59,17 @@ class RecipeResult:
     budget_s: float = 0.0
     proba: Proba | None = None
     refit: bool = False          # whether ``predict`` is the choice trained again on train + dev
+    tokenizer: Any = None        # what embedded the examples, and how (the saved classifier tokenises alike)
+    max_length: int = 128
+    classes: list[str] = field(default_factory=list)
+    members: list[str] = field(default_factory=list)   # the chosen candidate, or the chosen ensemble's members
+
+    def save_pretrained(self, path: Any, overwrite: bool = False) -> Any:
+        """Write the choice as a folder that ``promptdelta predict`` and ``recipe_export.load_recipe`` read
+        (a classifier folder, or an ensemble of them); its probabilities are ``proba``'s. See recipe_export."""
+        from promptdelta.recipe_export import save_recipe
+
+        return save_recipe(self, path, overwrite=overwrite)
 
 
 def _acc(preds: Sequence[int], examples: Sequence[Any]) -> float:
@@ -88,14 +99,16 @@ def _head(embed_fn: Callable[[Sequence[Any]], np.ndarray], train: Sequence[Any],
         out = np.zeros((len(examples), n_classes))
         out[:, head.classes_] = head.predict_proba(embed_fn(list(examples)))   # classes absent from train: 0
         return out
-    proba.c = c
+    proba.c, proba.head = c, head          # the fitted head, for recipe_export (saving changes nothing here)
     return proba
 
 
 def _logreg(base, tok, train, dev, seed, max_length, template, label_words, c=None) -> Proba:
     from promptdelta.bench.baselines import embed
 
-    return _head(lambda ex: embed(base, tok, list(ex), max_length), train, dev, seed, c)
+    proba = _head(lambda ex: embed(base, tok, list(ex), max_length), train, dev, seed, c)
+    proba.body, proba.tuned = base, False  # what embedded the head's inputs (recipe_export saves it)
+    return proba
 
 
 def _setfit(base, tok, train, dev, seed, max_length, template, label_words, c=None) -> Proba:
@@ -113,6 +126,7 @@ def _setfit(base, tok, train, dev, seed, max_length, template, label_words, c=No
         body.requires_grad_(False)
         heads.append(_head(lambda ex, b=body: embed(b, tok, list(ex), max_length), train, dev, seed,
                            None if c is None else c[i]))
+        heads[-1].body, heads[-1].tuned = body, True
     proba = _mean_proba(heads)
     proba.c = [h.c for h in heads]
     return proba
@@ -140,6 +154,7 @@ def _softmax_of(clf: Any) -> Proba:
         ex = list(examples)
         parts = [clf(clf.collate(ex[i:i + 64])).float().softmax(-1).cpu().numpy() for i in range(0, len(ex), 64)]
         return np.concatenate(parts) if parts else np.zeros((0, len(clf.verbalizer.classes)))
+    proba.clf = clf                        # a prompt model: recipe_export saves it as it is
     return proba
 
 
@@ -179,7 +194,10 @@ KNOWN = tuple(RUNNERS) + ("ensemble",)
 
 
 def _mean_proba(members: list[Proba]) -> Proba:
-    return lambda examples: np.mean([p(examples) for p in members], axis=0)
+    def proba(examples: Sequence[Any]) -> np.ndarray:
+        return np.mean([p(examples) for p in members], axis=0)
+    proba.members = members                # recipe_export saves the mean of its members
+    return proba
 
 
 def auto_recipe(base: Any, tokenizer: Any, train: Sequence[Any], dev: Sequence[Any], *, budget_s: float = 3600.0,
@@ -238,7 +256,7 @@ def auto_recipe(base: Any, tokenizer: Any, train: Sequence[Any], dev: Sequence[A
         chosen_proba = _refit(base, tokenizer, train, dev, seed, max_length, template, label_words, names,
                               {m: f for m, _, f in members}, table, echo)
     return RecipeResult(best[0], best[1], lambda ex: chosen_proba(list(ex)).argmax(-1).tolist(), table, budget_s,
-                        chosen_proba, refitted)
+                        chosen_proba, refitted, tokenizer, max_length, [str(c) for c in train.classes], names)
 
 
 def _refit(base, tokenizer, train, dev, seed, max_length, template, label_words, names: list[str],
@@ -254,15 +272,21 @@ def _refit(base, tokenizer, train, dev, seed, max_length, template, label_words,
                   "members": names, "examples": len(full)})
     echo(f"  {'refit':12s} {'+'.join(names)} on train + dev ({len(full)} examples; {secs:.1f} s, {cpu:.1f} s CPU)")
     return parts[0] if len(parts) == 1 else _mean_proba(parts)
-def run_recipe(config: Any, echo: Callable[[str], None] = print) -> dict[str, Any]:
+
+
+def run_recipe(config: Any, echo: Callable[[str], None] = print, overwrite: bool = False,
+               write: bool = True) -> dict[str, Any]:
     """``promptdelta run --recipe auto``: per seed of ``config``, the auto recipe chosen on dev, then scored on
-    test once; returns {"seeds": [{seed, chosen, dev, test, table}], "mean_test": float}."""
+    test once; returns {"seeds": [{seed, chosen, dev, test, table}], "mean_test": float, "run_dir"}. With
+    ``write``, ``runs/<name>/`` gets config.yaml, metrics.json and ``seed<N>/`` (the choice, recipe_export)."""
     from promptdelta import data as pdata
     from promptdelta.backbones import load_backbone
     from promptdelta.prompts.registry import label_words_option
+    from promptdelta.recipe_export import open_run_dir, write_seed
 
+    run_dir = open_run_dir(config, overwrite) if write else None      # refused here, before any training
     base, tok = load_backbone(config.backbone)
-    rows = []
+    rows, written = [], []
     for seed in config.seeds:
         train, dev, test = pdata.load(config.data, shots=config.shots, seed=seed, columns=config.columns or None)
         words = None
@@ -276,8 +300,13 @@ def run_recipe(config: Any, echo: Callable[[str], None] = print) -> dict[str, An
         echo(f"seed {seed}: chose {out.chosen}, dev {out.dev_score:.4f}, test accuracy {test_acc:.4f}")
         rows.append({"seed": seed, "chosen": out.chosen, "dev": out.dev_score, "test": test_acc,
                      "table": out.table})
+        if run_dir is not None:
+            written.append({"seed": seed, "chosen": out.chosen, "members": out.members, "refit": out.refit,
+                            "dev_accuracy": out.dev_score, "accuracy": test_acc, "n_train": len(train),
+                            "n_dev": len(dev), "n_test": len(test), "table": out.table})
+            echo(f"seed {seed}: wrote {write_seed(run_dir, seed, out, written)}")
     mean = float(np.mean([r["test"] for r in rows]))
     std = float(np.std([r["test"] for r in rows], ddof=1)) if len(rows) > 1 else 0.0
     echo(f"recipe auto: test accuracy {100 * mean:.1f} ± {100 * std:.1f} over {len(rows)} seed(s)")
-    return {"seeds": rows, "mean_test": mean, "std_test": std}
+    return {"seeds": rows, "mean_test": mean, "std_test": std, "run_dir": None if run_dir is None else str(run_dir)}
 

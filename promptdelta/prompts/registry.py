@@ -96,6 +96,7 @@ def register_verbalizer(name: str, cls: type, factory: Factory, export: Exporter
 def _loaded() -> None:
     """Import every built-in prompt file, so their registration blocks have run."""
     import promptdelta.prompts  # noqa: F401
+    import promptdelta.recipe_export  # noqa: F401  (the auto recipe's "plain" template, "linear" verbalizer)
 
 
 def registered_templates() -> list[str]:

@@ -18,15 +18,17 @@ TEXT = '{"placeholder":"text_a"} It was {"mask"}.'
 
 
 def test_every_builtin_kind_is_registered():
-    assert pd.registered_templates() == ["manual", "mixed", "ptuning", "soft"]
-    assert pd.registered_verbalizers() == ["kpt", "manual", "multi_mask", "proto", "similarity", "soft"]
+    assert pd.registered_templates() == ["manual", "mixed", "plain", "ptuning", "soft"]     # plain, linear:
+    assert pd.registered_verbalizers() == ["kpt", "linear", "manual", "multi_mask", "proto", "similarity",
+                                           "soft"]                                       # recipe_export.py
 
 
 def test_unknown_names_list_the_known_ones(tok, mlm_backbone):
-    with pytest.raises(ConfigError, match="unknown template 'manuel'; known templates: manual, mixed, ptuning, soft"):
+    with pytest.raises(ConfigError, match="unknown template 'manuel'; known templates: manual, mixed, plain, "
+                                          "ptuning, soft"):
         pd.build_template("manuel", tok, CLASSES, {"text": TEXT})
-    with pytest.raises(ConfigError, match="unknown verbalizer 'sfot'; known verbalizers: kpt, manual, multi_mask, "
-                                          "proto, similarity, soft"):
+    with pytest.raises(ConfigError, match="unknown verbalizer 'sfot'; known verbalizers: kpt, linear, manual, "
+                                          "multi_mask, proto, similarity, soft"):
         pd.build_verbalizer("sfot", tok, CLASSES, {"label_words": WORDS}, mlm_backbone)
     with pytest.raises(ConfigError, match="unknown verbalizer"):
         pd.build_classifier(mlm_backbone, tok, CLASSES, "manual", "sfot", template_options={"text": TEXT})
@@ -36,7 +38,7 @@ def test_an_unmatched_config_name_no_longer_becomes_a_soft_verbalizer(tok, mlm_b
     """run.build_verbalizer used to turn any name it did not know into a SoftVerbalizer."""
     config = RunConfig(verbalizer="manual", label_words={"negative": ["bad"], "positive": ["good"]})
     config.verbalizer = "sfot"                                # past the config's own check, as a suite could
-    with pytest.raises(ConfigError, match="known verbalizers: kpt, manual"):
+    with pytest.raises(ConfigError, match="known verbalizers: kpt, linear, manual"):
         build_verbalizer(config, tok, CLASSES, mlm_backbone)
 
 
