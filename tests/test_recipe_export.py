@@ -3,6 +3,7 @@ ensemble; single texts and pairs), `promptdelta run --recipe auto` writes a run 
 reads, and nothing finished is replaced without the flag."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from promptdelta.data import InputExample, load
 from promptdelta.data.examples import ExampleSet
-from promptdelta.errors import CheckpointError
+from promptdelta.errors import CheckpointError, MissingFileError
 from promptdelta.prompts.model import PromptForClassification
 from promptdelta.recipe import RUNNERS, RecipeResult, _mean_proba, auto_recipe
 from promptdelta.recipe_export import ENSEMBLE_FILE, RecipeEnsemble, load_recipe
@@ -150,3 +151,23 @@ def test_cli_run_writes_a_folder_that_predict_reads(tiny_bert_nohead_dir, tmp_pa
     monkeypatch.undo()
     assert cli.main(_run_args(tiny_bert_nohead_dir, tmp_path, "--overwrite")) == 0
     assert json.loads((run_dir / "metrics.json").read_text())["rows"][0]["seed"] == 13
+
+
+def test_auto_recipe_ensemble_choice_with_refit_round_trips(setup, tmp_path, monkeypatch):
+    """auto_recipe's own ensemble (its members refit on train + dev), the choice forced by the dev scores."""
+    import promptdelta.recipe as recipe
+
+    base, tok, (train, dev, test) = setup
+    real, scores = recipe._acc, iter([0.5, 0.6, 0.9])      # logreg, setfit, ensemble: the ensemble wins
+
+    def acc(preds, examples):                               # only auto_recipe's own dev scores (not C's grid)
+        return next(scores) if sys._getframe(1).f_code.co_name == "auto_recipe" else real(preds, examples)
+    monkeypatch.setattr(recipe, "_acc", acc)
+    out = auto_recipe(base, tok, train, dev, candidates=["logreg", "setfit", "ensemble"], max_length=ML,
+                      echo=lambda s: None)
+    assert out.chosen == "ensemble" and out.refit and out.members == ["logreg", "setfit"]
+    out.save_pretrained(tmp_path / "ens")
+    assert (tmp_path / "ens" / ENSEMBLE_FILE).is_file()
+    assert np.allclose(saved_probs(tmp_path / "ens", test), out.proba(list(test)), atol=1e-5)
+    with pytest.raises(MissingFileError, match="load_recipe"):          # the plain loader points to the right one
+        PromptForClassification.from_pretrained(tmp_path / "ens")

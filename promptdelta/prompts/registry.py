@@ -362,6 +362,8 @@ def read_classifier_config(path: str | os.PathLike) -> dict[str, Any]:
     if not (path / CONFIG_FILE).is_file():
         hint = (" (it is a delta folder: load it with pd.load_delta(model, folder))"
                 if (path / "delta.json").is_file() else "")
+        if (path / "ensemble.json").is_file():
+            hint = " (it is the auto recipe's ensemble: load it with promptdelta.recipe_export.load_recipe(folder))"
         raise MissingFileError(f"{path} is not a classifier folder: it has no {CONFIG_FILE}{hint}; pass a folder "
                                f"written by clf.save_pretrained()")
     try:
