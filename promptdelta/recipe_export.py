@@ -142,8 +142,11 @@ def leaf_classifier(leaf: Any, tokenizer: Any, classes: Sequence[str], max_lengt
 
 def _embeds_body(leaf: Any) -> bool | None:
     """Write the body's weights when the candidate tuned them, or when no name records where it came from."""
-    if getattr(leaf, "clf", None) is not None:
-        return None if getattr(leaf.clf.backbone, "name_or_path", None) else True
+    if getattr(leaf, "clf", None) is not None:     # a delta's folder needs its base by name (to_hf has no delta)
+        from promptdelta.deltas.base import deltas_of
+
+        backbone = leaf.clf.backbone
+        return None if getattr(backbone, "name_or_path", None) or deltas_of(backbone) else True
     return bool(leaf.tuned) or not getattr(leaf.body, "name_or_path", None)
 
 

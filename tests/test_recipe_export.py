@@ -171,3 +171,19 @@ def test_auto_recipe_ensemble_choice_with_refit_round_trips(setup, tmp_path, mon
     assert np.allclose(saved_probs(tmp_path / "ens", test), out.proba(list(test)), atol=1e-5)
     with pytest.raises(MissingFileError, match="load_recipe"):          # the plain loader points to the right one
         PromptForClassification.from_pretrained(tmp_path / "ens")
+
+
+@pytest.mark.parametrize("choice", ["similarity", "lora-soft"])
+def test_optional_prompt_model_choices_round_trip(tiny_bert_nohead_dir, tmp_path, choice):
+    """Optional candidates are prompt models already: saved as they are (lora-soft's delta beside its base's
+    recorded folder), with the recipe's probabilities."""
+    from promptdelta.backbones import load_backbone
+
+    base, tok = load_backbone(str(tiny_bert_nohead_dir))
+    train, dev, test = load("builtin:demo", shots=4, seed=13)
+    out = auto_recipe(base, tok, train, dev, candidates=[choice], max_length=ML, label_words=[["bad"], ["good"]],
+                      echo=lambda s: None)
+    out.save_pretrained(tmp_path / choice)
+    assert not (tmp_path / choice / "backbone").exists()                  # the base is recorded by its folder
+    assert (tmp_path / choice / "delta").is_dir() == (choice == "lora-soft")
+    assert np.allclose(saved_probs(tmp_path / choice, test), out.proba(list(test)), atol=1e-5)
