@@ -5,6 +5,7 @@ the fused q/k/v product. Each is exact: tests compare them with transformers and
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,9 +86,25 @@ class Packing:
         return x.reshape(self.batch * self.length, x.shape[-1]).index_select(0, self.index)
 
 
+GROUPS_ENV = "PROMPTDELTA_ATTENTION_GROUPS"
+
+
+def _max_groups() -> int:
+    """``PROMPTDELTA_ATTENTION_GROUPS`` (default 8; 0 = always the (B, T) layout), read once at import."""
+    raw = os.environ.get(GROUPS_ENV, "8")
+    if not raw.strip().isdigit():
+        from promptdelta.errors import ConfigError
+
+        raise ConfigError(f"{GROUPS_ENV}={raw!r} is not a count. Fix: set it to an integer >= 0 (0 = attention "
+                          "in the padded (B, T) layout), or unset it (8).")
+    return int(raw)
+
+
 #: Most attention groups a packed batch may have (past it attention runs in the (B, T) layout: each group is
-#: a few more calls, and many calls cost more than the padding they skip, above all on a loaded machine).
-MAX_GROUPS = 8
+#: a few more calls, and many calls cost more than the padding they skip). Fewer calls also suffer less on a
+#: machine loaded by other processes, where each call's thread barrier may wait for a preempted thread: on a
+#: 2-core host at load 7, 2 threads, groups measured slower than the (B, T) layout (wall), faster in CPU time.
+MAX_GROUPS = _max_groups()
 #: A group grows while its padded attention work (rows x longest^2) stays within this factor of the exact one.
 GROUP_SLACK = 1.15
 

@@ -203,3 +203,16 @@ def test_segments_keep_native_kernel_ranks():
     assert bert_fast._segments([8, 8, 8]) == [(0, 2), (2, 3)]      # 24 -> 16 | 8 (all-linear r=8)
     assert bert_fast._segments([4, 8, 8]) == [(0, 1), (1, 3)]      # 20 -> 4 | 16
     assert bert_fast._segments([3, 3, 3]) == [(0, 3)]              # nothing fits: one product (torch ops)
+
+
+def test_attention_groups_env(monkeypatch):
+    """PROMPTDELTA_ATTENTION_GROUPS bounds the groups (0: the (B, T) layout); a bad value is one ConfigError."""
+    from promptdelta.errors import ConfigError
+
+    monkeypatch.setenv(bert_fast.GROUPS_ENV, "0")
+    assert bert_fast._max_groups() == 0
+    monkeypatch.delenv(bert_fast.GROUPS_ENV)
+    assert bert_fast._max_groups() == 8
+    monkeypatch.setenv(bert_fast.GROUPS_ENV, "many")
+    with pytest.raises(ConfigError, match="PROMPTDELTA_ATTENTION_GROUPS='many' is not a count"):
+        bert_fast._max_groups()
