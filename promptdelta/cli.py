@@ -197,8 +197,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         from promptdelta.recipe import run_recipe
 
         result = run_recipe(config, echo=lambda s: print(s, flush=True), overwrite=args.overwrite)
+        best = max(result["seeds"], key=lambda r: r["dev"])["seed"]     # chosen on dev; ties: the first seed
         print(f"\nwrote {result['run_dir']}/ (config.yaml, metrics.json, one folder per seed: the recipe's choice); "
-              f"predict with: promptdelta predict --model {result['run_dir']}/seed{config.seeds[0]} --input FILE")
+              f"best seed on dev: seed{best}; predict with: promptdelta predict --model {result['run_dir']}/seed{best} "
+              f"--input FILE")
         return 0
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc} must be >= 1 (the number of local processes)")

@@ -121,7 +121,7 @@ def test_cli_run_writes_a_folder_that_predict_reads(tiny_bert_nohead_dir, tmp_pa
     assert cli.main(_run_args(tiny_bert_nohead_dir, tmp_path)) == 0
     said = capsys.readouterr().out
     run_dir = tmp_path / "r"
-    assert f"wrote {run_dir}" in said
+    assert f"wrote {run_dir}" in said and f"--model {run_dir}/seed13" in said
     metrics = json.loads((run_dir / "metrics.json").read_text())
     row = metrics["rows"][0]
     assert row["seed"] == 13 and row["chosen"] in ("setfit", "logreg", "ensemble") and "refit" in row
@@ -187,3 +187,20 @@ def test_optional_prompt_model_choices_round_trip(tiny_bert_nohead_dir, tmp_path
     assert not (tmp_path / choice / "backbone").exists()                  # the base is recorded by its folder
     assert (tmp_path / choice / "delta").is_dir() == (choice == "lora-soft")
     assert np.allclose(saved_probs(tmp_path / choice, test), out.proba(list(test)), atol=1e-5)
+
+
+def test_nested_means_flatten_to_member_weights(setup, tmp_path, monkeypatch):
+    """SetFit over two bodies inside the ensemble: members logreg 1/2, each setfit body 1/4."""
+    import promptdelta.recipe as recipe
+
+    base, tok, (train, dev, test) = setup
+    monkeypatch.setattr(recipe, "SETFIT_SEEDS", (0, 1))
+    members = [RUNNERS[n](base, tok, train, dev, 13, ML, None, None) for n in ("logreg", "setfit")]
+    proba = _mean_proba(members)
+    out = RecipeResult("ensemble", 1.0, lambda ex: proba(list(ex)).argmax(-1).tolist(), proba=proba,
+                       tokenizer=tok, max_length=ML, classes=list(train.classes), members=["logreg", "setfit"])
+    out.save_pretrained(tmp_path / "ens")
+    record = json.loads((tmp_path / "ens" / ENSEMBLE_FILE).read_text())
+    assert [(m["name"], m["weight"]) for m in record["members"]] == [("logreg", 0.5), ("setfit", 0.25),
+                                                                     ("setfit", 0.25)]
+    assert np.allclose(saved_probs(tmp_path / "ens", test), out.proba(list(test)), atol=1e-5)
