@@ -31,6 +31,13 @@ def pairs(split):
                        for i, ex in enumerate(split)])
 
 
+def ensemble_result(members, tok, train):
+    """A RecipeResult whose choice is the mean of ``members`` (logreg, setfit), as auto_recipe makes it."""
+    proba = _mean_proba(members)
+    return RecipeResult("ensemble", 1.0, lambda ex: proba(list(ex)).argmax(-1).tolist(), proba=proba,
+                        tokenizer=tok, max_length=ML, classes=list(train.classes), members=["logreg", "setfit"])
+
+
 def saved_probs(folder, examples):
     return load_recipe(folder).predict(list(examples), batch_size=3).probs.numpy()
 
@@ -67,9 +74,7 @@ def test_ensemble_round_trip_on_a_pair_task(setup, tmp_path):
     base, tok, (train, dev, test) = setup
     train, dev, test = pairs(train), pairs(dev), pairs(test)
     members = [RUNNERS[n](base, tok, train, dev, 13, ML, None, None) for n in ("logreg", "setfit")]
-    proba = _mean_proba(members)
-    out = RecipeResult("ensemble", 1.0, lambda ex: proba(list(ex)).argmax(-1).tolist(), proba=proba,
-                       tokenizer=tok, max_length=ML, classes=list(train.classes), members=["logreg", "setfit"])
+    out = ensemble_result(members, tok, train)
     out.save_pretrained(tmp_path / "ens")
     record = json.loads((tmp_path / "ens" / ENSEMBLE_FILE).read_text())
     assert [m["name"] for m in record["members"]] == ["logreg", "setfit"]
@@ -196,9 +201,7 @@ def test_nested_means_flatten_to_member_weights(setup, tmp_path, monkeypatch):
     base, tok, (train, dev, test) = setup
     monkeypatch.setattr(recipe, "SETFIT_SEEDS", (0, 1))
     members = [RUNNERS[n](base, tok, train, dev, 13, ML, None, None) for n in ("logreg", "setfit")]
-    proba = _mean_proba(members)
-    out = RecipeResult("ensemble", 1.0, lambda ex: proba(list(ex)).argmax(-1).tolist(), proba=proba,
-                       tokenizer=tok, max_length=ML, classes=list(train.classes), members=["logreg", "setfit"])
+    out = ensemble_result(members, tok, train)
     out.save_pretrained(tmp_path / "ens")
     record = json.loads((tmp_path / "ens" / ENSEMBLE_FILE).read_text())
     assert [(m["name"], m["weight"]) for m in record["members"]] == [("logreg", 0.5), ("setfit", 0.25),
