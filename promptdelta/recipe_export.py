@@ -169,7 +169,7 @@ def save_recipe(result: Any, path: str | os.PathLike, overwrite: bool = False) -
     path = Path(path)
     _check_free(path, overwrite)
     leaves = _leaves(result.proba)
-    names = _leaf_names(result, leaves)
+    names = _leaf_names(leaves)
     extra = {RECIPE_FILE: _record(result)}
     if len(leaves) == 1:
         clf = leaf_classifier(leaves[0][0], result.tokenizer, result.classes, result.max_length)
@@ -195,8 +195,8 @@ def save_recipe(result: Any, path: str | os.PathLike, overwrite: bool = False) -
     return path
 
 
-def _leaf_names(result: Any, leaves: list[tuple[Any, float]]) -> list[str]:
-    """Each leaf's candidate name (setfit, logreg, ...) where known, else ``member``."""
+def _leaf_names(leaves: list[tuple[Any, float]]) -> list[str]:
+    """Each leaf's candidate kind: setfit (a tuned body), logreg (a frozen one) or model (a prompt model)."""
     names = []
     for leaf, _ in leaves:
         names.append("setfit" if getattr(leaf, "tuned", False) else "logreg" if hasattr(leaf, "head")
