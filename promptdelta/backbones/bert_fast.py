@@ -90,20 +90,21 @@ GROUPS_ENV = "PROMPTDELTA_ATTENTION_GROUPS"
 
 
 def _max_groups() -> int:
-    """``PROMPTDELTA_ATTENTION_GROUPS`` (default 8; 0 = always the (B, T) layout), read once at import."""
-    raw = os.environ.get(GROUPS_ENV, "8")
+    """``PROMPTDELTA_ATTENTION_GROUPS`` (default 0 = always the (B, T) layout; e.g. 8), read once at import."""
+    raw = os.environ.get(GROUPS_ENV, "0")
     if not raw.strip().isdigit():
         from promptdelta.errors import ConfigError
 
         raise ConfigError(f"{GROUPS_ENV}={raw!r} is not a count. Fix: set it to an integer >= 0 (0 = attention "
-                          "in the padded (B, T) layout), or unset it (8).")
+                          "in the padded (B, T) layout, the default; e.g. 8 for grouped attention).")
     return int(raw)
 
 
 #: Most attention groups a packed batch may have (past it attention runs in the (B, T) layout: each group is
-#: a few more calls, and many calls cost more than the padding they skip). Fewer calls also suffer less on a
-#: machine loaded by other processes, where each call's thread barrier may wait for a preempted thread: on a
-#: 2-core host at load 7, 2 threads, groups measured slower than the (B, T) layout (wall), faster in CPU time.
+#: a few more calls, and many calls cost more than the padding they skip). Off (0) by default: on a 2-core
+#: host loaded to 5-8, at 2 threads, 8 groups cost 2-2.5% less CPU time than the (B, T) layout but measured
+#: up to 2x slower in wall time (each call's thread barrier may wait for a preempted thread); to be decided on
+#: an idle machine (docs/guide/native-bert.md).
 MAX_GROUPS = _max_groups()
 #: A group grows while its padded attention work (rows x longest^2) stays within this factor of the exact one.
 GROUP_SLACK = 1.15
@@ -113,6 +114,8 @@ def attention_groups(keep: torch.Tensor, index: torch.Tensor, row: torch.Tensor)
     """Split the rows (B,) with real tokens into consecutive groups for attention: a row joins the open group
     while rows x longest^2 <= GROUP_SLACK x sum(length^2) (sorted or equal lengths give few groups); rows
     without real tokens close a group and are skipped. None past MAX_GROUPS groups."""
+    if MAX_GROUPS == 0:
+        return None
     counts = keep.sum(1).tolist()
     spans: list[list[int]] = []   # [first, rows, longest, exact work]
     for b, c in enumerate(counts):
@@ -125,7 +128,7 @@ def attention_groups(keep: torch.Tensor, index: torch.Tensor, row: torch.Tensor)
         else:
             spans.append([b, 1, c, c * c])
     spans = [g for g in spans if g is not None]
-    if len(spans) > MAX_GROUPS:
+    if len(spans) > MAX_GROUPS:   # also when MAX_GROUPS is 0 (off)
         return None
     rank = (keep.cumsum(1) - 1).reshape(-1).index_select(0, index)   # (N,) a token's place among its row's real ones
     groups, start = [], 0

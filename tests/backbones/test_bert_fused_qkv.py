@@ -155,7 +155,7 @@ def test_weights_written_after_a_forward_are_used(monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["right", "left", "holes"])
-@pytest.mark.parametrize("groups", [bert_fast.MAX_GROUPS, 1])
+@pytest.mark.parametrize("groups", [8, 1])
 def test_packed_attention_per_group_and_padded_match_transformers(monkeypatch, groups, layout):
     hf, ours = pair()
     for m in (hf, ours):
@@ -176,7 +176,8 @@ def test_packed_attention_per_group_and_padded_match_transformers(monkeypatch, g
         torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=0)
 
 
-def test_attention_groups_skip_empty_rows_and_bound_padding():
+def test_attention_groups_skip_empty_rows_and_bound_padding(monkeypatch):
+    monkeypatch.setattr(bert_fast, "MAX_GROUPS", 8)
     mask = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 0], [1, 0, 1], [1, 1, 1]])
     p = bert_fast.Packing.of(mask)
     assert [(g.first, g.rows, g.length, g.tokens) for g in p.groups] == [(0, 2, 2, 4), (3, 1, 2, 2), (4, 1, 3, 3)]
@@ -212,6 +213,8 @@ def test_attention_groups_env(monkeypatch):
     monkeypatch.setenv(bert_fast.GROUPS_ENV, "0")
     assert bert_fast._max_groups() == 0
     monkeypatch.delenv(bert_fast.GROUPS_ENV)
+    assert bert_fast._max_groups() == 0                               # off by default
+    monkeypatch.setenv(bert_fast.GROUPS_ENV, "8")
     assert bert_fast._max_groups() == 8
     monkeypatch.setenv(bert_fast.GROUPS_ENV, "many")
     with pytest.raises(ConfigError, match="PROMPTDELTA_ATTENTION_GROUPS='many' is not a count"):
