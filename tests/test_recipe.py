@@ -55,11 +55,11 @@ def test_bad_candidates_and_empty_dev_are_named(setup):
         auto_recipe(base, tok, train, [], echo=lambda s: None)
 
 
-def test_cli_run_recipe_auto(tiny_bert_nohead_dir, capsys):
+def test_cli_run_recipe_auto(tiny_bert_nohead_dir, capsys, tmp_path):
     from promptdelta import cli
 
     rc = cli.main(["run", "--recipe", "auto", "--backbone", str(tiny_bert_nohead_dir), "--data", "builtin:demo",
-                   "--shots", "4", "--seeds", "13", "--max-length", "32"])
+                   "--shots", "4", "--seeds", "13", "--max-length", "32", "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "budget" in out and "recipe auto: chose" in out and "test accuracy" in out
