@@ -90,21 +90,20 @@ GROUPS_ENV = "PROMPTDELTA_ATTENTION_GROUPS"
 
 
 def _max_groups() -> int:
-    """``PROMPTDELTA_ATTENTION_GROUPS`` (default 0 = always the (B, T) layout; e.g. 8), read once at import."""
-    raw = os.environ.get(GROUPS_ENV, "0")
+    """``PROMPTDELTA_ATTENTION_GROUPS`` (default 8; 0 = always the (B, T) layout), read once at import."""
+    raw = os.environ.get(GROUPS_ENV, "8")
     if not raw.strip().isdigit():
         from promptdelta.errors import ConfigError
 
         raise ConfigError(f"{GROUPS_ENV}={raw!r} is not a count. Fix: set it to an integer >= 0 (0 = attention "
-                          "in the padded (B, T) layout, the default; e.g. 8 for grouped attention).")
+                          "in the padded (B, T) layout; 8, the default, for grouped attention).")
     return int(raw)
 
 
 #: Most attention groups a packed batch may have (past it attention runs in the (B, T) layout: each group is
-#: a few more calls, and many calls cost more than the padding they skip). Off (0) by default: on a 2-core
-#: host loaded to 5-8, at 2 threads, 8 groups cost 2-2.5% less CPU time than the (B, T) layout but measured
-#: up to 2x slower in wall time (each call's thread barrier may wait for a preempted thread); to be decided on
-#: an idle machine (docs/guide/native-bert.md).
+#: a few more calls, and many calls cost more than the padding they skip). 8 by default: on 2 idle cores the
+#: grouped layout was faster for LoRA (docs/results/backbone-bert-2026-12-07.txt); on a host loaded by other processes its
+#: extra calls (a thread barrier each) measured up to 2x slower in wall time: set 0 there.
 MAX_GROUPS = _max_groups()
 #: A group grows while its padded attention work (rows x longest^2) stays within this factor of the exact one.
 GROUP_SLACK = 1.15

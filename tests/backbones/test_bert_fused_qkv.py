@@ -213,7 +213,7 @@ def test_attention_groups_env(monkeypatch):
     monkeypatch.setenv(bert_fast.GROUPS_ENV, "0")
     assert bert_fast._max_groups() == 0
     monkeypatch.delenv(bert_fast.GROUPS_ENV)
-    assert bert_fast._max_groups() == 0                               # off by default
+    assert bert_fast._max_groups() == 8                               # on by default
     monkeypatch.setenv(bert_fast.GROUPS_ENV, "8")
     assert bert_fast._max_groups() == 8
     monkeypatch.setenv(bert_fast.GROUPS_ENV, "many")
