@@ -279,7 +279,7 @@ class PrefixTuning(DeltaMethod):
             raise DeltaError(f"prefix delta {self.name!r} shares {type(module).__name__} with prefix delta "
                              f"{others[0].name!r}; on a transformers model only one prefix can fill the cache. "
                              f"Detach one, or load the model with promptdelta.load_backbone(model).")
-        return inject_hf(module, self.sets["layers"].layer_pairs(), args, kwargs)
+        return inject_hf(module, list(self.prefix_kv()), args, kwargs)   # prefix_kv: UniPELT's gates too
 
     # ------------------------------------------------------------------------------------- merge etc.
     def merge(self) -> None:

@@ -9,8 +9,8 @@ The gates let the model weigh (or switch off) each submodule per input. Departur
 prefix gate is computed from the layer input, g_P(x); here the prefix reaches attention through the native
 backbones' ``prefix_kv`` (as the "prefix" delta does), which sees no hidden state, so g_P is a learned
 scalar per layer that scales the prefix's values (a closed prefix gate still takes a little attention mass,
-since its keys stay). With ``num_tokens=0`` there is no prefix and the method works on transformers models
-too (LoRA + adapter only). LoRA's B and the adapter's up-projection start at zero, so a fresh UniPELT
+since its keys stay). On a transformers model the gated prefix goes in through the model's own cache
+(prefix_hf.py; models without one refuse it by name); with ``num_tokens=0`` there is no prefix (LoRA + adapter). LoRA's B and the adapter's up-projection start at zero, so a fresh UniPELT
 without prefix leaves the outputs unchanged. The gated parts depend on the input, so UniPELT cannot merge.
 """
 

@@ -81,9 +81,30 @@ def test_all_three_parts_train_through_their_gates(tmp_path):
         h2.merge()
 
 
+def test_gated_prefix_on_a_transformers_encoder():
+    """On a transformers BERT the prefix goes in through its cache (prefix_hf.py), with the gates applied."""
+    model, ids = hf_bert(), _ids()
+    base = model(input_ids=ids).logits
+    h = pd.attach(model, "unipelt", num_tokens=2, r=2, bottleneck=4)
+    with h.disabled():
+        torch.testing.assert_close(model(input_ids=ids).logits, base, atol=0, rtol=0)
+    out = model(input_ids=ids).logits
+    assert not torch.allclose(out, base)
+    gates = [p for n, p in h.named_parameters() if n.endswith(".gate")]
+    assert gates
+    before = out.detach().clone()
+    with torch.no_grad():
+        for g in gates:
+            g.fill_(-30.0)                                                          # prefix values closed
+    assert not torch.allclose(model(input_ids=ids).logits, before)                # the gates reach the cache
+    out = model(input_ids=ids).logits
+    out.sum().backward()
+    assert all(g.grad is not None for g in gates)
+    h.detach()
+    torch.testing.assert_close(model(input_ids=ids).logits, base, atol=0, rtol=0)
+
+
 def test_named_errors():
-    with pytest.raises(DeltaError, match="prefix_kv"):
-        pd.attach(hf_bert(), "unipelt")                                            # prefix needs a native backbone
     with pytest.raises(ConfigError, match="num_tokens"):
         pd.attach(native_bert(), "unipelt", num_tokens=-1)
     with pytest.raises(DeltaError, match="nn.Linear"):
