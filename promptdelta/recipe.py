@@ -263,7 +263,7 @@ def _refit(base, tokenizer, train, dev, seed, max_length, template, label_words,
            probas: dict[str, Proba], table: list[dict[str, Any]], echo: Callable[[str], None]) -> Proba:
     """The chosen candidate (or each member of the chosen ensemble) trained again on train + dev, its head's C
     the one dev chose; the refit scorer has no dev score of its own (every labelled example trained it)."""
-    full = train.like(list(train) + list(dev)) if hasattr(train, "like") else list(train) + list(dev)
+    full = train.like(list(train) + list(dev))          # an ExampleSet: the heads read train.classes
     t0, c0 = time.perf_counter(), time.process_time()
     parts = [RUNNERS[n](base, tokenizer, full, None, seed, max_length, template, label_words, c=probas[n].c)
              for n in names]
