@@ -5,16 +5,15 @@ target modules (``sites.py``: canonical names, target matching), lets the method
 with ``setattr(parent, child, new)``, or mark existing parameters trainable), freezes everything else and
 returns a ``DeltaHandle``. The handle saves, merges, disables and detaches that one delta; ``detach`` restores
 the exact original modules, values and ``requires_grad`` flags. The deltas attached to a model live on the
-model object (``_promptdelta_state``).
+model object (``_promptdelta_state``). ``load_delta`` re-attaches a saved folder once ``checks.py`` has
+checked its files, fields and fingerprint.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-import json
 import logging
-import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,16 +28,15 @@ from promptdelta.deltas.sites import (DeltaWrapper, ModuleSite, base_named_param
                                       wrap_site)
 from promptdelta.deltas.fingerprint import (MANIFEST_FILE, canonical_namer, legacy_fingerprint, table_namer,
                                             verify_manifest, weights_fingerprint, write_manifest)
-from promptdelta.errors import CheckpointError, ConfigError, DeltaError, MissingFileError, PromptDeltaError
+from promptdelta.deltas.checks import (FORMAT_VERSION, META_FILE, PEFT_CONFIG_FILE, WEIGHTS_FILE,
+                                       check_fingerprint, config_from_meta, read_meta, read_weights)
+from promptdelta.deltas.checks import read_weights as _read_weights  # noqa: F401  (its old name: peft_format.py)
+from promptdelta.errors import CheckpointError, ConfigError, DeltaError, PromptDeltaError
 from promptdelta.utils.io import atomic_save_safetensors, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "delta.safetensors"
-META_FILE = "delta.json"
-FORMAT_VERSION = 2   # 2: canonical names, full-weight fingerprint, manifest.json; 1 still loads (warning)
 _STATE_ATTR = "_promptdelta_state"
-PEFT_CONFIG_FILE = "adapter_config.json"
 __all__ = ["DeltaWrapper", "ModuleSite", "base_named_parameters", "canonical_aliases", "hf_key_table", "iter_sites",
            "match_targets", "native_family", "DeltaMethod", "WrappingMethod", "DeltaHandle", "attach", "load_delta",
            "deltas_of", "model_fingerprint", "canonical_namer", "table_namer", "register_delta", "get_delta_method", "wrap_site", "unwrap_sites"]
@@ -498,127 +496,7 @@ def _check_not_owned(model: nn.Module, impl: DeltaMethod, sites: list[ModuleSite
                                  f"choose other targets for {impl.name!r} or detach that delta first.")
 
 
-# --------------------------------------------------------------------------------------------- load
-def _read_meta(folder: Path) -> dict[str, Any]:
-    if not folder.is_dir():
-        raise MissingFileError(f"delta folder {folder} does not exist; pass the folder written by handle.save().")
-    for fname in (META_FILE, WEIGHTS_FILE):
-        if not (folder / fname).is_file():
-            raise MissingFileError(f"{folder / fname} is missing; a delta folder needs {META_FILE} and "
-                                   f"{WEIGHTS_FILE} as written by handle.save() (or PEFT's {PEFT_CONFIG_FILE}).")
-    try:
-        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{folder / META_FILE} is not valid JSON ({exc}); save the delta again.") from exc
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{folder / META_FILE} holds a {type(meta).__name__}, not an object; save the delta again.")
-    for key in ("method", "name", "config", "targets", "fingerprint"):
-        if key not in meta:
-            raise CheckpointError(f"{folder / META_FILE} lacks the key {key!r}; save the delta again.")
-    _check_meta_types(meta, folder / META_FILE)
-    return meta
-
-
-def _check_meta_types(meta: dict[str, Any], where: Path) -> None:
-    """Types of delta.json's own fields, and the format version this promptdelta reads."""
-    version = meta.get("format", 1)
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise CheckpointError(f"{where}: format {version!r} is not one this promptdelta reads (1..{FORMAT_VERSION}); "
-                              f"load it with the promptdelta version that wrote it, or save the delta again.")
-    expected = {"method": str, "name": str, "config": dict, "targets": list, "fingerprint": dict}
-    for key, typ in expected.items():
-        if not isinstance(meta[key], typ) or (typ is str and not meta[key]):
-            raise CheckpointError(f"{where}: {key!r} must be a {'non-empty ' if typ is str else ''}{typ.__name__}, "
-                                  f"not {meta[key]!r:.60}; save the delta again.")
-    if not all(isinstance(t, str) for t in meta["targets"]):
-        raise CheckpointError(f"{where}: 'targets' must list module names (strings); save the delta again.")
-
-
-def _config_from_meta(cls: type[DeltaMethod], cfg: dict[str, Any], where: Path) -> dict[str, Any]:
-    """Check each saved config value against the type of the method's default (bool, int, float, str,
-    list) and that numbers are finite, before the config's own range checks run."""
-    fields = {f.name: f for f in dataclasses.fields(cls.config_cls)}
-    for key, value in cfg.items():
-        if key == "modules_to_save":   # not a method key: attach() takes it for every method (deltas/saved.py)
-            if not (isinstance(value, list) and all(isinstance(x, str) for x in value)):
-                raise CheckpointError(f"{where}: config modules_to_save={value!r:.60} should be a list of module "
-                                      f"names; fix delta.json or save the delta again.")
-            continue
-        f = fields.get(key)
-        if f is None:
-            raise CheckpointError(f"{where}: config key {key!r} is unknown to delta method {cls.__name__} "
-                                  f"(known: {sorted(fields)}); save the delta again with this promptdelta.")
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")   # "float", "list[str] | str"
-        ok = {"bool": lambda v: isinstance(v, bool),
-              "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-              "str": lambda v: isinstance(v, str)}.get(kind.replace(" ", "").replace("|None", ""), lambda v: True)
-        if kind.startswith("list") or "| list" in kind:
-            ok = lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))  # noqa: E731
-        if not ok(value) and not (value is None and "None" in kind):
-            raise CheckpointError(f"{where}: config {key}={value!r:.60} should be of type {kind}; fix delta.json "
-                                  f"or save the delta again.")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise CheckpointError(f"{where}: config {key}={value!r} is not a finite number; fix delta.json or "
-                                  f"save the delta again.")
-    return cfg
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own SafetensorError / OSError on bad files
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); it is corrupt or "
-                              f"truncated: save the delta again.") from exc
-    for key, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"{path}: tensor {key} holds NaN/inf values; the delta is corrupt or diverged "
-                                  f"in training: save a good one again.")
-    return tensors
-
-
-def _check_fingerprint(model: nn.Module, saved: dict[str, Any], folder: Path, strict: bool,
-                       targets: Sequence[str]) -> None:
-    """Compare the model's weights with those the delta was made for, tensor by tensor under canonical names.
-
-    Architectures differ (error) when no tensor is shared, a shared tensor's shape differs, or a target
-    module's weights are missing here; other values (another checkpoint) are an error unless ``strict=False``.
-    """
-    if "tensors" not in saved:   # format 1: own names, sampled weights
-        here: dict[str, Any] = {"model_class": type(model).__name__, **_legacy_fingerprint(model)}
-        other = saved.get("weights") != here["weights"]
-        differ = saved.get("structure") != here["structure"]
-        detail = ""
-    else:
-        here = model_fingerprint(model)
-        want, have = saved["tensors"], here["tensors"]
-        if not isinstance(want, dict) or not all(
-                isinstance(v, list) and len(v) == 2 and isinstance(v[0], list) and isinstance(v[1], str)
-                for v in want.values()):
-            raise CheckpointError(f"{folder / META_FILE}: fingerprint.tensors is not an object of [shape, sha256] "
-                                  f"entries; save the delta again.")
-        common = [n for n in want if n in have]
-        needed = [n for n in want if any(n.startswith(t + ".") for t in targets)]
-        differ = (not common or any(n not in have for n in needed)
-                  or any(list(want[n][0]) != list(have[n][0]) for n in common))
-        changed = [n for n in common if want[n][1] != have[n][1]]
-        other = bool(changed)
-        detail = f" ({len(changed)} of {len(common)} tensors differ, e.g. {changed[0]})" if changed else ""
-    made_for = f"{saved.get('model_class')} (structure {str(saved.get('structure'))[:12]})"
-    if differ:
-        raise CheckpointError(f"delta {folder} was made for {made_for}, but this model is {here['model_class']} "
-                              f"(structure {here['structure'][:12]}): the architectures differ. Load it onto the "
-                              f"model it was trained with.")
-    if other:
-        msg = (f"delta {folder} was made for a {made_for} with other pretrained weights than this "
-               f"{here['model_class']}{detail}; load it onto the checkpoint it was trained with")
-        if strict:
-            raise CheckpointError(msg + ", or pass strict=False if you are sure the weights are compatible.")
-        logger.warning("%s (loading anyway: strict=False)", msg)
-
-
+# --------------------------------------------------------------------------------------------- load (checks.py)
 def load_delta(model: nn.Module, path: str | Path, name: str | None = None, strict: bool = True) -> DeltaHandle:
     """Re-attach the delta saved in ``path`` to ``model`` with its saved config, and load its weights.
 
@@ -632,14 +510,14 @@ def load_delta(model: nn.Module, path: str | Path, name: str | None = None, stri
     if (folder / PEFT_CONFIG_FILE).is_file() and not (folder / META_FILE).is_file():
         from promptdelta.deltas.peft_format import load_peft
         return load_peft(model, folder, name=name)
-    meta = _read_meta(folder)
+    meta = read_meta(folder)
     verify_manifest(folder, [WEIGHTS_FILE, META_FILE], required=meta.get("format", 1) >= 2)
-    tensors = _read_weights(folder / WEIGHTS_FILE)
+    tensors = read_weights(folder / WEIGHTS_FILE)
     cls = get_delta_method(meta["method"])
-    config = _config_from_meta(cls, meta["config"], folder / META_FILE)
+    config = config_from_meta(cls, meta["config"], folder / META_FILE)
     namer = canonical_namer(model)
     want_targets = [namer(t) for t in meta["targets"]]
-    _check_fingerprint(model, meta["fingerprint"], folder, strict, want_targets)
+    check_fingerprint(model, meta["fingerprint"], folder, strict, want_targets, _original_overrides(model))
     try:
         handle = attach(model, meta["method"], name=name or meta["name"], **config)
     except (ConfigError, DeltaError, TypeError, ValueError) as exc:
