@@ -43,6 +43,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward (less memory)
     fsdp: bool = False                    # under torchrun: shard every weight over ranks, layer by layer (FSDP2)
     eval_at_start: bool = False           # score dev before the first step: the untrained model is a candidate
+    fast_dropout: bool = True             # on CPU: fused dropout + attention while training (promptdelta.speed)
 
     def __post_init__(self) -> None:
         check_types(self, _FIELD_TYPES, "train.", "TrainConfig in promptdelta/train/config.py")
@@ -99,5 +100,5 @@ _FIELD_TYPES: dict[str, tuple] = {
     "patience": (int, None), "eval_every": (int, None), "metric": (str,), "device": (str,), "progress": (bool,),
     "grad_accum": (int,), "precision": (str,), "max_nonfinite_steps": (int,), "checkpoint_dir": (str, None),
     "checkpoint_every": (int, None), "keep_checkpoints": (int,), "resume": (bool,),
-    "gradient_checkpointing": (bool,), "fsdp": (bool,), "eval_at_start": (bool,),
+    "gradient_checkpointing": (bool,), "fsdp": (bool,), "eval_at_start": (bool,), "fast_dropout": (bool,),
 }
