@@ -3,6 +3,7 @@
 import re
 
 import pytest
+from torch import nn
 
 from promptdelta.bench.backbone import DELTAS, FAMILIES, main, run_backbone_bench
 from promptdelta.errors import ConfigError
@@ -74,3 +75,29 @@ def test_cli_quick_one_family(capsys) -> None:
     assert main(["--quick", "--families", "gpt2", "--deltas", "lora_qv"]) == 0
     out = capsys.readouterr().out
     assert set(_rows(out, "lora_qv")) == {"gpt2"} and not _rows(out)
+
+
+def test_train_mode_rows(capsys) -> None:
+    """--train: both sides in train mode (dropout on); the header and footer say so, parity is checked in eval
+    mode, and --torch-dropout names torch's dropout for the native side."""
+    assert main(["--quick", "--families", "bert,roberta", "--deltas", "lora_qv", "--train"]) == 0
+    out = capsys.readouterr().out
+    assert "train mode, native dropout: promptdelta fused" in out and "dropout on" in out
+    rows = _rows(out, "lora_qv")
+    assert set(rows) == {"bert", "roberta"}
+    for cells in rows.values():
+        assert float(cells[-1]) < 1e-4 and min(map(float, cells[2:4] + cells[7:9])) > 0
+    assert main(["--quick", "--families", "bert", "--train", "--torch-dropout"]) == 0
+    assert "native dropout: torch" in capsys.readouterr().out
+
+
+def test_set_mode_switches_dropout() -> None:
+    from promptdelta.bench.backbone import build_pair, set_mode
+    from promptdelta.kernels.dropout import FastDropout
+
+    hf, ours, _ = build_pair("bert", quick=True)
+    set_mode(ours, hf, train=True)
+    assert hf.training and ours.training
+    assert {type(m) for m in ours.modules() if isinstance(m, nn.Dropout)} == {FastDropout}
+    set_mode(ours, hf, train=True, torch_dropout=True)
+    assert {type(m) for m in ours.modules() if isinstance(m, nn.Dropout)} == {nn.Dropout}

@@ -1,8 +1,11 @@
 """Native BERT (Devlin et al., 2019, "BERT: Pre-training of Deep Bidirectional Transformers").
 
 Post-LN encoder layer:  x = LN(x + Attn(x));  x = LN(x + MLP(x)),  Attn through
-``F.scaled_dot_product_attention``. ``prefix_kv`` prepends per-layer keys/values (Li & Liang, 2021,
-prefix-tuning) that every query may attend to. HF weights load through ``BERT_KEYS`` (see keymap.py);
+``F.scaled_dot_product_attention``. In training, dropout (Srivastava et al., 2014) runs through promptdelta's
+fused CPU op: the hidden dropouts are ``FastDropout`` modules and the attention-probability dropout runs inside
+``kernels.attention_cpu.attention`` (torch's sdpa falls back to its math path with ``bernoulli_`` masks there);
+``model.use_torch_dropout()`` switches both to torch's own dropout. ``prefix_kv`` prepends per-layer
+keys/values (Li & Liang, 2021, prefix-tuning) that every query may attend to. HF weights load through ``BERT_KEYS`` (see keymap.py);
 ``to_hf()`` exports back to ``transformers``.
 """
 
@@ -22,6 +25,7 @@ from promptdelta.backbones.base import PACKED_ROWS, BackboneOutput, GradientChec
 from promptdelta.backbones.bert_fast import Packing, _attention_bias, fused_qkv  # noqa: F401  (Packing: tests)
 from promptdelta.backbones.keymap import KeyTable, load_hf_state, load_into_hf
 from promptdelta.errors import BackboneError, ConfigError
+from promptdelta.kernels.dropout import FastDropout
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +145,7 @@ BERT_KEYS = KeyTable(
         ("encoder.layer.{}.attention.self.value", "layers.{}.attn.v_proj"),
         ("encoder.layer.{}.attention.output.dense", "layers.{}.attn.o_proj"),
         ("encoder.layer.{}.attention.output.LayerNorm", "layers.{}.attn_norm"),
+        ("encoder.layer.{}.attention.self", "layers.{}.attn"),   # no weights: a prefix delta's module name
         ("encoder.layer.{}.intermediate.dense", "layers.{}.mlp.fc1"),
         ("encoder.layer.{}.output.dense", "layers.{}.mlp.fc2"),
         ("encoder.layer.{}.output.LayerNorm", "layers.{}.mlp_norm"),
@@ -162,7 +167,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = FastDropout(config.hidden_dropout_prob)
 
     def forward(self, inputs_embeds: torch.Tensor, token_type_ids: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
@@ -171,6 +176,11 @@ class BertEmbeddings(nn.Module):
 
 
 class BertAttention(nn.Module):
+    """Multi-head self-attention. In training the probability dropout runs in ``kernels.attention_cpu.attention``
+    (fused CPU dropout); ``torch_dropout = True`` (set by ``BertModel.use_torch_dropout``) keeps sdpa's own."""
+
+    torch_dropout = False   # class default; an instance attribute overrides it
+
     def __init__(self, config: BertConfig):
         super().__init__()
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
@@ -179,6 +189,16 @@ class BertAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_dropout_prob
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hd) + bias) v with the probability dropout in training: q (n, nh, Tq, hd),
+        k, v (n, nh, Tk, hd), bias additive (n, 1, 1, Tk) or None -> (n, nh, Tq, hd)."""
+        p = self.dropout_p if self.training else 0.0
+        if p > 0 and not self.torch_dropout and q.device.type == "cpu":  # torch's dropout is fast elsewhere
+            from promptdelta.kernels.attention_cpu import attention  # lazy: the kernel builds on first use
+
+            return attention(q, k, v, bias, self.head_dim ** -0.5, p, True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -212,8 +232,7 @@ class BertAttention(nn.Module):
             xq = _gather_rows(x, rows)                                        # (B, k, H)
             q, k, v = self._heads(self.q_proj(xq)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         k, v = _with_prefix(k, v, prefix)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                           dropout_p=self.dropout_p if self.training else 0.0)  # (B, nh, Tq, hd)
+        y = self._attend(q, k, v, bias)                                       # (B, nh, Tq, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, xq.shape[1], H))  # (B, Tq, H)
 
     def _packed(self, x: torch.Tensor, bias: torch.Tensor | None, prefix: tuple[torch.Tensor, torch.Tensor] | None,
@@ -225,15 +244,13 @@ class BertAttention(nn.Module):
         qkv = self.project_qkv(x)                                             # (N, 3H)
         if packed.groups is None:
             return self.o_proj(self._padded_attention(qkv, bias, prefix, packed))
-        drop = self.dropout_p if self.training else 0.0
         P = 0 if prefix is None else prefix[0].shape[2]
         outs = []
         for i, (g, part) in enumerate(zip(packed.groups, qkv.split(packed.sizes))):  # part (tokens, 3H)
             q, k, v = self._split_heads(g.grid(part))                          # 3 x (n, nh, L, hd)
             if prefix is not None:
                 k, v = _with_prefix(k, v, (prefix[0][g.first:g.first + g.rows], prefix[1][g.first:g.first + g.rows]))
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=packed.group_bias(i, P, q.dtype),
-                                               dropout_p=drop)                # (n, nh, L, hd)
+            y = self._attend(q, k, v, packed.group_bias(i, P, q.dtype))      # (n, nh, L, hd)
             y = y.transpose(1, 2).reshape(g.rows * g.length, x.shape[1])       # (n * L, H)
             outs.append(y if g.dest is None else y.index_select(0, g.dest))   # (tokens, H)
         return self.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))   # (N, H)
@@ -243,8 +260,7 @@ class BertAttention(nn.Module):
         """[q | k | v] (N, 3H) -> attention output (N, H), computed in the padded (B, T) layout."""
         q, k, v = self._split_heads(packed.unpack(qkv).view(packed.batch, packed.length, -1))  # 3 x (B, nh, T, hd)
         k, v = _with_prefix(k, v, prefix)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                           dropout_p=self.dropout_p if self.training else 0.0)  # (B, nh, T, hd)
+        y = self._attend(q, k, v, bias)                                       # (B, nh, T, hd)
         return packed.pack(y.transpose(1, 2).reshape(packed.batch, packed.length, -1))        # (N, H)
 
 
@@ -274,7 +290,7 @@ class BertLayer(nn.Module):
         self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = BertMLP(config)
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = FastDropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None,
                 prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -314,7 +330,7 @@ class BertLMHead(nn.Module):
         return self.decoder(self.norm(self.act(self.dense(x))))  # (B, T, V)
 
 
-_TOKEN_WISE = (nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity)
+_TOKEN_WISE = (nn.Linear, nn.LayerNorm, nn.Dropout, FastDropout, nn.Identity)
 
 
 def _packable(layer: BertLayer) -> bool:
@@ -369,6 +385,20 @@ class BertModel(GradientCheckpointing, nn.Module):
 
     def input_embeddings(self) -> nn.Embedding:
         return self.embeddings.word_embeddings
+
+    def use_torch_dropout(self, flag: bool = True) -> BertModel:
+        """Run torch's own dropout (``nn.Dropout`` modules, sdpa's probability dropout) instead of the fused
+        CPU op (``FastDropout``, ``attention_cpu.attention``), or back with ``flag=False``: e.g. to draw the
+        same masks as transformers under one torch seed. Same state_dict and ``p`` either way; a dropout module
+        of another class that a user set is left alone (a plain ``nn.Dropout`` set by hand already runs torch's
+        hidden dropout without this call)."""
+        new, old = (nn.Dropout, FastDropout) if flag else (FastDropout, nn.Dropout)
+        for owner in [self.embeddings, *self.layers]:
+            if type(owner.dropout) is old:
+                owner.dropout = new(owner.dropout.p, owner.dropout.inplace).train(owner.dropout.training)
+        for layer in self.layers:
+            layer.attn.torch_dropout = flag
+        return self
 
     @property
     def has_lm_head(self) -> bool:

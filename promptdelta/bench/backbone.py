@@ -10,7 +10,11 @@ reads real tokens). The four variants of every row are interleaved round by roun
 ``torch.utils.benchmark.Timer``; the table gives the median ms over the rounds, and the ratio ours/HF as the
 median of the per-round ratios with its interquartile range (the noise). HF models use
 ``attn_implementation="sdpa"`` (what our models use), and the table names the implementation each got.
-A parity column (max |ours - HF| over real tokens) checks that like is compared with like. On a machine loaded
+A parity column (max |ours - HF| over real tokens, in eval mode) checks that like is compared with like.
+``--train`` runs both columns in train mode, dropout on, as each library's users train: transformers with its own
+dropout (``nn.Dropout``, sdpa's probability dropout), native with promptdelta's fused CPU dropout (the default;
+``--torch-dropout`` gives the native model torch's dropout too, see ``BertModel.use_torch_dropout``; the other
+native families have torch's dropout only). On a machine loaded
 by other processes, ``--clock cpu`` (with ``OMP_WAIT_POLICY=PASSIVE``) times the process's CPU time instead of
 the wall clock: work, not preemption; it cannot see load imbalance between threads, so quote the wall clock from
 an idle machine.
@@ -155,7 +159,7 @@ def _forward(family: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> C
 
 
 def _train_step(family: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], object]:
-    """Forward + backward into every trainable parameter (eval mode: dropout off), with a fixed output gradient,
+    """Forward + backward into every trainable parameter (in the model's mode), with a fixed output gradient,
     zero at padded positions (for T5, whose outputs are decoder positions, everywhere)."""
     grads: dict[str, torch.Tensor] = {}
 
@@ -224,19 +228,30 @@ def _time_family_round(fns: dict[str, Callable[[], object]], numbers: dict[str, 
             times[name].append(CLOCKS[clock](fns[name], numbers[name]))
 
 
+def set_mode(ours: nn.Module, hf: nn.Module, train: bool, torch_dropout: bool = False) -> None:
+    """Both models in train mode (dropout on) or eval mode; ``torch_dropout``: the native model runs torch's own
+    dropout (where it has the switch) instead of promptdelta's fused one."""
+    for model in (hf, ours):
+        model.train(train)
+    if torch_dropout and hasattr(ours, "use_torch_dropout"):
+        ours.use_torch_dropout()
+
+
 def _setup(family: str, deltas: str, batch: int, seq: int, quick: bool, device: str, dtype: torch.dtype,
-           target_s: float, padded: bool = True) -> tuple[Row, dict[str, Callable[[], object]], dict[str, int]]:
+           target_s: float, padded: bool = True, train: bool = False, torch_dropout: bool = False
+           ) -> tuple[Row, dict[str, Callable[[], object]], dict[str, int]]:
     """Build one row's pair (with its deltas) and batch, its four timed callables, and calls per measurement."""
     hf, ours, size = build_pair(family, quick, device, dtype)
     for model in (hf, ours):
         torch.manual_seed(2)   # the same LoRA init on both sides
         attach_deltas(model, deltas)
     data = make_batch(family, hf, batch, seq, device, padded)
+    diff = parity(family, hf, ours, data)   # eval mode: dropout would make the outputs differ
+    set_mode(ours, hf, train, torch_dropout)
     fns = {"fwd_hf": _forward(family, hf, data), "fwd_ours": _forward(family, ours, data),
            "train_hf": _train_step(family, hf, data), "train_ours": _train_step(family, ours, data)}
     numbers = {k: _calibrate(fn, target_s) for k, fn in fns.items()}
-    row = Row(family, deltas, size, str(hf.config._attn_implementation), parity(family, hf, ours, data),
-              {k: [] for k in fns})
+    row = Row(family, deltas, size, str(hf.config._attn_implementation), diff, {k: [] for k in fns})
     return row, fns, numbers
 
 
@@ -249,7 +264,7 @@ def _ratio(ours: list[float], hf: list[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
-def _format(rows: list[Row], header: str) -> str:
+def _format(rows: list[Row], header: str, train: bool = False) -> str:
     lines = [header, f"{'family':8s} {'deltas':8s} {'size':44s} {'HF attn':8s} {'fwd HF':>9s} {'fwd ours':>9s} "
              f"{'ours/HF (IQR)':>19s} {'f+b HF':>9s} {'f+b ours':>9s} {'ours/HF (IQR)':>19s} {'max|diff|':>9s}"]
     for r in rows:
@@ -261,8 +276,10 @@ def _format(rows: list[Row], header: str) -> str:
                          f"{q2:6.3f} ({q1:5.3f}-{q3:5.3f})")
         cells.append(f"{r.diff:9.1e}")
         lines.append(" ".join(cells))
-    lines.append("times in ms (median over rounds); fwd = eval + no_grad; f+b = forward + backward, eval mode "
-                 "(dropout off): deltas none = into every parameter, lora_* = frozen backbone, LoRA r=8 (q,v or "
+    mode = ("train mode (dropout on, each side's own kind; parity in eval mode)" if train else
+            "eval mode (dropout off)")
+    lines.append(f"times in ms (median over rounds); fwd = no_grad forward, f+b = forward + backward, both in {mode}: "
+                 "deltas none = into every parameter, lora_* = frozen backbone, LoRA r=8 (q,v or "
                  "all linear) gradients only; ratio < 1 means ours is faster")
     return "\n".join(lines)
 
@@ -280,12 +297,15 @@ def _check(families: Sequence[str], batch: int, seq: int, repeats: int, deltas: 
 
 def run_backbone_bench(families: Sequence[str] = FAMILIES, batch: int = 16, seq: int = 128, repeats: int = 5,
                        quick: bool = False, device: str = "cpu", dtype: str = "float32",
-                       deltas: Sequence[str] = ("none",), padded: bool = True, clock: str = "wall") -> str:
+                       deltas: Sequence[str] = ("none",), padded: bool = True, clock: str = "wall",
+                       train: bool = False, torch_dropout: bool = False) -> str:
     """Time native backbones against transformers (same weights, same batch); return the table as text.
 
     deltas: one row per family and entry of ``DELTAS`` (none, lora_qv, lora_all). padded: the ragged batch
     (default) or every row full. quick: tiny models (2 layers x 32), batch 2, seq 16, one round: a smoke test.
     clock: "wall" (default) or "cpu" (the process's CPU time, for a machine loaded by other processes).
+    train: both models in train mode, dropout on (transformers' own; native: promptdelta's fused dropout, or
+    torch's with ``torch_dropout``).
     """
     families = [families] if isinstance(families, str) else list(families)
     deltas = [deltas] if isinstance(deltas, str) else list(deltas)
@@ -298,7 +318,7 @@ def run_backbone_bench(families: Sequence[str] = FAMILIES, batch: int = 16, seq:
         raise ConfigError(f"clock={clock!r} does not fit device {device!r}; use 'wall', or 'cpu' on a CPU device "
                           "(OMP_WAIT_POLICY=PASSIVE promptdelta bench backbone --clock cpu).")
     target_s = 0.0 if quick else 0.2
-    setups = [_setup(f, d, batch, seq, quick, device, _DTYPES[dtype], target_s, padded)
+    setups = [_setup(f, d, batch, seq, quick, device, _DTYPES[dtype], target_s, padded, train, torch_dropout)
               for f in families for d in deltas]
     for i in range(repeats):
         for row, fns, numbers in setups:
@@ -308,8 +328,10 @@ def run_backbone_bench(families: Sequence[str] = FAMILIES, batch: int = 16, seq:
               f"{dtype}, {torch.get_num_threads()} threads, batch {batch} x seq {seq} ("
               + (f"right-padded rows down to {seq - (batch - 1) * seq // (2 * batch)} tokens" if padded else
                  "no padding") + f"; T5 decoder {max(1, seq // 4)} tokens), "
-              f"{repeats} interleaved rounds, clock {clock}")
-    table = _format([s[0] for s in setups], header)
+              f"{repeats} interleaved rounds, clock {clock}, "
+              + (f"train mode, native dropout: {'torch' if torch_dropout else 'promptdelta fused'}" if train
+                 else "eval mode"))
+    table = _format([s[0] for s in setups], header, train)
     return table
 
 
@@ -321,7 +343,8 @@ def _tf_version() -> str:
 
 # --------------------------------------------------------------------------------------------- profile
 def profile_family(family: str, batch: int = 16, seq: int = 128, train: bool = True, quick: bool = False,
-                   device: str = "cpu", top: int = 15, deltas: str = "none", padded: bool = True) -> str:
+                   device: str = "cpu", top: int = 15, deltas: str = "none", padded: bool = True,
+                   train_mode: bool = False, torch_dropout: bool = False) -> str:
     """torch.profiler tables (self CPU time, top ops) of one HF and one native step, to see what differs."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -330,8 +353,10 @@ def profile_family(family: str, batch: int = 16, seq: int = 128, train: bool = T
         torch.manual_seed(2)
         attach_deltas(model, deltas)
     data = make_batch(family, hf, batch, seq, device, padded)
+    set_mode(ours, hf, train_mode, torch_dropout)
     out = [f"profile of {family} ({size}), deltas {deltas}, {'forward+backward' if train else 'forward'}, "
-           f"batch {batch} x {seq}" + ("" if padded else ", no padding")]
+           f"batch {batch} x {seq}" + ("" if padded else ", no padding")
+           + (f", train mode (native dropout: {'torch' if torch_dropout else 'fused'})" if train_mode else "")]
     for who, model in (("transformers", hf), ("ours", ours)):
         fn = (_train_step if train else _forward)(family, model, data)
         fn()   # warm-up
@@ -344,7 +369,7 @@ def profile_family(family: str, batch: int = 16, seq: int = 128, train: bool = T
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``promptdelta bench backbone [--families bert,t5] [--deltas none,lora_qv,lora_all] [--batch 16]
     [--seq 128] [--repeats 5] [--no-padding] [--quick] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
-    [--clock wall|cpu] [--profile FAMILY [--profile-forward]]``."""
+    [--clock wall|cpu] [--train [--torch-dropout]] [--profile FAMILY [--profile-forward]]``."""
     p = argparse.ArgumentParser(prog="promptdelta bench backbone", description=__doc__.splitlines()[0])
     p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of " + ",".join(FAMILIES))
     p.add_argument("--deltas", default="none", help="comma-separated subset of " + ",".join(DELTAS)
@@ -358,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     p.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
                    help="wall (default) or cpu: the process's CPU time, for a loaded machine (with OMP_WAIT_POLICY=PASSIVE)")
+    p.add_argument("--train", action="store_true",
+                   help="train mode, dropout on: transformers with its own dropout, native with promptdelta's fused one")
+    p.add_argument("--torch-dropout", action="store_true", help="with --train: the native model uses torch's dropout")
     p.add_argument("--profile", metavar="FAMILY", help="print torch.profiler tables for one family instead")
     p.add_argument("--profile-forward", action="store_true", help="profile the forward only (default f+b)")
     args = p.parse_args(argv)
@@ -365,11 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         _check([args.profile], args.batch, args.seq, 1, deltas)
         print(profile_family(args.profile, args.batch, args.seq, not args.profile_forward, args.quick, args.device,
-                             deltas=deltas[0], padded=not args.no_padding))
+                             deltas=deltas[0], padded=not args.no_padding, train_mode=args.train,
+                             torch_dropout=args.torch_dropout))
         return 0
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     print(run_backbone_bench(families, args.batch, args.seq, args.repeats, args.quick, args.device, args.dtype,
-                             deltas, not args.no_padding, args.clock))
+                             deltas, not args.no_padding, args.clock, args.train, args.torch_dropout))
     return 0
 
 
