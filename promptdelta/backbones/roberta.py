@@ -111,6 +111,7 @@ ROBERTA_KEYS = KeyTable(
         ("encoder.layer.{}.attention.self.value", "layers.{}.attn.v_proj"),
         ("encoder.layer.{}.attention.output.dense", "layers.{}.attn.o_proj"),
         ("encoder.layer.{}.attention.output.LayerNorm", "layers.{}.attn_norm"),
+        ("encoder.layer.{}.attention.self", "layers.{}.attn"),   # no weights: a prefix delta's module name
         ("encoder.layer.{}.intermediate.dense", "layers.{}.mlp.fc1"),
         ("encoder.layer.{}.output.dense", "layers.{}.mlp.fc2"),
         ("encoder.layer.{}.output.LayerNorm", "layers.{}.mlp_norm"),

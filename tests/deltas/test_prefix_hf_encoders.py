@@ -19,7 +19,7 @@ from promptdelta.backbones import load_backbone
 from promptdelta.backbones.bert import bert_from_hf
 from promptdelta.backbones.roberta import roberta_from_hf
 from promptdelta.deltas import attach, deltas_of, load_delta, prefix_kv
-from promptdelta.errors import DeltaError
+from promptdelta.errors import CheckpointError, DeltaError
 
 P = 3
 PAD = 1
@@ -278,3 +278,75 @@ def test_a_cache_holding_tokens_is_refused():
     ids, mask = batch()
     with pytest.raises(DeltaError, match="already holds tokens"):
         hf(input_ids=ids, attention_mask=mask, cache=cache)
+
+
+# --------------------------------------------------------------------------------------------- across backbones
+def _outputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_a_prefix_checkpoint_moves_between_transformers_and_the_native_backbone(family, tmp_path: Path):
+    """Saved on the transformers encoder, loaded on the native one with the same weights, and back: the same
+    outputs. Failed before the key tables named ``encoder.layer.{i}.attention.self`` (the module a prefix sits
+    on) ``layers.{i}.attn``: the saved targets matched no module of the other model."""
+    ids, mask = batch()
+    hf = build(family)
+    native = ENCODERS[family][2](hf).eval()
+    handle = attach(hf, "prefix", num_tokens=P, reparam=True, reparam_hidden=8)
+    perturb(handle.parameters())
+    want = _outputs(hf, ids, mask)
+    handle.save(tmp_path / "from-hf")
+    loaded = load_delta(native, tmp_path / "from-hf")
+    assert loaded.targets == ["layers.0.attn", "layers.1.attn"]
+    got = _outputs(native, ids, mask)
+    close_at(got, want, mask)
+    assert (got - _outputs(ENCODERS[family][2](build(family)).eval(), ids, mask))[mask.bool()].abs().max() > 1e-3
+
+    # and back: a prefix trained on the native backbone, saved, loaded on a fresh transformers model
+    loaded.detach()
+    back = attach(native, "prefix", num_tokens=P, reparam=False)
+    perturb(back.parameters())
+    want = _outputs(native, ids, mask)
+    back.save(tmp_path / "from-native")
+    fresh = build(family)
+    on_hf = load_delta(fresh, tmp_path / "from-native")
+    assert on_hf.targets == [f"encoder.layer.{i}.attention.self" for i in range(2)]
+    torch.testing.assert_close(_outputs(fresh, ids, mask)[mask.bool()], want[mask.bool()], rtol=1e-5, atol=1e-5)
+
+
+def test_a_task_heads_prefix_checkpoint_loads_on_the_native_backbone(tmp_path: Path):
+    """BertForMaskedLM nests the encoder under ``bert.``: its prefix checkpoint loads onto the native BERT too."""
+    torch.manual_seed(0)
+    hf = transformers.BertForMaskedLM(transformers.BertConfig(**SIZES)).eval()
+    native = load_backbone(copy.deepcopy(hf))[0].eval()
+    handle = attach(hf, "prefix", num_tokens=P, reparam=False)
+    perturb(handle.parameters())
+    ids, mask = batch()
+    with torch.no_grad():
+        want = hidden(hf, ids, mask)
+    handle.save(tmp_path / "p")
+    load_delta(native, tmp_path / "p")
+    with torch.no_grad():
+        close_at(hidden(native, ids, mask), want, mask)
+
+
+def test_a_prefix_saved_on_another_size_is_refused_in_one_line(tmp_path: Path):
+    """Another hidden size: the fingerprint's architecture check names the first tensor whose shape differs.
+    Another head count (every weight the same shape and value): the prefix tensors' shapes are named."""
+    hf = build("bert")
+    attach(hf, "prefix", num_tokens=P, reparam=False).save(tmp_path / "p")
+    torch.manual_seed(0)
+    wider = bert_from_hf(transformers.BertConfig(**{**SIZES, "hidden_size": 48}),
+                         transformers.BertModel(transformers.BertConfig(**{**SIZES, "hidden_size": 48})).state_dict())
+    with pytest.raises(CheckpointError, match=r"architectures differ \(\d+ tensor shapes differ, e\.g\. "
+                                              r"embeddings\.norm\.bias: \[32\] there, \[48\] here\)"
+                       ) as err:
+        load_delta(wider, tmp_path / "p")
+    assert "\n" not in str(err.value) and deltas_of(wider) == {}
+    heads = bert_from_hf(transformers.BertConfig(**{**SIZES, "num_attention_heads": 8}), build("bert").state_dict())
+    with pytest.raises(CheckpointError, match=r"prefix\.layers\.keys has shape \(2, 4, 3, 8\) in the checkpoint "
+                                              r"but \(2, 8, 3, 4\) here") as err:
+        load_delta(heads, tmp_path / "p")
+    assert "\n" not in str(err.value) and deltas_of(heads) == {}
