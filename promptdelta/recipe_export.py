@@ -28,7 +28,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -260,9 +260,10 @@ def load_recipe(path: str | os.PathLike) -> nn.Module:
 
 
 # ------------------------------------------------------------------------- promptdelta run --recipe auto
-def open_run_dir(config: Any, overwrite: bool) -> Path:
-    """Before any training: the output folder is writable and a run of the same name is not replaced without
-    ``--overwrite``; then the run folder is made with its config.yaml and run.json (run.py's helpers)."""
+def open_run_dir(config: Any, overwrite: bool, echo: Callable[[str], None] | None = None) -> Path:
+    """Before any training: the output folder is writable; then the run folder is made with its config.yaml and
+    run.json by run.py's ``prepare_run_dir``, as for ``promptdelta run``: an existing run of the same name is
+    kept and this one goes to ``<name>-2`` (``--overwrite`` replaces it), the folder used said in one line."""
     import dataclasses
 
     from promptdelta.errors import ConfigError
@@ -270,14 +271,10 @@ def open_run_dir(config: Any, overwrite: bool) -> Path:
 
     if config.train.resume:
         raise ConfigError("--resume continues a trained run; the auto recipe has no checkpoints to resume: drop "
-                          "--resume (or pass --overwrite to run it again)")
+                          "--resume (the run then goes to a new folder), or pass --overwrite to run it again")
     check_writable(Path(config.output_dir), "output folder", "--output-dir")
     name = config.name or recipe_run_name(config)
-    run_dir = Path(config.output_dir) / name
-    if run_dir.exists() and not overwrite:
-        raise ConfigError(f"run folder {str(run_dir)!r} already exists; pass --overwrite to replace it, or "
-                          f"another --name")
-    return prepare_run_dir(dataclasses.replace(config, name=name), overwrite)
+    return prepare_run_dir(dataclasses.replace(config, name=name), overwrite, echo)
 
 
 def recipe_run_name(config: Any) -> str:

@@ -2,9 +2,11 @@
 
 For each seed: sample k-shot train/dev from the train pool, copy the backbone, build the template and
 verbalizer, attach the delta, train with dev selection, evaluate on the full test split, and write
-``runs/<name>/`` (resolved config, metrics.json, one delta checkpoint per seed). An existing run folder
-is never overwritten: a new name with a numeric suffix is chosen -- except with ``overwrite=True``
-(``--overwrite``), which replaces the named run, and with ``train.resume``, which continues a run.
+``runs/<name>/`` (resolved config, metrics.json, one delta checkpoint per seed). An existing run folder,
+finished or not, is never touched without a flag: the run goes to the first free ``<name>-2``, ``<name>-3``...
+-- except with ``overwrite=True`` (``--overwrite``), which replaces the named run, and with ``train.resume``,
+which continues the run its checkpoints name. ``run --recipe auto`` takes its folder the same way
+(``prepare_run_dir``); the folder used is said in one line.
 
 Resume continues exactly the run it names, or refuses: at its start a run with a checkpoint folder writes
 ``run.json`` into both folders (each names the other, plus the config that decides the results), and
@@ -79,15 +81,19 @@ def build_verbalizer(config: RunConfig, tokenizer, classes: list[str], backbone)
     return build(kind, tokenizer, classes, options, backbone)
 
 
-def _free_run_dir(output_dir: Path, name: str) -> Path:
-    """``output_dir/name``, or the first free ``name-2``, ``name-3``..."""
-    path, i = output_dir / name, 2
-    while path.exists():
-        path, i = output_dir / f"{name}-{i}", i + 1
-    if path.name != name:
-        logger.info("run folder %s exists; writing to %s instead (nothing is overwritten)",
-                    output_dir / name, path)
-    return path
+def _make_free_run_dir(asked: Path) -> Path:
+    """Make and return ``asked``, or the first of ``asked-2``, ``asked-3``... that does not exist yet. Each try
+    is one ``mkdir`` (which fails on an existing path), so two runs started at once never share a folder."""
+    path, i = asked, 2
+    while True:
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            path, i = asked.parent / f"{asked.name}-{i}", i + 1
+        except OSError as err:
+            raise ConfigError(f"run folder {str(path)!r} cannot be made ({err.strerror or err}); pass another "
+                              "--output-dir") from None
 
 
 # ---- resume: the run folder and the checkpoint folder name each other --------------------------------
@@ -257,26 +263,70 @@ def preflight(config: RunConfig, write: bool) -> None:
     check_test_labels(test)
 
 
-def prepare_run_dir(config: RunConfig, overwrite: bool) -> Path:
-    """The run folder, made and recorded: resumed, replaced (``overwrite``) or a fresh free name."""
+def run_state(run_dir: Path) -> str:
+    """What an existing folder holds: "finished" (metrics.json has a row for every seed its config.yaml names),
+    "unfinished" (a run that stopped before its last seed), or "not a run" (a file, or a folder with none of
+    config.yaml, metrics.json, run.json; an empty folder counts as an unfinished run)."""
+    names = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else None
+    if names is None or (names and not names & {"config.yaml", "metrics.json", RUN_RECORD}):
+        return "not a run"
+    try:
+        seeds = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")).get("seeds")
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        seeds = None
+    done = finished_rows(run_dir)
+    return "finished" if isinstance(seeds, list) and seeds and set(seeds) <= set(done) else "unfinished"
+
+
+def _kept_note(asked: Path, state: str) -> str:
+    """Why the run went to another folder than ``asked``, and how to get at the one that is there."""
+    if state == "finished":
+        return f"{asked} holds a finished run, kept; --overwrite replaces it"
+    if state == "not a run":
+        return f"{asked} exists and is not a run folder, kept"
+    ckpt = (_read_record(asked) or {}).get("checkpoint_dir")
+    how = f"--resume --checkpoint-dir {ckpt} continues it" if ckpt else "it has no checkpoints to resume"
+    return f"{asked} holds an unfinished run, kept; {how}"
+
+
+def _replace_run(run_dir: Path) -> None:
+    """``--overwrite``: move a run folder aside (one rename: it is either whole or gone), then delete it."""
+    if run_state(run_dir) == "not a run":
+        raise ConfigError(f"--overwrite: {str(run_dir)!r} is not a run folder (no config.yaml, metrics.json or "
+                          "run.json); it is left alone: pick another --name")
+    old = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
+    try:
+        os.rename(run_dir, old)
+    except OSError as err:
+        raise ConfigError(f"--overwrite: run folder {str(run_dir)!r} cannot be replaced ({err.strerror or err}); "
+                          "nothing was changed: pass another --name or --output-dir") from None
+    logger.warning("--overwrite: replacing run %s", run_dir)
+    try:
+        shutil.rmtree(old)
+    except OSError as err:   # the new run goes ahead: the old one is out of its way, only its space is not freed
+        logger.warning("--overwrite: could not delete the replaced run, now %s (%s); remove it by hand", old, err)
+
+
+def prepare_run_dir(config: RunConfig, overwrite: bool, echo: Callable[[str], None] | None = None) -> Path:
+    """The run folder, made and recorded: resumed, replaced (``overwrite``), or ``runs/<name>`` when free, else
+    the first free ``<name>-2``, ``<name>-3``... (an existing run, finished or not, is never touched without a
+    flag). The folder used is said in one line through ``echo`` (logged when there is none)."""
+    say = echo or logger.info
     if config.train.resume:
         run_dir = resume_dir(config)
-        logger.info("resuming run %s (checkpoints in %s)", run_dir, config.train.checkpoint_dir)
+        say(f"run folder: {run_dir} (resumed; checkpoints in {config.train.checkpoint_dir})")
         return run_dir
-    name = config.name or default_run_name(config)
-    run_dir = Path(config.output_dir) / name
-    if overwrite and run_dir.exists():
-        names = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else None
-        if names is None or (names and not names & {"config.yaml", "metrics.json", RUN_RECORD}):
-            raise ConfigError(f"--overwrite: {str(run_dir)!r} is not a run folder (no config.yaml, metrics.json or "
-                              "run.json); it is left alone: pick another --name")
-        logger.warning("--overwrite: replacing run %s", run_dir)
-        shutil.rmtree(run_dir)
-    elif not overwrite:
-        run_dir = _free_run_dir(Path(config.output_dir), name)
-    run_dir.mkdir(parents=True)
+    asked = Path(config.output_dir) / (config.name or default_run_name(config))
+    note = ""
+    if overwrite and asked.exists():
+        _replace_run(asked)
+        note = "the run there was replaced: --overwrite"
+    elif asked.exists() or asked.is_symlink():
+        note = _kept_note(asked, run_state(asked))
+    run_dir = _make_free_run_dir(asked)
     _write_records(config, run_dir)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    say(f"run folder: {run_dir}" + (f" ({note})" if note else ""))
     return run_dir
 
 
@@ -423,7 +473,8 @@ def run(config: RunConfig, *, write: bool = True, echo: Callable[[str], None] | 
     """Run every seed of ``config``; returns ``{"run_dir", "rows", "summary", "table"}``.
 
     Only the main process writes (rank 0 under torchrun); the others return ``run_dir=None``. ``overwrite``
-    replaces an existing run folder of the same name instead of writing ``<name>-2``."""
+    replaces an existing run folder of the same name instead of writing ``<name>-2``; ``echo`` gets one line
+    per seed and the line naming the run folder (``prepare_run_dir``)."""
     from promptdelta.backbones import load_backbone
 
     if overwrite and config.train.resume:
@@ -434,7 +485,7 @@ def run(config: RunConfig, *, write: bool = True, echo: Callable[[str], None] | 
     preflight(config, write)
     base_model, tokenizer = load_backbone(config.backbone)
     check_sizes(config, base_model)
-    run_dir = prepare_run_dir(config, overwrite) if write and env_is_main() else None
+    run_dir = prepare_run_dir(config, overwrite, echo) if write and env_is_main() else None
     rows: dict[int, dict[str, Any]] = {}
     for seed in config.seeds:
         if seed in done:                        # finished: its files are final, never rewritten
