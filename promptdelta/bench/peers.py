@@ -11,6 +11,11 @@ prompt tuning, IA3) three rows train the same pooled classifier on the same batc
 References: full fine-tuning of the transformers model, and the frozen floor (every weight frozen but the
 embedding LayerNorm scale, so backward runs through every layer and computes no weight gradient).
 
+Dropout: promptdelta's rows train the way promptdelta trains on CPU: fused dropout and attention
+(``speed.fast_dropout`` on pd-hf; the native backbone's own FastDropout on pd-native and the native floor);
+PEFT's rows and the transformers references as PEFT users run them (torch's dropout, SDPA).
+``--torch-dropout`` runs promptdelta's rows on torch's dropout too (the same ops as PEFT).
+
 Every row lives in its own worker process (this module with ``--worker``), so its peak RSS is its own. The
 parent drives the workers round by round (round i starts at row i): one training step and one inference
 forward each; the table gives medians and IQRs of the per-round ratios (load on the shared machine hits
@@ -138,7 +143,19 @@ def _floor(body: nn.Module) -> None:
     norm[0].requires_grad_(True)
 
 
-def build_row(method: str, impl: str, tiny: bool) -> nn.Module:
+def _dropout_mode(model: nn.Module, impl: str, torch_dropout: bool) -> None:
+    """promptdelta's rows as promptdelta trains: fused dropout (``torch_dropout`` False) or torch's own."""
+    if impl in ("pd-native", "native"):
+        for m in model.modules():
+            if hasattr(m, "use_torch_dropout"):
+                m.use_torch_dropout(torch_dropout)
+    elif impl == "pd-hf" and not torch_dropout:
+        from promptdelta.speed import fast_dropout
+
+        fast_dropout(model)
+
+
+def build_row(method: str, impl: str, tiny: bool, torch_dropout: bool = False) -> nn.Module:
     """The classifier of one table row (see the module doc for the method / impl names)."""
     from promptdelta.backbones.loading import load_backbone
 
@@ -154,7 +171,9 @@ def build_row(method: str, impl: str, tiny: bool) -> nn.Module:
     else:
         _promptdelta(body, method)
     torch.manual_seed(1)
-    return Pooled(body, hidden, prompt=method == "prompt" and impl != "peft").train()
+    model = Pooled(body, hidden, prompt=method == "prompt" and impl != "peft").train()
+    _dropout_mode(model, impl, torch_dropout)
+    return model
 
 
 def _rss_mb() -> float:
@@ -162,10 +181,10 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
-def worker(method: str, impl: str, tiny: bool, batch: int, seq: int, threads: int) -> int:
+def worker(method: str, impl: str, tiny: bool, batch: int, seq: int, threads: int, torch_dropout: bool = False) -> int:
     """Build one row, answer 'step' lines on stdin with 'train_s infer_s' on stdout; 'quit' -> memory JSON."""
     torch.set_num_threads(threads)
-    model = build_row(method, impl, tiny)
+    model = build_row(method, impl, tiny, torch_dropout)
     g = torch.Generator().manual_seed(0)
     vocab = 99 if tiny else 30522
     ids = torch.randint(5, vocab, (batch, seq), generator=g)
@@ -217,12 +236,13 @@ class Row:
     group: int = 0   # rows of one group run side by side, with their own references
 
 
-def _start(row: Row, tiny: bool, batch: int, seq: int, threads: int) -> None:
+def _start(row: Row, tiny: bool, batch: int, seq: int, threads: int, torch_dropout: bool = False) -> None:
     if row.impl == "peft" and not _has_peft():
         row.skip = "not installed"
         return
     cmd = [sys.executable, "-m", "promptdelta.bench.peers", "--worker", row.method, row.impl, "--batch", str(batch),
-           "--seq", str(seq), "--threads", str(threads)] + (["--tiny"] if tiny else [])
+           "--seq", str(seq), "--threads", str(threads)] + (["--tiny"] if tiny else []) + \
+        (["--torch-dropout"] if torch_dropout else [])
     row.err = tempfile.TemporaryFile(mode="w+")
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error")
     row.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=row.err, text=True,
@@ -336,11 +356,12 @@ def _group_size(max_workers: int | None, tiny: bool) -> int:
     return (max_workers - len(REFS)) // len(IMPLS)
 
 
-def _run_group(rows: list[Row], rounds: int, tiny: bool, batch: int, seq: int, threads: int) -> None:
+def _run_group(rows: list[Row], rounds: int, tiny: bool, batch: int, seq: int, threads: int,
+               torch_dropout: bool = False) -> None:
     """Start the group's workers, time them round by round (round i starts at row i), collect memory, stop them."""
     try:
         for r in rows:
-            _start(r, tiny, batch, seq, threads)
+            _start(r, tiny, batch, seq, threads, torch_dropout)
         live = [r for r in rows if not r.skip]
         for r in live:
             r.trainable = int(_ask(r, "").split()[1])
@@ -360,7 +381,8 @@ def _run_group(rows: list[Row], rounds: int, tiny: bool, batch: int, seq: int, t
 
 
 def run_peers_bench(methods: str | Sequence[str] | None = None, batch: int = 16, seq: int = 128, rounds: int = 5,
-                    tiny: bool = False, threads: int | None = None, max_workers: int | None = None) -> str:
+                    tiny: bool = False, threads: int | None = None, max_workers: int | None = None,
+                    torch_dropout: bool = False) -> str:
     """Run every (method, impl) row in its own process, interleaved for ``rounds`` rounds; the table as text.
     Methods run in groups that fit ``max_workers`` live processes (``_group_size``), each group beside its own
     full / floor references, so its ratios compare rows measured at the same time."""
@@ -378,15 +400,19 @@ def run_peers_bench(methods: str | Sequence[str] | None = None, batch: int = 16,
     for g, start in enumerate(range(0, len(names), per)):
         group = [Row(m, i, group=g) for m, i in REFS] + [Row(m, i, group=g) for m in names[start:start + per]
                                                          for i in IMPLS]
-        _run_group(group, rounds, tiny, batch, seq, threads)
+        _run_group(group, rounds, tiny, batch, seq, threads, torch_dropout)
         rows += group
     model = "tiny random BERT (2 x 32)" if tiny else "all-MiniLM-L6-v2 (6 x 384)"
     header = (f"peers benchmark: {model}, batch {batch} x seq {seq}, cpu, {threads} threads, {rounds} interleaved "
               f"rounds, one process per row, {per} method(s) at a time beside their own references; {_versions()}; {platform.machine()}, load {os.getloadavg()[0]:.2f}")
-    return _format(rows, header)
+    dropout = ("promptdelta rows on torch's dropout (--torch-dropout), like PEFT's" if torch_dropout else
+               "promptdelta rows with fused CPU dropout + attention (as promptdelta trains; --torch-dropout: "
+               "torch's), PEFT rows and references with torch's")
+    return _format(rows, header + "\ndropout: " + dropout)
 
 
-def step_ops(method: str, impl: str, tiny: bool = False, batch: int = 16, seq: int = 128) -> dict[str, tuple[int, float]]:
+def step_ops(method: str, impl: str, tiny: bool = False, batch: int = 16, seq: int = 128,
+             torch_dropout: bool = False) -> dict[str, tuple[int, float]]:
     """torch.profiler over one training step of a row (after two warm-up steps): op name -> (calls, self CPU ms).
     Autograd-engine bookkeeping, views and detaches are left out."""
     from torch.profiler import ProfilerActivity, profile
@@ -395,7 +421,7 @@ def step_ops(method: str, impl: str, tiny: bool = False, batch: int = 16, seq: i
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, vocab, (batch, seq), generator=g)
     mask, labels = torch.ones_like(ids), torch.randint(0, NUM_LABELS, (batch,), generator=g)
-    model = build_row(method, impl, tiny)
+    model = build_row(method, impl, tiny, torch_dropout)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> None:
@@ -411,7 +437,7 @@ def step_ops(method: str, impl: str, tiny: bool = False, batch: int = 16, seq: i
 
 
 def profile_method(method: str, tiny: bool = False, batch: int = 16, seq: int = 128, threads: int | None = None,
-                   top: int = 12) -> str:
+                   top: int = 12, torch_dropout: bool = False) -> str:
     """Op-by-op comparison of one method's rows (``step_ops``, in this process), the frozen floor beside them:
     the ops whose call counts differ between the impls, with their self CPU ms, then each row's busiest ops.
     The counts are exact on a loaded machine; the milliseconds are not (one step each)."""
@@ -419,7 +445,7 @@ def profile_method(method: str, tiny: bool = False, batch: int = 16, seq: int = 
         raise ConfigError(f"--profile {method!r} is not a method; use one of {METHODS} or 'floor'.")
     torch.set_num_threads(threads or torch.get_num_threads())
     specs = [("floor", "hf")] + [(method, i) for i in IMPLS if (i != "peft" or _has_peft()) and method != "floor"]
-    ops = {f"{m}/{i}": step_ops(m, i, tiny, batch, seq) for m, i in specs}
+    ops = {f"{m}/{i}": step_ops(m, i, tiny, batch, seq, torch_dropout) for m, i in specs}
     names = list(ops)
     lines = [f"op-by-op profile of one training step: {method}, batch {batch} x seq {seq}, "
              f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}; calls and self CPU ms per row",
@@ -438,7 +464,7 @@ def profile_method(method: str, tiny: bool = False, batch: int = 16, seq: int = 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``promptdelta bench peers [--methods lora_qv,...] [--batch 16] [--seq 128] [--rounds 5] [--tiny]
-    [--threads N] [--max-workers N] [--profile METHOD]``."""
+    [--threads N] [--max-workers N] [--profile METHOD] [--torch-dropout]``."""
     p = argparse.ArgumentParser(prog="promptdelta bench peers", description=__doc__.splitlines()[0])
     p.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--batch", type=int, default=16)
@@ -450,15 +476,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="live worker processes at most (default: available memory / 1.8 GB); methods run in groups")
     p.add_argument("--profile", metavar="METHOD", default=None,
                    help="instead of the table: one method's rows op by op (torch.profiler, one step each)")
+    p.add_argument("--torch-dropout", action="store_true",
+                   help="promptdelta's rows on torch's dropout too (default: fused CPU dropout, as promptdelta trains)")
     p.add_argument("--worker", nargs=2, metavar=("METHOD", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        return worker(*args.worker, args.tiny, args.batch, args.seq, args.threads or torch.get_num_threads())
+        return worker(*args.worker, args.tiny, args.batch, args.seq, args.threads or torch.get_num_threads(),
+                      args.torch_dropout)
     if args.profile:
-        print(profile_method(args.profile, args.tiny, args.batch, args.seq, args.threads))
+        print(profile_method(args.profile, args.tiny, args.batch, args.seq, args.threads,
+                             torch_dropout=args.torch_dropout))
         return 0
     print(run_peers_bench(args.methods, args.batch, args.seq, args.rounds, args.tiny, args.threads,
-                          args.max_workers))
+                          args.max_workers, args.torch_dropout))
     return 0
 
 
