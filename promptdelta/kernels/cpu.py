@@ -124,11 +124,12 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     use_native = _use_native(native, x, lora_a)
     if not use_native and merge_on_the_fly(x, weight, lora_a, lora_b, x_lora):
         return F.linear(x, merged_weight(weight, lora_a, lora_b, float(scale)), bias)
-    x2 = x.reshape(-1, k)                                                      # (M, K), a view when possible
-    xl2 = None if x_lora is None else x_lora.reshape(-1, k)
+    flat = x.dim() == 2                    # no reshape or view: each is an autograd node, ~5 us a step
+    x2 = x if flat else x.reshape(-1, k)                                       # (M, K), a view when possible
+    xl2 = x_lora if flat or x_lora is None else x_lora.reshape(-1, k)
     if use_native:
         rows = PIPELINE_ROWS if x2.shape[0] >= torch.get_num_threads() * PIPELINE_ROWS else 0
         out = native_ops().lora_linear(x2, xl2, weight, bias, lora_a, lora_b, float(scale), rows)   # (M, N)
     else:
         out = FusedLoRAFunction.apply(x2, xl2, weight, bias, lora_a, lora_b, float(scale))   # (M, N)
-    return out.view(*x.shape[:-1], n)
+    return out if flat else out.view(*x.shape[:-1], n)

@@ -37,6 +37,7 @@ import platform
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -64,8 +65,9 @@ def _cpu_flags() -> str:
 
 
 def source_files() -> list[Path]:
-    """Every file the build reads (csrc/*.cpp and *.h), in a fixed order: all of them key the build."""
-    return sorted(p for p in CSRC.iterdir() if p.suffix in (".cpp", ".h"))
+    """Every file the build reads (csrc/lora_*.cpp and lora_*.h), in a fixed order: all of them key the build.
+    Other extensions' sources in csrc/ (dropout_cpu.cpp) are not read, so editing them forces no rebuild."""
+    return sorted(p for p in CSRC.iterdir() if p.suffix in (".cpp", ".h") and p.name.startswith("lora_"))
 
 
 def _build_name() -> str:
@@ -153,9 +155,11 @@ def _compile(name: str, build_dir: Path):
                 extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
 
 
-def _build_with_timeout(name: str, build_dir: Path, timeout_s: float) -> ModuleType:
+def _build_with_timeout(name: str, build_dir: Path, timeout_s: float,
+                        compile_fn: Callable[[str, Path], ModuleType] | None = None) -> ModuleType:
     """Build under the lock, in a thread so a hung compiler costs at most ``timeout_s`` (the thread then
-    finishes in the background and frees the lock)."""
+    finishes in the background and frees the lock). ``compile_fn(name, build_dir)`` builds and loads the
+    module (default: these LoRA sources); other extensions pass their own."""
     lock = acquire_build_lock(build_dir, timeout_s)
     if lock is None:
         raise TimeoutError(f"another process held the build lock for over {timeout_s:.0f} s")
@@ -163,7 +167,7 @@ def _build_with_timeout(name: str, build_dir: Path, timeout_s: float) -> ModuleT
 
     def work() -> None:
         try:
-            out["module"] = _compile(name, build_dir)
+            out["module"] = (compile_fn or _compile)(name, build_dir)
         except BaseException as exc:  # noqa: BLE001 (re-raised in the caller's thread)
             out["error"] = exc
         finally:

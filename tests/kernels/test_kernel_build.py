@@ -20,17 +20,23 @@ def test_every_included_header_is_a_listed_source():
 
 
 def test_build_name_changes_with_any_source_file(tmp_path, monkeypatch):
-    """A cached build from older sources must never load: editing a header alone gives a new name."""
+    """A cached build from older sources must never load: editing a header alone gives a new name; another
+    extension's source in csrc/ (dropout_cpu.cpp) is not read, so editing it keeps the name (no rebuild)."""
     csrc = tmp_path / "csrc"
     shutil.copytree(native_mod.CSRC, csrc)
     monkeypatch.setattr(native_mod, "CSRC", csrc)
+    sources = native_mod.source_files()
+    assert all(p.name.startswith("lora_") for p in sources)
     names = {native_mod._build_name()}
-    for path in sorted(csrc.iterdir()):
+    for path in sources:
         path.write_text(path.read_text() + "\n// edited\n")
         names.add(native_mod._build_name())
-    assert len(names) == 1 + len(list(csrc.iterdir()))
+    assert len(names) == 1 + len(sources)
     (csrc / "lora_extra.h").write_text("// a new header\n")
     assert native_mod._build_name() not in names
+    before = native_mod._build_name()
+    (csrc / "dropout_cpu.cpp").write_text("// another extension, edited\n")
+    assert native_mod._build_name() == before
 
 
 def test_package_data_ships_every_source_file():
