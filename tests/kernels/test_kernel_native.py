@@ -96,6 +96,39 @@ def test_every_rank_on_the_cpu_path_matches_reference(ops, path, shape, r, two_t
     check_against_reference(lambda *args: lora_linear(*args, impl="cpu"), x, w, b, a, bb, scale=1.3)
 
 
+def column_major(t):
+    """The same values as a leaf with transposed strides (t.t() of a contiguous copy), requiring grad as t does."""
+    return t.detach().t().contiguous().t().requires_grad_(t.requires_grad)
+
+
+# The ranks issue 22 item 3 names (1, 4, 8, 16 native; 12, 32 on the torch-op function), with x, A and B all
+# non-contiguous (column-major leaves; 2-D x goes to the layer as it is, with no reshape), on both native paths.
+@pytest.mark.parametrize("shape", ODD_SHAPES)
+@pytest.mark.parametrize("r", (1, 4, 8, 12, 16, 32))
+def test_non_contiguous_operands_at_every_rank_match_reference(ops, path, shape, r, two_threads):
+    x, w, b, a, bb = (column_major(t) if t is not None else None for t in operands(*shape, r))
+    if 1 not in (shape[0], r):                                       # a size-1 dim leaves a tensor contiguous
+        assert not (x.is_contiguous() or a.is_contiguous() or bb.is_contiguous())
+    check_against_reference(lambda *args: lora_linear(*args, impl="cpu"), x, w, b, a, bb, scale=1.3)
+
+
+@pytest.mark.parametrize("r", (4, 12, 16))
+def test_non_contiguous_3d_input_matches_reference(ops, path, r):
+    x, w, b, a, bb = operands(0, 45, 29, r, lead=(13, 3))
+    xt = x.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()   # (13, 3, 45), strided
+    assert not xt.is_contiguous()
+    check_against_reference(lambda *args: lora_linear(*args, impl="cpu"), xt, w, b, a, bb, scale=0.7)
+
+
+@pytest.mark.parametrize("r", (1, 4, 8, 12, 16, 32))
+def test_bfloat16_at_every_rank_within_bf16_rounding(r):
+    """bf16 never takes the native kernels (fp32 only): impl="cpu" runs the torch-op function."""
+    x, w, b, a, bb = operands(37, 45, 29, r, dtype=torch.bfloat16)
+    assert not native_applies(x, a)
+    check_against_reference(lambda *args: lora_linear(*args, impl="cpu"), x, w, b, a, bb, scale=2.0,
+                            dtype=torch.bfloat16)
+
+
 # Rank 16's layouts at layer sizes: several 32-column panels plus a ragged tail in K and N, 16-row blocks with
 # short 8-row tiles, per-thread partial sums in (K, 16) and (N, 16) over 2 threads.
 @pytest.mark.slow
