@@ -284,7 +284,7 @@ def run_recipe(config: Any, echo: Callable[[str], None] = print, overwrite: bool
     from promptdelta.prompts.registry import label_words_option
     from promptdelta.recipe_export import open_run_dir, write_seed
 
-    run_dir = open_run_dir(config, overwrite) if write else None      # refused here, before any training
+    run_dir = open_run_dir(config, overwrite, echo) if write else None  # chosen (and said) before any training
     base, tok = load_backbone(config.backbone)
     rows, written = [], []
     for seed in config.seeds:
