@@ -165,7 +165,8 @@ def fused_qkv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     not allow it. Why: one GEMM (and one backward GEMM) instead of three, and no concatenation of outputs.
 
     Each of q_proj/k_proj/v_proj must be a plain ``nn.Linear`` without hooks, or a LoRA on one (``LoRALinear``,
-    fused impl, no active dropout; disabled or merged counts as its base). The LoRA terms run as one low-rank
+    fused impl; disabled or merged counts as its base). With LoRA dropout active (training), the base product is
+    still one GEMM and the LoRA terms take each LoRA's own dropped input (see ``_dropped_product``). The LoRA terms run as one low-rank
     update of the fused layer, x A_cat^T B_blk^T: A_cat (R, H) stacks their A; B_blk (3H, R) holds each
     (alpha/r) B in its own slot's rows and rank columns, zeros elsewhere: exactly the sum of the separate
     updates. When R is no rank of the native kernel (LoRA r=8 on all three: 24) the slots split in two
@@ -175,13 +176,14 @@ def fused_qkv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     from promptdelta.deltas.lora import LoRALinear  # lazy: deltas import the backbones
 
     slots: list[tuple[nn.Linear, Any]] = []   # (base linear, its LoRA or None) for q, k, v
+    dropping = False
     for m in (attn.q_proj, attn.k_proj, attn.v_proj):
         lora = None
         if type(m) is LoRALinear and not (m._forward_hooks or m._forward_pre_hooks):
             if m.enabled and not m.merged:
-                dropping = attn.training and isinstance(m.dropout, nn.Dropout) and m.dropout.p > 0
-                if m.impl != "fused" or m.fan_in_fan_out or dropping or m.lora_A.dtype != x.dtype:
+                if m.impl != "fused" or m.fan_in_fan_out or m.lora_A.dtype != x.dtype:
                     return None
+                dropping = dropping or (m.training and isinstance(m.dropout, nn.Dropout) and m.dropout.p > 0)
                 lora = m
             m = m.base
         if not _plain_linear(m) or m.weight.dtype != x.dtype or m.weight.device != x.device:
@@ -189,6 +191,8 @@ def fused_qkv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         slots.append((m, lora))
     if len({m.bias is None for m, _ in slots}) > 1:
         return None
+    if dropping:
+        return _dropped_product(x, slots)
     parts = [_fused_product(x, slots[a:b]) for a, b in _segments([0 if l is None else l.r for _, l in slots])]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)                     # (..., 3H)
 
@@ -214,16 +218,39 @@ def _fused_product(x: torch.Tensor, slots: list[tuple[nn.Linear, Any]]) -> torch
         return F.linear(x, weight, bias)
     from promptdelta.kernels import lora_linear
 
-    R = sum(l.r for l in loras)
     same = len({l.scaling for l in loras}) == 1
+    lora_a = torch.cat([l.lora_A for l in loras])                                       # (R, H)
+    scale = loras[0].scaling if same else 1.0
+    b_blk = _lora_block(slots, weight, scaled=not same)                                 # (S*H, R)
+    return lora_linear(x, weight, bias, lora_a, b_blk, scale, impl="fused")             # (..., S*H)
+
+
+def _lora_block(slots: list[tuple[nn.Linear, Any]], weight: torch.Tensor, scaled: bool) -> torch.Tensor:
+    """B_blk (S*H, R): each LoRA's B (times its alpha/r when ``scaled``) in its slot's rows and its own rank
+    columns, zeros elsewhere."""
+    R = sum(l.r for _, l in slots if l is not None)
     blocks, offset = [], 0
     for m, lora in slots:
         if lora is None:
             blocks.append(weight.new_zeros(m.weight.shape[0], R))
             continue
-        b = lora.lora_B if same else lora.lora_B * lora.scaling                          # (H, r)
+        b = lora.lora_B * lora.scaling if scaled else lora.lora_B                        # (H, r)
         blocks.append(F.pad(b, (offset, R - offset - lora.r)))                           # (H, R)
         offset += lora.r
-    lora_a = torch.cat([l.lora_A for l in loras])                                       # (R, H)
-    scale = loras[0].scaling if same else 1.0
-    return lora_linear(x, weight, bias, lora_a, torch.cat(blocks), scale, impl="fused")  # (..., S*H)
+    return torch.cat(blocks)
+
+
+def _dropped_product(x: torch.Tensor, slots: list[tuple[nn.Linear, Any]]) -> torch.Tensor:
+    """LoRA with dropout on its input (training): y = x W_cat^T + b_cat + [s_i drop_i(x) A_i^T] B_blk^T, x (..., H)
+    -> (..., 3H). Each LoRA draws its own mask through its own dropout module, in q, k, v order: the draws the
+    three separate LoRALinear calls make, so both paths give the same output under one torch seed. Why: the
+    frozen base stays one GEMM; the low-rank terms are small plain products."""
+    lead, H = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, H)                                                                # (M, H)
+    weight = torch.cat([m.weight for m, _ in slots])                                     # (3H, H)
+    bias = None if slots[0][0].bias is None else torch.cat([m.bias for m, _ in slots])   # (3H,)
+    y = F.linear(x2, weight, bias)                                                       # (M, 3H)
+    loras = [l for _, l in slots if l is not None]
+    xa = torch.cat([l.dropout(x2) @ (l.lora_A.t() * l.scaling) for l in loras], dim=-1)  # (M, R)
+    y = torch.addmm(y, xa, _lora_block(slots, weight, scaled=False).t())                 # (M, 3H)
+    return y.view(*lead, -1)

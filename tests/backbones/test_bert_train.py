@@ -127,18 +127,25 @@ def test_equals_reference_built_from_the_ops_mask(monkeypatch, family, padded):
     assert_close(fused, step(ours, ids, mask), ATOL)
 
 
-@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("padded,lora_dropout", [(False, 0.0), (True, 0.0), (True, 0.3)])
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
-def test_fused_qkv_on_in_training_and_equal_to_unfused(monkeypatch, padded, targets):
-    """q/k/v projections draw no random numbers: same seed -> same masks, so fused == three projections."""
+def test_fused_qkv_on_in_training_and_equal_to_unfused(monkeypatch, padded, lora_dropout, targets):
+    """The fused q/k/v product stays on in training and equals three projections under one seed: it draws no
+    random numbers of its own, and with LoRA dropout it draws each LoRA's mask in q, k, v order, as the
+    separate LoRALinear calls do (that LoRA dropout is really on is checked at the end)."""
     _, ours = pair()
-    with_lora(ours, targets=targets)
+    with_lora(ours, targets=targets, dropout=lora_dropout)
     ids, mask = batch(padded)
     calls = spy_fused(monkeypatch)
     fused = step(ours, ids, mask)
     assert calls and all(calls)
     monkeypatch.setattr(bert_mod, "fused_qkv", lambda attn, x: None)
     assert_close(fused, step(ours, ids, mask), FUSED_ATOL)
+    if lora_dropout:
+        for m in ours.modules():
+            if hasattr(m, "lora_A"):
+                m.dropout.p = 0.0
+        assert (step(ours, ids, mask)[0] - fused[0])[mask.bool()].abs().max() > 1e-3
 
 
 def test_grouped_attention_runs_per_group_in_training(monkeypatch):
