@@ -203,10 +203,33 @@ def _minilm_lines(device: str, repeats: int, quick: bool, clock: Callable[[], fl
     return _format(title, _time_interleaved(fns, rounds, 0.3, device.startswith("cuda"), clock))
 
 
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """"M,K,N,R" -> (M, K, N, R), each a positive integer; ConfigError naming the expected form otherwise."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise ConfigError(f"--shape {text!r} is not a layer shape; pass M,K,N,R as four positive integers, "
+                          "e.g. --shape 512,1024,1024,16.")
+    return shape  # type: ignore[return-value]
+
+
+def _load() -> str:
+    try:
+        return "load average %.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        return "load average unknown"
+
+
 def run_kernel_bench(device: str = "cpu", repeats: int = 101, quick: bool = False,
-                     default_malloc: bool = False, clock: str = "wall") -> str:
+                     default_malloc: bool = False, clock: str = "wall",
+                     shapes: list[tuple[int, int, int, int]] | None = None, minilm: bool = True) -> str:
     """Run the kernel benchmark and return the table as text (also logged). ``clock``: "wall" or "cpu"
-    (the process's CPU time over all threads; CPU only)."""
+    (the process's CPU time over all threads; CPU only). ``shapes``: (M, K, N, r) layers to time instead of
+    the defaults; ``minilm``: False skips the MiniLM training step (e.g. many rounds of one shape: the
+    median of 101 rounds moves by about 1% between runs on a quiet host, 401 rounds halve that)."""
     if clock not in CLOCKS:
         raise ConfigError(f"clock={clock!r} is not a benchmark clock; use one of {', '.join(CLOCKS)}.")
     if clock == "cpu" and device.startswith("cuda"):
@@ -217,7 +240,8 @@ def run_kernel_bench(device: str = "cpu", repeats: int = 101, quick: bool = Fals
         keep_freed_memory()
     torch.manual_seed(0)
     cuda = device.startswith("cuda")
-    shapes = QUICK_SHAPES if quick else (GPU_SHAPES if cuda else CPU_SHAPES)
+    if shapes is None:
+        shapes = QUICK_SHAPES if quick else (GPU_SHAPES if cuda else CPU_SHAPES)
     repeats = min(repeats, 3) if quick else repeats
     lines = [f"LoRA kernel benchmark on {device} ({torch.get_num_threads()} threads, {repeats} interleaved rounds)",
              "  malloc: " + ("glibc keeps freed memory (promptdelta.utils.malloc)" if freed_memory_kept()
@@ -225,19 +249,23 @@ def run_kernel_bench(device: str = "cpu", repeats: int = 101, quick: bool = Fals
              "  native CPU kernels: " + ("loaded" if native_ops() is not None else f"unavailable ({native_error()})"),
              "  clock: " + ("wall (time.perf_counter)" if clock == "wall" else
                             "process CPU time, all threads (OMP_WAIT_POLICY="
-                            f"{os.environ.get('OMP_WAIT_POLICY', 'unset: spinning waits count')})")]
+                            f"{os.environ.get('OMP_WAIT_POLICY', 'unset: spinning waits count')})"),
+             f"  at the start: {_load()}"]
     for m, k, n, r in shapes:
         dtype = torch.bfloat16 if cuda and k >= 4096 else torch.float32
         ops = _operands(m, k, n, r, dtype, device)
         title = f"M={m} K={k} N={n} r={r} {str(dtype).replace('torch.', '')}"
         lines += _format(title, _time_interleaved(_layer_variants(ops), repeats, 0.002 if quick else 0.02, cuda,
                                                   timer))
-    lines += _minilm_lines(device, repeats, quick, timer)
+    if minilm:
+        lines += _minilm_lines(device, repeats, quick, timer)
+    lines.append(f"  at the end: {_load()}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``promptdelta bench kernel [--device cpu|cuda] [--repeats N] [--quick] [--clock wall|cpu]``."""
+    """CLI: ``promptdelta bench kernel [--device cpu|cuda] [--repeats N] [--quick] [--clock wall|cpu]
+    [--shape M,K,N,R ...] [--no-minilm]``."""
     parser = argparse.ArgumentParser(prog="promptdelta bench kernel", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=101,
@@ -249,8 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall clock, or the process's CPU time over all threads (for a loaded machine; "
                              "set OMP_WAIT_POLICY=PASSIVE so waiting threads do not spin)")
+    parser.add_argument("--shape", action="append", default=None, metavar="M,K,N,R",
+                        help="time this layer shape instead of the defaults (repeatable), e.g. 512,1024,1024,16")
+    parser.add_argument("--no-minilm", action="store_true", help="skip the MiniLM training step")
     args = parser.parse_args(argv)
-    print(run_kernel_bench(args.device, args.repeats, args.quick, args.default_malloc, args.clock))
+    shapes = [parse_shape(text) for text in args.shape] if args.shape else None
+    print(run_kernel_bench(args.device, args.repeats, args.quick, args.default_malloc, args.clock, shapes,
+                           not args.no_minilm))
     return 0
 
 

@@ -67,3 +67,22 @@ def test_cpu_clock_is_refused_for_a_gpu_run_and_unknown_clocks_by_name():
         run_kernel_bench("cuda", quick=True, clock="cpu")
     with pytest.raises(ConfigError, match="clock='gpu' is not a benchmark clock"):
         run_kernel_bench("cpu", quick=True, clock="gpu")
+
+
+def test_shape_option_times_only_that_shape_and_no_minilm_skips_the_step(capsys):
+    assert main(["--device", "cpu", "--repeats", "2", "--shape", "40,24,20,16", "--shape", "9x8x7x4",
+                 "--no-minilm"]) == 0
+    out = capsys.readouterr().out
+    titles = re.findall(r"^M=(\d+) K=(\d+) N=(\d+) r=(\d+)", out, flags=re.M)
+    assert titles == [("40", "24", "20", "16"), ("9", "8", "7", "4")]
+    assert "MiniLM" not in out and "at the start: load average" in out and "at the end: load average" in out
+
+
+def test_a_malformed_shape_is_one_config_error():
+    import pytest
+
+    from promptdelta.errors import ConfigError
+
+    for bad in ("512,1024,1024", "512,1024,1024,0", "a,b,c,d"):
+        with pytest.raises(ConfigError, match="pass M,K,N,R as four positive integers"):
+            main(["--device", "cpu", "--shape", bad])
