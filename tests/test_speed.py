@@ -183,3 +183,19 @@ def test_same_seed_same_training_with_fast_dropout():
         return model.head.weight.detach().clone()
 
     assert torch.equal(run(), run())
+
+
+def test_gradient_checkpointing_recomputes_the_same_masks():
+    """Activation checkpointing reruns the forward in backward; torch's checkpoint restores the RNG state, so
+    the recomputed fused dropouts draw the same seeds and the gradients equal those without checkpointing."""
+    ids, mask = batch()
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_bert().train()
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with speed.fast_dropout(model):
+            torch.manual_seed(5)
+            model(ids, attention_mask=mask).last_hidden_state.square().sum().backward()
+        grads.append(model.encoder.layer[0].attention.self.query.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)

@@ -195,3 +195,41 @@ def test_kernel_is_faster_than_torchs_dropout():
 
     ours, torchs = best(lambda: dropout(x, 0.1)), best(lambda: F.dropout(x, 0.1, True))
     assert ours * 2 < torchs, (ours, torchs)
+
+
+def test_threads_do_not_change_the_mask():
+    """The mask is a pure function of (seed, index): any split over threads gives the same output."""
+    x = torch.randn(300_001)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = dropout_with_seed(x, 0.3, 77)
+        torch.set_num_threads(2)
+        two = dropout_with_seed(x, 0.3, 77)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch, caplog):
+    monkeypatch.setattr(dmod, "_module", None)
+    monkeypatch.setattr(dmod, "_error", None)
+
+    def broken(name, build_dir):
+        raise RuntimeError("error: no C++ compiler found")
+
+    monkeypatch.setattr(dmod, "_compile", broken)
+    with caplog.at_level("WARNING", logger="promptdelta.kernels.dropout"):
+        y = dropout(torch.ones(10_000), 0.5)
+        dropout(torch.ones(10), 0.5)
+    warnings = [r for r in caplog.records if "fused CPU dropout unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "no C++ compiler" in warnings[0].getMessage()
+    assert "no C++ compiler" in dmod.dropout_error()
+    assert within_binomial(int((y != 0).sum()), 10_000, 0.5)          # torch's dropout took over
+
+
+def test_promptdelta_native_0_skips_the_build(monkeypatch):
+    monkeypatch.setattr(dmod, "_module", None)
+    monkeypatch.setattr(dmod, "_error", None)
+    monkeypatch.setenv("PROMPTDELTA_NATIVE", "0")
+    assert dmod.dropout_ops() is None and "PROMPTDELTA_NATIVE=0" in dmod.dropout_error()
