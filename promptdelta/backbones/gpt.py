@@ -181,9 +181,12 @@ GPT2_KEYS = KeyTable(
         ("h.{}.mlp.c_proj", "layers.{}.mlp.fc2"),
         ("ln_f", "final_norm"),
         ("lm_head", "lm_head"),
+        ("h.{}.attn", "layers.{}.attn"),   # no weights of its own: a prefix delta's module name (after its parts)
     ),
     ignore=(r"\.attn\.(masked_)?bias$",),  # the causal-mask buffers old checkpoints saved
     tied={"lm_head.weight": "embeddings.word_embeddings.weight"},
+    # a live transformers GPT-2's c_attn holds q, k, v (rows of the (out, in) layout): fingerprinted as the parts
+    fused=(("h.{}.attn.c_attn", ("layers.{}.attn.q_proj", "layers.{}.attn.k_proj", "layers.{}.attn.v_proj")),),
 )
 _UNTIED_KEYS = dataclasses.replace(GPT2_KEYS, tied={})
 

@@ -50,6 +50,10 @@ class KeyTable:
     ignore:   regexes (``re.search``) of HF keys dropped with a debug log (buffers, unused heads).
     tied:     native key -> native key it shares storage with (a tied decoder); the tied copy may be
               absent from a checkpoint and is always filled from its source.
+    fused:    (hf_module_pattern, native part patterns): one HF tensor that holds several native ones, stacked
+              along dim 0 in the native (out, in) layout (GPT-2's ``c_attn`` = q, k, v). It has no single
+              native name (``to_native`` gives None); ``fused_parts`` names its parts, so a fingerprint hashes
+              each third under the name the native backbone gives it.
     """
 
     family: str
@@ -57,6 +61,11 @@ class KeyTable:
     prefixes: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
     tied: Mapping[str, str] = field(default_factory=dict)
+    fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    @cached_property
+    def _fused(self) -> list[tuple[re.Pattern[str], tuple[str, ...]]]:
+        return [(_compile(hf), parts) for hf, parts in self.fused]
 
     @cached_property
     def _forward(self) -> list[tuple[re.Pattern[str], str]]:
@@ -76,8 +85,21 @@ class KeyTable:
         return any(re.search(pattern, hf_key) for pattern in self.ignore)
 
     def to_native(self, hf_key: str) -> str | None:
-        """Native name of an HF key (prefix stripped), or None when no rule matches."""
+        """Native name of an HF key (prefix stripped), or None when no rule matches or the key is fused."""
+        if self.fused_parts(hf_key) is not None:
+            return None
         return _translate(self.strip_prefix(hf_key), self._forward)
+
+    def fused_parts(self, hf_key: str) -> list[str] | None:
+        """Native names of the parts of a fused HF module or tensor (``h.0.attn.c_attn.bias`` ->
+        ``layers.0.attn.{q,k,v}_proj.bias``), in their order along dim 0; None when the key is not fused."""
+        key = self.strip_prefix(hf_key)
+        for regex, parts in self._fused:
+            match = regex.match(key)
+            if match:
+                *indices, leaf = match.groups()
+                return [part.format(*indices) + (leaf or "") for part in parts]
+        return None
 
     def to_hf(self, native_key: str) -> str | None:
         """HF name (without model-class prefix) of a native key, or None when no rule matches."""

@@ -199,6 +199,7 @@ LLAMA_KEYS = KeyTable(
         ("layers.{}.mlp.gate_proj", "layers.{}.mlp.gate"),
         ("layers.{}.mlp.up_proj", "layers.{}.mlp.fc1"),
         ("layers.{}.mlp.down_proj", "layers.{}.mlp.fc2"),
+        ("layers.{}.self_attn", "layers.{}.attn"),   # no weights: a prefix delta's module name (after q/k/v/o)
         ("norm", "final_norm"),
         ("lm_head", "lm_head"),
     ),

@@ -53,6 +53,9 @@ def _stack_rules(hf: str, native: str, is_decoder: bool, gated: bool) -> list[tu
         rules += [(f"{ff}.DenseReluDense.wi", f"{n}.mlp.fc1")]
     rules += [(f"{ff}.DenseReluDense.wo", f"{n}.mlp.fc2"), (f"{ff}.layer_norm", f"{n}.mlp_norm"),
               (f"{hf}.final_layer_norm", f"{native}.final_norm")]
+    rules += [(f"{b}.0.SelfAttention", f"{n}.attn")]    # the attention modules themselves (a prefix's targets),
+    if is_decoder:                                       # after their projections' rules
+        rules += [(f"{b}.1.EncDecAttention", f"{n}.cross_attn")]
     return rules
 
 

@@ -144,12 +144,30 @@ def check_fingerprint(model: nn.Module, saved: dict[str, Any], folder: Path, str
         raise CheckpointError(f"delta {folder} was made for {made_for}, but this model is {here['model_class']} "
                               f"(structure {here['structure'][:12]}): the architectures differ{where}. Load it onto "
                               f"the model it was trained with.")
+    _check_targets_exist(model, targets, folder)
     if other:
         msg = (f"delta {folder} was made for a {made_for} with other pretrained weights than this "
                f"{here['model_class']}{detail}; load it onto the checkpoint it was trained with")
         if strict:
             raise CheckpointError(msg + ", or pass strict=False if you are sure the weights are compatible.")
         logger.warning("%s (loading anyway: strict=False)", msg)
+
+
+def _check_targets_exist(model: nn.Module, targets: Sequence[str], folder: Path) -> None:
+    """Every module the delta sits on (canonical names) is a module here too: a delta on a fused projection
+    (one weight for q, k and v) cannot move to a model that keeps them apart, nor back."""
+    from promptdelta.deltas.fingerprint import canonical_namer
+    from promptdelta.deltas.sites import iter_sites
+
+    namer = canonical_namer(model)
+    here = {namer(s.name) for s in iter_sites(model)}
+    lost = [t for t in targets if t not in here]
+    if lost:
+        raise CheckpointError(f"delta {folder} sits on {lost[0]} ({len(lost)} of its {len(targets)} modules), which "
+                              f"this {type(model).__name__} has no module for (a projection fused on one side, such "
+                              f"as one weight for q, k and v, is split on the other): the delta cannot carry over. "
+                              f"Load it onto the kind of model it was trained on (transformers or native), or train "
+                              f"it again on this one.")
 
 
 def _first_mismatch(want: dict[str, list], have: dict[str, list], common: list[str], needed: list[str]) -> str | None:

@@ -66,16 +66,17 @@ def _tensor_digest(t: torch.Tensor, transpose: bool = False) -> str:
     return hashlib.sha256(a.numpy().tobytes()).hexdigest()
 
 
-def _cached_digest(cache: dict[int, tuple[tuple, str]], t: torch.Tensor, transpose: bool) -> str:
+def _cached_digest(cache: dict[Any, tuple[tuple, str]], t: torch.Tensor, transpose: bool, slot: Any = None) -> str:
     """Per-tensor digest, reused while the tensor's storage, version counter and a 16-value sample are
     unchanged (the sample catches writes through ``.data``, which bypass the version counter)."""
     flat = t.detach().reshape(-1)
     idx = torch.linspace(0, max(flat.numel() - 1, 0), min(_SAMPLES_PER_PARAM, flat.numel())).round().long()
     key = (t.data_ptr(), t._version, tuple(t.shape), t.dtype, transpose, flat[idx.to(flat.device)].to("cpu").tolist())
-    hit = cache.get(id(t))
+    slot = id(t) if slot is None else slot
+    hit = cache.get(slot)
     if hit is None or hit[0] != key:
         hit = (key, _tensor_digest(t, transpose))
-        cache[id(t)] = hit
+        cache[slot] = hit
     return hit[1]
 
 
@@ -85,16 +86,24 @@ def weights_fingerprint(model: nn.Module, overrides: dict[int, torch.Tensor]) ->
 
     tensors   = {canonical name: [shape, sha256 of every value (fp32)]}, delta parameters excluded, each
                 delta's recorded pre-attach values used where it changed a parameter in place (BitFit, merged
-                LoRA), Conv1D weights hashed transposed (so native and transformers GPT-2 agree);
+                LoRA), Conv1D weights hashed transposed (so native and transformers GPT-2 agree), a fused
+                tensor the key table splits (``KeyTable.fused``: GPT-2's c_attn) hashed part by part;
     structure = sha256 of the sorted (name, shape) pairs;  weights = sha256 of the sorted (name, digest) pairs.
     Digests are cached on the model and recomputed when a tensor changes (data pointer, version counter).
     """
-    namer, transposed = canonical_namer(model), _transposed_ids(model)
+    table = hf_key_table(model)
+    namer, transposed = table_namer(table), _transposed_ids(model)
     cache = model.__dict__.setdefault(_FP_CACHE_ATTR, {})
     tensors: dict[str, list] = {}
     for own, p in base_named_parameters(model):
         t = overrides.get(id(p), p)
         flip = id(p) in transposed and t.dim() == 2
+        parts = table.fused_parts(own) if table is not None else None
+        if parts:   # one tensor holding several native ones (GPT-2's c_attn): each part under its native name
+            rows = (t.detach().t() if flip else t.detach()).chunk(len(parts), dim=0)   # native (out, in) rows
+            for i, (name, part) in enumerate(zip(parts, rows)):
+                tensors[name] = [list(part.shape), _cached_digest(cache, part, False, (id(p), i))]
+            continue
         tensors[namer(own)] = [list(t.shape)[::-1] if flip else list(t.shape), _cached_digest(cache, t, flip)]
     h_struct, h_weights = hashlib.sha256(), hashlib.sha256()
     for name in sorted(tensors):

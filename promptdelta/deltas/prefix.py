@@ -48,7 +48,7 @@ from torch import nn
 from promptdelta.backbones.registry import AttentionStack, family_of
 from promptdelta.deltas.base import (DeltaHandle, DeltaMethod, DeltaWrapper, ModuleSite, canonical_aliases, deltas_of,
                                      register_delta)
-from promptdelta.deltas.prefix_hf import hf_stacks
+from promptdelta.deltas.prefix_hf import encoder_only, hf_stacks
 from promptdelta.deltas.prefix_hf import inject as inject_hf
 from promptdelta.errors import ConfigError, DeltaError
 
@@ -60,12 +60,16 @@ KV = tuple[torch.Tensor, torch.Tensor]   # (k, v), each (1, n_heads, P, head_dim
 @dataclass
 class PrefixConfig:
     """num_tokens: P, prefix length per layer; reparam: produce the prefixes with an MLP while training;
-    reparam_hidden: the MLP's hidden size; init_std: std of the plain prefixes / the MLP's input embedding."""
+    reparam_hidden: the MLP's hidden size; init_std: std of the plain prefixes / the MLP's input embedding;
+    positions: how the tokens after the prefix are numbered, "from_zero" (0, 1, ...: native backbones and
+    transformers encoders) or "after_prefix" (P, P + 1, ...: a transformers decoder's cache, as PEFT); None =
+    the model's own. ``save()`` records the model's, so a prefix never loads where its tokens sit elsewhere."""
 
     num_tokens: int = 10
     reparam: bool = True
     reparam_hidden: int = 512
     init_std: float = 1.0
+    positions: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("num_tokens", "reparam_hidden"):
@@ -77,8 +81,15 @@ class PrefixConfig:
         if isinstance(self.init_std, bool) or not isinstance(self.init_std, (int, float)) or \
                 not (math.isfinite(self.init_std) and self.init_std > 0):
             raise ConfigError(f"prefix init_std={self.init_std!r} must be a positive number; use e.g. 1.0.")
+        if self.positions not in (None, *POSITIONS):
+            raise ConfigError(f"prefix positions={self.positions!r} is not one of {POSITIONS}; leave it None for the "
+                              f"model's own numbering.")
 
 
+POSITIONS = ("from_zero", "after_prefix")   # token numbering after the prefix; see PrefixConfig.positions
+_WORDS = {"from_zero": "0, 1, ...", "after_prefix": "P, P + 1, ... (after the prefix)"}
+_KINDS = {"from_zero": "a native backbone from load_backbone, or a transformers encoder",
+          "after_prefix": "a transformers decoder, whose cache holds the prefix"}
 _Part = AttentionStack   # one prefix_kv entry: name ("layers" or a dict key), layers, heads, head_dim
 
 
@@ -184,6 +195,12 @@ def _parts(model: nn.Module) -> list[_Part]:
     return hf_stacks(model, canonical_aliases(model))
 
 
+def _numbering(model: nn.Module) -> str:
+    """How ``model`` numbers the tokens after a prefix: native backbones and transformers encoders keep
+    0..T-1; a transformers decoder's cache makes them P..P+T-1 (prefix_hf.py)."""
+    return "from_zero" if _native(model) or encoder_only(model) else "after_prefix"
+
+
 def _attention_sites(model: nn.Module, sites: list[ModuleSite]) -> list[ModuleSite]:
     """The attention modules that receive a prefix, in prefix_kv order (for the handle's record)."""
     wanted = [name for part in _parts(model) for name in part.modules]
@@ -212,6 +229,12 @@ class PrefixTuning(DeltaMethod):
         if hasattr(model, self._attr):
             raise DeltaError(f"{type(model).__name__} already has an attribute {self._attr!r}; attach the prefix "
                              f"under another name=... .")
+        own, wanted = _numbering(model), getattr(self.config, "positions", None)   # subclasses' configs lack it
+        if wanted is not None and wanted != own:   # a checkpoint from the other kind of model: other maths
+            raise DeltaError(f"this prefix was trained with the tokens after it numbered {_WORDS[wanted]}, but "
+                             f"{type(model).__name__} numbers them {_WORDS[own]}, so it would give other outputs; "
+                             f"load it onto the kind of model it was trained on ({_KINDS[wanted]}), or train it "
+                             f"again on this one.")
         self.model = model
         return _attention_sites(model, sites)
 
@@ -300,7 +323,8 @@ class PrefixTuning(DeltaMethod):
         tensors = {}
         for part, s in self.sets.items():
             tensors[f"prefix.{part}.keys"], tensors[f"prefix.{part}.values"] = s.plain()
-        return dataclasses.replace(self.config, reparam=False), tensors
+        record = {"positions": _numbering(self.model)} if hasattr(self.config, "positions") else {}
+        return dataclasses.replace(self.config, reparam=False, **record), tensors
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
