@@ -199,3 +199,12 @@ def test_gradient_checkpointing_recomputes_the_same_masks():
             model(ids, attention_mask=mask).last_hidden_state.square().sum().backward()
         grads.append(model.encoder.layer[0].attention.self.query.weight.grad.clone())
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_training_with_fast_dropout():
+    """precision='bf16' (CPU autocast) through the fused dropout and attention: finite, parameters move."""
+    model = Clf()
+    before = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    Trainer(model, lr=1e-3, max_steps=2, batch_size=8, progress=False, precision="bf16").fit(data(16))
+    after = model.bert.encoder.layer[0].attention.self.query.weight.detach()
+    assert torch.isfinite(after).all() and not torch.equal(before, after)
