@@ -228,8 +228,9 @@ def run_kernel_bench(device: str = "cpu", repeats: int = 101, quick: bool = Fals
                      shapes: list[tuple[int, int, int, int]] | None = None, minilm: bool = True) -> str:
     """Run the kernel benchmark and return the table as text (also logged). ``clock``: "wall" or "cpu"
     (the process's CPU time over all threads; CPU only). ``shapes``: (M, K, N, r) layers to time instead of
-    the defaults; ``minilm``: False skips the MiniLM training step (e.g. many rounds of one shape: the
-    median of 101 rounds moves by about 1% between runs on a quiet host, 401 rounds halve that)."""
+    the defaults; ``minilm``: False skips the MiniLM training step (e.g. many rounds of one shape: with the
+    r=16 ratio's quiet-host IQR of ~0.11, the median of 101 rounds has a standard error near 1%, of 401 half
+    that)."""
     if clock not in CLOCKS:
         raise ConfigError(f"clock={clock!r} is not a benchmark clock; use one of {', '.join(CLOCKS)}.")
     if clock == "cpu" and device.startswith("cuda"):
