@@ -15,7 +15,7 @@ from delta_helpers import perturb
 from test_crossload_common import build, crossload, ids, logits, native_of
 
 from promptdelta.deltas import attach, deltas_of, load_delta
-from promptdelta.errors import CheckpointError
+from promptdelta.errors import CheckpointError, ConfigError, DeltaError
 
 P = 3
 CASES = [("llama", m) for m in ("lora", "ia3", "adapter", "bitfit")] + [("qwen2", "lora"), ("mistral", "adapter")]
@@ -64,3 +64,16 @@ def test_a_prefix_names_the_same_attention_modules_and_is_refused_across(tmp_pat
                                        "one, so the same d gives another update across (reported to the lead)")
 def test_an_intrinsic_checkpoint_moves_between_transformers_and_the_native_backbone(tmp_path: Path):
     crossload("llama", "intrinsic", tmp_path)
+
+
+def test_the_prefix_positions_field_is_checked():
+    """positions=None (every checkpoint saved before the field existed) takes the model's own numbering; a
+    named one must be the model's; anything else is a ConfigError naming the choices."""
+    native = native_of(build("llama"))
+    attach(native, "prefix", num_tokens=2, positions="from_zero").detach()
+    attach(native, "prefix", num_tokens=2).detach()
+    with pytest.raises(ConfigError, match=r"prefix positions='zero' is not one of \('from_zero', 'after_prefix'\)"):
+        attach(native, "prefix", num_tokens=2, positions="zero")
+    with pytest.raises(DeltaError, match="numbered P, P \\+ 1, .* but LlamaModel numbers them 0, 1, "):
+        attach(native, "prefix", num_tokens=2, positions="after_prefix")
+    assert deltas_of(native) == {}
