@@ -58,9 +58,10 @@ def step(model, ids, mask, seed: int = 7):
 
 
 def reference_attention(q, k, v, bias, scale, p, training):
-    """Eager attention applying the op's own mask, drawn as ``dropout(ones, p)`` at the same RNG state."""
+    """Eager attention applying the op's own mask, drawn as ``dropout(ones, p)`` at the same RNG state; BERT's
+    scale 1/sqrt(hd) whatever the caller passed."""
     m = dropout(torch.ones(q.shape[:-1] + (k.shape[-2],), dtype=q.dtype), p, training)   # (n, nh, Tq, Tk)
-    s = q @ k.transpose(-2, -1) * scale + (0.0 if bias is None else bias)
+    s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + (0.0 if bias is None else bias)
     return (torch.softmax(s, dim=-1) * m) @ v
 
 
@@ -125,6 +126,33 @@ def test_equals_reference_built_from_the_ops_mask(monkeypatch, family, padded):
     assert calls, "train mode did not reach kernels.attention_cpu.attention"
     monkeypatch.setattr(attention_cpu, "attention", reference_attention)
     assert_close(fused, step(ours, ids, mask), ATOL)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_prefix_and_keep_positions_equal_the_reference(monkeypatch, padded):
+    """Keys longer than queries (a prefix of 3 keys/values per layer; the last layer's queries at 2 kept
+    positions only) through the fused op equal the reference, values and prefix gradients."""
+    _, ours = pair()
+    for p in ours.parameters():
+        p.requires_grad_(False)
+    ids, mask = batch(padded)
+    prefix = [tuple(torch.randn(1, 4, 3, 8, generator=torch.Generator().manual_seed(i + j), requires_grad=True)
+                    for j in (0, 10)) for i in range(2)]
+    keep = torch.tensor([[0, 1]] * 5)
+
+    def run():
+        for kv in prefix:
+            for t in kv:
+                t.grad = None
+        torch.manual_seed(5)
+        y = ours(input_ids=ids, attention_mask=mask, prefix_kv=prefix, keep_positions=keep).last_hidden_state
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(2)))
+        return y.detach(), {f"{i}.{j}": t.grad.clone() for i, kv in enumerate(prefix) for j, t in enumerate(kv)}
+    calls = spy_attention(monkeypatch)
+    fused = run()
+    assert fused[0].shape == (5, 2, 32) and any(s[2] == 2 for s in calls)   # the last layer: 2 queries
+    monkeypatch.setattr(attention_cpu, "attention", reference_attention)
+    assert_close(fused, run(), ATOL)
 
 
 @pytest.mark.parametrize("padded,lora_dropout", [(False, 0.0), (True, 0.0), (True, 0.3)])
