@@ -422,10 +422,12 @@ class BertModel(GradientCheckpointing, nn.Module):
         prefixes = self._check_prefix(prefix_kv, B)
         hidden, biases, ckpt, last = [x], {}, self._checkpoint_layers(), len(self.layers) - 1
         packed = Packing.of(attention_mask)
+        # no padding: no bias (attention skips the (n, nh, T, T) add; sdpa may take its unmasked kernel)
+        key_mask = None if attention_mask is None or bool(attention_mask.bool().all()) else attention_mask
         for i, (layer, prefix) in enumerate(zip(self.layers, prefixes)):
             P = 0 if prefix is None else prefix[0].shape[2]
             if P not in biases:
-                biases[P] = _attention_bias(attention_mask, P, x.dtype)
+                biases[P] = _attention_bias(key_mask, P, x.dtype)
             rows = keep_positions if i == last else None
             pack = packed if packed is not None and rows is None and _packable(layer) else None
             if pack is not None:  # x stays packed (N, H) from layer to layer while the layers allow it
