@@ -182,6 +182,7 @@ GPT2_KEYS = KeyTable(
         ("ln_f", "final_norm"),
         ("lm_head", "lm_head"),
         ("h.{}.attn", "layers.{}.attn"),   # no weights of its own: a prefix delta's module name (after its parts)
+        ("h.{}", "layers.{}"),   # the block itself (a ladder's targets), after everything inside it
     ),
     ignore=(r"\.attn\.(masked_)?bias$",),  # the causal-mask buffers old checkpoints saved
     tied={"lm_head.weight": "embeddings.word_embeddings.weight"},

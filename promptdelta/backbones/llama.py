@@ -200,6 +200,7 @@ LLAMA_KEYS = KeyTable(
         ("layers.{}.mlp.up_proj", "layers.{}.mlp.fc1"),
         ("layers.{}.mlp.down_proj", "layers.{}.mlp.fc2"),
         ("layers.{}.self_attn", "layers.{}.attn"),   # no weights: a prefix delta's module name (after q/k/v/o)
+        ("layers.{}", "layers.{}"),   # the block itself (a ladder's targets), after everything inside it
         ("norm", "final_norm"),
         ("lm_head", "lm_head"),
     ),

@@ -164,8 +164,9 @@ def _check_targets_exist(model: nn.Module, targets: Sequence[str], folder: Path)
     lost = [t for t in targets if t not in here]
     if lost:
         raise CheckpointError(f"delta {folder} sits on {lost[0]} ({len(lost)} of its {len(targets)} modules), which "
-                              f"this {type(model).__name__} has no module for (a projection fused on one side, such "
-                              f"as one weight for q, k and v, is split on the other): the delta cannot carry over. "
+                              f"this {type(model).__name__} has no module for: a delta on a module only one side has "
+                              f"(a projection fused on one side, one weight for q, k and v, and split on the other) "
+                              f"cannot carry over. "
                               f"Load it onto the kind of model it was trained on (transformers or native), or train "
                               f"it again on this one.")
 

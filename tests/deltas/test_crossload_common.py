@@ -29,7 +29,7 @@ CONFIGS = {   # arch -> (transformers model class, config)
     "t5": (tf.T5ForConditionalGeneration, lambda: tf.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=37, num_layers=2,
                                                                num_heads=4, feed_forward_proj="gated-gelu",
                                                                relative_attention_num_buckets=8, decoder_start_token_id=0,
-                                                               pad_token_id=0, eos_token_id=1, initializer_factor=3.0)),
+                                                               pad_token_id=0, eos_token_id=1)),
 }
 
 

@@ -18,8 +18,8 @@ from promptdelta.deltas.fingerprint import canonical_namer
 from promptdelta.errors import CheckpointError
 
 
-@pytest.mark.parametrize("method, cfg", [("lora", {"impl": "plain"}), ("ia3", {}), ("adapter", {}), ("bitfit", {})],
-                         ids=["lora", "ia3", "adapter", "bitfit"])
+@pytest.mark.parametrize("method, cfg", [("lora", {"impl": "plain"}), ("ia3", {}), ("adapter", {}), ("bitfit", {}),
+                                         ("s3delta", {})], ids=["lora", "ia3", "adapter", "bitfit", "s3delta"])
 def test_a_delta_checkpoint_moves_between_transformers_and_the_native_backbone(method, cfg, tmp_path: Path):
     on_native, on_hf = crossload("t5", method, tmp_path, **cfg)
     assert on_native.targets[0].startswith("encoder.layers.0.") and on_hf.targets[0].startswith("encoder.block.0.")
@@ -46,5 +46,20 @@ def test_a_prefix_is_refused_across_in_one_line(tmp_path: Path):
                                                                                  "decoder.layers.1.attn"]
     for model, folder in ((native_of(build("t5")), "hf"), (build("t5"), "native")):
         with pytest.raises(CheckpointError, match=r"this prefix was trained with the tokens after it numbered") as err:
+            load_delta(model, tmp_path / folder)
+        assert "\n" not in str(err.value) and deltas_of(model) == {}
+
+
+def test_a_ladder_is_refused_across_in_one_line(tmp_path: Path):
+    """The T5 blocks keep their own names (the transformers block's ``layer`` list stands for the native block
+    in target matching), so a ladder on the blocks is refused by name rather than loaded on other modules."""
+    hf = build("t5")
+    native = native_of(hf)
+    attach(hf, "ladder").save(tmp_path / "hf")
+    attach(native, "ladder").save(tmp_path / "native")
+    for model, folder, block in ((native_of(build("t5")), "hf", "encoder.block.0"),
+                                 (build("t5"), "native", "encoder.layers.0")):
+        with pytest.raises(CheckpointError, match=rf"sits on {block} \(\d of its \d modules\), which this "
+                                                  rf"{type(model).__name__} has no module for") as err:
             load_delta(model, tmp_path / folder)
         assert "\n" not in str(err.value) and deltas_of(model) == {}
