@@ -21,6 +21,11 @@ _DEC = dict(vocab_size=V, hidden_size=32, intermediate_size=37, num_hidden_layer
             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
             initializer_range=0.3)   # large weights: a delta moves the outputs well beyond the tolerance
 CONFIGS = {   # arch -> (transformers model class, config)
+    "bert": (tf.BertModel, lambda: tf.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                  intermediate_size=37, max_position_embeddings=64)),
+    "roberta": (tf.RobertaModel, lambda: tf.RobertaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                                           num_attention_heads=4, intermediate_size=37,
+                                                           max_position_embeddings=66, pad_token_id=1)),
     "llama": (tf.LlamaForCausalLM, lambda: tf.LlamaConfig(**_DEC)),
     "qwen2": (tf.Qwen2ForCausalLM, lambda: tf.Qwen2Config(**_DEC)),
     "mistral": (tf.MistralForCausalLM, lambda: tf.MistralConfig(**_DEC)),
@@ -49,12 +54,13 @@ def ids() -> torch.Tensor:
 
 
 def logits(model: nn.Module, **kw) -> torch.Tensor:
-    """(B, T, V) logits of ``ids()`` (T5: 4 decoder positions)."""
+    """(B, T, V) logits of ``ids()`` (T5: 4 decoder positions); an encoder without a head: (B, T, H) states."""
     x = ids()
     if "T5" in type(model).__name__:
         kw["decoder_input_ids"] = x[:, :4]
     with torch.no_grad():
-        return model(input_ids=x, attention_mask=torch.ones_like(x), **kw).logits
+        out = model(input_ids=x, attention_mask=torch.ones_like(x), **kw)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
 def crossload(arch: str, method: str, tmp_path: Path, **cfg) -> tuple[DeltaHandle, DeltaHandle]:
