@@ -102,6 +102,10 @@ RUN_RECORD = "run.json"
 _RESUME_FREE = ("name", "output_dir", "train.resume", "train.progress", "train.device", "train.eval_batch_size",
                 "train.checkpoint_dir", "train.checkpoint_every", "train.keep_checkpoints")
 
+# Settings added after run records were first written, with the value that reproduces a run recorded before them
+# (train.fast_dropout: older runs trained with torch's dropout), so an older run resumes exactly as it began.
+_ADDED_LATER = {"train.fast_dropout": False}
+
 
 def result_settings(config: RunConfig) -> dict[str, Any]:
     """The config as flat ``key`` / ``train.key`` items, less what may change on resume."""
@@ -148,10 +152,12 @@ def resume_dir(config: RunConfig) -> Path:
         theirs = "has no run record" if back is None else f"records checkpoint folder {back.get('checkpoint_dir')!r}"
         raise CheckpointError(f"--resume: checkpoint folder {str(ckpt)!r} names run {str(run_dir)!r}, but that run "
                               f"{theirs}; they do not belong together: pass the run's own --checkpoint-dir")
-    now, then = result_settings(config), record.get("settings") or {}
+    now, then = result_settings(config), dict(record.get("settings") or {})
+    older = [k for k in _ADDED_LATER if then and k not in then]   # recorded before the key existed
+    then.update({k: _ADDED_LATER[k] for k in older})
     diffs = [f"{k}: run {then.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(now) | set(then))
              if now.get(k) != then.get(k)]
-    if diffs or record.get("config_hash") != config_hash(config):
+    if diffs or (not older and record.get("config_hash") != config_hash(config)):
         raise CheckpointError(f"--resume: run {str(run_dir)!r} (checkpoints {str(ckpt)!r}) was started with other "
                               f"settings ({'; '.join(diffs[:6]) or 'config hash differs'}); resume with the same "
                               "settings, or start a new run without --resume")

@@ -444,3 +444,35 @@ def test_bench_workers_are_told_whom_to_watch(monkeypatch, tmp_path):
     monkeypatch.setattr(bench_run, "run_run_bench", lambda *a: "")
     bench_run.main(["--suite", "s.yaml", "--claims", str(tmp_path)])
     assert called == [True]
+
+
+def test_a_run_recorded_before_fast_dropout_resumes_with_torch_dropout(tiny_bert_dir, tmp_path, monkeypatch):
+    """run.json written before train.fast_dropout existed: that run trained with torch's dropout, so resuming asks
+    for fast_dropout false (named in the refusal) and then continues; it never refuses for good."""
+    ckpt = crashed_run(tiny_bert_dir, tmp_path, monkeypatch)
+    for folder in (tmp_path / "runs" / "x", tmp_path / "ckpt"):
+        record = json.loads((folder / "run.json").read_text())
+        del record["settings"]["train.fast_dropout"]
+        record["config_hash"] = "recorded-before-the-key"
+        (folder / "run.json").write_text(json.dumps(record))
+    for state in (tmp_path / "ckpt").rglob("state.json"):           # the trainer's checkpoints, then and now
+        data = json.loads(state.read_text())
+        del data["config"]["fast_dropout"]
+        state.write_text(json.dumps(data))
+        manifest = json.loads((state.parent / "manifest.json").read_text())
+        manifest["files"]["state.json"] = {"bytes": state.stat().st_size,
+                                           "sha256": hashlib.sha256(state.read_bytes()).hexdigest()}
+        (state.parent / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"train.fast_dropout: run False, now True"):
+        run(make(tiny_bert_dir, tmp_path, "x", **ckpt, resume=True))
+    done = run(make(tiny_bert_dir, tmp_path, "x", **ckpt, resume=True, fast_dropout=False))
+    assert done["run_dir"] == str(tmp_path / "runs" / "x") and sorted(r["seed"] for r in done["rows"]) == SEEDS
+
+
+def test_trainer_checkpoint_without_fast_dropout_reads_as_torch_dropout(tmp_path):
+    from promptdelta.train.checkpoint import check_resume
+
+    state = {"config": {"lr": 1e-3, "seed": 13}, "order": list(range(8))}       # written before the key existed
+    check_resume(tmp_path, state, {"lr": 1e-3, "seed": 13, "fast_dropout": False}, 8)
+    with pytest.raises(CheckpointError, match=r"fast_dropout: checkpoint False, now True"):
+        check_resume(tmp_path, state, {"lr": 1e-3, "seed": 13, "fast_dropout": True}, 8)

@@ -123,13 +123,18 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 # Training settings a resumed run must share with its checkpoint: any change would continue the run with a
 # mix of the old and the new settings (the optimizer, scheduler and data order come from the checkpoint).
 RESUME_KEYS = ("lr", "head_lr", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "warmup_ratio",
-               "weight_decay", "max_grad_norm", "precision", "metric", "eval_every", "patience")
+               "weight_decay", "max_grad_norm", "precision", "metric", "eval_every", "patience", "fast_dropout")
+# Keys added after checkpoints were first written, with the value that reproduces a checkpoint made before them
+# (fast_dropout: older checkpoints trained with torch's dropout, whose masks the fused kernel does not draw).
+ADDED_LATER = {"fast_dropout": False}
 
 
 def check_resume(path: str | Path, state: Mapping[str, Any], config: Mapping[str, Any], n_train: int) -> None:
     """Raise :class:`CheckpointError` when ``config`` (a TrainConfig as a dict) or the training-set size differ
     from what the checkpoint at ``path`` was written with, naming every difference."""
-    saved = state.get("config") or {}
+    saved = dict(state.get("config") or {})
+    if saved:
+        saved.update({k: v for k, v in ADDED_LATER.items() if k not in saved and k in config})
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in RESUME_KEYS
              if k in saved and saved.get(k) != config.get(k)]
     order = state.get("order") or []
