@@ -93,7 +93,9 @@ def config_from_meta(cls: type, cfg: dict[str, Any], where: Path) -> dict[str, A
         if isinstance(value, float) and not math.isfinite(value):
             raise CheckpointError(f"{where}: config {key}={value!r} is not a finite number; fix delta.json or "
                                   f"save the delta again.")
-    return cfg
+    # keys a method added later, with the value that reproduces a folder saved before them (e.g. intrinsic names)
+    legacy = getattr(cls.config_cls, "SAVED_WITHOUT", {})
+    return {**{k: v for k, v in legacy.items() if k not in cfg}, **cfg}
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

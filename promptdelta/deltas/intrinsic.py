@@ -27,13 +27,14 @@ import logging
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from promptdelta.deltas.base import DeltaWrapper, ModuleSite, WrappingMethod, register_delta
+from promptdelta.deltas.fingerprint import canonical_namer
 from promptdelta.errors import ConfigError, DeltaError
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,10 @@ class IntrinsicConfig:
     seed: regenerates every projection; targets: modules whose own parameters are reparameterised (default
     every attention and FFN projection, T5 v1.1's FFN gate included, in native names, which also fit the
     transformers families); include_bias: biases too, not only weights;
-    block_size: largest Fastfood block (a power of two); larger tensors are split into blocks."""
+    block_size: largest Fastfood block (a power of two); larger tensors are split into blocks;
+    names: what seeds each projection, "canonical" (the tensor's canonical name: the same on a transformers
+    model and on its native backbone, so a checkpoint moves between them) or "module" (the module's own name,
+    as folders saved before 2026-12-07 did: they load with it)."""
 
     dim: int = 1000
     said: bool = True
@@ -56,6 +60,9 @@ class IntrinsicConfig:
                                                               "mlp.gate"])
     include_bias: bool = True
     block_size: int = 2 ** 22
+    names: str = "canonical"
+    # a delta.json without `names` was saved before 2026-12-07, when projections were seeded from module names
+    SAVED_WITHOUT: ClassVar[dict[str, str]] = {"names": "module"}
 
     def __post_init__(self) -> None:
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
@@ -65,6 +72,8 @@ class IntrinsicConfig:
         for name in ("said", "include_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"intrinsic {name}={getattr(self, name)!r} must be True or False.")
+        if self.names not in ("canonical", "module"):
+            raise ConfigError(f"intrinsic names={self.names!r} must be 'canonical' or 'module'; leave the default.")
         b = self.block_size
         if isinstance(b, bool) or not isinstance(b, int) or b < 2 or b & (b - 1):
             raise ConfigError(f"intrinsic block_size={b!r} must be a power of two >= 2; use e.g. 2**22.")
@@ -215,12 +224,15 @@ class Intrinsic(WrappingMethod):
     def __init__(self, config: IntrinsicConfig, name: str) -> None:
         super().__init__(config, name)
         self.d: nn.Parameter | None = None
+        self._namer: Callable[[str], str] = lambda key: key
 
     def _names(self, module: nn.Module) -> list[str]:
         own = [n for n, p in module.named_parameters(recurse=False) if p.is_floating_point()]
         return [n for n in own if self.config.include_bias or n != "bias"]
 
     def select(self, model: nn.Module, sites: list[ModuleSite]) -> list[ModuleSite]:
+        # the projections' seeds: canonical names are the same on a transformers model and its native backbone
+        self._namer = canonical_namer(model) if self.config.names == "canonical" else (lambda key: key)
         keep = [s for s in sites if self._names(s.module)]
         if not keep:
             raise DeltaError(f"intrinsic targets {self.config.targets!r} match only modules without parameters of "
@@ -239,10 +251,11 @@ class Intrinsic(WrappingMethod):
     def apply(self, sites: list[ModuleSite]) -> None:
         c = self.config
         device = next(sites[0].module.parameters()).device
+        namer = self._namer
         self.d = nn.Parameter(torch.zeros(c.dim, device=device, dtype=torch.float32))   # (dim,), zero: no change
         for s in sites:
             names = self._names(s.module)
-            self._wrap(s, IntrinsicWrapper(s.module, names, [f"{s.name}.{n}" for n in names], self.d, c.said,
+            self._wrap(s, IntrinsicWrapper(s.module, names, [namer(f"{s.name}.{n}") for n in names], self.d, c.said,
                                            c.seed, c.block_size))
         total = sum(w.proj[n].D for _, w in self.sites for n in w.names)
         logger.info("intrinsic: %d tensors (%d numbers) in a %d-dim subspace", len(self.sites), total, c.dim)

@@ -6,6 +6,7 @@ P, P + 1, ...; the native backbone: 0, 1, ...), so loading it across is refused 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -61,11 +62,41 @@ def test_a_prefix_names_the_same_attention_modules_and_is_refused_across(tmp_pat
     assert "\n" not in str(err.value) and deltas_of(fresh) == {}
 
 
-@pytest.mark.xfail(strict=True, reason="intrinsic.py seeds each projection from the module's own name "
-                                       "(model.layers.0.self_attn.q_proj vs layers.0.attn.q_proj), not the canonical "
-                                       "one, so the same d gives another update across (reported to the lead)")
 def test_an_intrinsic_checkpoint_moves_between_transformers_and_the_native_backbone(tmp_path: Path):
+    """Each projection is seeded from the tensor's canonical name (model.layers.0.self_attn.q_proj and
+    layers.0.attn.q_proj seed the same P), so the same d gives the same update on both sides."""
     crossload("llama", "intrinsic", tmp_path)
+
+
+def rewrite(folder: Path, meta: dict) -> None:
+    """delta.json as an older promptdelta wrote it, with the manifest's checksum to match."""
+    (folder / "delta.json").write_text(json.dumps(meta))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["delta.json"] = {"bytes": (folder / "delta.json").stat().st_size,
+                                       "sha256": hashlib.sha256((folder / "delta.json").read_bytes()).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_an_intrinsic_folder_saved_before_the_names_field_loads_as_it_was_saved(tmp_path: Path):
+    """delta.json without `names` (saved before 2026-12-07) was seeded from module names: it loads with
+    names='module' and gives its own outputs again; read as canonical it would silently give others."""
+    hf = build("llama")
+    handle = attach(hf, "intrinsic", dim=8, names="module")
+    perturb(handle.parameters())
+    want = logits(hf)
+    handle.save(tmp_path / "old")
+    handle.detach()
+    meta = json.loads((tmp_path / "old" / "delta.json").read_text())
+    assert meta["config"].pop("names") == "module"
+    rewrite(tmp_path / "old", meta)
+    again = load_delta(hf, tmp_path / "old")
+    assert again._method.config.names == "module"
+    torch.testing.assert_close(logits(hf), want, atol=1e-5, rtol=0)
+    again.detach()
+    meta["config"]["names"] = "canonical"
+    rewrite(tmp_path / "old", meta)
+    load_delta(hf, tmp_path / "old")
+    assert (logits(hf) - want).abs().max() > 1e-4
 
 
 def test_the_prefix_positions_field_is_checked():
