@@ -149,6 +149,7 @@ BERT_KEYS = KeyTable(
         ("encoder.layer.{}.intermediate.dense", "layers.{}.mlp.fc1"),
         ("encoder.layer.{}.output.dense", "layers.{}.mlp.fc2"),
         ("encoder.layer.{}.output.LayerNorm", "layers.{}.mlp_norm"),
+        ("encoder.layer.{}", "layers.{}"),   # the block itself (a ladder's targets), after everything inside it
         ("pooler.dense", "pooler.dense"),
         ("cls.predictions.transform.dense", "lm_head.dense"),
         ("cls.predictions.transform.LayerNorm", "lm_head.norm"),

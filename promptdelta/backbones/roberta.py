@@ -115,6 +115,7 @@ ROBERTA_KEYS = KeyTable(
         ("encoder.layer.{}.intermediate.dense", "layers.{}.mlp.fc1"),
         ("encoder.layer.{}.output.dense", "layers.{}.mlp.fc2"),
         ("encoder.layer.{}.output.LayerNorm", "layers.{}.mlp_norm"),
+        ("encoder.layer.{}", "layers.{}"),   # the block itself (a ladder's targets), after everything inside it
         ("pooler.dense", "pooler.dense"),
         ("lm_head.dense", "lm_head.dense"),
         ("lm_head.layer_norm", "lm_head.norm"),
