@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from promptdelta.deltas.base import DeltaHandle, ModuleSite, register_delta
-from promptdelta.deltas.prefix import PrefixDict, PrefixHolder, PrefixList, PrefixTuning, _parts
+from promptdelta.deltas.prefix import PrefixDict, PrefixHolder, PrefixList, PrefixTuning, _native, _parts
 from promptdelta.errors import CheckpointError, ConfigError, DeltaError, MissingFileError
 from promptdelta.utils.io import atomic_save_safetensors, atomic_write_json
 
@@ -203,6 +203,10 @@ class IntrinsicPromptTuning(PrefixTuning):
     config_cls = IPTConfig
 
     def select(self, model: nn.Module, sites: list[ModuleSite]) -> list[ModuleSite]:
+        if not _native(model):   # no cache path here, so its tokens are always numbered from 0 (no `positions`)
+            raise DeltaError(f"ipt feeds its prefixes through a native backbone's prefix_kv, which "
+                             f"{type(model).__name__} (transformers) does not take; attach it to "
+                             f"promptdelta.load_backbone(model)[0] instead.")
         sites = super().select(model, sites)
         folder = Path(self.config.subspace)
         self.subspace = IntrinsicSubspace.load(folder)

@@ -20,21 +20,25 @@ import dataclasses
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import torch
 from torch import nn
 
 from promptdelta.deltas.adapter import Bottleneck
-from promptdelta.deltas.base import DeltaWrapper, ModuleSite, match_targets, register_delta, unwrap_sites, wrap_site
-from promptdelta.deltas.prefix import PrefixDict, PrefixList, PrefixTuning
+from promptdelta.deltas.base import (DeltaWrapper, ModuleSite, canonical_namer, match_targets, register_delta,
+                                     unwrap_sites, wrap_site)
+from promptdelta.deltas.prefix import POSITIONS, PrefixDict, PrefixList, PrefixTuning
 from promptdelta.errors import ConfigError, DeltaError
 
 
 @dataclass
 class UniPELTConfig:
     """lora_targets / adapter_targets: linear layers (native names); r, alpha: LoRA's; bottleneck: the
-    adapter's; num_tokens: prefix length (0 = no prefix); reparam, reparam_hidden, init_std: as for "prefix"."""
+    adapter's; num_tokens: prefix length (0 = no prefix); reparam, reparam_hidden, init_std, positions: as for
+    "prefix" (``save()`` records how the model numbers the tokens after the prefix); order: the wrapped layers
+    sorted by "canonical" names (the same on a transformers model and its native backbone) or by the model's own
+    "module" names (how folders saved before 2026-12-07 list them)."""
 
     lora_targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
     adapter_targets: list[str] | str = field(default_factory=lambda: ["mlp.fc2"])
@@ -45,6 +49,10 @@ class UniPELTConfig:
     reparam: bool = False
     reparam_hidden: int = 512
     init_std: float = 1.0
+    positions: str | None = None
+    order: str = "canonical"
+    # a delta.json without `order` was saved before 2026-12-07, when the layers were sorted by the model's names
+    SAVED_WITHOUT: ClassVar[dict[str, str]] = {"order": "module"}
 
     def __post_init__(self) -> None:
         for key in ("r", "bottleneck", "reparam_hidden"):
@@ -53,6 +61,14 @@ class UniPELTConfig:
                 raise ConfigError(f"unipelt {key}={v!r} must be an integer >= 1")
         if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, int) or self.num_tokens < 0:
             raise ConfigError(f"unipelt num_tokens={self.num_tokens!r} must be an integer >= 0 (0: no prefix)")
+        if self.positions not in (None, *POSITIONS):
+            raise ConfigError(f"unipelt positions={self.positions!r} is not one of {POSITIONS}; leave it None for the "
+                              f"model's own numbering.")
+        if self.order not in ORDERS:
+            raise ConfigError(f"unipelt order={self.order!r} is not one of {ORDERS}; leave the default 'canonical'.")
+
+
+ORDERS = ("canonical", "module")   # how the wrapped layers are listed; see UniPELTConfig.order
 
 
 class GatedWrapper(DeltaWrapper):
@@ -106,7 +122,10 @@ class UniPELT(PrefixTuning):
         if bad:
             raise DeltaError(f"unipelt wraps nn.Linear layers, but its targets also match {bad[:4]}; name linear "
                              f"layers (lora_targets e.g. ['q_proj', 'v_proj'], adapter_targets e.g. ['mlp.fc2'])")
-        self._layers = [(by_name[n], n in lora, n in adapter) for n in sorted(lora | adapter)]
+        # canonical names: a transformers Llama sorts mlp.down_proj before self_attn.q_proj, its native backbone
+        # attn.q_proj before mlp.fc2; the saved target list must come out the same on both sides
+        key = canonical_namer(model) if c.order == "canonical" else (lambda n: n)
+        self._layers = [(by_name[n], n in lora, n in adapter) for n in sorted(lora | adapter, key=key)]
         self.model = model
         prefix_sites = super().select(model, sites) if c.num_tokens > 0 else []
         return [s for s, _, _ in self._layers] + prefix_sites
@@ -153,13 +172,14 @@ class UniPELT(PrefixTuning):
                          f"for inference")
 
     def export_state(self) -> tuple[UniPELTConfig, dict[str, torch.Tensor]]:
-        """The prefix in plain form (reparam folded, config reparam=False), everything else as trained."""
+        """The prefix in plain form (reparam folded, config reparam=False) with the token numbering recorded
+        (config positions), everything else as trained."""
         tensors = {k: p.detach() for k, p in self.named_delta_parameters()}
         if self.config.num_tokens == 0:
             return self.config, tensors
-        _, plain = super().export_state()
+        config, plain = super().export_state()   # reparam=False, and the model's token numbering in `positions`
         tensors = {k: v for k, v in tensors.items() if not k.startswith("prefix.") or k.endswith(".gate")}
-        return dataclasses.replace(self.config, reparam=False), {**tensors, **plain}
+        return config, {**tensors, **plain}
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
