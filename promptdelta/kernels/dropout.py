@@ -68,20 +68,13 @@ def dropout_ops() -> ModuleType | None:
     if os.environ.get("PROMPTDELTA_NATIVE", "1") == "0":
         _error = "disabled by PROMPTDELTA_NATIVE=0"
         return None
-    # the build lock of the LoRA kernels (stale-lock recovery, bounded wait) guards this build as well
-    from promptdelta.kernels.native import _timeout_s, acquire_build_lock, build_directory
+    # the LoRA kernels' build: its lock (stale-lock recovery, bounded wait) and a timeout on a hung compiler
+    from promptdelta.kernels.native import _build_with_timeout, _timeout_s, build_directory
 
     try:
         name = _build_name()
-        build_dir = build_directory(name)
-        lock = acquire_build_lock(build_dir, _timeout_s())
-        if lock is None:
-            raise TimeoutError("another process held the build lock too long")
-        try:
-            logger.info("loading the fused CPU dropout kernel (%s; the first use on a machine compiles it)", name)
-            _module = _compile(name, build_dir)
-        finally:
-            lock.unlink(missing_ok=True)
+        logger.info("loading the fused CPU dropout kernel (%s; the first use on a machine compiles it)", name)
+        _module = _build_with_timeout(name, build_directory(name), _timeout_s(), compile_fn=_compile)
     except Exception as exc:  # no compiler, no OpenMP, a read-only cache: torch's dropout, same statistics
         msg = str(exc).strip()
         _error = f"{type(exc).__name__}: {msg.splitlines()[-1] if msg else ''}"
