@@ -23,6 +23,7 @@ from promptdelta.errors import BackboneError
 logger = logging.getLogger(__name__)
 
 _MAX_LISTED = 20  # keys listed per category in an error message
+_PROBE = "918273645"  # a layer index no real model has: stands for {} while a pattern goes through the rules
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
@@ -100,6 +101,20 @@ class KeyTable:
                 *indices, leaf = match.groups()
                 return [part.format(*indices) + (leaf or "") for part in parts]
         return None
+
+    def fused_modules(self) -> list[tuple[str, tuple[str, ...]]]:
+        """(name pattern, native part patterns) of each fused HF module, under the name a delta checkpoint gives
+        it: the longest prefix the rules rename, then the rest (``h.{}.attn.c_attn`` -> ``layers.{}.attn.c_attn``)."""
+        out = []
+        for hf, parts in self.fused:
+            probe = hf.replace("{}", _PROBE)          # a layer index the rules match, then put back as {}
+            keys = probe.split(".")
+            for i in range(len(keys) - 1, 0, -1):     # the fused module itself has no native name: its prefixes
+                native = _translate(".".join(keys[:i]), self._forward)
+                if native is not None:
+                    out.append((".".join([native, *keys[i:]]).replace(_PROBE, "{}"), parts))
+                    break
+        return out
 
     def to_hf(self, native_key: str) -> str | None:
         """HF name (without model-class prefix) of a native key, or None when no rule matches."""

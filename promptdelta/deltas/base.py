@@ -30,6 +30,7 @@ from promptdelta.deltas.fingerprint import (MANIFEST_FILE, canonical_namer, lega
                                             verify_manifest, weights_fingerprint, write_manifest)
 from promptdelta.deltas.checks import (FORMAT_VERSION, META_FILE, PEFT_CONFIG_FILE, WEIGHTS_FILE,
                                        check_fingerprint, config_from_meta, read_meta, read_weights)
+from promptdelta.deltas.fused import split_or_fuse
 from promptdelta.deltas.checks import read_weights as _read_weights  # noqa: F401  (its old name: peft_format.py)
 from promptdelta.errors import CheckpointError, ConfigError, DeltaError, PromptDeltaError
 from promptdelta.utils.io import atomic_save_safetensors, atomic_write_json
@@ -517,6 +518,8 @@ def load_delta(model: nn.Module, path: str | Path, name: str | None = None, stri
     config = config_from_meta(cls, meta["config"], folder / META_FILE)
     namer = canonical_namer(model)
     want_targets = [namer(t) for t in meta["targets"]]
+    # a LoRA on a fused projection (GPT-2's c_attn) <-> on its split parts (q/k/v_proj): rewritten when exact
+    want_targets, tensors = split_or_fuse(model, meta["method"], want_targets, tensors, folder)
     check_fingerprint(model, meta["fingerprint"], folder, strict, want_targets, _original_overrides(model))
     try:
         handle = attach(model, meta["method"], name=name or meta["name"], **config)

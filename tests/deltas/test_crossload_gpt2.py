@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from delta_helpers import perturb
-from test_crossload_common import build, crossload, native_of
+from test_crossload_common import build, crossload, logits, native_of
 
 from promptdelta.deltas import attach, deltas_of, load_delta
 from promptdelta.errors import CheckpointError
@@ -50,16 +50,72 @@ def test_the_fused_c_attn_is_checked_part_by_part(tmp_path: Path):
     assert "\n" not in str(err.value) and deltas_of(hf) == {}
 
 
+@pytest.mark.parametrize("impl", ["plain", "fused"])
+def test_a_lora_on_c_attn_loads_on_the_native_q_k_v_and_back(impl, tmp_path: Path):
+    """LoRA's default targets (q_proj, v_proj) sit on the fused c_attn of the transformers GPT-2: the checkpoint
+    loads on the native backbone as q/k/v LoRAs (A copied, B cut in row thirds), and a native one with equal A
+    loads back as one c_attn LoRA; same logits both ways. Refused before (no c_attn module on the native side)."""
+    hf = build("gpt2")
+    native = native_of(hf)
+    base = logits(native)
+    handle = attach(hf, "lora", impl=impl)
+    assert handle.targets == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    perturb(handle.parameters(), scale=0.5)
+    want = logits(hf)
+    assert (want - base).abs().max() > 1e-3, "the delta should move the outputs"
+    handle.save(tmp_path / "hf")
+    on_native = load_delta(native, tmp_path / "hf")
+    assert on_native.targets == [f"layers.{i}.attn.{p}_proj" for i in range(2) for p in "qkv"]
+    assert {m.impl for m in native.modules() if hasattr(m, "lora_A")} == {impl}
+    # the C++ kernel sums in another order than torch on the native side (4.7e-5 at |logits| 5.7; plain: 1.2e-6)
+    torch.testing.assert_close(logits(native), want, rtol=1e-5, atol=1e-4 if impl == "fused" else 1e-5)
+    on_native.save(tmp_path / "native")    # q/k/v with the same A: fused again into c_attn
+    back = build("gpt2")
+    on_hf = load_delta(back, tmp_path / "native")
+    assert on_hf.targets == handle.targets
+    torch.testing.assert_close(logits(back), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_native_lora_on_q_and_v_only_loads_on_c_attn_with_zeros_for_k(tmp_path: Path):
+    hf = build("gpt2")
+    native = native_of(hf)
+    handle = attach(native, "lora", targets=["q_proj", "v_proj"], impl="plain")
+    perturb(handle.parameters(), scale=0.5)
+    with torch.no_grad():   # one A per layer for q and v: exactly one rank-r LoRA on c_attn
+        for i in range(2):
+            native.layers[i].attn.v_proj.lora_A.copy_(native.layers[i].attn.q_proj.lora_A)
+    want = logits(native)
+    handle.save(tmp_path / "n")
+    on_hf = load_delta(hf, tmp_path / "n")
+    assert on_hf.targets == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    torch.testing.assert_close(logits(hf), want, rtol=1e-5, atol=1e-5)
+    k_rows = hf.transformer.h[0].attn.c_attn.lora_B[32:64]   # (H, r): k's third
+    assert torch.equal(k_rows, torch.zeros_like(k_rows))
+
+
+def test_native_q_k_v_loras_with_different_a_are_refused_on_c_attn_in_one_line(tmp_path: Path):
+    hf = build("gpt2")
+    native = native_of(hf)
+    perturb(attach(native, "lora", targets=["q_proj", "v_proj"], impl="plain").parameters(), scale=0.5)
+    next(iter(deltas_of(native).values())).save(tmp_path / "n")
+    with pytest.raises(CheckpointError, match=r"its LoRAs on layers\.0\.attn\.q_proj, layers\.0\.attn\.v_proj have "
+                                              r"different lora_A, so no one LoRA on layers\.0\.attn\.c_attn .* "
+                                              r"train with targets both sides share \(e\.g\. o_proj, fc1, fc2\)") as err:
+        load_delta(hf, tmp_path / "n")
+    assert "\n" not in str(err.value) and deltas_of(hf) == {}
+
+
 @pytest.mark.parametrize("direction", ["hf->native", "native->hf"])
-def test_a_delta_on_the_fused_or_split_qkv_is_refused_in_one_line(direction, tmp_path: Path):
+def test_another_delta_on_the_fused_or_split_qkv_is_refused_in_one_line(direction, tmp_path: Path):
+    """Only LoRA is rewritten across the fused c_attn; BitFit's biases there are refused, naming the module."""
     hf = build("gpt2")
     native = native_of(hf)
     src, dst = (hf, native) if direction == "hf->native" else (native, hf)
-    attach(src, "lora", targets=["q_proj", "v_proj"]).save(tmp_path / "l")
+    attach(src, "bitfit", targets=["q_proj", "v_proj"]).save(tmp_path / "b")
     part = "layers.0.attn.c_attn" if direction == "hf->native" else "layers.0.attn.q_proj"
     with pytest.raises(CheckpointError, match=rf"sits on {part} \(\d of its \d modules\), which this "
                                               rf"{type(dst).__name__} has no module for") as err:
-        load_delta(dst, tmp_path / "l")
+        load_delta(dst, tmp_path / "b")
     assert "\n" not in str(err.value) and deltas_of(dst) == {}
 
 
