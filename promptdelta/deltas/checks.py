@@ -157,7 +157,8 @@ def check_fingerprint(model: nn.Module, saved: dict[str, Any], folder: Path, str
 
 def _check_targets_exist(model: nn.Module, targets: Sequence[str], folder: Path) -> None:
     """Every module the delta sits on (canonical names) is a module here too: a delta on a fused projection
-    (one weight for q, k and v) cannot move to a model that keeps them apart, nor back."""
+    (one weight for q, k and v) cannot move to a model that keeps them apart, nor back (a LoRA is rewritten
+    before this check where that is exact: deltas/fused.py)."""
     from promptdelta.deltas.fingerprint import canonical_namer
     from promptdelta.deltas.sites import iter_sites
 

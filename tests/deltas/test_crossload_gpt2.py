@@ -3,9 +3,10 @@ and v) and the native GPT-2 with the same weights (separate q_proj, k_proj, v_pr
 
 Deltas on modules both sides share (c_proj = o_proj, c_fc = fc1, mlp.c_proj = fc2) carry over with equal
 outputs. The key table's ``fused`` entry fingerprints c_attn as its three parts, so the base-weight check sees
-q/k/v on both sides; a delta ON c_attn (LoRA's default q_proj/v_proj targets, BitFit's biases) or on the split
-q/k/v cannot be carried over and is refused in one line, as is a prefix (tokens numbered after it on the
-transformers side, from 0 on the native one)."""
+q/k/v on both sides. A LoRA on c_attn (LoRA's default q_proj/v_proj targets) loads as q/k/v LoRAs, and back when
+their A are equal (deltas/fused.py); other deltas on c_attn or the split q/k/v (BitFit's biases), a LoRA with
+different A per part, and a prefix (tokens numbered after it on the transformers side, from 0 on the native one)
+are refused in one line."""
 
 from __future__ import annotations
 
