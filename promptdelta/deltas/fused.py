@@ -68,7 +68,7 @@ def split_or_fuse(model: nn.Module, method: str, targets: list[str], tensors: di
         for t in lost:
             m = whole.match(t)
             names = [p.format(*m.groups()) for p in parts] if m else []
-            if names and all(n in order for n in names):            # fused there, split here
+            if names and all(n in order for n in names) and _has(tensors, [t]):   # fused there, split here
                 _split(t, names, tensors, out, folder)
                 out_targets += names
                 done.add(t)
@@ -77,26 +77,28 @@ def split_or_fuse(model: nn.Module, method: str, targets: list[str], tensors: di
                 if m and fused.format(*m.groups()) in order:
                     groups.setdefault(fused.format(*m.groups()), [None] * len(parts))[j] = t
         for name, saved in groups.items():
+            if not _has(tensors, [t for t in saved if t]):
+                continue
             _fuse(name, saved, tensors, out, folder, type(model).__name__)
             out_targets.append(name)
             done.update(t for t in saved if t)
     if not done:
         return targets, tensors
     left = [t for t in lost if t not in done]   # still lost: refused later by checks._check_targets_exist
-    return sorted(out_targets, key=order.__getitem__) + left, {**out, **{k: v for k, v in tensors.items()
-                                                                       if any(k.startswith(t + ".") for t in left)}}
+    out.update({k: v for k, v in tensors.items() if any(k.startswith(t + ".") for t in left)})
+    return sorted(out_targets, key=order.__getitem__) + left, out
 
 
-def _get(tensors: dict[str, torch.Tensor], key: str, folder: Path) -> torch.Tensor:
-    if key not in tensors:
-        raise CheckpointError(f"delta {folder} lacks the tensor {key}; the folder is incomplete: save the delta again.")
-    return tensors[key]
+def _has(tensors: dict[str, torch.Tensor], targets: list[str]) -> bool:
+    """Both LoRA tensors of each target, under its canonical name (a format-1 folder keeps its own names: it is
+    left as saved, and refused by the later checks)."""
+    return all(f"{t}.{x}" in tensors for t in targets for x in (_A, _B))
 
 
 def _split(fused: str, names: list[str], tensors: dict[str, torch.Tensor], out: dict[str, torch.Tensor],
            folder: Path) -> None:
-    a = _get(tensors, f"{fused}.{_A}", folder)   # (r, in)
-    b = _get(tensors, f"{fused}.{_B}", folder)   # (n * out_part, r)
+    a = tensors[f"{fused}.{_A}"]   # (r, in)
+    b = tensors[f"{fused}.{_B}"]   # (n * out_part, r)
     if b.shape[0] % len(names):
         raise CheckpointError(f"delta {folder}: {fused}.{_B} has {b.shape[0]} rows, not a multiple of its "
                               f"{len(names)} parts; save the delta again.")
@@ -107,8 +109,8 @@ def _split(fused: str, names: list[str], tensors: dict[str, torch.Tensor], out: 
 def _fuse(fused: str, saved: list[str | None], tensors: dict[str, torch.Tensor], out: dict[str, torch.Tensor],
           folder: Path, model_class: str) -> None:
     present = [t for t in saved if t]
-    a = [_get(tensors, f"{t}.{_A}", folder) for t in present]            # each (r, in)
-    b = {t: _get(tensors, f"{t}.{_B}", folder) for t in present}         # each (out_part, r)
+    a = [tensors[f"{t}.{_A}"] for t in present]            # each (r, in)
+    b = {t: tensors[f"{t}.{_B}"] for t in present}         # each (out_part, r)
     if not all(torch.equal(a[0], x) for x in a[1:]):
         raise CheckpointError(
             f"delta {folder}: its LoRAs on {', '.join(present)} have different lora_A, so no one LoRA on "

@@ -77,10 +77,10 @@ def test_a_lora_on_c_attn_loads_on_the_native_q_k_v_and_back(impl, tmp_path: Pat
     torch.testing.assert_close(logits(back), want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_native_lora_on_q_and_v_only_loads_on_c_attn_with_zeros_for_k(tmp_path: Path):
+def test_a_native_lora_on_q_v_and_fc1_loads_on_c_attn_with_zeros_for_k(tmp_path: Path):
     hf = build("gpt2")
     native = native_of(hf)
-    handle = attach(native, "lora", targets=["q_proj", "v_proj"], impl="plain")
+    handle = attach(native, "lora", targets=["q_proj", "v_proj", "fc1"], impl="plain")
     perturb(handle.parameters(), scale=0.5)
     with torch.no_grad():   # one A per layer for q and v: exactly one rank-r LoRA on c_attn
         for i in range(2):
@@ -88,7 +88,7 @@ def test_a_native_lora_on_q_and_v_only_loads_on_c_attn_with_zeros_for_k(tmp_path
     want = logits(native)
     handle.save(tmp_path / "n")
     on_hf = load_delta(hf, tmp_path / "n")
-    assert on_hf.targets == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    assert on_hf.targets == [f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc")]
     torch.testing.assert_close(logits(hf), want, rtol=1e-5, atol=1e-5)
     k_rows = hf.transformer.h[0].attn.c_attn.lora_B[32:64]   # (H, r): k's third
     assert torch.equal(k_rows, torch.zeros_like(k_rows))
