@@ -15,6 +15,7 @@ name map in the delta library. ``"all-linear"`` names every linear layer (``nn.L
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -155,11 +156,31 @@ def canonical_aliases(model: nn.Module) -> dict[str, list[str]]:
         return structural_aliases(model)
     leaves: dict[str, list[str]] = {}
     for n in names:
-        own = table.to_native(n)
-        parts = [own] if own else [a for a in (table.to_native(f"{n}_{p}") for p in "qkv") if a]
+        own = _module_native(table, n)
+        parts = [own] if own else [a for a in (_module_native(table, f"{n}_{p}") for p in "qkv") if a]
         if parts:
             leaves[n] = parts
     return {**leaves, **_container_aliases(set(names), leaves)}
+
+
+def _module_native(table: Any, name: str) -> str | None:
+    """The native name of a module a rule of ``table`` names as a whole. ``table.to_native`` also carries one
+    trailing component (a parameter's ``.weight``), which on module names would give a container inside a named
+    block (BERT's ``encoder.layer.0.attention`` under the ladder's ``encoder.layer.{}`` rule) a native name that
+    does not exist; containers get theirs from the leaves they hold (_container_aliases)."""
+    if table.fused_parts(name) is not None:
+        return None
+    key = table.strip_prefix(name)
+    for hf, native in table.rules:
+        match = _whole_rule(hf).fullmatch(key)
+        if match:
+            return native.format(*match.groups())
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _whole_rule(pattern: str) -> re.Pattern[str]:
+    return re.compile(re.escape(pattern).replace(r"\{\}", r"(\d+)"))
 
 
 def _container_aliases(names: set[str], leaves: dict[str, list[str]]) -> dict[str, list[str]]:
