@@ -71,11 +71,12 @@ class FastDropoutHandle:
 
     swapped: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)   # (parent, name, original)
     attention: list[tuple[nn.Module, str]] = field(default_factory=list)            # (HF model, previous impl)
+    native: list[nn.Module] = field(default_factory=list)     # native backbones put on torch's dropout
     message: str = ""
 
     @property
     def changed(self) -> bool:
-        return bool(self.swapped or self.attention)
+        return bool(self.swapped or self.attention or self.native)
 
     def restore(self) -> None:
         """Put back every original dropout module and attention implementation (a second call does nothing)."""
@@ -83,7 +84,9 @@ class FastDropoutHandle:
             setattr(parent, name, original)
         for model, previous in reversed(self.attention):
             model.set_attn_implementation(previous)
-        self.swapped, self.attention = [], []
+        for backbone in reversed(self.native):
+            backbone.use_torch_dropout(False)
+        self.swapped, self.attention, self.native = [], [], []
 
     def __enter__(self) -> "FastDropoutHandle":
         return self
@@ -150,5 +153,21 @@ def fast_dropout(model: nn.Module) -> FastDropoutHandle:
         if skipped:
             attn += f"; attention left as is in {', '.join(skipped)} (no AttentionInterface dispatch)"
         handle.message = f"fast_dropout: {len(handle.swapped)} nn.Dropout -> FastDropout; {attn}"
+    logger.info("%s", handle.message)
+    return handle
+
+
+def torch_dropout(model: nn.Module) -> FastDropoutHandle:
+    """The opposite of :func:`fast_dropout` for native backbones, which run the fused dropout in training by
+    themselves: each one in ``model`` that has ``use_torch_dropout`` is put on torch's dropout until
+    ``restore()`` (``train.fast_dropout: false``, so such a run draws torch's masks, as runs before it did)."""
+    handle = FastDropoutHandle()
+    for m in model.modules():
+        layers = getattr(m, "layers", None)
+        if callable(getattr(m, "use_torch_dropout", None)) and layers is not None and \
+                not all(getattr(layer.attn, "torch_dropout", False) for layer in layers):
+            m.use_torch_dropout(True)
+            handle.native.append(m)
+    handle.message = f"torch_dropout: {len(handle.native)} native backbone(s) on torch's dropout"
     logger.info("%s", handle.message)
     return handle

@@ -176,6 +176,25 @@ def test_trainer_switch_off_and_config_validation():
         Trainer(model, fast_dropout="yes")
 
 
+def test_fast_dropout_false_puts_a_native_backbone_on_torch_dropout_while_it_trains(monkeypatch):
+    """A native BERT runs the fused dropout by itself; train.fast_dropout false must give torch's dropout there
+    too (a run recorded before the key existed resumes on torch's masks), and fit gives the fused one back."""
+    from promptdelta.backbones import load_backbone
+    from promptdelta.kernels import attention_cpu
+
+    model = Clf()
+    model.bert = load_backbone(model.bert)[0]
+    fused = []
+    real = attention_cpu.attention
+    monkeypatch.setattr(attention_cpu, "attention", lambda *a, **k: fused.append(1) or real(*a, **k))
+    monkeypatch.setattr(FastDropout, "forward", lambda self, x: fused.append(1) or dropout(x, self.p, self.training))
+    Trainer(model, lr=1e-3, max_steps=2, batch_size=8, progress=False, fast_dropout=False).fit(data(16))
+    assert not fused
+    assert all(isinstance(layer.dropout, FastDropout) and not layer.attn.torch_dropout for layer in model.bert.layers)
+    Trainer(model, lr=1e-3, max_steps=1, batch_size=8, progress=False).fit(data(8))
+    assert fused
+
+
 def test_same_seed_same_training_with_fast_dropout():
     def run():
         model = Clf()

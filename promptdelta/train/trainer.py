@@ -29,7 +29,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from tqdm.auto import tqdm
 
 from promptdelta.errors import CheckpointError, ConfigError, PromptDeltaError
-from promptdelta.speed import fast_dropout
+from promptdelta.speed import fast_dropout, torch_dropout
 from promptdelta.train import checkpoint as ckpt
 from promptdelta.train import distributed as ddp
 from promptdelta.train.config import TrainConfig
@@ -283,8 +283,12 @@ class Trainer:
                 run.best = self._snapshot()
         bar = tqdm(total=run.total, initial=self.state.step, desc="train", leave=False,
                    disable=not (cfg.progress and self.dist.is_main))
-        # fused CPU dropout + attention while training (torch's dropout was ~12% of a step); undone after
-        speedup = fast_dropout(self.model) if cfg.fast_dropout and torch.device(self.device).type == "cpu" else None
+        # fused CPU dropout + attention while training (torch's dropout was ~12% of a step), or torch's dropout
+        # everywhere with fast_dropout false (native backbones run the fused one by themselves); undone after
+        if not cfg.fast_dropout:
+            speedup = torch_dropout(self.model)
+        else:
+            speedup = fast_dropout(self.model) if torch.device(self.device).type == "cpu" else None
         try:
             while self.state.step < run.total:
                 if run.pos >= len(run.order):
