@@ -242,6 +242,11 @@ def sorted_batches(clf: nn.Module, examples: Sequence[InputExample], batch_size:
     for c in range(0, len(order), chunk):
         rows = order[c:c + chunk]
         full = clf.collate([examples[i] for i in rows])
+        if full["attention_mask"].shape[0] != len(rows):      # a template with several rows an example (pairs)
+            for s in range(0, len(rows), batch_size):
+                idx = rows[s:s + batch_size]
+                yield idx, clf.collate([examples[i] for i in idx])
+            continue
         lengths = full["attention_mask"].sum(1)                                   # (n,)
         sliceable = _right_padded(full)
         by_tokens = sorted(range(len(rows)), key=lambda j: -int(lengths[j]))     # stable: ties keep char order

@@ -49,7 +49,14 @@ RECIPE_FILE = "recipe.json"
 MEMBERS_DIR = "members"
 
 
-# ------------------------------------------------------------------------------ the two prompt parts
+# ------------------------------------------------------------------------------ the prompt parts
+def _check_tokenize(examples: Sequence[Any], max_length: Any) -> None:
+    if not isinstance(max_length, int) or max_length <= 0:
+        raise TemplateError(f"max_length must be a positive int, got {max_length!r}; pass e.g. max_length=128")
+    if len(examples) == 0:
+        raise TemplateError("tokenize() got no examples; pass a non-empty list of InputExample")
+
+
 class PlainTemplate(Template):
     """The plain texts as the tokenizer encodes them (text_a, or the pair text_a + text_b with its own special
     tokens and token types): what sentence-embedding heads were fitted on. No mask: read it with
@@ -61,10 +68,7 @@ class PlainTemplate(Template):
     def tokenize(self, examples: Sequence[Any], max_length: int = 256) -> dict[str, torch.Tensor]:
         from promptdelta.bench.baselines import tokenize_pairs
 
-        if not isinstance(max_length, int) or max_length <= 0:
-            raise TemplateError(f"max_length must be a positive int, got {max_length!r}; pass e.g. max_length=128")
-        if len(examples) == 0:
-            raise TemplateError("tokenize() got no examples; pass a non-empty list of InputExample")
+        _check_tokenize(examples, max_length)
         batch = tokenize_pairs(self.tokenizer, list(examples), max_length)        # (B, T) each
         batch["mask_pos"] = torch.zeros(len(examples), 1, dtype=torch.long)       # (B, 1)
         return batch
@@ -85,6 +89,64 @@ class LinearVerbalizer(Verbalizer):
         return self.head(hidden.to(self.head.weight.dtype))                    # (B, H) -> (B, C)
 
 
+class PairTemplate(Template):
+    """A text pair's two texts encoded apart, as rows 2i (text_a) and 2i + 1 (text_b) of one batch: B pairs ->
+    (2B, T) rows, read with ``readout="mean"`` and paired again by ``PairCosineVerbalizer``."""
+
+    def __init__(self, tokenizer: Any, kind: str | None = None) -> None:
+        super().__init__(tokenizer, kind)
+
+    def tokenize(self, examples: Sequence[Any], max_length: int = 256) -> dict[str, torch.Tensor]:
+        from promptdelta.bench.baselines import tokenize_pairs
+        from promptdelta.data.examples import InputExample
+
+        _check_tokenize(examples, max_length)
+        rows = [InputExample(text=t or "") for ex in examples for t in (ex.text, ex.text_b)]
+        batch = tokenize_pairs(self.tokenizer, rows, max_length)                  # (2B, T) each
+        batch["mask_pos"] = torch.zeros(len(rows), 1, dtype=torch.long)          # (2B, 1)
+        if all(ex.label is not None for ex in examples):
+            batch["labels"] = torch.tensor([ex.label for ex in examples], dtype=torch.long)   # (B,)
+        return batch
+
+
+class PairCosineVerbalizer(Verbalizer):
+    """Label logits from the cosine of a pair's two readouts: (2B, H) -> z = SCALE cos(h_a, h_b) (B, 1) ->
+    w z + b (B, C), a logistic head on one feature (fitted by the recipe, ``set_head``)."""
+
+    SCALE = 10.0        # the feature the head was fitted on: cosines live in [-1, 1]
+
+    def __init__(self, classes: Sequence[str]) -> None:
+        super().__init__(classes)
+        self.head = nn.Linear(1, len(self.classes))
+        with torch.no_grad():
+            self.head.weight.zero_()
+            self.head.bias.zero_()
+
+    def set_head(self, head: Any) -> None:
+        """Copy a fitted sklearn LogisticRegression on the (N, 1) feature."""
+        w, b = head_weights(head, self.num_classes)
+        with torch.no_grad():
+            self.head.weight.copy_(w)
+            self.head.bias.copy_(b)
+
+    def process(self, hidden: torch.Tensor, logits: torch.Tensor | None, backbone: Any) -> torch.Tensor:
+        hidden, _ = self.single_mask(hidden, logits)
+        pairs = nn.functional.normalize(hidden.to(self.head.weight.dtype), dim=-1).reshape(-1, 2, hidden.shape[-1])
+        z = self.SCALE * (pairs[:, 0] * pairs[:, 1]).sum(-1, keepdim=True)       # (B, 1)
+        return self.head(z)                                                      # (B, C)
+
+
+def _build_pair(tokenizer: Any, classes: list[str] | None, options: dict[str, Any], backbone: Any) -> Template:
+    return PairTemplate(tokenizer, kind=options.get("kind"))
+
+
+def _build_pair_cosine(tokenizer: Any, classes: list[str] | None, options: dict[str, Any],
+                       backbone: Any) -> Verbalizer:
+    if not classes:
+        raise CheckpointError("a pair-cosine verbalizer needs its classes; pass classes=[...]")
+    return PairCosineVerbalizer(classes)
+
+
 def _build_plain(tokenizer: Any, classes: list[str] | None, options: dict[str, Any], backbone: Any) -> Template:
     return PlainTemplate(tokenizer, kind=options.get("kind"))
 
@@ -97,6 +159,8 @@ def _build_linear(tokenizer: Any, classes: list[str] | None, options: dict[str, 
 
 register_template("plain", PlainTemplate, _build_plain, lambda t: {"kind": t.kind})
 register_verbalizer("linear", LinearVerbalizer, _build_linear, lambda v: {})
+register_template("pair", PairTemplate, _build_pair, lambda t: {"kind": t.kind})
+register_verbalizer("pair-cosine", PairCosineVerbalizer, _build_pair_cosine, lambda v: {})
 
 
 # --------------------------------------------------------------------------------- scorer -> classifier

@@ -9,7 +9,7 @@ import torch
 
 from promptdelta.data import load
 from promptdelta.errors import ConfigError
-from promptdelta.recipe import CANDIDATES, RUNNERS, auto_recipe
+from promptdelta.recipe import CANDIDATES, REFIT, RUNNERS, ZERO_SHOT, auto_recipe
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +27,11 @@ def test_every_candidate_runs_and_the_best_dev_wins(setup):
                       candidates=everything, max_length=32, echo=said.append)
     rows = [r for r in out.table if r["name"] != "refit"]
     assert [r["name"] for r in rows] == everything and all(r["status"] == "ran" for r in out.table)
-    assert rows[-1]["members"] == [n for n in RUNNERS if n != "similarity"]      # zero-shot is not averaged
+    assert rows[-1]["members"] == [n for n in RUNNERS if n not in ZERO_SHOT]     # zero-shot is not averaged
     scores = [r["dev"] for r in rows]
     assert out.dev_score == max(scores)
     assert out.chosen == rows[scores.index(max(scores))]["name"]                 # ties: the first listed
-    assert out.refit == (out.chosen in ("logreg", "setfit")) == (out.table[-1]["name"] == "refit")
+    assert out.refit == (out.chosen in REFIT) == (out.table[-1]["name"] == "refit")
     assert "budget 600 s" in said[0] and f"chose {out.chosen}" in said[-2 if out.refit else -1]
     preds, proba = out.predict(list(test)), out.proba(list(test))
     assert len(preds) == len(test) and set(preds) <= {0, 1}
