@@ -242,7 +242,7 @@ def sorted_batches(clf: nn.Module, examples: Sequence[InputExample], batch_size:
     for c in range(0, len(order), chunk):
         rows = order[c:c + chunk]
         full = clf.collate([examples[i] for i in rows])
-        if full["attention_mask"].shape[0] != len(rows):      # a template with several rows an example (pairs)
+        if "row_group" in full or full["attention_mask"].shape[0] != len(rows):   # rows are not examples
             for s in range(0, len(rows), batch_size):
                 idx = rows[s:s + batch_size]
                 yield idx, clf.collate([examples[i] for i in idx])

@@ -52,6 +52,9 @@ from promptdelta.utils.seed import seed_everything
 DEFAULT_TEMPLATE = '{"placeholder":"text_a"} It was {"mask"}.'
 CANDIDATES = ("setfit", "logreg", "ensemble", "zero-shot")
 SETFIT_SEEDS, SETFIT_ROUNDS = (0,), 20       # seed offsets of the bodies averaged, pair rounds per body
+# the heads read a single text longer than max_length whole, as the token-weighted mean of its windows'
+# embeddings, instead of its first max_length tokens (held-out IMDB reviews: +0 to +3 points; docs/guide/recipe.md)
+WINDOWS = True
 C_GRID = (0.01, 0.1, 1.0, 10.0)
 Proba = Callable[[Sequence[Any]], np.ndarray]          # examples -> class probabilities (N, C)
 
@@ -114,8 +117,8 @@ def _head(embed_fn: Callable[[Sequence[Any]], np.ndarray], train: Sequence[Any],
 def _logreg(base, tok, train, dev, seed, max_length, template, label_words, c=None) -> Proba:
     from promptdelta.bench.baselines import embed
 
-    proba = _head(lambda ex: embed(base, tok, list(ex), max_length), train, dev, seed, c)
-    proba.body, proba.tuned = base, False  # what embedded the head's inputs (recipe_export saves it)
+    proba = _head(lambda ex: embed(base, tok, list(ex), max_length, windows=WINDOWS), train, dev, seed, c)
+    proba.body, proba.tuned, proba.windows = base, False, WINDOWS  # what embedded the head's inputs, and how
     return proba
 
 
@@ -132,9 +135,9 @@ def _setfit(base, tok, train, dev, seed, max_length, template, label_words, c=No
         train_body_pairs(body, tok, train, max_length=max_length, num_iterations=SETFIT_ROUNDS, lr=2e-5,
                          batch_size=16, seed=seed + s)
         body.requires_grad_(False)
-        heads.append(_head(lambda ex, b=body: embed(b, tok, list(ex), max_length), train, dev, seed,
-                           None if c is None else c[i]))
-        heads[-1].body, heads[-1].tuned = body, True
+        heads.append(_head(lambda ex, b=body: embed(b, tok, list(ex), max_length, windows=WINDOWS), train, dev,
+                           seed, None if c is None else c[i]))
+        heads[-1].body, heads[-1].tuned, heads[-1].windows = body, True, WINDOWS
     proba = _mean_proba(heads)
     proba.c = [h.c for h in heads]
     return proba
@@ -211,12 +214,13 @@ def _zero_shot(base, tok, train, dev, seed, max_length, template, label_words, c
     flat = mean_embeddings(base, tok, [d for ds in descs for d in ds])                              # (sum W, H)
     sizes = [len(ds) for ds in descs]
     embeds = torch.stack([part.mean(0) for part in torch.split(flat, sizes)])                     # (C, H)
-    h = embed(base, tok, list(train), max_length)                                                 # (N, H)
+    h = embed(base, tok, list(train), max_length, windows=WINDOWS)                                # (N, H)
     cos = (h / np.linalg.norm(h, axis=1, keepdims=True).clip(1e-12)) @ torch.nn.functional.normalize(
         embeds, dim=-1).numpy().T                                                                 # (N, C)
     verbalizer = SimilarityVerbalizer(classes, embeds, ["; ".join(ds) for ds in descs],
                                       temperature=fit_temperature(cos, [ex.label for ex in train]), trainable=False)
-    clf = build_classifier(base, tok, classes, PlainTemplate(tok), verbalizer, readout="mean", max_length=max_length)
+    clf = build_classifier(base, tok, classes, PlainTemplate(tok, windows=WINDOWS), verbalizer, readout="mean",
+                           max_length=max_length)
     proba = _softmax_of(clf)
     proba.c = None
     return proba

@@ -60,17 +60,21 @@ def _check_tokenize(examples: Sequence[Any], max_length: Any) -> None:
 class PlainTemplate(Template):
     """The plain texts as the tokenizer encodes them (text_a, or the pair text_a + text_b with its own special
     tokens and token types): what sentence-embedding heads were fitted on. No mask: read it with
-    ``readout="mean"`` (``mask_pos`` is 0, the first token, for the model's bookkeeping only)."""
+    ``readout="mean"`` (``mask_pos`` is 0, the first token, for the model's bookkeeping only). ``windows``: a
+    single text longer than max_length is read whole in windows (``bench.baselines.tokenize_windows``: R >= B
+    rows and their ``row_group``, which the mean readout pools per example)."""
 
-    def __init__(self, tokenizer: Any, kind: str | None = None) -> None:
+    def __init__(self, tokenizer: Any, kind: str | None = None, windows: bool = False) -> None:
         super().__init__(tokenizer, kind)
+        self.windows = bool(windows)
 
     def tokenize(self, examples: Sequence[Any], max_length: int = 256) -> dict[str, torch.Tensor]:
-        from promptdelta.bench.baselines import tokenize_pairs
+        from promptdelta.bench.baselines import tokenize_pairs, tokenize_windows
 
         _check_tokenize(examples, max_length)
-        batch = tokenize_pairs(self.tokenizer, list(examples), max_length)        # (B, T) each
-        batch["mask_pos"] = torch.zeros(len(examples), 1, dtype=torch.long)       # (B, 1)
+        encode = tokenize_windows if self.windows else tokenize_pairs
+        batch = encode(self.tokenizer, list(examples), max_length)                # (R, T) each
+        batch["mask_pos"] = torch.zeros(batch["input_ids"].shape[0], 1, dtype=torch.long)   # (R, 1)
         return batch
 
 
@@ -148,7 +152,7 @@ def _build_pair_cosine(tokenizer: Any, classes: list[str] | None, options: dict[
 
 
 def _build_plain(tokenizer: Any, classes: list[str] | None, options: dict[str, Any], backbone: Any) -> Template:
-    return PlainTemplate(tokenizer, kind=options.get("kind"))
+    return PlainTemplate(tokenizer, kind=options.get("kind"), windows=bool(options.get("windows", False)))
 
 
 def _build_linear(tokenizer: Any, classes: list[str] | None, options: dict[str, Any], backbone: Any) -> Verbalizer:
@@ -157,7 +161,7 @@ def _build_linear(tokenizer: Any, classes: list[str] | None, options: dict[str, 
     return LinearVerbalizer(classes, need_backbone(backbone, "linear verbalizer").config.hidden_size)
 
 
-register_template("plain", PlainTemplate, _build_plain, lambda t: {"kind": t.kind})
+register_template("plain", PlainTemplate, _build_plain, lambda t: {"kind": t.kind, "windows": t.windows})
 register_verbalizer("linear", LinearVerbalizer, _build_linear, lambda v: {})
 register_template("pair", PairTemplate, _build_pair, lambda t: {"kind": t.kind})
 register_verbalizer("pair-cosine", PairCosineVerbalizer, _build_pair_cosine, lambda v: {})
@@ -200,7 +204,8 @@ def leaf_classifier(leaf: Any, tokenizer: Any, classes: Sequence[str], max_lengt
     with torch.no_grad():
         verbalizer.head.weight.copy_(w)
         verbalizer.head.bias.copy_(b)
-    return build_classifier(body, tokenizer, list(classes), PlainTemplate(tokenizer), verbalizer, readout="mean",
+    template = PlainTemplate(tokenizer, windows=getattr(leaf, "windows", False))
+    return build_classifier(body, tokenizer, list(classes), template, verbalizer, readout="mean",
                             max_length=max_length)
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from promptdelta.data.examples import InputExample
+from promptdelta.utils.pooling import grouped_mean
 
 logger = logging.getLogger(__name__)
 
@@ -88,17 +89,41 @@ def build_head_model(kind: str, base: nn.Module, tokenizer: Any, num_classes: in
                           freeze_backbone=(kind == "head"))
 
 
+def tokenize_windows(tokenizer: Any, examples: Sequence[InputExample], max_length: int) -> dict[str, torch.Tensor]:
+    """Like ``tokenize_pairs``, but a single text longer than ``max_length`` is cut into consecutive windows of
+    ``max_length`` tokens (special tokens included), one row each, instead of being truncated: R >= B rows, and
+    ``row_group`` (R,) names each row's example. Pairs are truncated as before (a window of one text of a pair
+    has no partner). A mean readout over a group's real tokens (``grouped_mean``) then reads the whole text."""
+    if any(ex.text_b is not None for ex in examples):
+        batch = tokenize_pairs(tokenizer, examples, max_length)
+        batch["row_group"] = torch.arange(len(examples))
+        return batch
+    enc = tokenizer([ex.text for ex in examples], truncation=True, max_length=max_length, padding=True,
+                    return_overflowing_tokens=True, stride=0, return_tensors="pt")   # the tokenizer's own windows
+    batch = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+    batch["row_group"] = enc["overflow_to_sample_mapping"].long()                   # (R,)
+    if all(ex.label is not None for ex in examples):
+        batch["labels"] = torch.tensor([ex.label for ex in examples], dtype=torch.long)
+    return batch
+
+
 @torch.no_grad()
 def embed(backbone: nn.Module, tokenizer: Any, examples: Sequence[InputExample], max_length: int,
-          batch_size: int = 64, device: str = "cpu") -> np.ndarray:
-    """Mean-pooled last-layer states of a frozen backbone, (N, H) float32."""
+          batch_size: int = 64, device: str = "cpu", windows: bool = False) -> np.ndarray:
+    """Mean-pooled last-layer states of a frozen backbone, (N, H) float32. ``windows``: a single text longer
+    than ``max_length`` is read whole, in windows (``tokenize_windows``), not truncated."""
     backbone.eval()
     out = []
     for i in range(0, len(examples), batch_size):
-        batch = tokenize_pairs(tokenizer, examples[i:i + batch_size], max_length)
+        part = examples[i:i + batch_size]
+        if windows:
+            batch = tokenize_windows(tokenizer, part, max_length)
+            group = batch.pop("row_group").to(device)
+        else:
+            batch, group = tokenize_pairs(tokenizer, part, max_length), None
         inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        hidden = backbone(**inputs).last_hidden_state               # (B, T, H)
-        out.append(mean_pool(hidden, inputs["attention_mask"]).float().cpu().numpy())
+        hidden = backbone(**inputs).last_hidden_state               # (R, T, H)
+        out.append(grouped_mean(hidden, inputs["attention_mask"], group).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, backbone.config.hidden_size), np.float32)
 
 

@@ -40,6 +40,7 @@ from torch.nn import functional as F
 from promptdelta.errors import DataError, TemplateError, VerbalizerError
 from promptdelta.prompts.template import Template
 from promptdelta.prompts.verbalizer import Verbalizer
+from promptdelta.utils.pooling import grouped_mean
 
 if TYPE_CHECKING:
     from promptdelta.predict import Predictions
@@ -212,8 +213,8 @@ class PromptForClassification(nn.Module):
             if hidden.dim() == 3:
                 raise TemplateError("readout='mean' reads one vector per example; use a template with one "
                                     "{\"mask\"} or readout='mask'")
-            keep = batch["attention_mask"][..., None].to(out.last_hidden_state.dtype)     # (B, T, 1)
-            hidden = (out.last_hidden_state * keep).sum(1) / keep.sum(1).clamp(min=1)     # (B, H)
+            # row_group: a template that reads one example as several rows (a long text in windows)
+            hidden = grouped_mean(out.last_hidden_state, batch["attention_mask"], batch.get("row_group"))  # (B, H)
         logits = None if out.logits is None else out.logits[rows, mask_at]     # (B, V)
         return hidden, logits, getattr(out, "past_key_values", None)
 
