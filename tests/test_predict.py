@@ -27,6 +27,7 @@ TEXTS = ["short", "a much longer text about a film that was good and long", "bad
 @pytest.fixture(scope="module")
 def clf(tiny_bert_dir):
     model, tok = pd.load_backbone(tiny_bert_dir)
+    torch.manual_seed(0)                # LoRA's init draws from the global RNG: the same weights in any test order
     pd.attach(model, "lora", targets=["q_proj", "v_proj"], r=2, alpha=4)
     clf = pd.build_classifier(model, tok, CLASSES, "mixed", "manual", max_length=64,
                               template_options={"text": '{"placeholder":"text_a"} {"soft": "It was"} {"mask"}.'},
@@ -58,8 +59,8 @@ def test_every_input_shape_gives_the_same_predictions(clf):
     for name, inputs in shapes.items():
         got = clf.predict(inputs, columns={"text": "review"} if name == "dataframe" else None)
         assert torch.equal(got.probs, want.probs), name
-    one = clf.predict(TEXTS[1])
-    assert len(one) == 1 and torch.equal(one.probs[0], want.probs[1])
+    one = clf.predict(TEXTS[1])      # alone: no padding and other GEMM shapes, so equal up to rounding only
+    assert len(one) == 1 and torch.allclose(one.probs[0], want.probs[1], rtol=0, atol=1e-6)
 
 
 def test_results_keep_input_order_and_match_one_at_a_time(clf):
