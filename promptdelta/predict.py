@@ -242,14 +242,13 @@ def sorted_batches(clf: nn.Module, examples: Sequence[InputExample], batch_size:
     for c in range(0, len(order), chunk):
         rows = order[c:c + chunk]
         full = clf.collate([examples[i] for i in rows])
-        if "row_group" in full or full["attention_mask"].shape[0] != len(rows):   # rows are not examples
-            for s in range(0, len(rows), batch_size):
-                idx = rows[s:s + batch_size]
-                yield idx, clf.collate([examples[i] for i in idx])
-            continue
+        # a template may read an example as several rows (a pair's texts, a long text's windows): then rows
+        # are not examples, and batches are tokenised per batch in character order
+        one_row_each = "row_group" not in full and full["attention_mask"].shape[0] == len(rows)
         lengths = full["attention_mask"].sum(1)                                   # (n,)
-        sliceable = _right_padded(full)
-        by_tokens = sorted(range(len(rows)), key=lambda j: -int(lengths[j]))     # stable: ties keep char order
+        sliceable = one_row_each and _right_padded(full)
+        by_tokens = (sorted(range(len(rows)), key=lambda j: -int(lengths[j]))    # stable: ties keep char order
+                     if one_row_each else list(range(len(rows))))
         for s in range(0, len(rows), batch_size):
             part = by_tokens[s:s + batch_size]
             idx = [rows[j] for j in part]

@@ -88,6 +88,13 @@ class LinearVerbalizer(Verbalizer):
             self.head.weight.zero_()
             self.head.bias.zero_()
 
+    def set_head(self, head: Any) -> None:
+        """Copy a fitted sklearn LogisticRegression (its softmax(W h + b) becomes this head's)."""
+        w, b = head_weights(head, self.num_classes)
+        with torch.no_grad():
+            self.head.weight.copy_(w)
+            self.head.bias.copy_(b)
+
     def process(self, hidden: torch.Tensor, logits: torch.Tensor | None, backbone: Any) -> torch.Tensor:
         hidden, _ = self.single_mask(hidden, logits)
         return self.head(hidden.to(self.head.weight.dtype))                    # (B, H) -> (B, C)
@@ -113,25 +120,14 @@ class PairTemplate(Template):
         return batch
 
 
-class PairCosineVerbalizer(Verbalizer):
+class PairCosineVerbalizer(LinearVerbalizer):
     """Label logits from the cosine of a pair's two readouts: (2B, H) -> z = SCALE cos(h_a, h_b) (B, 1) ->
-    w z + b (B, C), a logistic head on one feature (fitted by the recipe, ``set_head``)."""
+    w z + b (B, C), a linear head on one feature (a logistic regression fitted by the recipe, ``set_head``)."""
 
     SCALE = 10.0        # the feature the head was fitted on: cosines live in [-1, 1]
 
     def __init__(self, classes: Sequence[str]) -> None:
-        super().__init__(classes)
-        self.head = nn.Linear(1, len(self.classes))
-        with torch.no_grad():
-            self.head.weight.zero_()
-            self.head.bias.zero_()
-
-    def set_head(self, head: Any) -> None:
-        """Copy a fitted sklearn LogisticRegression on the (N, 1) feature."""
-        w, b = head_weights(head, self.num_classes)
-        with torch.no_grad():
-            self.head.weight.copy_(w)
-            self.head.bias.copy_(b)
+        super().__init__(classes, 1)
 
     def process(self, hidden: torch.Tensor, logits: torch.Tensor | None, backbone: Any) -> torch.Tensor:
         hidden, _ = self.single_mask(hidden, logits)
@@ -200,10 +196,7 @@ def leaf_classifier(leaf: Any, tokenizer: Any, classes: Sequence[str], max_lengt
         return leaf.clf
     body = leaf.body
     verbalizer = LinearVerbalizer(classes, body.config.hidden_size)
-    w, b = head_weights(leaf.head, len(classes))
-    with torch.no_grad():
-        verbalizer.head.weight.copy_(w)
-        verbalizer.head.bias.copy_(b)
+    verbalizer.set_head(leaf.head)
     template = PlainTemplate(tokenizer, windows=getattr(leaf, "windows", False))
     return build_classifier(body, tokenizer, list(classes), template, verbalizer, readout="mean",
                             max_length=max_length)

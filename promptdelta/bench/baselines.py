@@ -37,8 +37,7 @@ def tokenize_pairs(tokenizer: Any, examples: Sequence[InputExample], max_length:
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of the real tokens' states: (B, T, H), (B, T) -> (B, H)."""
-    m = mask.unsqueeze(-1).to(hidden.dtype)                        # (B, T, 1)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    return grouped_mean(hidden, mask, None)
 
 
 class HeadClassifier(nn.Module):
