@@ -4,14 +4,14 @@ The default candidates are chosen for robustness on an embedding backbone (no ta
 never read here), from priors rather than from the suite's test numbers:
 
     setfit       SetFit (Tunstall et al. 2022) in our own code: the whole body trained on same/other-class
-                 pairs of the plain texts (cosine regression (cos(h_i, h_j) - y_ij)^2, lr 2e-5, 1 epoch), then a
-                 logistic head on the tuned mean embeddings, C on dev. SetFit's own defaults: one body,
-                 num_iterations=20 (``SETFIT_SEEDS`` lists more bodies to average; two bodies of 10 rounds, the
-                 same cost, were the default before and trailed one full body on SST-2's dev-pool checks)
-    logreg       logistic regression on the frozen mean embeddings, C in {0.01, 0.1, 1, 10} on dev
-    ensemble     the mean of the class probabilities of the trained candidates that ran before it,
-                     P(y | x) = 1/K sum_k P_k(y | x)
-                 kept only when its dev accuracy is strictly above the best single candidate's
+                 pairs of the plain texts (cosine regression (cos(h_i, h_j) - y_ij)^2, lr 2e-5, 1 epoch; SetFit's
+                 defaults: one body, num_iterations=20, ``SETFIT_SEEDS`` lists more bodies to average). One text:
+                 the pairs also draw on ``AUGMENT`` copies of each class description (SetFit's templated
+                 examples, ``get_templated_dataset``), and the head is the prior head: the tuned body's own
+                 zero-shot logits cos(h(x), e_c) / tau plus a logistic head fitted on top of them,
+                     P(y | x) = softmax(cos(h, e) / tau + W h^ + b),  c sum CE + |W|^2 / 2,
+                 C on dev (the smallest of the best: nearest the prior; CLAP, Silva-Rodriguez et al. 2024).
+                 A text pair: a logistic head on the tuned mean embeddings, C on dev
     zero-shot    the embedding model's own similarity, fitted by one or two numbers on train (never averaged):
                  one text: s_c(x) = cos(h(x), e_c) / tau, e_c the mean embedding of class c's descriptions,
                  the template with its text left out and its mask filled by each label word ("It was
@@ -20,9 +20,15 @@ never read here), from priors rather than from the suite's test numbers:
                  2019), C on dev. Last, so it must beat the others strictly: on held-out examples of the
                  train pools (never test; docs/results/fewshot) it stayed at 71-73% on SST-2 where few-shot
                  heads fell to 56% on an unlucky 16-shot draw, and lifted RTE's pairs from chance to ~56%
-    (optional)   lora-soft (LoRA + soft verbalizer on the template's mean readout, LP-FT, 20 epochs, best dev
+    (optional)   logreg (logistic regression on the frozen mean embeddings, C on dev), ensemble (the mean of
+                 the class probabilities of the trained candidates before it, kept only when strictly better on
+                 dev), lora-soft (LoRA + soft verbalizer on the template's mean readout, LP-FT, 20 epochs, best dev
                  epoch: its dev score is the max over 21 checkpoints, so it is biased upwards against the
-                 others and is not a default), similarity (zero-shot label words), setfit-lora (LoRA on pairs)
+                 others), similarity (zero-shot label words), setfit-lora (LoRA on pairs)
+
+Why two defaults: with 16 dev examples a class, every extra candidate is one more chance to choose on noise.
+On held-out examples of the train pools (never test; docs/guide/recipe.md) logreg and the ensemble were the
+choices dev made by one or two examples and that then scored below the SetFit candidate.
 
 Refit: once dev has chosen (and chosen each head's C), the choice is trained again on train + dev, every
 labelled example (``GridSearchCV(refit=True)``'s rule; in the LM-BFF protocol dev is half of the labelled
@@ -45,13 +51,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from promptdelta.errors import ConfigError
 from promptdelta.utils.seed import seed_everything
 
 DEFAULT_TEMPLATE = '{"placeholder":"text_a"} It was {"mask"}.'
-CANDIDATES = ("setfit", "logreg", "ensemble", "zero-shot")
+CANDIDATES = ("setfit", "zero-shot")
 SETFIT_SEEDS, SETFIT_ROUNDS = (0,), 20       # seed offsets of the bodies averaged, pair rounds per body
+AUGMENT = 2          # copies of each class description in SetFit's body training (setfit's get_templated_dataset)
 # the heads read a single text longer than max_length whole, as the token-weighted mean of its windows'
 # embeddings, instead of its first max_length tokens (held-out IMDB reviews: +0 to +3 points; docs/guide/recipe.md)
 WINDOWS = True
@@ -123,23 +131,108 @@ def _logreg(base, tok, train, dev, seed, max_length, template, label_words, c=No
 
 
 def _setfit(base, tok, train, dev, seed, max_length, template, label_words, c=None) -> Proba:
-    """SetFit bodies (one per offset in ``SETFIT_SEEDS``, ``SETFIT_ROUNDS`` pair rounds each), each with its own
-    logistic head (C on dev, or ``c[i]`` given by the refit); their class probabilities averaged."""
+    """SetFit bodies (one per offset in ``SETFIT_SEEDS``, ``SETFIT_ROUNDS`` pair rounds each), their class
+    probabilities averaged. One text: the body also trains on ``AUGMENT`` copies of each class description
+    (SetFit's templated examples), and the head is the prior head (``fit_prior_head``) on the body's own
+    zero-shot logits; text pairs: a logistic head (C on dev, or ``c[i]`` given by the refit)."""
     from promptdelta.bench.baselines import embed
+    from promptdelta.data.examples import InputExample
     from promptdelta.train.contrastive import train_body_pairs
 
+    pairs = any(ex.text_b is not None for ex in train)
+    classes = [str(k) for k in train.classes]
+    descs = None if pairs else class_descriptions(template or DEFAULT_TEMPLATE, tok, classes, label_words)
+    body_train = train if pairs else train.like(list(train) + [
+        InputExample(text=d, label=k) for _ in range(AUGMENT) for k, ds in enumerate(descs) for d in ds])
     heads = []
     for i, s in enumerate(SETFIT_SEEDS):
         seed_everything(seed + s)
         body = copy.deepcopy(base)
-        train_body_pairs(body, tok, train, max_length=max_length, num_iterations=SETFIT_ROUNDS, lr=2e-5,
+        train_body_pairs(body, tok, body_train, max_length=max_length, num_iterations=SETFIT_ROUNDS, lr=2e-5,
                          batch_size=16, seed=seed + s)
         body.requires_grad_(False)
-        heads.append(_head(lambda ex, b=body: embed(b, tok, list(ex), max_length, windows=WINDOWS), train, dev,
-                           seed, None if c is None else c[i]))
+        embed_fn = lambda ex, b=body: embed(b, tok, list(ex), max_length, windows=WINDOWS)   # noqa: E731
+        given = None if c is None else c[i]
+        if pairs:
+            heads.append(_head(embed_fn, train, dev, seed, given))
+        else:
+            heads.append(_prior_head(embed_fn, class_vectors(body, tok, descs), train, dev, given))
         heads[-1].body, heads[-1].tuned, heads[-1].windows = body, True, WINDOWS
     proba = _mean_proba(heads)
     proba.c = [h.c for h in heads]
+    return proba
+
+
+def class_vectors(body: Any, tok: Any, descs: Sequence[Sequence[str]]) -> torch.Tensor:
+    """(C, H): each class's mean embedding of its descriptions through ``body``."""
+    from promptdelta.prompts.similarity import mean_embeddings
+
+    flat = mean_embeddings(body, tok, [d for ds in descs for d in ds])                              # (sum W, H)
+    return torch.stack([part.mean(0) for part in torch.split(flat, [len(ds) for ds in descs])])   # (C, H)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
+
+
+def fit_prior_head(x: np.ndarray, prior: np.ndarray, labels: Sequence[int], c: float) -> tuple[np.ndarray, np.ndarray]:
+    """A multinomial logistic head fitted on top of fixed logits: minimises
+    c sum_i CE(prior_i + W x_i + b, y_i) + 1/2 ||W||^2 (sklearn's C convention, b not penalised) over W (C, H),
+    b (C,), by L-BFGS in float64. x (N, H), prior (N, C). W = 0 leaves the prior as it is; a small c keeps
+    the head near it (the zero-shot-anchored linear probe of CLAP, Silva-Rodriguez et al. 2024)."""
+    xt = torch.tensor(x, dtype=torch.float64)                                                     # (N, H)
+    pt = torch.tensor(prior, dtype=torch.float64)                                                 # (N, C)
+    yt = torch.tensor(np.asarray(labels), dtype=torch.long)
+    w = torch.zeros(pt.shape[1], xt.shape[1], dtype=torch.float64, requires_grad=True)           # (C, H)
+    b = torch.zeros(pt.shape[1], dtype=torch.float64, requires_grad=True)                        # (C,)
+    opt = torch.optim.LBFGS([w, b], max_iter=1000, tolerance_grad=1e-10, tolerance_change=1e-14,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = c * F.cross_entropy(pt + xt @ w.T + b, yt, reduction="sum") + 0.5 * (w * w).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return w.detach().numpy(), b.detach().numpy()
+
+
+@dataclass
+class PriorHead:
+    """softmax(cos(x, e_c) / tau + W x^ + b), x^ = x / |x|: what ``_prior_head`` fitted (recipe_export saves it)."""
+
+    class_embeds: np.ndarray      # (C, H), unit rows
+    temperature: float
+    weight: np.ndarray            # (C, H)
+    bias: np.ndarray              # (C,)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        xn = _unit(x)                                                                             # (N, H)
+        return xn @ self.class_embeds.T / self.temperature + xn @ self.weight.T + self.bias     # (N, C)
+
+
+def _prior_head(embed_fn: Callable[[Sequence[Any]], np.ndarray], class_embeds: torch.Tensor, train: Sequence[Any],
+                dev: Sequence[Any], c: float | None = None) -> Proba:
+    """The prior head on ``embed_fn``'s unit vectors: the zero-shot logits cos(x, e_c) / tau (tau by likelihood on
+    train, ``fit_temperature``) plus a logistic head fitted on top (``fit_prior_head``); C given, else chosen on
+    dev, the smallest C (nearest the prior) of the best on ties."""
+    e = _unit(class_embeds.float().numpy())                                                       # (C, H)
+    x_tr, y_tr = _unit(embed_fn(train)), [ex.label for ex in train]
+    tau = fit_temperature(x_tr @ e.T, y_tr)
+    prior_tr = x_tr @ e.T / tau                                                                   # (N, C)
+    grid = C_GRID if c is None else (c,)
+    x_dev = _unit(embed_fn(dev)) if c is None else None
+    best = None
+    for grid_c in grid:
+        head = PriorHead(e, tau, *fit_prior_head(x_tr, prior_tr, y_tr, grid_c))
+        score = _acc(head.logits(x_dev).argmax(-1), dev) if x_dev is not None else 0.0
+        if best is None or score > best[0]:
+            best = (score, head, grid_c)
+    head = best[1]
+
+    def proba(examples: Sequence[Any]) -> np.ndarray:
+        return _softmax_np(head.logits(embed_fn(list(examples))))
+    proba.c, proba.head = best[2], head
     return proba
 
 
@@ -191,7 +284,7 @@ def _zero_shot(base, tok, train, dev, seed, max_length, template, label_words, c
     from promptdelta.bench.baselines import embed
     from promptdelta.data.examples import InputExample
     from promptdelta.prompts.registry import build_classifier
-    from promptdelta.prompts.similarity import SimilarityVerbalizer, mean_embeddings
+    from promptdelta.prompts.similarity import SimilarityVerbalizer
     from promptdelta.recipe_export import PairCosineVerbalizer, PairTemplate, PlainTemplate
 
     classes = [str(k) for k in train.classes]
@@ -211,9 +304,7 @@ def _zero_shot(base, tok, train, dev, seed, max_length, template, label_words, c
         proba.c = fitted.c
         return proba
     descs = class_descriptions(template, tok, classes, label_words)
-    flat = mean_embeddings(base, tok, [d for ds in descs for d in ds])                              # (sum W, H)
-    sizes = [len(ds) for ds in descs]
-    embeds = torch.stack([part.mean(0) for part in torch.split(flat, sizes)])                     # (C, H)
+    embeds = class_vectors(base, tok, descs)                                                      # (C, H)
     h = embed(base, tok, list(train), max_length, windows=WINDOWS)                                # (N, H)
     cos = (h / np.linalg.norm(h, axis=1, keepdims=True).clip(1e-12)) @ torch.nn.functional.normalize(
         embeds, dim=-1).numpy().T                                                                 # (N, C)

@@ -100,6 +100,30 @@ class LinearVerbalizer(Verbalizer):
         return self.head(hidden.to(self.head.weight.dtype))                    # (B, H) -> (B, C)
 
 
+class PriorLinearVerbalizer(LinearVerbalizer):
+    """The recipe's prior head: label logits = cos(h, e_c) / tau + W h^ + b, h^ = h / |h| (B, H) -> (B, C): the
+    body's zero-shot similarity to each class's description vector e_c (C, H) plus a linear head fitted on top
+    of it (``recipe.fit_prior_head``). W = 0, b = 0 is the zero-shot classifier itself."""
+
+    def __init__(self, classes: Sequence[str], class_embeds: torch.Tensor, temperature: float) -> None:
+        super().__init__(classes, class_embeds.shape[1])
+        if temperature <= 0:
+            raise CheckpointError(f"temperature must be positive, got {temperature}; save the recipe again")
+        self.register_buffer("class_embeds", nn.functional.normalize(class_embeds.detach().float(), dim=-1))  # (C, H)
+        self.temperature = float(temperature)
+
+    def set_weights(self, weight: Any, bias: Any) -> None:
+        """Copy a fitted W (C, H) and b (C,)."""
+        with torch.no_grad():
+            self.head.weight.copy_(torch.as_tensor(np.asarray(weight), dtype=torch.float32))
+            self.head.bias.copy_(torch.as_tensor(np.asarray(bias), dtype=torch.float32))
+
+    def process(self, hidden: torch.Tensor, logits: torch.Tensor | None, backbone: Any) -> torch.Tensor:
+        hidden, _ = self.single_mask(hidden, logits)
+        h = nn.functional.normalize(hidden.to(self.head.weight.dtype), dim=-1)             # (B, H)
+        return h @ self.class_embeds.T / self.temperature + self.head(h)                     # (B, C)
+
+
 class PairTemplate(Template):
     """A text pair's two texts encoded apart, as rows 2i (text_a) and 2i + 1 (text_b) of one batch: B pairs ->
     (2B, T) rows, read with ``readout="mean"`` and paired again by ``PairCosineVerbalizer``."""
@@ -147,6 +171,14 @@ def _build_pair_cosine(tokenizer: Any, classes: list[str] | None, options: dict[
     return PairCosineVerbalizer(classes)
 
 
+def _build_prior_linear(tokenizer: Any, classes: list[str] | None, options: dict[str, Any],
+                         backbone: Any) -> Verbalizer:
+    if not classes:
+        raise CheckpointError("a prior-linear verbalizer needs its classes; pass classes=[...]")
+    hidden = need_backbone(backbone, "prior-linear verbalizer").config.hidden_size
+    return PriorLinearVerbalizer(classes, torch.ones(len(classes), hidden), float(options.get("temperature", 1.0)))
+
+
 def _build_plain(tokenizer: Any, classes: list[str] | None, options: dict[str, Any], backbone: Any) -> Template:
     return PlainTemplate(tokenizer, kind=options.get("kind"), windows=bool(options.get("windows", False)))
 
@@ -159,6 +191,8 @@ def _build_linear(tokenizer: Any, classes: list[str] | None, options: dict[str, 
 
 register_template("plain", PlainTemplate, _build_plain, lambda t: {"kind": t.kind, "windows": t.windows})
 register_verbalizer("linear", LinearVerbalizer, _build_linear, lambda v: {})
+register_verbalizer("prior-linear", PriorLinearVerbalizer, _build_prior_linear,
+                    lambda v: {"temperature": v.temperature})
 register_template("pair", PairTemplate, _build_pair, lambda t: {"kind": t.kind})
 register_verbalizer("pair-cosine", PairCosineVerbalizer, _build_pair_cosine, lambda v: {})
 
@@ -194,9 +228,13 @@ def leaf_classifier(leaf: Any, tokenizer: Any, classes: Sequence[str], max_lengt
 
     if getattr(leaf, "clf", None) is not None:       # already a prompt model (lora-soft, similarity, ...)
         return leaf.clf
-    body = leaf.body
-    verbalizer = LinearVerbalizer(classes, body.config.hidden_size)
-    verbalizer.set_head(leaf.head)
+    body, head = leaf.body, leaf.head
+    if hasattr(head, "class_embeds"):                # recipe.PriorHead: zero-shot logits + a head on top
+        verbalizer = PriorLinearVerbalizer(classes, torch.as_tensor(head.class_embeds), head.temperature)
+        verbalizer.set_weights(head.weight, head.bias)
+    else:                                            # an sklearn LogisticRegression
+        verbalizer = LinearVerbalizer(classes, body.config.hidden_size)
+        verbalizer.set_head(head)
     template = PlainTemplate(tokenizer, windows=getattr(leaf, "windows", False))
     return build_classifier(body, tokenizer, list(classes), template, verbalizer, readout="mean",
                             max_length=max_length)
