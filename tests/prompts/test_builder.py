@@ -19,8 +19,9 @@ TEXT = '{"placeholder":"text_a"} It was {"mask"}.'
 
 def test_every_builtin_kind_is_registered():
     assert pd.registered_templates() == ["manual", "mixed", "pair", "plain", "ptuning", "soft"]  # plain, pair,
-    assert pd.registered_verbalizers() == ["kpt", "linear", "manual", "multi_mask", "pair-cosine", "proto",
-                                           "similarity", "soft"]               # linear, pair-cosine: recipe_export.py
+    assert pd.registered_verbalizers() == ["kpt", "linear", "manual", "multi_mask", "pair-cosine", "prior-linear",
+                                           "proto", "similarity", "soft"]   # linear, pair-cosine, prior-linear:
+                                                                            # recipe_export.py
 
 
 def test_unknown_names_list_the_known_ones(tok, mlm_backbone):
@@ -28,7 +29,7 @@ def test_unknown_names_list_the_known_ones(tok, mlm_backbone):
                                           "plain, ptuning, soft"):
         pd.build_template("manuel", tok, CLASSES, {"text": TEXT})
     with pytest.raises(ConfigError, match="unknown verbalizer 'sfot'; known verbalizers: kpt, linear, manual, "
-                                          "multi_mask, pair-cosine, proto, similarity, soft"):
+                                          "multi_mask, pair-cosine, prior-linear, proto, similarity, soft"):
         pd.build_verbalizer("sfot", tok, CLASSES, {"label_words": WORDS}, mlm_backbone)
     with pytest.raises(ConfigError, match="unknown verbalizer"):
         pd.build_classifier(mlm_backbone, tok, CLASSES, "manual", "sfot", template_options={"text": TEXT})
