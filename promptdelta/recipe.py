@@ -218,8 +218,9 @@ def _prior_head(embed_fn: Callable[[Sequence[Any]], np.ndarray], class_embeds: t
     dev, the smallest C (nearest the prior) of the best on ties."""
     e = _unit(class_embeds.float().numpy())                                                       # (C, H)
     x_tr, y_tr = _unit(embed_fn(train)), [ex.label for ex in train]
-    tau = fit_temperature(x_tr @ e.T, y_tr)
-    prior_tr = x_tr @ e.T / tau                                                                   # (N, C)
+    cos_tr = x_tr @ e.T                                                                           # (N, C)
+    tau = fit_temperature(cos_tr, y_tr)
+    prior_tr = cos_tr / tau
     grid = C_GRID if c is None else (c,)
     x_dev = _unit(embed_fn(dev)) if c is None else None
     best = None
