@@ -1,7 +1,8 @@
 """Micro-benchmark of the fused LoRA kernels: ``promptdelta bench kernel``.
 
 Times, side by side in one run, the frozen linear layer, plain LoRA, fused LoRA (forward+backward and
-forward only; on CPU both with its skinny products as torch ops and on the native kernels), merged
+forward only; on CPU both with its skinny products as torch ops and on the native kernels, the latter also on
+MKL's GEMM where the native GEMM is built, beside the frozen layer's two GEMMs on the native GEMM), merged
 inference and the multi-adapter forward, then a MiniLM LoRA training step with the fused against the plain
 path. Unless ``--default-malloc`` is given, glibc keeps freed memory (``utils/malloc.py``) so that page
 faults from the heap's history do not land on whichever variant happens to run after a trim.
@@ -73,6 +74,21 @@ def _operands(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: str) -
     return ops
 
 
+NATIVE, NATIVE_ON_MKL = "fused LoRA     fwd+bwd (native)", "fused LoRA     fwd+bwd (native, MKL GEMM)"
+FROZEN_OWN = "frozen linear  fwd+bwd (native GEMM)"
+
+
+def _on_mkl(ops, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn with the native layer on MKL's GEMM and its separate expand passes (csrc/lora_gemm.h's switch)."""
+    def run():
+        before = ops.set_own_gemm(False)
+        try:
+            return fn()
+        finally:
+            ops.set_own_gemm(before)
+    return run
+
+
 def _layer_variants(o: dict) -> dict[str, tuple[Callable[[], object], str]]:
     """name -> (callable, name of the variant its ratio is taken against)."""
     x, w, b, a, bb, g = o["x"], o["w"], o["b"], o["a"], o["bb"], o["g"]
@@ -95,6 +111,11 @@ def _layer_variants(o: dict) -> dict[str, tuple[Callable[[], object], str]]:
     if native:                          # the fused function twice: skinny products as torch ops, then native
         fns["fused LoRA     fwd+bwd (torch ops)"] = (train_step("torch-ops"), frozen)
         fns["fused LoRA     fwd+bwd (native)"] = (train_step("native"), frozen)
+        ops = native_ops()
+        if ops.own_gemm():              # the native layer on MKL's GEMM, and the frozen layer's GEMMs on ours
+            fns[NATIVE_ON_MKL] = (_on_mkl(ops, train_step("native")), frozen)
+            fns[FROZEN_OWN] = (lambda: (ops.gemm(xd, w.t(), None, None, 0.0, b), ops.gemm(g, w, None, None, 0.0, None)),
+                               frozen)
     else:
         fns["fused LoRA     fwd+bwd"] = (train_step("fused"), frozen)
     fns.update({
@@ -155,13 +176,17 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
 
 def _format(title: str, timings: list[Timing]) -> list[str]:
     by_name = {t.name: t for t in timings}
-    lines = [title, f"  {'variant':34s} {'median ms':>10s} {'ratio':>7s} {'IQR of ratio':>15s}"]
+    lines = [title, f"  {'variant':42s} {'median ms':>10s} {'ratio':>7s} {'IQR of ratio':>15s}"]
     for t in timings:
         ratios = [a / b for a, b in zip(t.times, by_name[t.base].times)]
         q1, q2, q3 = _quartiles(ratios)
         ref = "" if t.base == t.name else f"  (vs {t.base.split()[0]} {t.base.split()[1]} {t.base.split()[-1]})"
-        lines.append(f"  {t.name:34s} {statistics.median(t.times) * 1e3:10.3f} {q2:7.3f} "
+        lines.append(f"  {t.name:42s} {statistics.median(t.times) * 1e3:10.3f} {q2:7.3f} "
                      f"{q1:7.3f}-{q3:<7.3f}{ref}")
+    if NATIVE in by_name and FROZEN_OWN in by_name:   # what LoRA adds when both layers run on the same GEMM
+        q1, q2, q3 = _quartiles([a / b for a, b in zip(by_name[NATIVE].times, by_name[FROZEN_OWN].times)])
+        lines.append(f"  {'  same GEMM: native / frozen':42s} {'':10s} {q2:7.3f} {q1:7.3f}-{q3:<7.3f}"
+                     "  (fused native vs frozen on the native GEMM, per round)")
     return lines
 
 

@@ -16,7 +16,11 @@ def test_quick_bench_lists_every_variant_with_ratios():
     native = native_ops() is not None                       # then fused fwd+bwd is timed twice: torch ops, native
     assert ("fused LoRA     fwd+bwd (native)" in table) == native
     assert ("fused LoRA     fwd+bwd (torch ops)" in table) == native
-    assert len(ratios) == 8 + native and all(r > 0 for r in ratios)
+    own = native and native_ops().own_gemm()                # and on MKL's GEMM, beside the frozen layer on ours
+    assert ("fused LoRA     fwd+bwd (native, MKL GEMM)" in table) == own
+    assert ("frozen linear  fwd+bwd (native GEMM)" in table) == own
+    assert ("same GEMM: native / frozen" in table) == own
+    assert len(ratios) == 8 + native + 2 * own and all(r > 0 for r in ratios)
     assert "malloc: glibc keeps freed memory" in table or "malloc: default settings" in table
 
 

@@ -27,12 +27,21 @@ def ops():
     return module
 
 
-@pytest.fixture(params=["per-op", "pipeline"])
+@pytest.fixture(params=["per-op", "pipeline", "own", "own-pipeline"])
 def path(request, monkeypatch):
-    """Both native paths: per-op kernels with torch GEMMs, and the per-thread pipeline (forced on by a
-    small rows-per-thread threshold; the default only takes it from 512 rows per thread)."""
-    monkeypatch.setattr(cpu, "PIPELINE_ROWS", 10 ** 9 if request.param == "per-op" else 8)
-    return request.param
+    """Every native path: with MKL's GEMM, per-op kernels with torch GEMMs and the per-thread pipeline (forced
+    on by a small rows-per-thread threshold; the default only takes it from 512 rows per thread); with the
+    native GEMM (lora_gemm.h, the default where it is built), the skinny passes at both row grains and then
+    one GEMM that carries the low-rank product."""
+    monkeypatch.setattr(cpu, "PIPELINE_ROWS", 8 if request.param.endswith("pipeline") else 10 ** 9)
+    module = native_ops()
+    own = request.param.startswith("own")
+    if module is not None and own and not module.own_gemm():
+        pytest.skip("this build has no native GEMM (AVX-512 only)")
+    before = module.set_own_gemm(own) if module is not None else None
+    yield request.param
+    if module is not None:
+        module.set_own_gemm(before)
 
 
 @pytest.fixture
@@ -284,3 +293,54 @@ def test_rank16_reads_bt_through_its_strides(ops, shape, two_threads):
     b_view = bb_.detach().t().contiguous().t().requires_grad_()             # (N, 16) with strides (1, N)
     assert not b_view.is_contiguous()
     check_against_reference(lambda *o: fused_lora_linear(*o, native=True), x_, w_, bias_, a_, b_view, scale=0.8)
+
+
+# The native GEMM (lora_gemm.h) alone, against float64: shapes across its blocks (256 inner steps, 96 rows,
+# 512 columns, 8 x 32 tiles) with ragged edges, operands row- and column-major, the low-rank steps riding on the
+# last inner block (K2 0, 1, 8, 16), with and without a bias, at 1 and 2 threads.
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 5, 3), (97, 257, 33), (200, 600, 1100), (8, 256, 32)])
+@pytest.mark.parametrize("k2", [0, 1, 8, 16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_gemm_matches_float64(ops, m, k, n, k2, threads):
+    if not ops.own_gemm():
+        pytest.skip("this build has no native GEMM (AVX-512 only)")
+    gen = torch.Generator().manual_seed(m + k + n + k2)
+    a1 = torch.randn(m, k, generator=gen)
+    b1 = torch.randn(n, k, generator=gen).t()                         # W^T: column-major, as the forward reads it
+    a2 = torch.randn(m, k2, generator=gen) if k2 else None
+    b2 = torch.randn(n, k2, generator=gen).t() if k2 else None        # rank 16's Bt: a view of B (N, R)
+    bias = torch.randn(n, generator=gen) if k2 % 2 == 0 else None
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = ops.gemm(a1, b1, a2, b2, 0.3, bias)
+        got_rm = ops.gemm(a1, b1.contiguous(), a2, None if b2 is None else b2.contiguous(), 0.3, bias)
+    finally:
+        torch.set_num_threads(before)
+    want = a1.double() @ b1.double()
+    if k2:
+        want += 0.3 * a2.double() @ b2.double()
+    if bias is not None:
+        want += bias.double()
+    for out in (got, got_rm):
+        assert out.shape == (m, n) and out.dtype == torch.float32
+        # fp32 sums of <= 616 products: ~sqrt(616) * 6e-8 relative; 1e-5 of the largest entry is a 5x margin
+        torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
+def test_native_gemm_switch_keeps_the_layer_equal(ops, two_threads):
+    """The layer on the native GEMM and on MKL's agree to fp32 rounding, values and every gradient."""
+    if not ops.own_gemm():
+        pytest.skip("this build has no native GEMM (AVX-512 only)")
+    results = []
+    for own in (True, False):
+        x, w, b, a, bb = operands(300, 520, 270, 16)
+        before = ops.set_own_gemm(own)
+        try:
+            y = fused_lora_linear(x, w, b, a, bb, 0.9, native=True)
+            y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)))
+        finally:
+            ops.set_own_gemm(before)
+        results.append([y.detach(), x.grad, a.grad, bb.grad])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))

@@ -32,6 +32,7 @@
 
 #include "lora_simd.h"
 #include "lora_rank16.h"
+#include "lora_gemm.h"
 
 namespace {
 
@@ -244,14 +245,14 @@ torch::Tensor transposed(const torch::Tensor& t) {
 template <int R>
 void forward_rows(const torch::Tensor& x, const torch::Tensor& x_l, const torch::Tensor& w_t, const float* bias,
                   const float* a, const float* bt, int64_t bt_sj, int64_t bt_sn, const float* a_t, const float* bt_p,
-                  float s, torch::Tensor& xa, torch::Tensor& out, bool gemm, int64_t b, int64_t e) {
+                  float s, torch::Tensor& xa, torch::Tensor& out, bool gemm, bool expand, int64_t b, int64_t e) {
   const int64_t K = x.size(1), N = out.size(1);
   if constexpr (R == 16) {
     shrink16<8>(x_l.data_ptr<float>(), a_t, xa.data_ptr<float>(), b, e, K);
-    expand16<8>(xa.data_ptr<float>(), bt_p, bt, bt_sj, bt_sn, bias, s, out.data_ptr<float>(), b, e, N);
+    if (expand) expand16<8>(xa.data_ptr<float>(), bt_p, bt, bt_sj, bt_sn, bias, s, out.data_ptr<float>(), b, e, N);
   } else {
     dot_rows<R, dot_rows_at_once<R>()>(x_l.data_ptr<float>(), a, xa.data_ptr<float>(), b, e, K);
-    expand_rows<R, 4>(xa.data_ptr<float>(), bt, bias, s, out.data_ptr<float>(), b, e, N);
+    if (expand) expand_rows<R, 4>(xa.data_ptr<float>(), bt, bias, s, out.data_ptr<float>(), b, e, N);
   }
   if (gemm) {
     auto out_rows = out.narrow(0, b, e - b);
@@ -267,10 +268,11 @@ std::vector<torch::Tensor> forward_r(const torch::Tensor& x, const torch::Tensor
   auto out = torch::empty({M, N}, x.options());
   auto xa = torch::empty({M, R}, x.options());
   const auto w_t = w.t();
+  const bool own = g_own_gemm && gemm;                           // lora_gemm.h: s xa Bt as R more GEMM steps
   torch::Tensor a_t, bt_p;                                     // rank 16's layouts, made once per call
   if constexpr (R == 16) {
     a_t = transposed(a);                                       // (K, 16)
-    bt_p = pack_panels(bt, s);
+    if (!own) bt_p = pack_panels(bt, s);
   }
   const bool inference = c10::InferenceMode::is_enabled();   // out is an inference tensor under it
   at::parallel_for(0, M, min_rows, [&](int64_t b, int64_t e) {
@@ -279,9 +281,13 @@ std::vector<torch::Tensor> forward_r(const torch::Tensor& x, const torch::Tensor
     c10::InferenceMode infer(inference);
     at::NoGradGuard no_grad;
     forward_rows<R>(x, x_l, w_t, bias, a.data_ptr<float>(), bt.data_ptr<float>(), bt.stride(0), bt.stride(1),
-                    R == 16 ? a_t.data_ptr<float>() : nullptr, R == 16 ? bt_p.data_ptr<float>() : nullptr,
-                    static_cast<float>(s), xa, out, gemm, b, e);
+                    R == 16 ? a_t.data_ptr<float>() : nullptr, R == 16 && !own ? bt_p.data_ptr<float>() : nullptr,
+                    static_cast<float>(s), xa, out, gemm && !own, !own, b, e);
   });
+  if (own)                                                     // out = bias + x W^T + xa (s Bt)
+    fused_gemm(M, N, x.size(1), {x.data_ptr<float>(), x.stride(0), 1}, {w.data_ptr<float>(), w.stride(1), w.stride(0)},
+               R, {xa.data_ptr<float>(), R, 1}, {bt.data_ptr<float>(), bt.stride(0), bt.stride(1)},
+               static_cast<float>(s), bias, out.data_ptr<float>(), N);
   return {out, xa};
 }
 
@@ -330,7 +336,9 @@ std::vector<torch::Tensor> backward_r(const torch::Tensor& g, const torch::Tenso
   torch::Tensor dx, dx_l;
   if (need_dx) dx = torch::empty({M, K}, g.options());
   if (separate && need_dx_l) dx_l = torch::empty({M, K}, g.options());
-  torch::Tensor lora_out = separate ? dx_l : dx;
+  const bool own = g_own_gemm && need_dx;                       // dx = g W + gb (s A) in one GEMM (lora_gemm.h)
+  torch::Tensor lora_out = separate ? dx_l : own ? torch::Tensor() : dx;
+  torch::Tensor dx_rows = own ? torch::Tensor() : dx;          // the per-thread MKL GEMM's output, if any
   auto gb = torch::empty({M, R}, g.options());
   auto part_a = partials(R, K, g);
   auto part_b = partials(R, N, g);
@@ -352,9 +360,13 @@ std::vector<torch::Tensor> backward_r(const torch::Tensor& g, const torch::Tenso
     std::fill(acc_b, acc_b + R * N, 0.f);
     backward_rows<R>(g, x_l, w, a.data_ptr<float>(), bt.data_ptr<float>(),
                      R == 16 ? b_nr.data_ptr<float>() : nullptr, R == 16 ? a_p.data_ptr<float>() : nullptr,
-                     xa.data_ptr<float>(), static_cast<float>(s), gb.data_ptr<float>(), acc_a, acc_b, dx, lora_out,
-                     separate, b, e);
+                     xa.data_ptr<float>(), static_cast<float>(s), gb.data_ptr<float>(), acc_a, acc_b, dx_rows,
+                     lora_out, separate, b, e);
   });
+  if (own)                                                     // dx = g W (+ gb (s A) when x_l is x)
+    fused_gemm(M, K, N, {g.data_ptr<float>(), N, 1}, {w.data_ptr<float>(), w.stride(0), w.stride(1)},
+               separate ? 0 : R, {gb.data_ptr<float>(), R, 1}, {a.data_ptr<float>(), K, 1}, static_cast<float>(s),
+               nullptr, dx.data_ptr<float>(), K);
   zero_idle(part_a, ran);
   zero_idle(part_b, ran);
   return {dx, dx_l, part_a, part_b};                                   // partial sums: see finish
@@ -432,10 +444,12 @@ struct LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction>
     c10::optional<torch::Tensor> bias_c;
     if (bias.has_value()) bias_c = bias->contiguous();
     const bool pipeline = pipeline_rows > 0;
-    // few rows: xa and b + s xa Bt in one blocked pass, then torch's multi-threaded GEMM adds into it
-    auto res = forward_impl(xc, x_l, w, bias_c, ac, bt, s, pipeline, pipeline ? pipeline_rows : kBlock);
+    // own GEMM (any rows): xa, then bias + x W^T + xa (s Bt) in one GEMM (lora_gemm.h). MKL: few rows: xa and
+    // b + s xa Bt in one blocked pass, then torch's multi-threaded GEMM adds into it; many: the pipeline
+    const bool gemm = pipeline || g_own_gemm;
+    auto res = forward_impl(xc, x_l, w, bias_c, ac, bt, s, gemm, pipeline ? pipeline_rows : kBlock);
     torch::Tensor out = res[0], xa = res[1];                                           // (M, N), (M, R)
-    if (!pipeline) out.addmm_(xc.detach(), w.detach().t());
+    if (!gemm) out.addmm_(xc.detach(), w.detach().t());
     ctx->saved_data["s"] = s;
     ctx->saved_data["pipeline"] = pipeline;
     ctx->saved_data["pipeline_rows"] = pipeline_rows;
@@ -462,9 +476,10 @@ struct LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction>
     const bool need_dx = needs(0), need_dx_l = separate && needs(1);
     const auto g = grads[0].contiguous();                                              // (M, N)
     torch::Tensor dx, dx_l, d_a, d_bt;
-    if (ctx->saved_data["pipeline"].toBool()) {
+    const bool pipeline = ctx->saved_data["pipeline"].toBool();
+    if (pipeline || g_own_gemm) {
       auto res = backward_partials(g, x_l, w, a, bt, xa, s, need_dx, separate, need_dx_l,
-                                   ctx->saved_data["pipeline_rows"].toInt(), b);
+                                   pipeline ? ctx->saved_data["pipeline_rows"].toInt() : kBlock, b);
       dx = res[0];
       dx_l = res[1];
       d_a = res[2];
@@ -490,6 +505,43 @@ struct LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction>
   }
 };
 
+// c = bias + a1 b1 + a2 (s2 b2) on lora_gemm.h's GEMM, the operands read through their strides (for tests
+// and benchmarks: the layer calls fused_gemm directly)
+torch::Tensor gemm(const torch::Tensor& a1, const torch::Tensor& b1, const c10::optional<torch::Tensor>& a2,
+                   const c10::optional<torch::Tensor>& b2, double s2, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(kOwnGemm, "the native GEMM is built only for AVX-512 CPUs");
+  auto fp32_2d = [](const torch::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 2, name,
+                " must be a 2-D float32 CPU tensor");
+  };
+  fp32_2d(a1, "a1");
+  fp32_2d(b1, "b1");
+  TORCH_CHECK(a1.size(1) == b1.size(0), "a1 (M, K1) and b1 (K1, N) do not chain");
+  const int64_t M = a1.size(0), N = b1.size(1);
+  TORCH_CHECK(a2.has_value() == b2.has_value(), "a2 and b2 come together");
+  int64_t k2 = 0;
+  Strided sa2{nullptr, 0, 0}, sb2{nullptr, 0, 0};
+  if (a2.has_value()) {
+    fp32_2d(*a2, "a2");
+    fp32_2d(*b2, "b2");
+    TORCH_CHECK(a2->size(0) == M && b2->size(1) == N && a2->size(1) == b2->size(0), "a2 (M, K2) b2 (K2, N)");
+    k2 = a2->size(1);
+    sa2 = {a2->data_ptr<float>(), a2->stride(0), a2->stride(1)};
+    sb2 = {b2->data_ptr<float>(), b2->stride(0), b2->stride(1)};
+  }
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    check(*bias, 1, "bias");
+    TORCH_CHECK(bias->size(0) == N, "bias must be (N,)");
+    bp = bias->data_ptr<float>();
+  }
+  auto c = torch::empty({M, N}, a1.options());
+  fused_gemm(M, N, a1.size(1), {a1.data_ptr<float>(), a1.stride(0), a1.stride(1)},
+             {b1.data_ptr<float>(), b1.stride(0), b1.stride(1)}, k2, sa2, sb2, static_cast<float>(s2), bp,
+             c.data_ptr<float>(), N);
+  return c;
+}
+
 torch::Tensor lora_linear(const torch::Tensor& x, const c10::optional<torch::Tensor>& x_lora, const torch::Tensor& w,
                           const c10::optional<torch::Tensor>& bias, const torch::Tensor& a, const torch::Tensor& b,
                           double s, int64_t pipeline_rows) {
@@ -502,5 +554,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "promptdelta native CPU LoRA kernels (fp32, rank 1/2/4/8/16)";
   m.def("forward", &forward_impl, "the fused layer's forward, rows split over threads: (out, xa)");
   m.def("backward", &pipeline_backward, "the fused layer's backward, rows split over threads: (dx, dx_l, dA, dBt)");
+  m.def("set_own_gemm", [](bool on) { const bool before = g_own_gemm; g_own_gemm = on && kOwnGemm; return before; },
+        "use lora_gemm.h's GEMM (where built for AVX-512) or MKL's; returns the previous setting");
+  m.def("gemm", &gemm, "bias + a1 b1 + a2 (s2 b2) on the native GEMM (AVX-512 builds)");
+  m.def("own_gemm", []() { return kOwnGemm; }, "whether this build has the native GEMM");
   m.def("lora_linear", &lora_linear, "the fused layer as a C++ autograd function (x, x_lora, W, b, A, B, s, rows)");
 }
