@@ -170,7 +170,9 @@ def test_packed_attention_per_group_and_padded_match_transformers(monkeypatch, g
             [(0, 2, 10, True), (2, 1, 2 if layout == "holes" else 3, True), (3, 2, 9, False)]
     keep = mask.bool()
     (y, g), (y_hf, g_hf) = step(ours, ids, mask), step(hf, ids, mask)
-    assert (y - y_hf)[keep].abs().max() <= ATOL and y[~keep].abs().max() == 0
+    # FUSED_ATOL: with LoRA on both sides, the fused (3H, H) layer's GEMM and the three (H, H) ones sum in
+    # different orders (the native GEMM of csrc/lora_gemm.h blocks by N as well)
+    assert (y - y_hf)[keep].abs().max() <= FUSED_ATOL and y[~keep].abs().max() == 0
     assert len(g) == len(g_hf) > 0
     for a, b in zip(g.values(), g_hf.values()):      # same module order on both sides
         torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=0)

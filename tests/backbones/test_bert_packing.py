@@ -11,6 +11,7 @@ from promptdelta.backbones.bert import Packing, _packable
 from promptdelta.deltas import attach
 
 ATOL = 1e-5
+LORA_ATOL = 1e-4   # as test_bert_fused_qkv's FUSED_ATOL: LoRA layers may sum in another order than transformers'
 
 
 def pair(family):
@@ -55,7 +56,9 @@ def test_lora_outputs_and_grads_match_transformers(family, left, targets):
         y.backward(g)
         trained = [p for p in m.parameters() if p.requires_grad]   # same module order in both models
         outs[name] = (y.detach(), [p.detach() for p in trained], [p.grad for p in trained])
-    assert (outs["ours"][0] - outs["hf"][0])[keep].abs().max() <= ATOL
+    # LoRA on both sides: the packed native layer and transformers' per-layer one can take different GEMMs
+    # (the native one of csrc/lora_gemm.h, MKL's) with their own summation orders: LORA_ATOL
+    assert (outs["ours"][0] - outs["hf"][0])[keep].abs().max() <= LORA_ATOL
     assert outs["ours"][0][~keep].abs().max() == 0          # the packed path ran: nothing computed at padding
     assert len(outs["ours"][1]) == len(outs["hf"][1]) > 0
     for a, b, ga, gb in zip(outs["ours"][1], outs["hf"][1], outs["ours"][2], outs["hf"][2]):

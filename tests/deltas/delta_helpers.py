@@ -203,7 +203,10 @@ def check_delta_invariants(build: Callable[[], nn.Module], out: Callable[..., to
     torch.testing.assert_close(out(fresh), tuned, rtol=0, atol=0)
     if method in MERGEABLE_METHODS:
         handle.merge()
-        torch.testing.assert_close(out(model), tuned, rtol=1e-4, atol=1e-5)
+        # merged, the layer is one MKL GEMM; unmerged, the native LoRA layer's own GEMM (csrc/lora_gemm.h): two
+        # summation orders through every layer (a tiny random T5 v1.1: 3e-5 on outputs up to 3.1; a wrong merge
+        # is off by 1e-2 or more)
+        torch.testing.assert_close(out(model), tuned, rtol=1e-4, atol=2e-5 * max(1.0, float(tuned.abs().max())))
         handle.unmerge()
         assert torch.equal(out(model), tuned)
     handle.detach()

@@ -1,6 +1,12 @@
 // Native CPU kernels for the fused LoRA layer (fp32, rank R in 1/2/4/8/16). One translation unit: it includes
-// lora_simd.h (vectors, lane sums, prefetch) and lora_rank16.h (rank 16's layouts); native.py keys the build on
-// every csrc/*.cpp and *.h.
+// lora_simd.h (vectors, lane sums, prefetch), lora_rank16.h (rank 16's layouts) and lora_gemm.h (the base GEMM
+// with the low-rank product as R more inner steps, AVX-512 builds); native.py keys the build on every
+// csrc/lora_*.cpp and *.h.
+//
+// With the native GEMM (the default where it is built; set_own_gemm(false) gives MKL's back): forward = the
+// shrink pass xa = x_l A^T over row blocks, then one GEMM out = b + x W^T + xa (s Bt); backward = the blocked
+// pass (gb = g B, dBt, dA; s gb A only when x_l is separate), then one GEMM dx = g W + gb (s A). Without it,
+// the two layouts below.
 // Built on first use by promptdelta/kernels/native.py (torch.utils.cpp_extension, -O3 -march=native
 // -fopenmp); rows are split over torch's intra-op threads with at::parallel_for.
 //
@@ -268,7 +274,7 @@ std::vector<torch::Tensor> forward_r(const torch::Tensor& x, const torch::Tensor
   auto out = torch::empty({M, N}, x.options());
   auto xa = torch::empty({M, R}, x.options());
   const auto w_t = w.t();
-  const bool own = g_own_gemm && gemm;                           // lora_gemm.h: s xa Bt as R more GEMM steps
+  const bool own = use_own_gemm(M) && gemm;                           // lora_gemm.h: s xa Bt as R more GEMM steps
   torch::Tensor a_t, bt_p;                                     // rank 16's layouts, made once per call
   if constexpr (R == 16) {
     a_t = transposed(a);                                       // (K, 16)
@@ -336,7 +342,7 @@ std::vector<torch::Tensor> backward_r(const torch::Tensor& g, const torch::Tenso
   torch::Tensor dx, dx_l;
   if (need_dx) dx = torch::empty({M, K}, g.options());
   if (separate && need_dx_l) dx_l = torch::empty({M, K}, g.options());
-  const bool own = g_own_gemm && need_dx;                       // dx = g W + gb (s A) in one GEMM (lora_gemm.h)
+  const bool own = use_own_gemm(M) && need_dx;                       // dx = g W + gb (s A) in one GEMM (lora_gemm.h)
   torch::Tensor lora_out = separate ? dx_l : own ? torch::Tensor() : dx;
   torch::Tensor dx_rows = own ? torch::Tensor() : dx;          // the per-thread MKL GEMM's output, if any
   auto gb = torch::empty({M, R}, g.options());
@@ -446,7 +452,7 @@ struct LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction>
     const bool pipeline = pipeline_rows > 0;
     // own GEMM (any rows): xa, then bias + x W^T + xa (s Bt) in one GEMM (lora_gemm.h). MKL: few rows: xa and
     // b + s xa Bt in one blocked pass, then torch's multi-threaded GEMM adds into it; many: the pipeline
-    const bool gemm = pipeline || g_own_gemm;
+    const bool gemm = pipeline || use_own_gemm(xc.size(0));
     auto res = forward_impl(xc, x_l, w, bias_c, ac, bt, s, gemm, pipeline ? pipeline_rows : kBlock);
     torch::Tensor out = res[0], xa = res[1];                                           // (M, N), (M, R)
     if (!gemm) out.addmm_(xc.detach(), w.detach().t());
@@ -477,7 +483,7 @@ struct LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction>
     const auto g = grads[0].contiguous();                                              // (M, N)
     torch::Tensor dx, dx_l, d_a, d_bt;
     const bool pipeline = ctx->saved_data["pipeline"].toBool();
-    if (pipeline || g_own_gemm) {
+    if (pipeline || use_own_gemm(g.size(0))) {
       auto res = backward_partials(g, x_l, w, a, bt, xa, s, need_dx, separate, need_dx_l,
                                    pipeline ? ctx->saved_data["pipeline_rows"].toInt() : kBlock, b);
       dx = res[0];

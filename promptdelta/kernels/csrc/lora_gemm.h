@@ -34,6 +34,10 @@ constexpr bool kOwnGemm = true;
 constexpr bool kOwnGemm = false;
 #endif
 bool g_own_gemm = kOwnGemm;              // set_own_gemm(False): MKL's GEMM and the expand passes (benchmarks)
+// At 1 row MKL's GEMV reads W once where this GEMM packs it (K=N=1024, r=16, no grad: 118 us against 299 us),
+// at 2 rows they tie, from 4 this one is ahead (304 us against 386 us; 2026-12-07)
+constexpr int64_t kOwnGemmMinRows = 4;
+inline bool use_own_gemm(int64_t rows) { return g_own_gemm && rows >= kOwnGemmMinRows; }
 
 constexpr int kMR = 8, kNR = 32;         // micro-tile: 8 rows x 2 vectors = 16 accumulators
 constexpr int64_t kKC = 256, kMC = 96, kNC = 512;   // B block 512 KiB (L2), A block 96 KiB, B panel 32 KiB
