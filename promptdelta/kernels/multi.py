@@ -36,8 +36,29 @@ def lora_multi_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     col = torch.arange(n_adapters, device=x.device).repeat_interleave(r)       # (L r,) adapter of each column
     coef = torch.where(ids[:, None] == col[None, :], scales[col][None, :], 0.0).to(x.dtype)   # (M, L r)
     xa = torch.mm(x, a_cat.t()) * coef                                         # (M, L r)
+    ops = _native_gemm(x, weight, bias, xa, b_cat_t)
+    if ops is not None:                        # the expand as L r more inner steps of the native GEMM
+        return ops.gemm(x, weight.t(), xa, b_cat_t, 1.0, bias)
     out = torch.mm(xa, b_cat_t) if bias is None else torch.addmm(bias, xa, b_cat_t)          # (M, N)
     return out.addmm_(x, weight.t())                                           # the base GEMM adds into it
+
+
+def _native_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *rest: torch.Tensor):
+    """The native extension when its GEMM (csrc/lora_gemm.h) can serve this call: built for AVX-512 and on,
+    fp32 CPU, at least its minimum rows, and no gradient wanted (the GEMM is no autograd op); else None.
+    Why: the fused single-adapter forward runs on it, so the multi-adapter one should too (at M=512,
+    K=N=1024, r=16, L=4 it took 1.32x the single-adapter forward with MKL's GEMMs, 2026-12-07)."""
+    from .native import native_ops
+
+    tensors = (x, weight, *rest) + ((bias,) if bias is not None else ())
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors) or x.shape[0] < 4:
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    ops = native_ops()
+    if ops is None or not ops.own_gemm_enabled() or (bias is not None and not bias.is_contiguous()):
+        return None
+    return ops
 
 
 def _lora_multi_loop(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_stack: torch.Tensor,

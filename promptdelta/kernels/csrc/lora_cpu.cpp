@@ -564,5 +564,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "use lora_gemm.h's GEMM (where built for AVX-512) or MKL's; returns the previous setting");
   m.def("gemm", &gemm, "bias + a1 b1 + a2 (s2 b2) on the native GEMM (AVX-512 builds)");
   m.def("own_gemm", []() { return kOwnGemm; }, "whether this build has the native GEMM");
+  m.def("own_gemm_enabled", []() { return g_own_gemm; }, "whether the layer runs on the native GEMM now");
   m.def("lora_linear", &lora_linear, "the fused layer as a C++ autograd function (x, x_lora, W, b, A, B, s, rows)");
 }
