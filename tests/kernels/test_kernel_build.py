@@ -6,6 +6,8 @@ import shutil
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from promptdelta.kernels import native as native_mod
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,3 +46,23 @@ def test_package_data_ships_every_source_file():
     for path in native_mod.source_files():
         rel = path.relative_to(ROOT / "promptdelta").as_posix()
         assert any(fnmatch.fnmatch(rel, pattern) for pattern in data), f"{rel} is not in package-data"
+
+
+@pytest.mark.slow
+def test_sources_build_and_run_without_avx512(tmp_path):
+    """A user's AVX2-only CPU: the sources compile for Haswell, the native GEMM (lora_gemm.h, AVX-512 only) is
+    left out and the layer runs on MKL's GEMM, matching the reference."""
+    import torch
+    from torch.utils.cpp_extension import load
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on this machine")
+    ext = load(name="promptdelta_lora_cpu_avx2_check", sources=[str(native_mod.SOURCE)],
+               extra_cflags=["-O1", "-march=haswell", "-fopenmp"], extra_ldflags=["-fopenmp"],
+               build_directory=str(tmp_path), verbose=False)
+    assert not ext.own_gemm() and not ext.own_gemm_enabled()
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(300, 70, generator=gen), torch.randn(50, 70, generator=gen), torch.randn(50, generator=gen)
+    a, bb = torch.randn(16, 70, generator=gen), torch.randn(50, 16, generator=gen)
+    want = torch.nn.functional.linear(x, w, b) + 0.5 * (x @ a.t()) @ bb.t()
+    torch.testing.assert_close(ext.lora_linear(x, None, w, b, a, bb, 0.5, 0), want, rtol=0, atol=1e-4)
