@@ -125,7 +125,7 @@ def _layer_variants(o: dict) -> dict[str, tuple[Callable[[], object], str]]:
     native = x.device.type == "cpu" and native_applies(x, a) and native_ops() is not None
     if native:                          # the fused function twice: skinny products as torch ops, then native
         fns["fused LoRA     fwd+bwd (torch ops)"] = (train_step("torch-ops"), frozen)
-        fns["fused LoRA     fwd+bwd (native)"] = (train_step("native"), frozen)
+        fns[NATIVE] = (train_step("native"), frozen)
         ops = native_ops()
         if ops.own_gemm():              # the native layer on MKL's GEMM, and the frozen layer's GEMMs on ours
             fns[NATIVE_ON_MKL] = (_on_mkl(ops, train_step("native")), frozen)

@@ -44,19 +44,19 @@ def lora_multi_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def _native_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *rest: torch.Tensor):
-    """The native extension when its GEMM (csrc/lora_gemm.h) can serve this call: built for AVX-512 and on,
-    fp32 CPU, at least its minimum rows, and no gradient wanted (the GEMM is no autograd op); else None.
+    """The native extension when its GEMM (csrc/lora_gemm.h) can serve this call: fp32 CPU, no gradient wanted
+    (the GEMM is no autograd op), and the extension's own rule (built for AVX-512, on, enough rows); else None.
     Why: the fused single-adapter forward runs on it, so the multi-adapter one should too (at M=512,
     K=N=1024, r=16, L=4 it took 1.32x the single-adapter forward with MKL's GEMMs, 2026-12-07)."""
     from .native import native_ops
 
     tensors = (x, weight, *rest) + ((bias,) if bias is not None else ())
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors) or x.shape[0] < 4:
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return None
     ops = native_ops()
-    if ops is None or not ops.own_gemm_enabled() or (bias is not None and not bias.is_contiguous()):
+    if ops is None or not ops.use_own_gemm(x.shape[0]) or (bias is not None and not bias.is_contiguous()):
         return None
     return ops
 

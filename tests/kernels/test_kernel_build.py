@@ -60,7 +60,7 @@ def test_sources_build_and_run_without_avx512(tmp_path):
     ext = load(name="promptdelta_lora_cpu_avx2_check", sources=[str(native_mod.SOURCE)],
                extra_cflags=["-O1", "-march=haswell", "-fopenmp"], extra_ldflags=["-fopenmp"],
                build_directory=str(tmp_path), verbose=False)
-    assert not ext.own_gemm() and not ext.own_gemm_enabled()
+    assert not ext.own_gemm() and not ext.use_own_gemm(300)
     gen = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(300, 70, generator=gen), torch.randn(50, 70, generator=gen), torch.randn(50, generator=gen)
     a, bb = torch.randn(16, 70, generator=gen), torch.randn(50, 16, generator=gen)

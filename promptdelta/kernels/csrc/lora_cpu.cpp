@@ -351,7 +351,7 @@ std::vector<torch::Tensor> backward_r(const torch::Tensor& g, const torch::Tenso
   torch::Tensor b_nr, a_p;                                     // rank 16's layouts, made once per call
   if constexpr (R == 16) {
     b_nr = b.defined() ? b : transposed(bt);                  // B (N, 16): the layer passes it
-    a_p = pack_panels(a, s);
+    if (lora_out.defined()) a_p = pack_panels(a, s);          // s gb A's panels: only when it is written
   }
   const bool inference = c10::InferenceMode::is_enabled();
   std::vector<char> ran(part_a.size(0), 0);
@@ -365,7 +365,7 @@ std::vector<torch::Tensor> backward_r(const torch::Tensor& g, const torch::Tenso
     std::fill(acc_a, acc_a + R * K, 0.f);
     std::fill(acc_b, acc_b + R * N, 0.f);
     backward_rows<R>(g, x_l, w, a.data_ptr<float>(), bt.data_ptr<float>(),
-                     R == 16 ? b_nr.data_ptr<float>() : nullptr, R == 16 ? a_p.data_ptr<float>() : nullptr,
+                     R == 16 ? b_nr.data_ptr<float>() : nullptr, a_p.defined() ? a_p.data_ptr<float>() : nullptr,
                      xa.data_ptr<float>(), static_cast<float>(s), gb.data_ptr<float>(), acc_a, acc_b, dx_rows,
                      lora_out, separate, b, e);
   });
@@ -564,6 +564,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "use lora_gemm.h's GEMM (where built for AVX-512) or MKL's; returns the previous setting");
   m.def("gemm", &gemm, "bias + a1 b1 + a2 (s2 b2) on the native GEMM (AVX-512 builds)");
   m.def("own_gemm", []() { return kOwnGemm; }, "whether this build has the native GEMM");
-  m.def("own_gemm_enabled", []() { return g_own_gemm; }, "whether the layer runs on the native GEMM now");
+  m.def("use_own_gemm", &use_own_gemm, "whether the native GEMM serves a call on this many rows now");
   m.def("lora_linear", &lora_linear, "the fused layer as a C++ autograd function (x, x_lora, W, b, A, B, s, rows)");
 }
